@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""One-click entry point for OneCard Studio (standard library only).
+
+    python launch.py [--no-browser] [--offline] [--port N] ...   set up .venv if needed, then start the studio
+    python launch.py test [pytest args]                          set up .venv if needed, then run the tests
+
+The virtual environment is created on first use; the pinned requirements are (re)installed only when
+requirements.txt changed, keyed by its SHA-256 stored inside .venv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+REQUIREMENTS = ROOT / "requirements.txt"
+STAMP = VENV / ".requirements.sha256"
+NO_DEPS_MARKER = "# [no-deps]"
+
+sys.path.insert(0, str(ROOT))
+from studio.offline import OFFLINE_ENV, QUIET_ENV, hub_reachable  # noqa: E402  (stdlib-only module)
+
+
+def say(msg: str) -> None:
+    sys.stderr.write(f"[launch] {msg}\n")
+    sys.stderr.flush()
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def split_requirements(text: str) -> tuple[str, str]:
+    """Lines before the no-deps marker install normally; lines after it with --no-deps."""
+    normal, _, no_deps = text.partition(NO_DEPS_MARKER)
+    return normal, no_deps
+
+
+def pip_install(requirements: str, *extra: str) -> None:
+    if not any(line.strip() and not line.lstrip().startswith("#") for line in requirements.splitlines()):
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(requirements)
+    try:
+        cmd = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check", "-r", f.name, *extra]
+        subprocess.run(cmd, check=True)
+    finally:
+        os.unlink(f.name)
+
+
+def ensure_venv() -> None:
+    if not venv_python().exists():
+        say(f"creating {VENV} (first run; the install takes a few minutes and about 8 GB)")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    text = REQUIREMENTS.read_text(encoding="utf-8")
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if STAMP.exists() and STAMP.read_text().strip() == digest:
+        return
+    say("installing pinned requirements (requirements.txt changed or first run)")
+    normal, no_deps = split_requirements(text)
+    pip_install(normal)
+    pip_install(no_deps, "--no-deps")
+    STAMP.write_text(digest + "\n")
+
+
+def child_env(offline: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in {**QUIET_ENV, **(OFFLINE_ENV if offline else {})}.items():
+        env.setdefault(key, value)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def main(argv: list[str]) -> int:
+    try:
+        ensure_venv()
+    except subprocess.CalledProcessError as e:
+        say(f"setting up the environment failed ({e}); fix the error above and run launch.py again")
+        return 1
+    if argv[:1] == ["test"]:
+        cmd = [str(venv_python()), "-m", "pytest", *argv[1:]]
+        return subprocess.call(cmd, cwd=ROOT, env=child_env(offline=True))
+    offline = "--offline" in argv or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline and not hub_reachable():
+        say("the Hugging Face Hub is unreachable: starting offline with the models already on this machine")
+        offline = True
+    cmd = [str(venv_python()), "-m", "studio.app", *argv]
+    try:
+        return subprocess.call(cmd, cwd=ROOT, env=child_env(offline))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
