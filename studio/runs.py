@@ -139,6 +139,10 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.dir / METRICS)
 
+    def last_metrics(self) -> dict[str, Any]:
+        """The last complete metrics row, read from the end of the file (cheap even for long runs)."""
+        return read_last_metrics(self.dir / METRICS)
+
     def add_artifact(self, path: Path | str, name: str | None = None) -> Path:
         """Record an output of the run. Files outside the run folder are copied into `artifacts/`."""
         src = Path(path)
@@ -199,6 +203,23 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             log.warning("skipping a torn line in %s", path)
     return rows
+
+
+def read_last_metrics(path: Path, tail_bytes: int = 16384) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - tail_bytes))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            return row
+    return {}
 
 
 class RunStore:

@@ -61,6 +61,16 @@ def test_torn_metrics_line_is_skipped(store):
         f.write('{"step": 2, "acc": 0.')  # crash mid-write
     rows = read_metrics(run.dir / "metrics.jsonl")
     assert [(r["step"], r["acc"]) for r in rows] == [(1, 0.5)]
+    assert run.last_metrics()["step"] == 1
+
+
+def test_last_metrics_reads_the_tail_of_a_long_file(store):
+    run = store.create("train", {})
+    assert run.last_metrics() == {}
+    for step in range(3000):
+        run.log_metrics(step, loss=1 / (step + 1))
+    last = run.last_metrics()
+    assert last["step"] == 2999 and last["loss"] == pytest.approx(1 / 3000)
 
 
 def test_finish_and_artifacts_persist(store, tmp_path):

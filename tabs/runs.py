@@ -1,0 +1,200 @@
+"""Runs tab: every training/evaluation run record (config, metrics plot, artifacts) and the live background jobs.
+
+Jobs run in the studio process, not in the browser: closing this page does not stop them, and they are listed
+here again on the next visit. Cancel asks a job to stop; it saves what it has and ends as "cancelled".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+import gradio as gr
+
+from studio.context import StudioContext, Tab
+
+log = logging.getLogger(__name__)
+
+RUN_HEADERS = ["id", "kind", "status", "started", "duration", "key metrics"]
+JOB_HEADERS = ["id", "name", "device", "status", "progress", "message", "elapsed"]
+ARTIFACT_HEADERS = ["name", "path", "size"]
+JOBS_REFRESH_S = 2.0
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _fmt_metrics(values: dict[str, Any], limit: int = 4) -> str:
+    parts = []
+    for k, v in values.items():
+        if k in {"time"} or v is None:
+            continue
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts[:limit])
+
+
+def runs_rows(ctx: StudioContext) -> list[list[str]]:
+    rows = []
+    for run in ctx.runs.list():
+        rec = run.record
+        end = rec.get("finished") or (time.time() if run.status == "running" else rec.get("started"))
+        key = rec.get("summary") or run.last_metrics()
+        rows.append(
+            [
+                run.id,
+                run.kind,
+                run.status,
+                _when(rec.get("started")),
+                _duration((end or 0) - (rec.get("started") or 0)),
+                _fmt_metrics(key),
+            ]
+        )
+    return rows
+
+
+def metrics_frame(rows: list[dict[str, Any]]):
+    """Long format (step, value, metric) for gr.LinePlot; non-numeric and missing values are dropped."""
+    import pandas as pd
+
+    long = [
+        {"step": r["step"], "value": float(v), "metric": k}
+        for r in rows
+        for k, v in r.items()
+        if k not in {"step", "time"} and isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    return pd.DataFrame(long, columns=["step", "value", "metric"])
+
+
+def run_details(ctx: StudioContext, run_id: str | None):
+    """(record without artifacts, metrics frame, artifact rows, headline) for one run."""
+    if not run_id:
+        return {}, metrics_frame([]), [], "Select a run in the table above."
+    try:
+        run = ctx.runs.get(run_id)
+    except KeyError as e:
+        return {}, metrics_frame([]), [], f"**{e.args[0]}**"
+    rec = {k: v for k, v in run.record.items() if k != "artifacts"}
+    artifacts = [[a["name"], a["path"], _size(a.get("bytes", 0))] for a in run.artifacts]
+    headline = f"**{run.id}** — {run.kind}, {run.status}; folder `{run.dir}`"
+    return rec, metrics_frame(run.metrics()), artifacts, headline
+
+
+def jobs_rows(ctx: StudioContext) -> list[list[str]]:
+    return [
+        [
+            j.id,
+            j.name,
+            "GPU" if j.gpu else "CPU",
+            j.status,
+            f"{j.progress * 100:.0f}%",
+            j.message,
+            _duration(j.elapsed()),
+        ]
+        for j in ctx.jobs.list()
+    ]
+
+
+def cancel_job(ctx: StudioContext, job_id: str | None) -> str:
+    if not job_id:
+        return "Pick a job to cancel first."
+    job = ctx.jobs.get(job_id)
+    if job is None:
+        return f"No job {job_id!r}; it may have been cleared. Refresh the list."
+    if not ctx.jobs.cancel(job_id):
+        return f"{job_id} ({job.name}) has already {job.status}; nothing to cancel."
+    if job.status == "cancelled":
+        return f"{job_id} ({job.name}) was cancelled before it started."
+    return f"Asked {job_id} ({job.name}) to stop; it saves its work and ends as 'cancelled'."
+
+
+def job_logs(ctx: StudioContext, job_id: str | None) -> str:
+    job = ctx.jobs.get(job_id) if job_id else None
+    if job is None:
+        return ""
+    text = "\n".join(job.logs[-200:])
+    return f"{text}\n\nerror: {job.error}" if job.error else text
+
+
+def build(ctx: StudioContext) -> None:
+    gr.Markdown(
+        "## Runs\nEvery training or evaluation run keeps its config, seed, package versions, dataset hash, "
+        f"metrics and artifacts under `{ctx.settings.runs_dir}`."
+    )
+    with gr.Row():
+        refresh = gr.Button("Refresh runs", size="sm", scale=0)
+    runs_table = gr.Dataframe(
+        value=lambda: runs_rows(ctx), headers=RUN_HEADERS, interactive=False, label="Runs (newest first)"
+    )
+    selected = gr.Textbox(visible=False)
+    headline = gr.Markdown("Select a run in the table above.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            plot = gr.LinePlot(metrics_frame([]), x="step", y="value", color="metric", label="Metrics", height=300)
+        with gr.Column(scale=1):
+            config = gr.JSON(label="Record (config, seed, versions, dataset hash, summary)")
+    artifacts = gr.Dataframe(headers=ARTIFACT_HEADERS, interactive=False, label="Artifacts")
+
+    def on_select(evt: gr.SelectData):
+        row = evt.row_value or []
+        return row[0] if row else ""
+
+    runs_table.select(on_select, None, selected, show_progress="hidden")
+    selected.change(
+        lambda rid: run_details(ctx, rid), selected, [config, plot, artifacts, headline], show_progress="hidden"
+    )
+    refresh.click(lambda: runs_rows(ctx), None, runs_table).then(
+        lambda rid: run_details(ctx, rid), selected, [config, plot, artifacts, headline]
+    )
+
+    _build_jobs_panel(ctx)
+
+
+def _build_jobs_panel(ctx: StudioContext) -> None:
+    gr.Markdown(
+        "### Background jobs\nOne GPU job runs at a time; the rest wait in the queue. Jobs keep running when "
+        "you close the browser. Cancel asks a job to stop: it saves what it has first."
+    )
+    jobs_table = gr.Dataframe(value=lambda: jobs_rows(ctx), headers=JOB_HEADERS, interactive=False, label="Jobs")
+    with gr.Row():
+        job_pick = gr.Dropdown(choices=[], label="Job", allow_custom_value=False, scale=2)
+        cancel = gr.Button("Cancel job", variant="stop", scale=1)
+    status = gr.Markdown("")
+    logs = gr.Textbox(label="Job log", lines=8, max_lines=20, autoscroll=True, interactive=False)
+    last_sig = gr.State(None)
+
+    def tick(pick: str | None, sig: Any):
+        rows = jobs_rows(ctx)
+        ids = [r[0] for r in rows]
+        new_sig = (tuple(map(tuple, rows)), pick, len(ctx.jobs.get(pick).logs) if pick and ctx.jobs.get(pick) else 0)
+        if new_sig == sig:
+            return gr.skip(), gr.skip(), gr.skip(), sig
+        value = pick if pick in ids else (ids[0] if ids else None)
+        return rows, gr.update(choices=ids, value=value), job_logs(ctx, value), new_sig
+
+    timer = gr.Timer(JOBS_REFRESH_S)
+    timer.tick(tick, [job_pick, last_sig], [jobs_table, job_pick, logs, last_sig], show_progress="hidden")
+    job_pick.input(lambda j: job_logs(ctx, j), job_pick, logs, show_progress="hidden")
+    cancel.click(lambda j: cancel_job(ctx, j), job_pick, status)
+
+
+TAB = Tab("Runs", build)
