@@ -22,6 +22,7 @@ BACKEND_MODULES: dict[str, str] = {
     "detection": "backends.detection",
     "diffusion": "backends.diffusion",
     "sd_lora": "backends.sd_lora",
+    "tinylm": "backends.tinylm",
 }
 
 
