@@ -262,6 +262,14 @@ DEFAULT_SPECS: tuple[ModelSpec, ...] = (
     ),
     ModelSpec(
         "diffusion",
+        "tiny-sdxl-demo",
+        "Tiny SDXL-architecture pipeline (untrained demo model)",
+        demo=True,
+        licence="-",
+        vram_bytes=50 * MB,
+    ),
+    ModelSpec(
+        "diffusion",
         "sd-1.5",
         "Stable Diffusion 1.5",
         hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
