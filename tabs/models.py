@@ -16,14 +16,14 @@ from studio.context import StudioContext, Tab
 
 log = logging.getLogger(__name__)
 
-HEADERS = ["key", "capability", "title", "source", "size", "on disk", "licence", "status", "notes"]
+HEADERS = ["capability", "key", "status", "size", "on disk", "licence", "source", "title", "notes"]
 DEMO_LABEL = "untrained demo model"
 
 
 def _gb(n: int | float) -> str:
     if n <= 0:
         return "-"
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def offline_reason(ctx: StudioContext) -> str | None:
@@ -50,14 +50,14 @@ def catalog_rows(ctx: StudioContext) -> list[list[str]]:
         st = status_of(ctx, spec)
         rows.append(
             [
-                spec.key,
                 spec.capability,
-                spec.title,
-                spec.source,
+                spec.key,
+                st,
                 _gb(spec.expected_bytes),
                 _gb(ctx.catalog.disk_bytes(spec)) if st == "present" else "-",
                 spec.licence,
-                st,
+                spec.source,
+                spec.title,
                 spec.notes,
             ]
         )

@@ -82,21 +82,27 @@ def metrics_frame(rows: list[dict[str, Any]]):
         for k, v in r.items()
         if k not in {"step", "time"} and isinstance(v, int | float) and not isinstance(v, bool)
     ]
-    return pd.DataFrame(long, columns=["step", "value", "metric"])
+    frame = pd.DataFrame(long, columns=["step", "value", "metric"])
+    # typed even when empty: the plot fixes its axis types from the first value it gets
+    return frame.astype({"step": "int64", "value": "float64", "metric": "str"})
 
 
 def run_details(ctx: StudioContext, run_id: str | None):
-    """(record without artifacts, metrics frame, artifact rows, headline) for one run."""
+    """(record without artifacts, metrics frame or None, artifact rows, headline) for one run.
+
+    No metrics gives None, not an empty frame: a plot that once showed an empty frame draws no lines later.
+    """
     if not run_id:
-        return {}, metrics_frame([]), [], "Select a run in the table above."
+        return {}, None, [], "Select a run in the table above."
     try:
         run = ctx.runs.get(run_id)
     except KeyError as e:
-        return {}, metrics_frame([]), [], f"**{e.args[0]}**"
+        return {}, None, [], f"**{e.args[0]}**"
     rec = {k: v for k, v in run.record.items() if k != "artifacts"}
     artifacts = [[a["name"], a["path"], _size(a.get("bytes", 0))] for a in run.artifacts]
     headline = f"**{run.id}** — {run.kind}, {run.status}; folder `{run.dir}`"
-    return rec, metrics_frame(run.metrics()), artifacts, headline
+    frame = metrics_frame(run.metrics())
+    return rec, (None if frame.empty else frame), artifacts, headline
 
 
 def jobs_rows(ctx: StudioContext) -> list[list[str]]:
@@ -149,7 +155,7 @@ def build(ctx: StudioContext) -> None:
     headline = gr.Markdown("Select a run in the table above.")
     with gr.Row():
         with gr.Column(scale=2):
-            plot = gr.LinePlot(metrics_frame([]), x="step", y="value", color="metric", label="Metrics", height=300)
+            plot = gr.LinePlot(None, x="step", y="value", color="metric", label="Metrics", height=300)
         with gr.Column(scale=1):
             config = gr.JSON(label="Record (config, seed, versions, dataset hash, summary)")
     artifacts = gr.Dataframe(headers=ARTIFACT_HEADERS, interactive=False, label="Artifacts")

@@ -55,7 +55,7 @@ def test_runs_rows_and_details(ctx):
     assert run.id in headline
 
     rec, frame, artifacts, headline = runs_tab.run_details(ctx, "../../etc")
-    assert rec == {} and frame.empty and artifacts == [] and "invalid run id" in headline
+    assert rec == {} and frame is None and artifacts == [] and "invalid run id" in headline
 
 
 def test_jobs_panel_lists_progress_and_cancels(ctx):
@@ -86,15 +86,15 @@ def test_jobs_panel_lists_progress_and_cancels(ctx):
 
 
 def test_models_table_shows_catalog_status_and_demo_label(ctx):
-    rows = {r[0]: r for r in models_tab.catalog_rows(ctx)}
+    rows = {r[1]: r for r in models_tab.catalog_rows(ctx)}
     assert set(rows) == {s.key for s in ctx.catalog.specs}
-    assert rows["diffusion:tiny-sd-demo"][7] == models_tab.DEMO_LABEL
-    assert rows["chat:llama-3.1-8b-instruct"][7] == "absent"  # nothing downloaded in a fresh models dir
-    assert rows["chat:llama-3.1-8b-instruct"][3] == "hub meta-llama/Llama-3.1-8B-Instruct"
+    assert rows["diffusion:tiny-sd-demo"][2] == models_tab.DEMO_LABEL
+    assert rows["chat:llama-3.1-8b-instruct"][2] == "absent"  # nothing downloaded in a fresh models dir
+    assert rows["chat:llama-3.1-8b-instruct"][6] == "hub meta-llama/Llama-3.1-8B-Instruct"
     for key, row in rows.items():
         spec = ctx.catalog.get(key)
         expected = "present" if ctx.catalog.local_path(spec) else "absent"
-        assert row[7] == (models_tab.DEMO_LABEL if spec.demo else expected)
+        assert row[2] == (models_tab.DEMO_LABEL if spec.demo else expected)
     assert "Disk used" in models_tab.disk_summary(ctx)
 
 
@@ -123,8 +123,8 @@ def test_delete_a_downloaded_model_frees_its_folder(ctx):
     (folder / "model.safetensors").write_bytes(b"w" * 5_000_000)
     (folder / ".complete").touch()
     assert spec.key in models_tab.deletable(ctx)
-    rows = {r[0]: r for r in models_tab.catalog_rows(ctx)}
-    assert rows[spec.key][7] == "present" and rows[spec.key][5] == "5 MB"
+    rows = {r[1]: r for r in models_tab.catalog_rows(ctx)}
+    assert rows[spec.key][2] == "present" and rows[spec.key][4] == "5 MB"
     assert "5 MB freed" in models_tab.delete_model(ctx, spec.key)
     assert not folder.exists() and spec.key not in models_tab.deletable(ctx)
     with pytest.raises(ValueError, match="nothing to delete"):

@@ -1,0 +1,105 @@
+"""Start the real studio (`python -m studio.app`) in a subprocess on a free port, for HTTP and browser tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 90
+
+
+@dataclass
+class Studio:
+    url: str
+    port: int
+    workdir: Path  # the app's current directory (holds studio.toml)
+    data_dir: Path
+    models_dir: Path
+    log_path: Path
+    proc: subprocess.Popen
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def studio_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STUDIO_")}
+    env.update(
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+    )
+    env.update(extra)
+    return env
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the studio exited with code {proc.returncode} before serving")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"the studio did not serve {url} within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def running_studio(workdir: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[Studio]:
+    """Run `python -m studio.app --port P --no-browser --data-dir ... --models-dir ...` with cwd=workdir."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    data_dir, models_dir = workdir / "data", workdir / "models"
+    log_path = workdir / "studio.log"
+    cmd = [sys.executable, "-m", "studio.app", "--port", str(port), "--no-browser"]
+    cmd += ["--data-dir", str(data_dir), "--models-dir", str(models_dir), *args]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            cmd, cwd=workdir, env=env or studio_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    studio = Studio(f"http://127.0.0.1:{port}", port, workdir, data_dir, models_dir, log_path, proc)
+    try:
+        try:
+            wait_for_http(studio.url + "/", proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}\n--- studio log ---\n{studio.log()[-4000:]}") from None
+        yield studio
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """Ctrl+C first (jobs get their chance to save), then kill."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
