@@ -1,0 +1,249 @@
+"""Token-by-token decoders for transformers causal LMs: a plain one and a fast one built on CUDA graphs.
+
+Both expose `prefill(ids) -> logits` and `step(token) -> logits` (float32, shape (V,)), so the generation loop in
+`llm_generate` is the same for every engine.
+
+- `EagerDecoder`: a dynamic KV cache and one ordinary forward per token; exactly what `model.generate` does.
+- `StaticDecoder`: a preallocated KV cache of `max_len` slots written at a position held in a device tensor. Each
+  decode step reads its inputs from fixed buffers (`ids_buf`, `pos_buf`) and writes its logits into `logits_buf`,
+  so on CUDA the whole step (every layer, the 4-bit matmuls, the mask and the cache write) is captured once in a
+  `torch.cuda.CUDAGraph` after a warm-up on a side stream and then replayed: one launch per token instead of
+  thousands. If capture fails the reason is logged once and the same step runs without the graph.
+
+Invariants of the static path: the attention mask is built inside the step from `pos_buf` (slots > pos are masked),
+so stale cache slots never leak; the graph captures the weights' addresses, so `weights_fingerprint` must be
+compared before reuse (the residency manager may move the model); warm-up steps recompute the very same cache
+slot as the real step, so they are harmless.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+log = logging.getLogger(__name__)
+
+
+def model_device(model: Any) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def compute_dtype(model: Any) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+def weights_fingerprint(model: Any) -> int:
+    """Hash of every parameter/buffer address (and 4-bit quant-state address): changes when the model moves."""
+    ptrs: list[int] = []
+    for p in model.parameters():
+        ptrs.append(p.data_ptr())
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            ptrs.append(qs.absmax.data_ptr())
+            if getattr(qs, "state2", None) is not None:
+                ptrs.append(qs.state2.absmax.data_ptr())
+    ptrs.extend(b.data_ptr() for b in model.buffers())
+    return hash(tuple(ptrs))
+
+
+def _cache_kwarg(model: Any) -> str:
+    """transformers >= 5.2x calls it `cache`; earlier releases `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class _WriteIndex:
+    """Where the next keys/values go: a 1-D long tensor on the model's device, shared by all layers."""
+
+    def __init__(self) -> None:
+        self.current: torch.Tensor | None = None
+        self.seen = 0
+
+
+class StaticKVLayer(CacheLayerMixin):
+    """One layer's preallocated keys/values, (B, n_kv_heads, max_len, head_dim), written at `index.current`."""
+
+    is_compileable = True
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, max_len: int, index: _WriteIndex) -> None:
+        CacheLayerMixin.__init__(self)
+        self.max_len = max_len
+        self.index = index
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        value_states = key_states if value_states is None else value_states
+        b, h = key_states.shape[:2]
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = torch.zeros((b, h, self.max_len, key_states.shape[-1]), dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros(
+            (b, h, self.max_len, value_states.shape[-1]), dtype=value_states.dtype, device=self.device
+        )
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys.index_copy_(2, self.index.current, key_states)  # (B, h, max_len, d)
+        self.values.index_copy_(2, self.index.current, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        return self.max_len, 0
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        return self.index.seen
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def get_max_cache_shape(self) -> int:
+        return self.max_len
+
+
+class EagerDecoder:
+    """Dynamic cache, one ordinary forward per token (the `model.generate` way). Works for every model."""
+
+    name = "eager"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device = model_device(model)
+        self._kw = _cache_kwarg(model)
+        self.cache: Any = None
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        try:
+            self.cache = DynamicCache(config=self.model.config)
+        except TypeError:
+            self.cache = DynamicCache()
+        out = self.model(input_ids=ids, use_cache=True, **{self._kw: self.cache})
+        return out.logits[0, -1].float()
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=token.view(1, 1), use_cache=True, **{self._kw: self.cache})
+        return out.logits[0, -1].float()
+
+
+class StaticDecoder:
+    """Static KV cache of `max_len` slots; with `use_graph` (CUDA only) each step is one CUDA-graph replay."""
+
+    def __init__(self, model: Any, max_len: int, *, use_graph: bool) -> None:
+        self.model = model
+        self.max_len = max_len
+        self.device = model_device(model)
+        self.dtype = compute_dtype(model)
+        self.use_graph = use_graph and self.device.type == "cuda"
+        self.fingerprint = weights_fingerprint(model)
+        self._kw = _cache_kwarg(model)
+        n_layers = model.config.get_text_config().num_hidden_layers
+        self.index = _WriteIndex()
+        self.cache = Cache(layers=[StaticKVLayer(max_len, self.index) for _ in range(n_layers)])
+        dev = self.device
+        self.ids_buf = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        self.pos_buf = torch.zeros((1,), dtype=torch.long, device=dev)
+        self.slots = torch.arange(max_len, device=dev)
+        self.logits_buf: torch.Tensor | None = None
+        self.pos = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error: str | None = None
+        self.capture_s = 0.0
+
+    @property
+    def name(self) -> str:
+        if self.graph is not None:
+            return "cuda-graph"
+        return "static" if self.graph_error is None else "static (graph capture failed)"
+
+    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(1, 1, q, max_len) additive mask: 0 where slot <= position, dtype-min elsewhere."""
+        allowed = self.slots.view(1, -1) <= positions.view(-1, 1)
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        return torch.where(allowed, zero, neg).view(1, 1, positions.numel(), self.max_len)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.index.current = positions
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions.view(1, -1),
+            attention_mask=self._mask(positions),
+            use_cache=True,
+            **{self._kw: self.cache},
+        )
+        return out.logits[0, -1]
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        if n >= self.max_len:
+            raise ValueError(f"prompt of {n} tokens does not fit a static cache of {self.max_len}")
+        positions = torch.arange(n, device=self.device)
+        self.index.seen = 0
+        logits = self._forward(ids, positions).float()
+        self.pos = self.index.seen = n
+        return logits
+
+    def _step_body(self) -> None:
+        logits = self._forward(self.ids_buf, self.pos_buf)
+        if self.logits_buf is None:
+            self.logits_buf = torch.empty(logits.shape, dtype=torch.float32, device=self.device)
+        self.logits_buf.copy_(logits)
+
+    def _capture(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: lazy inits, cuBLAS workspaces, bitsandbytes buffers
+                    self._step_body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step_body()
+            self.graph = graph
+            self.capture_s = time.perf_counter() - t0
+            log.info(
+                "captured the decode step in a CUDA graph in %.2f s (cache %d slots)", self.capture_s, self.max_len
+            )
+        except Exception as e:  # any capture failure: keep decoding, without the graph
+            self.graph = None
+            self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("CUDA graph capture failed; decoding with the static cache only. Reason: %s", self.graph_error)
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        if self.pos >= self.max_len:
+            raise ValueError(f"the static cache of {self.max_len} slots is full")
+        self.ids_buf.copy_(token.view(1, 1))
+        self.pos_buf.fill_(self.pos)
+        self.index.current = self.pos_buf
+        if self.use_graph and self.graph is None and self.graph_error is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step_body()
+        self.pos += 1
+        self.index.seen = self.pos
+        return self.logits_buf
+
+    def matches(self, model: Any, needed_len: int, *, fingerprint: int | None = None) -> bool:
+        """Reusable for `model` with `needed_len` tokens (same weights at the same addresses, enough slots)?"""
+        fp = weights_fingerprint(model) if fingerprint is None else fingerprint
+        return model is self.model and fp == self.fingerprint and needed_len <= self.max_len
+
+
+def bucket_len(needed: int, limit: int, quantum: int = 512) -> int:
+    """Round a cache length up to a multiple of `quantum` (so one graph serves many prompts), capped at `limit`."""
+    return min(limit, -(-needed // quantum) * quantum)

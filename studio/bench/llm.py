@@ -1,0 +1,420 @@
+"""LLM decode benchmark: plain `generate` vs `generate` with a static cache vs the studio's CUDA-graph decoder.
+
+Full run (GPU): a Llama-3.1-8B-architecture model with random weights in nf4 (double quant), built on the meta
+device and quantised layer by layer on the GPU (no 16 GB checkpoint), under a 12 GB cap. Batch 1, a 512-token
+prompt, 256 new tokens, greedy. Reports decode tokens/s, time to first token, peak VRAM, the bandwidth bound
+(bytes read per token / measured device copy bandwidth), and whether the greedy tokens agree.
+
+    python -m studio.bench.llm --out results/            # GPU
+    python -m studio.bench.llm --quick                   # tiny Llama on CPU (checks the script itself)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GB = 1e9
+LLAMA_8B = dict(
+    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+    vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    bos_token_id=128000, eos_token_id=128001,
+)  # fmt: skip
+TINY = dict(
+    hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=688,
+    vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+
+def build_nf4_llama(cfg_kwargs: dict, device: str, lm_head_std: float = 0.2) -> Any:
+    """Random-weight Llama with nf4 (double-quant) linears, built on meta and quantised one matrix at a time."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**cfg_kwargs)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
+                w = torch.randn(child.out_features, child.in_features, dtype=torch.bfloat16, device=device) * 0.02
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                             module=q).to(device)  # fmt: skip
+                setattr(parent, name, q)
+    _materialise_rest(model, device, lm_head_std)
+    return model.eval()
+
+
+def build_fp32_llama(cfg_kwargs: dict, lm_head_std: float = 0.2) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg_kwargs)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, lm_head_std)  # peaked logits, so greedy choices are well separated
+    return model
+
+
+def _materialise_rest(model: Any, device: str, lm_head_std: float) -> None:
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.device.type != "meta":
+                continue
+            if "norm" in type(module).__name__.lower():
+                data = torch.ones(p.shape, dtype=torch.bfloat16, device=device)
+            else:
+                std = lm_head_std if module is model.lm_head else 0.02
+                data = torch.randn(p.shape, dtype=torch.bfloat16, device=device) * std
+            setattr(module, name, torch.nn.Parameter(data, requires_grad=False))
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"tensors left on meta: {left[:5]}")
+
+
+def copy_bandwidth(device: str, nbytes: int = 2**30, iters: int = 20) -> float:
+    """Device-to-device copy: (read + write) bytes per second."""
+    if device != "cuda":
+        nbytes, iters = 2**26, 5
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * iters / (time.perf_counter() - t0)
+
+
+def bytes_per_token(model: Any, context: int) -> int:
+    """Bytes one decode step must read: every weight except the embedding table (one row), plus the KV cache."""
+    emb = model.get_input_embeddings().weight
+    total = 0
+    for p in model.parameters():
+        if p is emb:
+            total += p.shape[1] * p.element_size()
+            continue
+        total += p.numel() * p.element_size()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            total += qs.absmax.numel() * qs.absmax.element_size()
+            if getattr(qs, "state2", None) is not None:
+                total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    total += 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * context * emb.element_size()
+    return total
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class _Timer:
+    """A `generate` streamer that records when each new token arrives (the first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_generate(model: Any, ids: torch.Tensor, new: int, **kw: Any) -> tuple[list[int], dict]:
+    device = ids.device.type
+    timer = _Timer()
+    mask = torch.ones_like(ids)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         streamer=timer, pad_token_id=model.config.eos_token_id, **kw)  # fmt: skip
+    _sync(device)
+    t_end = time.perf_counter()
+    return out[0, ids.shape[1] :].tolist(), _timing(t0, timer.times[0], t_end, new)
+
+
+def run_ours(decoder: Any, ids: torch.Tensor, new: int) -> tuple[list[int], dict]:
+    """The studio's own generation loop (backends/llm_generate.stream_tokens), greedy, no EOS."""
+    from backends.llm_generate import GenerationOptions, GenerationStats, stream_tokens
+
+    stats = GenerationStats()
+    tokens: list[int] = []
+    opts = GenerationOptions(temperature=0.0, max_new_tokens=new)
+    _sync(ids.device.type)
+    for _ in stream_tokens(decoder, _IdsTokenizer(tokens), ids[0].tolist(), opts, eos_ids=set(), stats=stats):
+        pass
+    _sync(ids.device.type)
+    return tokens, {
+        "ttft_s": stats.ttft_s, "decode_tok_s": stats.decode_tokens_per_s, "total_s": stats.total_s,
+        "new_tokens": stats.new_tokens, "decoder": stats.decoder,
+    }  # fmt: skip
+
+
+class _IdsTokenizer:
+    """Stands in for a tokenizer on random-weight models: records ids, 'decodes' to their digits."""
+
+    def __init__(self, sink: list[int]) -> None:
+        self.sink = sink
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > len(self.sink):
+            self.sink.append(ids[-1])
+        return " ".join(map(str, ids[-64:]))
+
+
+def _timing(t0: float, t_first: float, t_end: float, new: int) -> dict:
+    return {"ttft_s": t_first - t0, "decode_tok_s": (new - 1) / (t_end - t_first), "total_s": t_end - t0,
+            "new_tokens": new}  # fmt: skip
+
+
+def first_mismatch(a: list[int], b: list[int]) -> int:
+    """Number of leading tokens two greedy runs agree on."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def measure(name: str, fn: Any, device: str) -> tuple[list[int], dict]:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    tokens, row = fn()
+    if device == "cuda":
+        row["peak_vram_gb"] = torch.cuda.max_memory_allocated() / GB
+    row["method"] = name
+    print(f"  {name}: {row['decode_tok_s']:.1f} tok/s, ttft {row['ttft_s'] * 1000:.0f} ms", flush=True)
+    return tokens, row
+
+
+def bench(args: argparse.Namespace) -> dict:
+    from backends.llm_fastdecode import StaticDecoder
+
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    if device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb * 2**30 / total))
+    prompt, new = (64, 32) if args.quick else (args.prompt, args.new)
+    t0 = time.perf_counter()
+    model = build_fp32_llama(TINY) if args.quick else build_nf4_llama(LLAMA_8B, device)
+    build_s = time.perf_counter() - t0
+    weights_gb = torch.cuda.memory_allocated() / GB if device == "cuda" else 0.0
+    print(f"model built in {build_s:.1f} s ({weights_gb:.2f} GB on the GPU)", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=gen).to(device)
+    bw = copy_bandwidth(device)
+    bpt = bytes_per_token(model, prompt + new // 2)
+
+    run_generate(model, ids, 8)  # warm-up (cuBLAS, bitsandbytes)
+    plain_tokens, plain = measure("plain generate", lambda: run_generate(model, ids, new), device)
+    run_generate(model, ids, 8, cache_implementation="static", disable_compile=True)
+    static_tokens, static = measure(
+        "generate, static cache",
+        lambda: run_generate(model, ids, new, cache_implementation="static", disable_compile=True),
+        device,
+    )
+    eager_dec = StaticDecoder(model, prompt + new + 8, use_graph=False)
+    nograph_tokens, nograph = measure("ours, static cache, no graph", lambda: run_ours(eager_dec, ids, new), device)
+    eager_dec = None  # free its cache before the graph decoder allocates its own
+    rows = [plain, static, nograph]
+    ours_tokens = None
+    if device == "cuda":
+        dec = StaticDecoder(model, prompt + new + 8, use_graph=True)
+        run_ours(dec, ids, 8)  # captures the graph
+        ours_tokens, ours = measure("ours, CUDA graph", lambda: run_ours(dec, ids, new), device)
+        ours.update(capture_s=dec.capture_s, graph_error=dec.graph_error)
+        rows.append(ours)
+    best = rows[-1]
+    return {
+        "benchmark": "llm decode", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m studio.bench.llm " + " ".join(sys.argv[1:]),
+        "machine": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "versions": _versions(), "device": device, "vram_cap_gb": args.vram_cap_gb if device == "cuda" else None,
+        "model": "Llama-3.1-8B architecture, random weights, nf4 double-quant" if not args.quick else "tiny Llama fp32",
+        "prompt_tokens": prompt, "new_tokens": new, "build_s": build_s, "weights_gb": weights_gb,
+        "copy_bandwidth_GBps": bw / GB, "bytes_per_token_GB": bpt / GB, "bandwidth_bound_tok_s": bw / bpt,
+        "ratio_to_bound": best["decode_tok_s"] / (bw / bpt), "speedup_vs_plain": best["decode_tok_s"] / plain["decode_tok_s"],
+        "rows": rows,
+        "greedy_agreement": {
+            "static_generate_vs_plain": first_mismatch(static_tokens, plain_tokens),
+            "ours_nograph_vs_plain": first_mismatch(nograph_tokens, plain_tokens),
+            "ours_nograph_vs_static_generate": first_mismatch(nograph_tokens, static_tokens),
+            **({"ours_graph_vs_nograph": first_mismatch(ours_tokens, nograph_tokens),
+                "ours_graph_vs_plain": first_mismatch(ours_tokens, plain_tokens)} if ours_tokens else {}),
+            "of": new,
+        },
+    }  # fmt: skip
+
+
+def product_check(tokenizer_dir: Path, work: Path, new: int = 64) -> dict:
+    """The studio's own path on this device: save a small random Llama, load it through backends.llm (residency
+    manager, precision policy) and chat greedily with and without the fast decoder; the texts must agree."""
+    from transformers import AutoTokenizer
+
+    from backends.llm import GenerationOptions, LLMBackend, LLMConfig
+    from studio.catalog import Catalog
+    from studio.context import StudioContext
+    from studio.settings import Settings
+
+    try:
+        from studio.residency import ResidencyManager
+    except ImportError as e:  # the residency module is being rewritten in the shared tree: use the minimal one
+        print(f"studio.residency not importable ({e}); product check uses a minimal manager", flush=True)
+        ResidencyManager = _MinimalResidency
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = dict(TINY, hidden_size=512, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1376,
+               vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    folder = work / "models" / "tiny-llama"
+    build_fp32_llama(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    settings = Settings(data_dir=work / "data", models_dir=work / "models")
+    ctx = StudioContext(
+        settings,
+        ResidencyManager("cuda" if torch.cuda.is_available() else "cpu"),
+        Catalog(settings.models_dir),
+        None,
+        None,
+    )
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    out: dict = {}
+    for precision in ("nf4", "16bit"):
+        backend = LLMBackend(ctx, LLMConfig(model_id="tiny-llama", precision=precision))
+        texts = {}
+        for fast in (True, True, False):
+            backend.configure(fast_decode=fast)
+            *_, last = backend.chat(msgs, GenerationOptions(temperature=0.0, max_new_tokens=new))
+            texts.setdefault(last.stats.decoder, last.text)
+            out[f"{precision}:{last.stats.decoder}"] = {
+                "decode_tok_s": last.stats.decode_tokens_per_s, "ttft_s": last.stats.ttft_s,
+                "new_tokens": last.stats.new_tokens,
+                "graph_error": getattr(backend._decoder, "graph_error", None),
+            }  # fmt: skip
+        values = list(texts.values())
+        out[f"{precision}:decoders"] = sorted(texts)
+        out[f"{precision}:texts_agree"] = len(set(values)) == 1
+        backend.release_decode_buffers()
+    print("product check:", json.dumps(out, indent=1), flush=True)
+    return out
+
+
+class _MinimalResidency:
+    """register/is_registered/use of studio.residency, loading once (only for the product check's fallback)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self._loaders, self._models = device, {}, {}
+
+    def register(self, loader: Any) -> None:
+        self._loaders[loader.key] = loader
+
+    def is_registered(self, key: str) -> bool:
+        return key in self._loaders
+
+    def use(self, key: str, working_bytes: int | None = None) -> Any:
+        import contextlib
+
+        if key not in self._models:
+            self._models[key] = self._loaders[key].load(self.device)
+        return contextlib.nullcontext(self._models[key])
+
+
+def _versions() -> dict:
+    import transformers
+
+    v = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        import bitsandbytes
+
+        v["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"# LLM decode benchmark ({r['machine']}, {r['date']})",
+        "",
+        f"`{r['command']}` — {r['model']}; batch 1, {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, "
+        f"greedy; VRAM cap {r['vram_cap_gb']} GB; {r['versions']}.",
+        "",
+        "| method | decode tok/s | x plain | time to first token | peak VRAM |",
+        "|---|---|---|---|---|",
+    ]
+    base = r["rows"][0]["decode_tok_s"]
+    for row in r["rows"]:
+        vram = f"{row['peak_vram_gb']:.2f} GB" if "peak_vram_gb" in row else "-"
+        lines.append(f"| {row['method']} | {row['decode_tok_s']:.1f} | {row['decode_tok_s'] / base:.1f}x | "
+                     f"{row['ttft_s'] * 1000:.0f} ms | {vram} |")  # fmt: skip
+    lines += [
+        "",
+        f"Bandwidth bound: {r['bytes_per_token_GB']:.2f} GB read per token at a measured copy bandwidth of "
+        f"{r['copy_bandwidth_GBps']:.0f} GB/s = {r['bandwidth_bound_tok_s']:.0f} tok/s; the fastest row reaches "
+        f"{r['ratio_to_bound'] * 100:.0f}% of it.",
+        f"Greedy agreement (leading tokens equal, of {r['greedy_agreement']['of']}): "
+        + ", ".join(f"{k} {v}" for k, v in r["greedy_agreement"].items() if k != "of"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny fp32 Llama on CPU (checks the script)")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--vram-cap-gb", type=float, default=12.0)
+    p.add_argument(
+        "--product-check",
+        type=Path,
+        default=None,
+        metavar="TOKENIZER_DIR",
+        help="also run backends.llm end to end on a small random Llama using this tokenizer",
+    )
+    p.add_argument("--skip-bench", action="store_true", help="only the product check")
+    p.add_argument("--out", type=Path, default=None, help="folder for llm-<device>.json and .md")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    result = {} if args.skip_bench else bench(args)
+    if args.product_check:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as work:
+            result["product_check"] = product_check(args.product_check, Path(work))
+    if args.skip_bench:
+        return 0
+    md = markdown(result)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"llm-{'h200' if result['device'] == 'cuda' else 'cpu-quick'}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        stem.with_suffix(".md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
