@@ -1,0 +1,218 @@
+"""Audio tab: transcribe a recording (upload or microphone), label speakers, post-edit with the chat model, export.
+
+UI only: the work is in backends.asr / backends.diarize / backends.postedit / backends.subtitles. Segments stream in
+as each speech window is transcribed; Stop ends the run at the next window and keeps what is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from studio.context import StudioContext, Tab
+
+log = logging.getLogger(__name__)
+
+DIFF_COLOURS = {"case/punctuation": "green", "glossary": "blue", "rejected": "red"}
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _lines(segments) -> str:
+    return "\n".join(
+        f"[{_clock(s.start)} → {_clock(s.end)}]{' ' + s.speaker + ':' if s.speaker else ''} {s.text}" for s in segments
+    )
+
+
+def _status(update, started: float) -> str:
+    done = update.position_s
+    total = f" / {_clock(update.duration_s)}" if update.duration_s else ""
+    bar = "▓" * int(update.fraction * 20) + "░" * (20 - int(update.fraction * 20))
+    lang = f" · language: {update.language}" if update.language else ""
+    return f"{bar} {update.fraction:.0%} · {_clock(done)}{total} of audio · {time.time() - started:.0f} s{lang}"
+
+
+def _model_choices(asr) -> list[tuple[str, str]]:
+    return [(title if present else f"{title} (not downloaded)", mid) for mid, title, present in asr.models()]
+
+
+def build(ctx: StudioContext) -> None:
+    import gradio as gr
+
+    from backends.asr import whisper_languages
+
+    asr = ctx.backends.get("asr")
+    stops: dict[str, threading.Event] = {}  # one cooperative stop flag per browser session
+    gr.Markdown(
+        "## Audio\nTranscribe meetings and lectures: any audio or video file, or the microphone. Long files are "
+        "decoded and transcribed as a stream; segments appear as they are made. Offline models: Whisper tiny.en "
+        "(English) and base (multilingual). Speaker labels come from an offline engine (Silero VAD + Resemblyzer "
+        "voice embeddings) or a pyannote pipeline you have downloaded."
+    )
+    transcript_state = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio (upload or record)")
+            video = gr.File(label="…or any audio/video file (mp4, mkv, webm, m4a, …)", file_count="single")
+            model = gr.Dropdown(_model_choices(asr), value="whisper-tiny.en", label="Whisper model")
+            language = gr.Dropdown(["auto", *whisper_languages()], value="auto", label="Language")
+            with gr.Row():
+                vad = gr.Checkbox(True, label="Skip silence (VAD)")
+                words = gr.Checkbox(False, label="Word timestamps")
+                batched = gr.Checkbox(ctx.residency.device == "cuda", label="Batched decoding (GPU)")
+            with gr.Accordion("Speakers", open=False):
+                diar = gr.Checkbox(False, label="Label speakers (diarization)")
+                n_speakers = gr.Number(0, precision=0, minimum=0, maximum=20, label="Number of speakers (0 = auto)")
+                engine = gr.Radio(["offline", "pyannote"], value="offline", label="Engine")
+                pyannote_src = gr.Textbox(
+                    "", label="pyannote pipeline (catalog id or folder with config.yaml)", placeholder="pyannote-…"
+                )
+                trust = gr.Checkbox(False, label="I trust this pyannote pipeline (it loads pickled checkpoints)")
+            with gr.Row():
+                go = gr.Button("Transcribe", variant="primary")
+                stop = gr.Button("Stop (keeps what is done)")
+        with gr.Column(scale=2):
+            status = gr.Markdown("Choose a file or record, then press Transcribe.")
+            text = gr.Textbox(label="Transcript", lines=18, max_lines=30, autoscroll=True)
+            with gr.Accordion("Post-edit with the chat model", open=False):
+                gr.Markdown(
+                    "Fixes punctuation and casing and spells glossary terms as given. Any other word change the "
+                    "model proposes is rejected (shown in red), so the words stay what was said."
+                )
+                glossary = gr.Textbox(label="Glossary (one name or term per line)", lines=3)
+                edit_btn = gr.Button("Post-edit")
+                diff = gr.HighlightedText(label="Changes", color_map=DIFF_COLOURS, combine_adjacent=False)
+            with gr.Row():
+                formats = gr.CheckboxGroup(["txt", "srt", "vtt", "json"], value=["txt", "srt"], label="Export as")
+                export_btn = gr.Button("Export")
+            files = gr.File(label="Exported files", file_count="multiple", interactive=False)
+
+    def transcribe(audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
+                   trust_v, request: gr.Request):  # fmt: skip
+        from backends.asr import Transcript
+
+        path = _input_path(ctx, audio_v, video_v)
+        opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v)
+        stop_flag = stops.setdefault(request.session_hash or "-", threading.Event())
+        stop_flag.clear()
+        started, segments = time.time(), []
+        yield "Loading the model…", "", None
+        try:
+            for update in asr.stream(path, opts, should_stop=stop_flag.is_set, diarize=dopts):
+                segments.extend(update.new_segments)
+                tr = update.transcript
+                partial = tr or Transcript(list(segments), update.language, update.position_s, opts.model_id)
+                head = _status(update, started) + (f" · {update.message}" if update.message else "")
+                if tr is not None:
+                    head = _final_status(tr, started)
+                yield head, _lines(partial.segments), partial
+        except Exception as e:
+            raise gr.Error(_message(e)) from None
+
+    def request_stop(request: gr.Request):
+        flag = stops.get(request.session_hash or "-")
+        if flag is not None:
+            flag.set()
+        return "Stopping after the current window…"
+
+    def post_edit(tr, glossary_v):
+        from backends.postedit import PostEditOptions, postedit
+
+        if tr is None or not tr.segments:
+            raise gr.Error("Nothing to edit yet: transcribe something first.")
+        terms = tuple(t.strip() for t in (glossary_v or "").replace(",", "\n").splitlines() if t.strip())
+        try:
+            report = postedit(ctx.backends.get("llm"), tr.segments, PostEditOptions(glossary=terms))
+        except Exception as e:
+            raise gr.Error(f"Post-edit failed: {_message(e)}") from None
+        tr.segments = report.segments
+        tr.notes.append(f"post-edited: {report.accepted_changes} change(s) kept, {len(report.rejected)} rejected")
+        return tr, _lines(tr.segments), report.spans
+
+    def export(tr, formats_v):
+        from backends.subtitles import export as write
+
+        if tr is None:
+            raise gr.Error("Nothing to export yet: transcribe something first.")
+        if not formats_v:
+            raise gr.Error("Tick at least one export format (txt, srt, vtt or json).")
+        out_dir = ctx.settings.outputs_dir / "audio"
+        stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
+        return [str(p) for p in write(tr, out_dir, stem, tuple(formats_v)).values()]
+
+    inputs = [audio, video, model, language, vad, words, batched, diar, n_speakers, engine, pyannote_src, trust]
+    go.click(transcribe, inputs, [status, text, transcript_state], concurrency_id="gpu", concurrency_limit=1)
+    stop.click(request_stop, None, status)
+    edit_btn.click(
+        post_edit, [transcript_state, glossary], [transcript_state, text, diff], concurrency_id="gpu",
+        concurrency_limit=1,
+    )  # fmt: skip
+    export_btn.click(export, [transcript_state, formats], files)
+
+
+def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
+    import gradio as gr
+
+    from studio.safety import check_upload_size
+
+    chosen = video_v if video_v else audio_v
+    if not chosen:
+        raise gr.Error("No audio yet: upload a file or record with the microphone, then press Transcribe.")
+    path = Path(chosen if isinstance(chosen, str) else getattr(chosen, "name", chosen))
+    try:
+        check_upload_size(path, ctx.settings.max_upload_mb * 2**20)
+    except (ValueError, OSError) as e:
+        raise gr.Error(str(e)) from None
+    return path
+
+
+def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v):
+    import gradio as gr
+
+    from backends.asr import TranscribeOptions
+    from backends.diarize import DiarizeOptions
+
+    try:
+        opts = TranscribeOptions(
+            model_id=model_v, language=lang_v or "auto", vad=bool(vad_v), word_timestamps=bool(words_v),
+            batch_size=8 if batched_v else 1,
+        )  # fmt: skip
+        dopts = None
+        if diar_v:
+            n = int(n_v or 0)
+            dopts = DiarizeOptions(
+                engine=engine_v, num_speakers=n or None, pyannote_source=(src_v or "").strip(), trust_pickles=trust_v
+            )
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    return opts, dopts
+
+
+def _final_status(tr, started: float) -> str:
+    took = time.time() - started
+    rtf = f" · {took / tr.duration_s:.2f}× real time" if tr.duration_s else ""
+    head = "**Stopped** — kept what was done" if tr.cancelled else "**Done**"
+    if not tr.segments:
+        head += " — no speech found" if not tr.cancelled else ""
+    notes = f" · {'; '.join(tr.notes)}" if tr.notes else ""
+    return f"{head} · {len(tr.segments)} segments · {_clock(tr.duration_s)} of audio in {took:.0f} s{rtf}{notes}"
+
+
+def _message(e: Exception) -> str:
+    """Backend errors carry their own fix; anything else is named so the log can be searched."""
+    from backends.asr_models import ModelMissing
+    from backends.audio_io import AudioInputError
+
+    if isinstance(e, AudioInputError | ModelMissing | ValueError | PermissionError | FileNotFoundError):
+        return str(e)
+    log.exception("audio tab: unexpected error")
+    return f"{type(e).__name__}: {e}"
+
+
+TAB = Tab("Audio", build)
