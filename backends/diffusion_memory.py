@@ -127,7 +127,7 @@ def gpu_budget_bytes(residency: Any, vram_cap_gb: float | None) -> int | None:
     if getattr(residency, "device", "cpu") != "cuda":
         return None
     snap = residency.snapshot()
-    for attr in ("budget_bytes", "vram_budget_bytes"):
+    for attr in ("capacity_bytes", "budget_bytes"):
         value = getattr(snap, attr, None)
         if isinstance(value, int) and value > 0:
             return value
