@@ -40,7 +40,12 @@ def free_port() -> int:
 
 
 def studio_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STUDIO_")}
+    # Drop our STUDIO_* settings and the test session's tool folders, so the app sets them up as for a user.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("STUDIO_") and k not in {"GRADIO_TEMP_DIR", "YOLO_CONFIG_DIR"}
+    }
     env.update(
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         PYTHONUNBUFFERED="1",
