@@ -38,7 +38,9 @@ def apply_env(data_dir: Path, *, offline: bool, environ: dict[str, str] | None =
     env = os.environ if environ is None else environ
     wanted = dict(QUIET_ENV)
     wanted["YOLO_CONFIG_DIR"] = str(Path(data_dir).resolve() / "cache" / "ultralytics")
-    wanted["GRADIO_TEMP_DIR"] = str(Path(data_dir).resolve() / "cache" / "gradio")
+    # Uploads and returned files live here; it must stay outside the blocked cache/models folders so that
+    # gradio can serve them back to the browser.
+    wanted["GRADIO_TEMP_DIR"] = str(Path(data_dir).resolve() / "uploads")
     if offline:
         wanted.update(OFFLINE_ENV)
     for key, value in wanted.items():

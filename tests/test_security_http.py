@@ -113,11 +113,6 @@ def test_upload_cap_from_config_is_enforced(studio):
     assert status == 413
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GRADIO_TEMP_DIR (uploads, output files) is set inside data/cache, which launch() blocks, so gradio "
-    "refuses to serve back any uploaded or generated file. Fix in studio/offline.py (temp dir outside cache_dir).",
-)
 def test_uploaded_file_can_be_read_back(studio):
     status, body = _upload(studio.port, 1234)
     assert status == 200
