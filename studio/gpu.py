@@ -1,0 +1,190 @@
+"""Live GPU memory readings for the residency manager and the GPU tab.
+
+A `MemoryProbe` answers `read() -> CardReading | None` (None: there is no GPU to read):
+- `NvmlProbe`: nvidia-ml-py. Card total/used/free and, where the driver gives it (not in every container), the
+  memory of each process on the card, so other programs (a game, Ollama, a browser) are seen by name.
+- `TorchProbe`: `torch.cuda.mem_get_info`; card-wide figures only. Used when NVML is missing (no libnvidia-ml,
+  e.g. some WSL and container setups).
+- `FakeProbe`: programmable card for tests: other processes come and go, our own use comes from a callback.
+- `NoGpuProbe`: a machine without a GPU.
+`detect_probe()` tries them in that order and says once which one it picked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class ProcessUse:
+    pid: int
+    name: str
+    used_bytes: int
+
+
+@dataclass(frozen=True)
+class CardReading:
+    name: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    processes: tuple[ProcessUse, ...] = ()
+    per_process: bool = False  # True when `processes` has every process, with its memory
+    time: float = field(default_factory=time.time)
+
+    def process(self, pid: int) -> ProcessUse | None:
+        return next((p for p in self.processes if p.pid == pid), None)
+
+
+class MemoryProbe(Protocol):
+    name: str
+
+    def read(self) -> CardReading | None: ...
+
+
+class NoGpuProbe:
+    name = "none"
+
+    def read(self) -> CardReading | None:
+        return None
+
+
+class NvmlProbe:
+    """NVML readings for the card torch calls `cuda:<index>` (matched by UUID, so CUDA_VISIBLE_DEVICES is honoured)."""
+
+    name = "nvml"
+
+    def __init__(self, index: int = 0) -> None:
+        import pynvml  # nvidia-ml-py; raises NVMLError_LibraryNotFound without the driver library
+
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+        self._handle = self._find_handle(index)
+        raw = pynvml.nvmlDeviceGetName(self._handle)
+        self.card_name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        self._names: dict[int, str] = {}
+
+    def _find_handle(self, index: int):
+        nv = self._nvml
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                uuid = str(torch.cuda.get_device_properties(index).uuid)
+                return nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        except Exception as e:  # older drivers, MIG, odd UUID formats: the index is right in the common case
+            log.debug("NVML handle by UUID failed (%s); using index %d", e, index)
+        return nv.nvmlDeviceGetHandleByIndex(index)
+
+    def _process_name(self, pid: int) -> str:
+        if pid not in self._names:
+            try:
+                raw = self._nvml.nvmlSystemGetProcessName(pid)
+                self._names[pid] = os.path.basename(raw.decode() if isinstance(raw, bytes) else str(raw))
+            except Exception:
+                self._names[pid] = f"pid {pid}"
+        return self._names[pid]
+
+    def _processes(self) -> tuple[tuple[ProcessUse, ...], bool]:
+        nv, seen, complete = self._nvml, {}, True
+        for query in (nv.nvmlDeviceGetComputeRunningProcesses, nv.nvmlDeviceGetGraphicsRunningProcesses):
+            try:
+                for p in query(self._handle):
+                    used = getattr(p, "usedGpuMemory", None)
+                    if used is None:  # "not available" (Windows WDDM, some containers)
+                        complete = False
+                        used = 0
+                    seen[p.pid] = max(seen.get(p.pid, 0), int(used))
+            except nv.NVMLError:
+                complete = False
+        procs = tuple(ProcessUse(pid, self._process_name(pid), used) for pid, used in sorted(seen.items()))
+        return procs, complete
+
+    def read(self) -> CardReading | None:
+        mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        procs, complete = self._processes()
+        return CardReading(self.card_name, int(mem.total), int(mem.used), int(mem.free), procs, complete)
+
+
+class TorchProbe:
+    name = "torch"
+
+    def __init__(self, index: int = 0) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+        self._torch, self._index = torch, index
+        self.card_name = torch.cuda.get_device_name(index)
+
+    def read(self) -> CardReading | None:
+        free, total = self._torch.cuda.mem_get_info(self._index)
+        return CardReading(self.card_name, int(total), int(total - free), int(free))
+
+
+class FakeProbe:
+    """A programmable card: `set_process(pid, name, bytes)` / `remove_process(pid)` for other programs; our own use
+    comes from `attach_own(fn)` (the simulated accelerator attaches its allocated bytes) plus `own_extra_bytes`."""
+
+    name = "fake"
+
+    def __init__(self, total_bytes: int, card_name: str = "Fake 12 GB card") -> None:
+        if total_bytes <= 0:
+            raise ValueError(f"total_bytes must be positive, got {total_bytes}")
+        self.total_bytes, self.card_name = int(total_bytes), card_name
+        self.own_extra_bytes = 0
+        self.reads = 0
+        self._others: dict[int, ProcessUse] = {}
+        self._own_fn: Callable[[], int] = lambda: 0
+        self._lock = threading.Lock()
+
+    def attach_own(self, fn: Callable[[], int]) -> None:
+        self._own_fn = fn
+
+    def set_process(self, pid: int, name: str, used_bytes: int) -> None:
+        with self._lock:
+            self._others[pid] = ProcessUse(pid, name, int(used_bytes))
+
+    def remove_process(self, pid: int) -> None:
+        with self._lock:
+            self._others.pop(pid, None)
+
+    def others_bytes(self) -> int:
+        with self._lock:
+            return sum(p.used_bytes for p in self._others.values())
+
+    def read(self) -> CardReading | None:
+        own = int(self._own_fn()) + self.own_extra_bytes
+        with self._lock:
+            self.reads += 1
+            procs = (*self._others.values(), ProcessUse(os.getpid(), "this studio", own))
+        used = min(self.total_bytes, sum(p.used_bytes for p in procs))
+        return CardReading(self.card_name, self.total_bytes, used, self.total_bytes - used, procs, True)
+
+
+def detect_probe(index: int = 0) -> MemoryProbe:
+    """NVML if the driver library is there, else torch.cuda, else no GPU. Logs which one once."""
+    try:
+        probe: MemoryProbe = NvmlProbe(index)
+        log.info("GPU readings from NVML: %s", probe.card_name)  # type: ignore[attr-defined]
+        return probe
+    except ImportError:
+        reason = "nvidia-ml-py is not installed"
+    except Exception as e:  # pynvml.NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+        reason = f"{type(e).__name__}: {e}"
+    try:
+        probe = TorchProbe(index)
+        log.info("NVML unavailable (%s); GPU readings from torch.cuda.mem_get_info", reason)
+        return probe
+    except Exception as e:
+        log.info("No GPU (%s; torch: %s): the CPU is the only tier", reason, e)
+        return NoGpuProbe()
