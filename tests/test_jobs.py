@@ -214,3 +214,36 @@ def test_old_finished_jobs_are_pruned():
     assert len(runner.list()) <= 6
     assert runner.get(jobs[0].id) is None
     runner.shutdown(1)
+
+
+def test_process_exit_lets_a_running_job_save(tmp_path):
+    """Ctrl+C / window close ends the main thread; the atexit hook asks jobs to stop and waits for their save."""
+    import subprocess
+    import sys
+    import textwrap
+
+    marker = tmp_path / "checkpoint.txt"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from studio.jobs import JobRunner
+
+        def train(job):
+            steps = 0
+            while not job.should_stop():
+                steps += 1
+                time.sleep(0.01)
+            time.sleep(0.3)  # a slow save
+            open({str(marker)!r}, "w").write(f"saved after {{steps}} steps")
+
+        runner = JobRunner(exit_timeout=10)
+        job = runner.submit("train", train)
+        while job.status != "running":
+            time.sleep(0.01)
+        time.sleep(0.1)
+        raise KeyboardInterrupt  # the main thread ends as on Ctrl+C
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert marker.read_text().startswith("saved after ")
