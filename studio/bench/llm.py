@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import time
@@ -199,6 +200,48 @@ def first_mismatch(a: list[int], b: list[int]) -> int:
     return n
 
 
+@torch.no_grad()
+def teacher_forced(model: Any, decoders: dict[str, Any], ids: torch.Tensor, forced: list[int]) -> dict:
+    """Feed the same tokens to each decoder and compare its logits with one full forward pass (the reference).
+
+    Random weights make greedy runs diverge after a near-tie from any rounding difference; forcing the tokens
+    measures the logits themselves: argmax agreement and the largest difference relative to the logits' spread."""
+    full = torch.cat([ids, torch.tensor([forced[:-1]], device=ids.device)], dim=1)
+    ref = model(input_ids=full, logits_to_keep=len(forced)).logits[0].float()  # (K, V)
+    got = {"reference (one forward, dynamic)": ref}
+    for name, dec in decoders.items():
+        rows = [dec.prefill(ids).clone()]
+        for t in forced[:-1]:
+            rows.append(dec.step(torch.tensor([t], device=ids.device)).clone())
+        got[name] = torch.stack(rows)
+    out = {}
+    names = list(got)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            diff = (got[a] - got[b]).abs()
+            out[f"{b} vs {a}"] = {
+                "argmax_agree": (got[a].argmax(-1) == got[b].argmax(-1)).float().mean().item(),
+                "max_abs_diff_over_std": (diff.max() / got[a].std()).item(),
+                "mean_abs_diff_over_std": (diff.mean() / got[a].std()).item(),
+            }
+    return out
+
+
+def fp32_exactness(device: str, new: int = 128) -> dict:
+    """fp32 (no bf16 rounding): greedy tokens of plain generate, static no-graph and CUDA graph must be equal."""
+    from backends.llm_fastdecode import StaticDecoder
+
+    model = build_fp32_llama(dict(TINY, hidden_size=512, num_attention_heads=8, intermediate_size=1376)).to(device)
+    ids = torch.randint(3, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1)).to(device)
+    plain, _ = run_generate(model, ids, new)
+    result = {"new_tokens": new}
+    for graph in (False, True):
+        dec = StaticDecoder(model, 128 + new + 8, use_graph=graph)
+        tokens, _ = run_ours(dec, ids, new)
+        result[f"{dec.name}_vs_plain_leading_equal"] = first_mismatch(tokens, plain)
+    return result
+
+
 def measure(name: str, fn: Any, device: str) -> tuple[list[int], dict]:
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -238,16 +281,23 @@ def bench(args: argparse.Namespace) -> dict:
         device,
     )
     eager_dec = StaticDecoder(model, prompt + new + 8, use_graph=False)
+    run_ours(eager_dec, ids, 8)  # warm-up
     nograph_tokens, nograph = measure("ours, static cache, no graph", lambda: run_ours(eager_dec, ids, new), device)
-    eager_dec = None  # free its cache before the graph decoder allocates its own
     rows = [plain, static, nograph]
-    ours_tokens = None
+    ours_tokens, checks = None, {}
     if device == "cuda":
         dec = StaticDecoder(model, prompt + new + 8, use_graph=True)
         run_ours(dec, ids, 8)  # captures the graph
         ours_tokens, ours = measure("ours, CUDA graph", lambda: run_ours(dec, ids, new), device)
         ours.update(capture_s=dec.capture_s, graph_error=dec.graph_error)
         rows.append(ours)
+        decs = {"ours, no graph": eager_dec, "ours, CUDA graph": dec}
+        checks["teacher_forced_64"] = teacher_forced(model, decs, ids, plain_tokens[:64])
+        dec = eager_dec = decs = None
+        del model
+        torch.cuda.empty_cache()
+    checks["fp32_exactness"] = fp32_exactness(device)
+    print("checks:", json.dumps(checks, indent=1), flush=True)
     best = rows[-1]
     return {
         "benchmark": "llm decode", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -259,6 +309,7 @@ def bench(args: argparse.Namespace) -> dict:
         "copy_bandwidth_GBps": bw / GB, "bytes_per_token_GB": bpt / GB, "bandwidth_bound_tok_s": bw / bpt,
         "ratio_to_bound": best["decode_tok_s"] / (bw / bpt), "speedup_vs_plain": best["decode_tok_s"] / plain["decode_tok_s"],
         "rows": rows,
+        "checks": checks,
         "greedy_agreement": {
             "static_generate_vs_plain": first_mismatch(static_tokens, plain_tokens),
             "ours_nograph_vs_plain": first_mismatch(nograph_tokens, plain_tokens),
@@ -317,6 +368,8 @@ def product_check(tokenizer_dir: Path, work: Path, new: int = 64) -> dict:
         values = list(texts.values())
         out[f"{precision}:decoders"] = sorted(texts)
         out[f"{precision}:texts_agree"] = len(set(values)) == 1
+        out[f"{precision}:leading_chars_equal"] = len(os.path.commonprefix(values))  # noqa: RUF071 (characters wanted)
+        out[f"{precision}:chars"] = [len(v) for v in values]
         backend.release_decode_buffers()
     print("product check:", json.dumps(out, indent=1), flush=True)
     return out
@@ -376,8 +429,23 @@ def markdown(r: dict) -> str:
         f"{r['copy_bandwidth_GBps']:.0f} GB/s = {r['bandwidth_bound_tok_s']:.0f} tok/s; the fastest row reaches "
         f"{r['ratio_to_bound'] * 100:.0f}% of it.",
         f"Greedy agreement (leading tokens equal, of {r['greedy_agreement']['of']}): "
-        + ", ".join(f"{k} {v}" for k, v in r["greedy_agreement"].items() if k != "of"),
+        + ", ".join(f"{k} {v}" for k, v in r["greedy_agreement"].items() if k != "of")
+        + " (random weights: near-ties flip after any rounding difference, see the checks below).",
+        "",
+        f"fp32 tiny Llama, greedy, same device: {r['checks'].get('fp32_exactness')}",
     ]
+    for pair, v in r["checks"].get("teacher_forced_64", {}).items():
+        lines.append(
+            f"- teacher-forced, 64 positions, {pair}: argmax agrees {v['argmax_agree'] * 100:.0f}%, "
+            f"max |diff| {v['max_abs_diff_over_std']:.3f} std, mean {v['mean_abs_diff_over_std']:.4f} std"
+        )
+    pc = r.get("product_check")
+    if pc:
+        lines += [
+            "",
+            "Product path (backends.llm through the residency manager, small random Llama, greedy 64 tokens):",
+        ]
+        lines += [f"- {k}: {v}" for k, v in pc.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -398,22 +466,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="folder for llm-<device>.json and .md")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    result = {} if args.skip_bench else bench(args)
+    if not args.skip_bench:
+        result = bench(args)
+        _write(args.out, result)
     if args.product_check:
         import tempfile
 
         with tempfile.TemporaryDirectory() as work:
-            result["product_check"] = product_check(args.product_check, Path(work))
-    if args.skip_bench:
-        return 0
+            check = product_check(args.product_check, Path(work))
+        if not args.skip_bench:
+            result["product_check"] = check
+            _write(args.out, result)
+    return 0
+
+
+def _write(out: Path | None, result: dict) -> None:
     md = markdown(result)
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"llm-{'h200' if result['device'] == 'cuda' else 'cpu-quick'}"
+    print(md, flush=True)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"llm-{'h200' if result['device'] == 'cuda' else 'cpu-quick'}"
         stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
         stem.with_suffix(".md").write_text(md)
-    return 0
 
 
 if __name__ == "__main__":
