@@ -266,7 +266,9 @@ class _Run:
         return dict(
             language=self.language,
             beam_size=self.opts.beam_size,
-            word_timestamps=self.opts.word_timestamps,
+            # Without VAD a window can open on long silence, and Whisper's segment times are then coarse (the
+            # first one snaps to 0); word alignment fixes them, so it runs even when words are not asked for.
+            word_timestamps=self.opts.word_timestamps or not self.opts.vad,
             condition_on_previous_text=False,  # windows are independent: no runaway repetition across them
             vad_filter=False,  # the windows are already VAD-cut (or deliberately not)
         )
@@ -275,7 +277,7 @@ class _Run:
         segments, info = model.transcribe(window.audio, **self._kwargs())
         out = []
         for seg in segments:  # lazy: decoding happens while we iterate
-            out.append(_segment(seg, window.start_s))
+            out.append(_segment(seg, window.start_s, self.opts.word_timestamps))
             if self.should_stop():
                 self.cancelled = True
                 break
@@ -290,14 +292,14 @@ class _Run:
 
         audio = np.concatenate([w.audio for w in windows])
         bounds = np.cumsum([0] + [w.audio.size for w in windows])
-        clips = [{"start": int(a), "end": int(b)} for a, b in itertools.pairwise(bounds)]
+        clips = [{"start": a / SAMPLE_RATE, "end": b / SAMPLE_RATE} for a, b in itertools.pairwise(bounds)]  # seconds
         kwargs = {k: v for k, v in self._kwargs().items() if k not in ("condition_on_previous_text", "vad_filter")}
         pipe = BatchedInferencePipeline(model)
         segments, _ = pipe.transcribe(audio, clip_timestamps=clips, batch_size=len(windows), **kwargs)
         out = []
         for seg in segments:
             i = max(0, int(np.searchsorted(bounds, seg.start * SAMPLE_RATE, side="right")) - 1)
-            out.append(_segment(seg, windows[i].start_s - bounds[i] / SAMPLE_RATE))
+            out.append(_segment(seg, windows[i].start_s - bounds[i] / SAMPLE_RATE, self.opts.word_timestamps))
             if self.should_stop():
                 self.cancelled = True
                 break
@@ -314,10 +316,11 @@ class _Run:
         )
 
 
-def _segment(seg: Any, offset: float) -> Segment:
+def _segment(seg: Any, offset: float, keep_words: bool) -> Segment:
     words = tuple(
         Word(round(w.start + offset, 3), round(w.end + offset, 3), w.word, round(float(w.probability), 4))
         for w in (seg.words or ())
+        if keep_words
     )
     return Segment(
         start=round(seg.start + offset, 3),

@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +135,32 @@ class WhisperLoader:
         model = obj.model  # the ctranslate2.models.Whisper inside faster-whisper's WhisperModel
         if model.device == "cpu":
             return obj  # built on the CPU: RAM is its only tier
-        if device == "cuda":
-            if not model.model_is_loaded:
-                model.load_model()
-        elif model.model_is_loaded:
-            model.unload_model(to_cpu=True)
+        _set_loaded(model, device == "cuda", to_cpu=True, key=self.key)
         return obj
 
     def release(self, obj: Any) -> None:
-        if obj.model.model_is_loaded:
-            obj.model.unload_model()
+        _set_loaded(obj.model, False, to_cpu=False, key=self.key)
+
+
+def _set_loaded(model: Any, loaded: bool, *, to_cpu: bool, key: str, timeout_s: float = 5.0) -> None:
+    """load_model()/unload_model() until the model reports the wanted state.
+
+    CTranslate2 ignores an unload while one of its worker replicas still counts as busy, which can happen for a
+    moment right after a generation returns; we retry for up to `timeout_s` instead of trusting the first call.
+    """
+    deadline = time.monotonic() + timeout_s
+    while model.model_is_loaded != loaded:
+        if loaded:
+            model.load_model()
+        else:
+            model.unload_model(to_cpu=to_cpu)
+        if model.model_is_loaded == loaded:
+            return
+        if time.monotonic() > deadline:
+            log.warning("%s: CTranslate2 did not %s the model within %.0f s", key, "load" if loaded else "unload",
+                        timeout_s)  # fmt: skip
+            return
+        time.sleep(0.01)
 
 
 class SileroLoader:

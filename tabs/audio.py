@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import gradio as gr
+
 from studio.context import StudioContext, Tab
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ def _model_choices(asr) -> list[tuple[str, str]]:
 
 
 def build(ctx: StudioContext) -> None:
-    import gradio as gr
-
     from backends.asr import whisper_languages
 
     asr = ctx.backends.get("asr")
@@ -157,8 +157,6 @@ def build(ctx: StudioContext) -> None:
 
 
 def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
-    import gradio as gr
-
     from studio.safety import check_upload_size
 
     chosen = video_v if video_v else audio_v
@@ -173,8 +171,6 @@ def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
 
 
 def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v):
-    import gradio as gr
-
     from backends.asr import TranscribeOptions
     from backends.diarize import DiarizeOptions
 
