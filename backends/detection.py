@@ -366,10 +366,23 @@ class DetectionBackend:
 
         return suggest_settings(self.ctx, n_images, self.get_model(base_model_id))
 
-    def export_onnx(self, model_id: str, imgsz: int = 640) -> Path:
+    def check_dataset(self, source: str | Path) -> Any:
+        """Unzip (safely) if it is a zip, then validate; returns the DatasetReport (problems inside, no raise)."""
+        from backends.yolo_train import prepare_dataset
+
+        return prepare_dataset(self.ctx, Path(source))
+
+    def export_onnx(self, model_id: str, imgsz: int = 640, *, for_download: bool = False) -> Path:
+        """ONNX file in the cache; with `for_download` a copy in outputs/vision (the only folder the UI serves)."""
         from backends.yolo_export import export_onnx
 
-        return export_onnx(self, self.get_model(model_id), imgsz)
+        path = export_onnx(self, self.get_model(model_id), imgsz)
+        if not for_download:
+            return path
+        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}.onnx"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+        return dest
 
     def latency(self, model_id: str, imgsz: int = 640, runs: int = 30) -> list[Any]:
         from backends.yolo_export import latency_table

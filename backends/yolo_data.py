@@ -13,6 +13,7 @@ No gradio and no torch here; Pillow and numpy only.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -24,7 +25,6 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from studio.runs import hash_dataset
 from studio.safety import UnsafePathError, atomic_write_text, contained_path
 
 log = logging.getLogger(__name__)
@@ -376,8 +376,24 @@ def validate_dataset(root: Path, *, compute_hash: bool = True) -> DatasetReport:
         for split, folder in report.split_dirs.items():
             _check_split(split, folder, report)
     if report.ok and compute_hash:
-        report.dataset_hash = hash_dataset(root)
+        report.dataset_hash = dataset_hash(root)
     return report
+
+
+def dataset_hash(root: Path) -> str:
+    """sha256 over relative names and contents, skipping Ultralytics' *.cache files and hidden markers
+    (training writes labels/*.cache into the dataset, which must not change the recorded hash)."""
+    h = hashlib.sha256()
+    files = sorted(
+        (p for p in Path(root).rglob("*") if p.is_file() and p.suffix != ".cache" and not p.name.startswith(".")),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
 
 
 def write_training_yaml(report: DatasetReport, dest: Path) -> Path:

@@ -160,22 +160,34 @@ def _train_kwargs(opts: TrainOptions, device: str) -> dict[str, Any]:
     return kwargs
 
 
+def _total_loss(tloss: Any) -> float:
+    """Running mean training loss; Ultralytics 8.4 keeps it as {name: value}, older versions as a tensor."""
+    if tloss is None:
+        return float("nan")
+    if isinstance(tloss, dict):
+        return float(sum(float(v) for v in tloss.values()))
+    return float(tloss.sum())
+
+
 class _Reporter:
     """Ultralytics callbacks -> job progress, cancel and run metrics."""
 
     def __init__(self, job: Any, run: Any, epochs: int) -> None:
         self.job, self.run, self.epochs = job, run, epochs
         self.batch = 0
+        self.epoch_in_progress = 0  # 1-based number of the epoch being trained
         self.rows: list[dict[str, float]] = []
+        self.best_eval: dict[str, float] | None = None  # Ultralytics' final validation of best.pt
 
     def epoch_start(self, trainer: Any) -> None:
         self.batch = 0
+        self.epoch_in_progress = trainer.epoch + 1  # set, not counted: an OOM retry restarts the same epoch
 
     def batch_end(self, trainer: Any) -> None:
         self.batch += 1
         nb = max(1, len(trainer.train_loader))
         done = (trainer.epoch + self.batch / nb) / max(1, trainer.epochs)
-        loss = float(trainer.tloss.sum()) if trainer.tloss is not None else float("nan")
+        loss = _total_loss(trainer.tloss)
         self.job.set_progress(
             done, f"epoch {trainer.epoch + 1}/{trainer.epochs}, batch {self.batch}/{nb}, loss {loss:.3f}"
         )
@@ -184,7 +196,7 @@ class _Reporter:
             self.job.log("stop requested: finishing this epoch's validation and saving last.pt")
 
     def fit_epoch_end(self, trainer: Any) -> None:
-        losses = trainer.label_loss_items(trainer.tloss, prefix="train")
+        losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
         m = trainer.metrics or {}
         row = {
             "box_loss": float(losses.get("train/box_loss", float("nan"))),
@@ -196,6 +208,10 @@ class _Reporter:
             "map50": float(m.get("metrics/mAP50(B)", float("nan"))),
             "map50_95": float(m.get("metrics/mAP50-95(B)", float("nan"))),
         }
+        if trainer.epoch + 1 > self.epoch_in_progress:  # final_eval() reports best.pt at step epochs + 1
+            self.best_eval = {k: row[k] for k in ("precision", "recall", "map50", "map50_95")}
+            self.job.log(f"best.pt on the val split: mAP50 {row['map50']:.3f} mAP50-95 {row['map50_95']:.3f}")
+            return
         self.rows.append(row)
         self.run.log_metrics(trainer.epoch + 1, **row)
         self.job.log(
@@ -242,11 +258,12 @@ def _finish(run: Any, job: Any, reporter: _Reporter, seconds: float) -> TrainRes
             run.add_artifact(p, name=p.name)
     maps = [r["map50"] for r in reporter.rows if not math.isnan(r["map50"])]
     status = "cancelled" if job.should_stop() else "done"
+    best_map = reporter.best_eval["map50"] if reporter.best_eval else (max(maps) if maps else None)
     result = TrainResult(
         run.id,
         status,
         len(reporter.rows),
-        max(maps) if maps else None,
+        best_map,
         maps[-1] if maps else None,
         best if best.is_file() else None,
         last if last.is_file() else None,
@@ -256,9 +273,11 @@ def _finish(run: Any, job: Any, reporter: _Reporter, seconds: float) -> TrainRes
         epochs_done=result.epochs_done,
         best_map50=result.best_map50,
         final_map50=result.final_map50,
+        best_map50_95=(reporter.best_eval or {}).get("map50_95"),
         seconds=round(seconds, 1),
     )
-    job.set_progress(1.0 if status == "done" else job.progress, f"{status}: best mAP50 {result.best_map50}")
+    shown = "n/a" if result.best_map50 is None else f"{result.best_map50:.3f}"
+    job.set_progress(1.0 if status == "done" else job.progress, f"{status}: {result.epochs_done} epochs, mAP50 {shown}")
     return result
 
 

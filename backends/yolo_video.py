@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def annotate_video(
                     progress.boxes += len(boxes)
                 writer.write(_draw(bgr, last_res) if last_res is not None else bgr)
             progress.frames_read += len(frames)
-            yield progress
+            yield replace(progress)  # a snapshot: the caller may keep it
     finally:
         cap.release()
         writer.release()

@@ -211,3 +211,12 @@ def test_decompression_bomb_image_is_refused(good_dataset, tmp_path):
     big = root / "images" / "train" / "00001.png"
     Image.new("1", (20000, 10000)).save(big)  # 200 MP, tiny file
     assert "decompression-bomb guard" in _errors(root)
+
+
+def test_hash_ignores_ultralytics_cache_files(good_dataset, tmp_path):
+    root = _copy(good_dataset, tmp_path)
+    before = validate_dataset(root).dataset_hash
+    (root / "labels" / "train.cache").write_bytes(b"written by training")
+    assert validate_dataset(root).dataset_hash == before
+    (root / "labels" / "train" / "00000.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    assert validate_dataset(root).dataset_hash != before

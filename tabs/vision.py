@@ -1,0 +1,173 @@
+"""Vision tab: YOLO detection on images, videos and the webcam; training on your own data; ONNX export + latency.
+
+UI only: every model call goes through `ctx.backends.get("detection")`; no torch import here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from studio.context import StudioContext, Tab
+
+IMG_SIZES = [320, 416, 480, 640, 800, 960, 1280]
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
+GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
+
+
+def _model_choices(det: Any, *, with_weights: bool = False) -> list[tuple[str, str]]:
+    return [(m.title, m.id) for m in det.models() if not (with_weights and m.path is None)]
+
+
+def _options(conf: float, iou: float, classes: list[str] | None, imgsz: int, names: dict[int, str]) -> Any:
+    from backends.detection import DetectOptions
+
+    ids = tuple(sorted(k for k, v in names.items() if v in (classes or []))) or None
+    return DetectOptions(conf=float(conf), iou=float(iou), classes=ids, imgsz=int(imgsz))
+
+
+def _build_models(ctx: StudioContext, det: Any) -> Any:
+    import gradio as gr
+
+    from backends.detection import TRUST_WARNING
+
+    with gr.Row():
+        model = gr.Dropdown(_model_choices(det), value="yolov8s-person", label="Model", scale=4)
+        refresh = gr.Button("Refresh list", size="sm", scale=1)
+    with gr.Accordion("Load your own .pt weights", open=False):
+        gr.Markdown(f"⚠️ {TRUST_WARNING} The studio loads your own trainings (below) without asking.")
+        with gr.Row():
+            path = gr.Textbox(label="Path to a .pt file on this computer", scale=4)
+            trusted = gr.Checkbox(label="I trust this file", value=False, scale=1)
+            add = gr.Button("Add", scale=1)
+
+    def add_file(p: str, ok: bool):
+        try:
+            entry = det.add_trusted_weights(p.strip(), trusted=ok)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+        return gr.update(choices=_model_choices(det), value=entry.id)
+
+    refresh.click(lambda: gr.update(choices=_model_choices(det)), None, model)
+    add.click(add_file, [path, trusted], model)
+    return model
+
+
+def _class_update(det: Any, model_id: str, keep: list[str] | None = None):
+    """Class names of the chosen model (loads it, so only on a model change or when the list is opened)."""
+    import gradio as gr
+
+    try:
+        names = list(det.class_names(model_id).values())
+    except USER_ERRORS as e:
+        raise gr.Error(str(e)) from None
+    return gr.update(choices=names, value=[c for c in keep or [] if c in names])
+
+
+def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any) -> None:
+    import gradio as gr
+
+    with gr.Row():
+        image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"])
+        annotated = gr.Image(type="numpy", label="Detections", interactive=False)
+    detect = gr.Button("Detect", variant="primary")
+    summary = gr.Markdown()
+    table = gr.Dataframe(headers=["class", "confidence", "x1", "y1", "x2", "y2"], interactive=False)
+    json_file = gr.File(label="Detections as JSON", interactive=False)
+
+    def run(model_id, img, c, i, cls, size):
+        if img is None:
+            raise gr.Error("Upload an image first.")
+        try:
+            res = det.detect(model_id, img, _options(c, i, cls, size, det.class_names(model_id)))
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+        note = " (untrained model: boxes are random)" if det.get_model(model_id).untrained else ""
+        text = f"{len(res.boxes)} objects in {res.inference_ms:.0f} ms on {res.width}x{res.height}{note}"
+        return res.image, text, res.rows(), str(det.save_json(res, "image"))
+
+    detect.click(run, [model, image, conf, iou, classes, imgsz], [annotated, summary, table, json_file], **GPU)
+
+
+def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any) -> None:
+    import gradio as gr
+
+    with gr.Row():
+        video = gr.Video(label="Video", sources=["upload"])
+        out = gr.Video(label="Annotated video (WebM)", interactive=False)
+    with gr.Row():
+        stride = gr.Slider(1, 30, value=2, step=1, label="Detect every N-th frame (boxes are held in between)")
+        start = gr.Button("Detect in video", variant="primary")
+        stop = gr.Button("Stop")
+    status = gr.Markdown()
+    json_file = gr.File(label="Per-frame detections (JSON)", interactive=False)
+
+    def run(model_id, path, c, i, cls, size, n):
+        if not path:
+            raise gr.Error("Upload a video first.")
+        try:
+            opts = _options(c, i, cls, size, det.class_names(model_id))
+            for p in det.detect_video(model_id, path, opts, stride=int(n)):
+                total = f"/{p.frames_total}" if p.frames_total else ""
+                text = f"frame {p.frames_read}{total} · {p.frames_detected} detected · {p.boxes} boxes"
+                if p.output is None:
+                    yield text, gr.skip(), gr.skip()
+                else:
+                    yield "Done: " + text, str(p.output), str(p.json_path)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+
+    event = start.click(run, [model, video, conf, iou, classes, imgsz, stride], [status, out, json_file], **GPU)
+    stop.click(None, None, None, cancels=[event])
+
+
+def _build_webcam(det: Any, model: Any, conf: Any, iou: Any, classes: Any) -> None:
+    import gradio as gr
+
+    gr.Markdown("Frames are sent about every 0.3 s and detected at 320 px to keep up; the browser asks for the camera.")
+    with gr.Row():
+        cam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam")
+        out = gr.Image(type="numpy", label="Detections", interactive=False)
+
+    def frame(model_id, img, c, i, cls):
+        if img is None:
+            return gr.skip()
+        try:
+            return det.detect(model_id, img, _options(c, i, cls, 320, det.class_names(model_id))).image
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+
+    cam.stream(frame, [model, cam, conf, iou, classes], out, stream_every=0.3, time_limit=600, **GPU)
+
+
+def build(ctx: StudioContext) -> None:
+    import gradio as gr
+
+    from tabs.vision_train import build_export, build_train
+
+    det = ctx.backends.get("detection")
+    gr.Markdown(
+        "## Vision — YOLO object detection\nThe offline default is a real YOLOv8s fine-tuned on people "
+        "(classes *Normal* / *Fall*). Train on your own YOLO-format data below; untrained models are for "
+        "training from scratch and their boxes are random."
+    )
+    model = _build_models(ctx, det)
+    with gr.Row():
+        conf = gr.Slider(0.01, 1.0, value=0.25, step=0.01, label="Confidence")
+        iou = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="IoU (NMS overlap)")
+        classes = gr.Dropdown([], multiselect=True, label="Only these classes (empty = all)")
+        imgsz = gr.Dropdown(IMG_SIZES, value=640, label="Image size")
+    model.change(lambda m: _class_update(det, m), model, classes)
+    classes.focus(lambda m, keep: _class_update(det, m, keep), [model, classes], classes)
+    with gr.Tab("Image"):
+        _build_image(det, model, conf, iou, classes, imgsz)
+    with gr.Tab("Video"):
+        _build_video(det, model, conf, iou, classes, imgsz)
+    with gr.Tab("Webcam"):
+        _build_webcam(det, model, conf, iou, classes)
+    with gr.Tab("Train"):
+        build_train(ctx, det, model)
+    with gr.Tab("Export"):
+        build_export(ctx, det, model)
+
+
+TAB = Tab("Vision", build)

@@ -1,0 +1,157 @@
+"""Vision tab, Train and Export sections: dataset check, training job with live plots, ONNX export + latency.
+
+UI only (no torch). Training runs as a background job: closing the browser does not stop it; its run shows in
+the Runs tab, and this section polls the job and the run's metrics every 2 s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from studio.context import StudioContext
+
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
+LOSSES = ("box_loss", "cls_loss", "dfl_loss")
+MAPS = ("map50", "map50_95")
+
+
+def _source(zip_path: str | None, folder: str | None) -> Path:
+    import gradio as gr
+
+    if zip_path:
+        return Path(zip_path)
+    if folder and folder.strip():
+        return Path(folder.strip()).expanduser()
+    raise gr.Error("Give the dataset: upload a .zip or type a folder path.")
+
+
+def _plots(ctx: StudioContext, det: Any, job_id: str | None):
+    import pandas as pd
+
+    run_id = det.job_runs.get(job_id) if job_id else None
+    rows = ctx.runs.get(run_id).metrics() if run_id else []
+    loss = [{"epoch": r["step"], "value": r[k], "series": k} for r in rows for k in LOSSES if r.get(k) is not None]
+    maps = [{"epoch": r["step"], "value": r[k], "series": k} for r in rows for k in MAPS if r.get(k) is not None]
+    cols = ["epoch", "value", "series"]
+    return pd.DataFrame(loss, columns=cols), pd.DataFrame(maps, columns=cols)
+
+
+def _start(det: Any, source: Path, values: dict[str, Any]):
+    import gradio as gr
+
+    from backends.yolo_train import TrainOptions
+
+    try:
+        opts = TrainOptions(
+            base=values["base"],
+            epochs=int(values["epochs"]),
+            imgsz=int(values["imgsz"]),
+            batch=int(values["batch"]),
+            patience=int(values["patience"]),
+            seed=int(values["seed"]),
+            augment=bool(values["augment"]),
+            amp=bool(values["amp"]),
+        )
+        job = det.start_training(source, opts)
+    except USER_ERRORS as e:
+        raise gr.Error(str(e)) from None
+    return job.id, f"Queued: {job.name}"
+
+
+def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
+    import gradio as gr
+
+    gr.Markdown(
+        "Dataset in YOLO format: `data.yaml` (train, val, names) with `images/<split>/*.jpg` and "
+        "`labels/<split>/*.txt` (`class x_center y_center width height`, 0-1). An empty label file marks a "
+        "background image. Starting from the shipped YOLOv8s reuses its features (fast); untrained models learn "
+        "from scratch (needs hundreds of epochs)."
+    )
+    with gr.Row():
+        zip_file = gr.File(file_types=[".zip"], type="filepath", label="Dataset .zip")
+        folder = gr.Textbox(label="…or a dataset folder on this computer")
+    check = gr.Button("Validate dataset")
+    report_md = gr.Markdown()
+    n_images = gr.State(0)
+    bases = [(m.title, m.id) for m in det.models() if m.kind in ("shipped", "untrained", "hub")]
+    with gr.Row():
+        base = gr.Dropdown(bases, value="yolov8s-person", label="Start from")
+        epochs = gr.Number(50, label="Epochs", precision=0, minimum=1)
+        imgsz = gr.Number(640, label="Image size", precision=0, minimum=32, step=32)
+        batch = gr.Number(16, label="Batch", precision=0, minimum=1)
+        suggest = gr.Button("Suggest from VRAM budget", size="sm")
+    with gr.Row():
+        patience = gr.Number(20, label="Early stopping patience (epochs)", precision=0, minimum=0)
+        seed = gr.Number(0, label="Seed", precision=0)
+        augment = gr.Checkbox(True, label="Augmentation (mosaic, flips, colour, scale)")
+        amp = gr.Checkbox(True, label="Mixed precision (GPU only)")
+    suggestion = gr.Markdown()
+    with gr.Row():
+        train = gr.Button("Train", variant="primary")
+        stop = gr.Button("Stop (keeps last.pt)")
+    job_id = gr.State(None)
+    status = gr.Markdown("No training yet.")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Training loss", height=240)
+        map_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Validation mAP", height=240)
+    logs = gr.Textbox(label="Log", lines=6, max_lines=6, autoscroll=True)
+
+    def validate(zp, fd):
+        try:
+            report = det.check_dataset(_source(zp, fd))
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+        return report.markdown(), sum(s.images for s in report.splits.values())
+
+    def suggest_fn(n, base_id):
+        s = det.suggest_training(int(n or 0), base_id)
+        return s["epochs"], s["imgsz"], s["batch"], s["reason"]
+
+    def start(zp, fd, *vals):
+        keys = ("base", "epochs", "imgsz", "batch", "patience", "seed", "augment", "amp")
+        return _start(det, _source(zp, fd), dict(zip(keys, vals, strict=True)))
+
+    def poll(jid):
+        job = ctx.jobs.get(jid) if jid else None
+        if job is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        text = f"**{job.status}** · {job.progress:.0%} · {job.message or ''}" + (
+            f"\n\n{job.error}" if job.error else ""
+        )
+        loss, maps = _plots(ctx, det, jid)
+        return text, loss, maps, "\n".join(job.logs[-50:])
+
+    check.click(validate, [zip_file, folder], [report_md, n_images])
+    suggest.click(suggest_fn, [n_images, base], [epochs, imgsz, batch, suggestion])
+    train.click(start, [zip_file, folder, base, epochs, imgsz, batch, patience, seed, augment, amp], [job_id, status])
+    stop.click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
+    gr.Timer(2.0).tick(poll, job_id, [status, loss_plot, map_plot, logs])
+
+
+def build_export(ctx: StudioContext, det: Any, model: Any) -> None:
+    import gradio as gr
+
+    from backends.yolo_export import tensorrt_available
+
+    trt = "TensorRT engine export is available." if tensorrt_available() else "TensorRT is not installed: ONNX only."
+    gr.Markdown(
+        "Export the chosen model to ONNX (fp32, batch 1) and time it: PyTorch (on the studio's device) against "
+        f"ONNX Runtime (CPU), model forward only, same letterboxed image. {trt}"
+    )
+    with gr.Row():
+        size = gr.Dropdown([320, 480, 640, 960], value=640, label="Image size")
+        runs = gr.Slider(5, 200, value=30, step=5, label="Timed runs")
+        export = gr.Button("Export ONNX and time it", variant="primary")
+    onnx_file = gr.File(label="ONNX model", interactive=False)
+    table = gr.Dataframe(headers=["engine", "device", "p50 ms", "p95 ms", "mean ms", "FPS", "runs"], interactive=False)
+
+    def run(model_id, s, n):
+        try:
+            path = det.export_onnx(model_id, int(s), for_download=True)
+            rows = det.latency(model_id, imgsz=int(s), runs=int(n))
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+        return str(path), [[r.engine, r.device, r.p50_ms, r.p95_ms, r.mean_ms, r.fps, r.runs] for r in rows]
+
+    export.click(run, [model, size, runs], [onnx_file, table], concurrency_id="gpu", concurrency_limit=1)
