@@ -7,6 +7,7 @@ the Runs tab (its record and metrics line appear), and saves the README screensh
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -65,17 +66,28 @@ def studio(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(studio):
+def browser():
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1280, "height": 800})
-        pg.errors = []
-        pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-        pg.set_default_timeout(20_000)
-        pg.goto(studio.url)
-        pg.get_by_text("OneCard Studio").first.wait_for()
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _new_page(browser, url: str):
+    pg = browser.new_page(viewport={"width": 1280, "height": 800})
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.set_default_timeout(20_000)
+    pg.goto(url)
+    pg.get_by_text("OneCard Studio").first.wait_for()
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(browser, studio):
+    pg = _new_page(browser, studio.url)
+    yield pg
+    pg.close()
 
 
 def _open(page, title: str):
@@ -139,3 +151,46 @@ def test_screenshot_for_the_readme(page):
     tmp = SCREENSHOT.with_suffix(".tmp")
     tmp.write_bytes(png)
     shutil.move(tmp, SCREENSHOT)
+
+
+def test_jobs_panel_shows_live_progress_and_cancels(tmp_path, browser):
+    """In-process studio with a real background job: the panel refreshes by itself and Cancel stops the job."""
+    import threading
+
+    from studio.app import build_context, launch
+    from studio.settings import Settings
+    from tests._studio_server import free_port
+
+    settings = Settings(
+        data_dir=tmp_path / "data", models_dir=tmp_path / "models", port=free_port(), open_browser=False
+    )
+    ctx = build_context(settings)
+    saved = threading.Event()
+
+    def train(job):
+        job.set_progress(0.42, "epoch 3/7")
+        job.log("loss 0.123")
+        while not job.should_stop():
+            job.wait(0.02)
+        saved.set()
+        return "checkpoint"
+
+    demo = launch(ctx, prevent_thread_lock=True)
+    job = ctx.jobs.submit("e2e train", train)
+    try:
+        pg = _new_page(browser, f"http://127.0.0.1:{settings.port}")
+        panel = _open(pg, "Runs")
+        _visible(panel.get_by_text("epoch 3/7")).wait_for()  # arrives through the gr.Timer refresh
+        _visible(panel.get_by_text("42%")).wait_for()
+        job_log = panel.get_by_label("Job log")
+        sync_api.expect(job_log).to_have_value(re.compile("loss 0.123"))  # log of the auto-selected job
+        panel.get_by_role("button", name="Cancel job").click()
+        _visible(panel.get_by_text("Asked")).wait_for()
+        assert job.wait(10) and saved.is_set()
+        assert job.status == "cancelled" and job.result == "checkpoint"
+        _visible(panel.get_by_text("cancelled", exact=True)).wait_for()  # status column, by the next refresh
+        assert pg.errors == [], pg.errors
+        pg.close()
+    finally:
+        demo.close()
+        ctx.jobs.shutdown(timeout=5)
