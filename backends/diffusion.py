@@ -114,6 +114,8 @@ class DiffusionBackend:
         self._models: dict[str, LoadedModel] = {}
         self._training: set[str] = set()
         self._lock = threading.RLock()
+        # (key, root, component, dtype) -> residency Loader; benchmarks swap in random-weight loaders here.
+        self.loader_factory: Callable[..., Any] = ComponentLoader
 
     # ---- models --------------------------------------------------------------------------------------
     def model_choices(self) -> list[tuple[str, str]]:
@@ -139,7 +141,8 @@ class DiffusionBackend:
             vae_dtype = torch.float32 if upcast_vae else dtype  # SDXL's VAE overflows in fp16
             sizes = {}
             for comp in source.components:
-                loader = ComponentLoader(source.key(comp), source.root, comp, vae_dtype if comp == "vae" else dtype)
+                comp_dtype = vae_dtype if comp == "vae" else dtype
+                loader = self.loader_factory(source.key(comp), source.root, comp, comp_dtype)
                 sizes[comp] = loader.estimate_bytes()
                 if not self._ctx.residency.is_registered(loader.key):
                     self._ctx.residency.register(loader)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Bytes of UNet activations per latent pixel, per sample in the (CFG-doubled) batch, per byte of dtype.
 UNET_WORK_PER_LATENT_PX = 30_000
 # Bytes of VAE-decoder activations per image pixel, per image decoded at once, per byte of dtype.
-DECODE_WORK_PER_PX = 1_300
+DECODE_WORK_PER_PX = 900
 TILE_PX = 512 * 512  # diffusers' default tile (sample size 512, 64-px overlap counted in the margin below)
 TILE_MARGIN = 1.6
 

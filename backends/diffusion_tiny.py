@@ -206,32 +206,39 @@ def _text_config(cfg: dict[str, Any], tokenizer):
     return CLIPTextConfig(**{**cfg, **ids})
 
 
+def build_component(configs: dict[str, Any], name: str, dtype: Any, device: str, tokenizer=None) -> Any:
+    """One random-initialised component, created directly on `device` ("meta" counts parameters for free)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    classes = {"unet": UNet2DConditionModel.from_config, "vae": AutoencoderKL.from_config}
+    with torch.device(device):
+        if name in classes:
+            model = classes[name](configs[name])
+        else:
+            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            model = cls(_text_config(configs[name], tokenizer))
+        if dtype is not None and dtype != torch.float32:
+            model = model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
 def build_components(configs: dict[str, Any], *, tokenizer=None, dtype=None, device: str = "cpu") -> dict[str, Any]:
     """Random-initialised components of one architecture, created directly on `device` (fast on a GPU).
 
     `tokenizer=None` keeps the configs' own vocabulary size (benchmarks); pass the tiny tokenizer for demos.
     """
     import diffusers
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    dtype = dtype or torch.float32
-    tok = tokenizer if tokenizer is not None else build_tokenizer()
-    out: dict[str, Any] = {"tokenizer": tok}
-    with torch.device(device):
-        out["unet"] = UNet2DConditionModel.from_config(configs["unet"]).to(dtype)
-        out["vae"] = AutoencoderKL.from_config(configs["vae"]).to(dtype)
-        out["text_encoder"] = CLIPTextModel(_text_config(configs["text_encoder"], tokenizer)).to(dtype)
-        if "text_encoder_2" in configs:
-            te2 = CLIPTextModelWithProjection(_text_config(configs["text_encoder_2"], tokenizer))
-            out["text_encoder_2"] = te2.to(dtype)
-            out["tokenizer_2"] = tok
+    out: dict[str, Any] = {"tokenizer": tokenizer if tokenizer is not None else build_tokenizer()}
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        if name in configs:
+            out[name] = build_component(configs, name, dtype, device, tokenizer)
+    if "text_encoder_2" in configs:
+        out["tokenizer_2"] = out["tokenizer"]
     sched_name, sched_cfg = configs["scheduler"]
     out["scheduler"] = getattr(diffusers, sched_name).from_config(sched_cfg)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        if name in out:
-            out[name].eval().requires_grad_(False)
     return out
 
 
@@ -275,3 +282,33 @@ def ensure_tiny_pipeline(cache_dir: Path, model_id: str = "tiny-sd-demo") -> Pat
             raise
     log.info("built the %s untrained demo pipeline in %s", model_id, target)
     return target
+
+
+def write_skeleton(root: Path, configs: dict[str, Any]) -> Path:
+    """A diffusers folder with configs and tokenizers but no weights (benchmarks build the weights on the GPU)."""
+    root = Path(root)
+    arch = configs["arch"]
+    index: dict[str, Any] = {
+        "_class_name": pipeline_class(arch).__name__,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", configs["scheduler"][0]],
+    }
+    if "text_encoder_2" in configs:
+        index.update(
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+        )
+    for name, cls_name in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "config.json").write_text(json.dumps({"_class_name": cls_name, **configs[name]}))
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    sched_name, sched_cfg = configs["scheduler"]
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": sched_name, **sched_cfg}))
+    tokenizer = build_tokenizer()
+    for name in ("tokenizer", "tokenizer_2") if "text_encoder_2" in configs else ("tokenizer",):
+        tokenizer.save_pretrained(str(root / name))
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root

@@ -144,11 +144,13 @@ class LoraTrainer:
             try:
                 import bitsandbytes as bnb
 
-                opt = bnb.optim.AdamW8bit(params, lr=self.cfg.learning_rate, weight_decay=1e-2)
+                probe = torch.nn.Parameter(torch.zeros(8192, device=device))  # 8-bit state needs >= 4096 elements
+                probe.grad = torch.ones_like(probe)
+                bnb.optim.AdamW8bit([probe], lr=1e-3).step()  # fails here if its CUDA kernels do not load
                 self.job.log("optimizer: 8-bit AdamW (bitsandbytes)")
-                return opt
+                return bnb.optim.AdamW8bit(params, lr=self.cfg.learning_rate, weight_decay=1e-2)
             except Exception as e:  # bitsandbytes missing or without CUDA kernels for this card
-                self.job.log(f"8-bit AdamW unavailable ({type(e).__name__}); using torch AdamW")
+                self.job.log(f"8-bit AdamW unavailable ({type(e).__name__}: {e}); using torch AdamW")
         return torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=1e-2)
 
     def _loop(self, unet: Any, params: list[Any], data: dict[str, Any]) -> LoraTrainResult:
