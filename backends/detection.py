@@ -64,8 +64,10 @@ def prepare_ultralytics(settings: Any) -> None:
 
 def _install_font(config_dir: Path) -> None:
     """Ultralytics downloads Arial.ttf for plot labels; give it DejaVu Sans (shipped by matplotlib) instead."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # no plotting possible either, so nothing would ask for the font
+        return
     src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
     for name in ("Arial.ttf", "Arial.Unicode.ttf"):
         dest = config_dir / name
@@ -294,6 +296,10 @@ class DetectionBackend:
         if not self.ctx.residency.is_registered(entry.key):
             self.ctx.residency.register(YoloLoader(entry, self.ctx.settings))
         return entry.key
+
+    def key_for(self, model_id: str) -> str:
+        """The residency key of a model, registering its loader first (for `ctx.residency.run(key, fn)`)."""
+        return self._register(self.get_model(model_id))
 
     def class_names(self, model_id: str) -> dict[int, str]:
         entry = self.get_model(model_id)

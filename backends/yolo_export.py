@@ -59,6 +59,8 @@ def export_onnx(backend: Any, entry: Any, imgsz: int = 640) -> Path:
         raise DetectionError(f"{entry.title} has no weights (untrained, built from yaml); train it first, then export.")
     if imgsz % 32 or not 32 <= imgsz <= 2048:
         raise DetectionError(f"export image size must be a multiple of 32 in 32-2048, got {imgsz}")
+    if not _has_onnx():
+        raise DetectionError("ONNX export needs the 'onnx' package (pip install onnx); it is not installed.")
     prepare_ultralytics(backend.ctx.settings)
     from ultralytics import YOLO
 
@@ -71,16 +73,26 @@ def export_onnx(backend: Any, entry: Any, imgsz: int = 640) -> Path:
     copy = work / f"{digest}-{imgsz}.pt"
     shutil.copyfile(entry.path, copy)
     t = time.perf_counter()
-    out = YOLO(str(copy), task="detect").export(
-        format="onnx", imgsz=imgsz, device="cpu", simplify=False, dynamic=False, verbose=False
-    )
-    copy.unlink(missing_ok=True)
+    try:
+        out = YOLO(str(copy), task="detect").export(
+            format="onnx", imgsz=imgsz, device="cpu", simplify=False, dynamic=False, verbose=False
+        )
+    finally:
+        copy.unlink(missing_ok=True)
     if Path(out) != onnx_path:
         shutil.move(out, onnx_path)
     log.info(
         "exported %s to %s (%d bytes) in %.1fs", entry.key, onnx_path, onnx_path.stat().st_size, time.perf_counter() - t
     )
     return onnx_path
+
+
+def _has_onnx() -> bool:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def letterboxed_input(imgsz: int = 640, image: Path | None = None) -> np.ndarray:

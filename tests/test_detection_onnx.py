@@ -29,7 +29,7 @@ def test_onnx_gives_the_same_boxes_as_pytorch(det):
 
     # 1) raw network outputs on the identical letterboxed input: (1, 4 + classes, 8400) candidate boxes
     x = letterboxed_input(640)
-    key = det._register(det.get_model("yolov8s-person"))
+    key = det.key_for("yolov8s-person")
     raw_torch = det.ctx.residency.run(key, lambda m: _torch_raw(m, x))
     raw_onnx = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert raw_torch.shape == raw_onnx.shape == (1, 6, 8400)
