@@ -218,7 +218,7 @@ class AsrBackend:
         from backends.diarize import assign_speakers
 
         if tracker is not None:
-            turns = tracker.finish(diarize.num_speakers, diarize.threshold)
+            turns = tracker.finish(diarize.num_speakers, diarize.max_speakers)
         else:
             turns = self.diarizer.diarize(path, diarize)
         transcript.speakers = turns

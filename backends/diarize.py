@@ -4,10 +4,9 @@ Offline engine policy:
 - speech regions come from the streaming VAD (backends.vad); each region is cut into 1.6 s sub-windows (the length
   the GE2E encoder was trained on) every 0.8 s, and each sub-window gets one 256-d embedding. Only embeddings and
   times are kept, so a 3-hour file costs a few MB here.
-- clustering is average-linkage agglomerative on cosine distance: with a given number of speakers it cuts the tree
-  at that count; otherwise at distance `threshold` (0.3: same-speaker GE2E cosine is ~0.9, different ~0.5-0.7),
-  and clusters holding < 5 % of the speech are merged into their nearest big one. Above `MAX_CLUSTER_POINTS`
-  embeddings, a spread-out subset is clustered and the rest join the nearest centroid (bounded memory).
+- clustering is spectral: cosine affinities, each row pruned to its strongest 30 %, normalised Laplacian; the number
+  of speakers is given or taken at the largest eigengap (up to `max_speakers`). Above `MAX_CLUSTER_POINTS`
+  embeddings a spread-out subset is clustered and the rest join the nearest centroid (bounded memory).
 - each sub-window speaks for the 0.8 s around its centre; a 3-tap majority filter removes one-window flicker.
 
 pyannote.audio pipelines load pickled checkpoints (`weights_only=False` inside pyannote), so a local folder is used
@@ -33,7 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WIN_FRAMES, HOP_FRAMES = 160, 80  # mel frames (10 ms): 1.6 s windows every 0.8 s
-MAX_CLUSTER_POINTS = 2500
+MAX_CLUSTER_POINTS = 2000  # ~30 min of speech; a partial eigensolve of 2000x2000 takes ~2 s on 2 cores
+PRUNE = 0.3  # fraction of each affinity row kept for spectral clustering
 ENGINES = ("offline", "pyannote")
 
 
@@ -41,7 +41,7 @@ ENGINES = ("offline", "pyannote")
 class DiarizeOptions:
     engine: str = "offline"
     num_speakers: int | None = None  # None: decided by clustering
-    threshold: float = 0.3  # cosine distance at which the offline engine stops merging clusters
+    max_speakers: int = 8  # upper bound for the automatic count
     pyannote_source: str = ""  # a local pipeline folder (with config.yaml)
     trust_pickles: bool = False
 
@@ -50,8 +50,8 @@ class DiarizeOptions:
             raise ValueError(f"diarization engine {self.engine!r} is unknown; use one of {ENGINES}")
         if self.num_speakers is not None and not 1 <= self.num_speakers <= 20:
             raise ValueError(f"number of speakers must be 1..20 (or automatic), got {self.num_speakers}")
-        if not 0.05 <= self.threshold <= 1.5:
-            raise ValueError(f"threshold must be within [0.05, 1.5], got {self.threshold}")
+        if not 2 <= self.max_speakers <= 20:
+            raise ValueError(f"max_speakers must be 2..20, got {self.max_speakers}")
         if self.engine == "pyannote" and not self.pyannote_source:
             raise ValueError("the pyannote engine needs a pipeline folder (download one in the Models tab)")
 
@@ -132,10 +132,10 @@ class SpeakerTracker:
             self._embs.append(self._backend.embed([m for m, _ in items]))
             self._spans.extend(span for _, span in items)
 
-    def finish(self, num_speakers: int | None = None, threshold: float = 0.3) -> list[SpeakerTurn]:
+    def finish(self, num_speakers: int | None = None, max_speakers: int = 8) -> list[SpeakerTurn]:
         if not self._spans:
             return []
-        labels = cluster(np.concatenate(self._embs), num_speakers, threshold)
+        labels = cluster(np.concatenate(self._embs), num_speakers, max_speakers)
         return _turns(self._spans, labels)
 
 
@@ -154,28 +154,68 @@ def _sub_windows(mel: np.ndarray, start_s: float, end_s: float) -> Iterator[tupl
         yield mel[i : i + WIN_FRAMES], (max(start_s, own_a), min(end_s, own_b), start_s, end_s)
 
 
-def cluster(embs: np.ndarray, num_speakers: int | None = None, threshold: float = 0.3) -> np.ndarray:
-    """Speaker index per embedding (0 = first to speak)."""
-    from sklearn.cluster import AgglomerativeClustering
+def cluster(embs: np.ndarray, num_speakers: int | None = None, max_speakers: int = 8) -> np.ndarray:
+    """Speaker index per embedding (0 = first to speak), by spectral clustering of cosine affinities.
 
+    Each row of the affinity matrix keeps its top `PRUNE` fraction (the rest is zeroed), which removes the weak
+    cross-speaker links GE2E gives real voices (~0.68 across vs ~0.76 within on pyannote's sample). The number of
+    speakers, when not given, is the largest eigengap of the normalised Laplacian among the first `max_speakers`.
+    Above `MAX_CLUSTER_POINTS` embeddings a spread-out subset is clustered and every embedding joins its nearest
+    centroid, so memory stays bounded for hours of audio.
+    """
     n = embs.shape[0]
     if n == 1 or num_speakers == 1:
         return np.zeros(n, int)
     idx = np.linspace(0, n - 1, min(n, MAX_CLUSTER_POINTS)).astype(int)
-    k = None if num_speakers is None else min(num_speakers, idx.size)
+    sub = embs[idx]
+    if sub.shape[0] < 4:  # too few points for a spectrum: plain linkage at a GE2E-typical distance
+        labels = _agglomerative(sub, num_speakers and min(num_speakers, sub.shape[0]), 0.3)
+    else:
+        labels = _spectral(sub, num_speakers, max_speakers)
+    if idx.size < n:
+        centroids = _normed(np.stack([sub[labels == c].mean(0) for c in range(labels.max() + 1)]))
+        labels = (embs @ centroids.T).argmax(1)
+    order = {lab: i for i, lab in enumerate(dict.fromkeys(labels.tolist()))}
+    return np.array([order[x] for x in labels.tolist()])
+
+
+def _spectral(x: np.ndarray, k: int | None, max_k: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    n = x.shape[0]
+    aff = np.clip(x @ x.T, 0.0, 1.0)
+    keep = max(2, round(PRUNE * n))
+    aff[aff < np.sort(aff, axis=1)[:, -keep][:, None]] = 0.0
+    aff = (aff + aff.T) / 2
+    np.fill_diagonal(aff, 0.0)
+    d = 1.0 / np.sqrt(aff.sum(1).clip(1e-9))
+    lap = np.eye(n) - aff * d[:, None] * d[None, :]
+    from scipy.linalg import eigh
+
+    top = min(max(max_k, k or 1), n - 1)
+    values, vectors = eigh(lap, subset_by_index=[0, top], driver="evr")  # the smallest top+1 eigenpairs, ascending
+    if k is None:
+        k = int(np.argmax(np.diff(values))) + 1
+    k = min(k, n)
+    if k == 1:
+        return np.zeros(n, int)
+    feats = _normed(vectors[:, :k])
+    return KMeans(k, n_init=10, random_state=0).fit_predict(feats)
+
+
+def _agglomerative(x: np.ndarray, k: int | None, threshold: float) -> np.ndarray:
+    from sklearn.cluster import AgglomerativeClustering
+
+    if x.shape[0] < 2:
+        return np.zeros(x.shape[0], int)
     algo = AgglomerativeClustering(
         n_clusters=k, distance_threshold=None if k else threshold, metric="cosine", linkage="average"
     )
-    sub = algo.fit_predict(embs[idx])
-    centroids = np.stack([embs[idx][sub == c].mean(0) for c in range(sub.max() + 1)])
-    sizes = np.bincount(sub)
-    if num_speakers is None:  # fold clusters with < 5 % of the speech into their nearest big one
-        big = np.flatnonzero(sizes >= max(2, 0.05 * idx.size))
-        centroids = centroids[big] if big.size else centroids[[int(sizes.argmax())]]
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    labels = (embs @ centroids.T).argmax(1)
-    order = {lab: i for i, lab in enumerate(dict.fromkeys(labels.tolist()))}
-    return np.array([order[x] for x in labels.tolist()])
+    return algo.fit_predict(x)
+
+
+def _normed(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-8)
 
 
 def _turns(spans: list[tuple[float, float, float, float]], labels: np.ndarray) -> list[SpeakerTurn]:
@@ -282,12 +322,12 @@ class DiarizeBackend:
             for chunk, final in mark_last(iter_pcm(path, chunk_s=10.0)):
                 for window in windows.feed(chunk, final=final):
                     tracker.add(window)
-        return tracker.finish(opts.num_speakers, opts.threshold)
+        return tracker.finish(opts.num_speakers, opts.max_speakers)
 
 
 def diarization_error_rate(reference: list[SpeakerTurn], hypothesis: list[SpeakerTurn], collar: float = 0.0) -> float:
     """DER with pyannote.metrics (optimal speaker mapping; overlap counted; `collar` seconds forgiven)."""
-    from pyannote.core import Annotation, Segment
+    from pyannote.core import Annotation, Segment, Timeline
 
     def _ann(turns: list[SpeakerTurn]) -> Annotation:
         ann = Annotation()
@@ -297,4 +337,7 @@ def diarization_error_rate(reference: list[SpeakerTurn], hypothesis: list[Speake
 
     from pyannote.metrics.diarization import DiarizationErrorRate
 
-    return float(DiarizationErrorRate(collar=collar, skip_overlap=False)(_ann(reference), _ann(hypothesis)))
+    spans = [t for t in (*reference, *hypothesis)]
+    uem = Timeline([Segment(min(t.start for t in spans), max(t.end for t in spans))]) if spans else Timeline()
+    metric = DiarizationErrorRate(collar=collar, skip_overlap=False)
+    return float(metric(_ann(reference), _ann(hypothesis), uem=uem))  # uem: the span of both, said explicitly
