@@ -213,14 +213,17 @@ def build_component(configs: dict[str, Any], name: str, dtype: Any, device: str,
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     classes = {"unet": UNet2DConditionModel.from_config, "vae": AutoencoderKL.from_config}
-    with torch.device(device):
-        if name in classes:
-            model = classes[name](configs[name])
-        else:
-            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-            model = cls(_text_config(configs[name], tokenizer))
-        if dtype is not None and dtype != torch.float32:
-            model = model.to(dtype)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)  # created in the target dtype: no fp32 copy on the way
+    try:
+        with torch.device(device):
+            if name in classes:
+                model = classes[name](configs[name])
+            else:
+                cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+                model = cls(_text_config(configs[name], tokenizer))
+    finally:
+        torch.set_default_dtype(before)
     return model.eval().requires_grad_(False)
 
 
