@@ -193,7 +193,8 @@ class LLMBackend:
     def _chat_local(self, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
         src = self._source(self._config.model_id)
         tok = self._tokenizer(src)
-        with self._lock, self.ctx.residency.use(src.key, working_bytes=None) as model:
+        working = kv_cache_bytes(self.model_folder(src), self._config.max_context_tokens)
+        with self._lock, self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
             limit = min(self._config.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
             ids, note = build_prompt(tok, messages, budget=limit - opts.max_new_tokens)
@@ -294,6 +295,20 @@ class LLMBackend:
         key = self._source(self._config.model_id).key
         state = self._adapters.get(key, AdapterState())
         return sorted(state.paths), state.active
+
+
+def kv_cache_bytes(folder: Path, tokens: int) -> int | None:
+    """Working memory of one chat turn: the 16-bit KV cache for `tokens` plus two float32 logits rows."""
+    import json
+
+    try:
+        c = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        c = c.get("text_config", c)
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+        return 2 * c["num_hidden_layers"] * kv_heads * head_dim * tokens * 2 + 8 * c["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def eos_ids(tokenizer: Any, model: Any) -> set[int]:

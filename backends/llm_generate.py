@@ -14,9 +14,10 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made, so importing this module (and the tab) stays light
+    import torch
 
 
 class PromptTooLong(ValueError):
@@ -116,6 +117,8 @@ def pick_token(
     logits: torch.Tensor, history: torch.Tensor, opts: GenerationOptions, gen: torch.Generator | None
 ) -> torch.Tensor:
     """Next token id as a (1,) device tensor; `history` (1, n) holds prompt + generated ids (for the penalty)."""
+    import torch
+
     scores = logits.view(1, -1)  # (1, V) float32
     if opts.repetition_penalty != 1.0:
         seen = scores.gather(1, history)
@@ -184,6 +187,8 @@ def stream_tokens(
     stats: GenerationStats | None = None,
 ) -> Iterator[TextDelta]:
     """Generate with `decoder`; on CUDA the next step is launched before the host reads the current token."""
+    import torch
+
     stats = stats if stats is not None else GenerationStats()
     device = decoder.device
     t0 = time.perf_counter()
