@@ -167,13 +167,13 @@ def model_device(model: Any) -> str:
 
 def load_rgb(image: Any) -> np.ndarray:
     """RGB uint8 (H, W, 3) from a numpy array (RGB, gray or RGBA) or an image file; clear error otherwise."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if isinstance(image, str | Path):
         try:
             with Image.open(image) as im:
                 im.load()
-                return np.asarray(im.convert("RGB"))
+                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))  # phone photos: honour rotation
         except Image.DecompressionBombError:
             raise DetectionError(f"{Path(image).name}: image is too large (over 89 megapixels); resize it.") from None
         except Exception as e:

@@ -67,7 +67,8 @@ def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
     import gradio as gr
 
     with gr.Row():
-        image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"])
+        # a file path, so a truncated upload reaches our decoder and its clear message (Gradio's would be generic)
+        image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
         annotated = gr.Image(type="numpy", label="Detections", interactive=False)
     detect = gr.Button("Detect", variant="primary")
     summary = gr.Markdown()
@@ -85,7 +86,13 @@ def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
         text = f"{len(res.boxes)} objects in {res.inference_ms:.0f} ms on {res.width}x{res.height}{note}"
         return res.image, text, res.rows(), str(det.save_json(res, "image"))
 
-    detect.click(run, [model, image, conf, iou, classes, imgsz], [annotated, summary, table, json_file], **GPU)
+    detect.click(
+        run,
+        [model, image, conf, iou, classes, imgsz],
+        [annotated, summary, table, json_file],
+        api_name="vision_detect",
+        **GPU,
+    )
 
 
 def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any) -> None:
@@ -116,7 +123,9 @@ def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
 
-    event = start.click(run, [model, video, conf, iou, classes, imgsz, stride], [status, out, json_file], **GPU)
+    event = start.click(
+        run, [model, video, conf, iou, classes, imgsz, stride], [status, out, json_file], api_name="vision_video", **GPU
+    )
     stop.click(None, None, None, cancels=[event])
 
 

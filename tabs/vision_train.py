@@ -122,9 +122,14 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
         loss, maps = _plots(ctx, det, jid)
         return text, loss, maps, "\n".join(job.logs[-50:])
 
-    check.click(validate, [zip_file, folder], [report_md, n_images])
+    check.click(validate, [zip_file, folder], [report_md, n_images], api_name="vision_validate")
     suggest.click(suggest_fn, [n_images, base], [epochs, imgsz, batch, suggestion])
-    train.click(start, [zip_file, folder, base, epochs, imgsz, batch, patience, seed, augment, amp], [job_id, status])
+    train.click(
+        start,
+        [zip_file, folder, base, epochs, imgsz, batch, patience, seed, augment, amp],
+        [job_id, status],
+        api_name="vision_train",
+    )
     stop.click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
     gr.Timer(2.0).tick(poll, job_id, [status, loss_plot, map_plot, logs])
 
@@ -154,4 +159,11 @@ def build_export(ctx: StudioContext, det: Any, model: Any) -> None:
             raise gr.Error(str(e)) from None
         return str(path), [[r.engine, r.device, r.p50_ms, r.p95_ms, r.mean_ms, r.fps, r.runs] for r in rows]
 
-    export.click(run, [model, size, runs], [onnx_file, table], concurrency_id="gpu", concurrency_limit=1)
+    export.click(
+        run,
+        [model, size, runs],
+        [onnx_file, table],
+        api_name="vision_export",
+        concurrency_id="gpu",
+        concurrency_limit=1,
+    )
