@@ -1,0 +1,82 @@
+"""The Audio tab: builds without torch, and its handlers stream, stop, report errors and export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import pytest
+
+from backends.audio_io import write_wav
+from studio.bench.asr_data import SENTENCES, espeak_available, synthesize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tab_module_does_not_import_torch():
+    code = "import sys, tabs.audio; assert 'torch' not in sys.modules, 'tabs.audio imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.fixture
+def handlers(ctx):
+    import tabs.audio as audio_tab
+
+    with gr.Blocks():
+        audio_tab.TAB.build(ctx)
+        blocks = gr.context.Context.root_block
+    fns = {f.fn.__name__: f.fn for f in blocks.fns.values()}
+    assert {"transcribe", "request_stop", "post_edit", "export"} <= set(fns)
+    return fns
+
+
+def call_transcribe(fns, audio=None, video=None, session="s1", **kw):
+    args = dict(model_v="whisper-tiny.en", lang_v="auto", vad_v=True, words_v=False, batched_v=False, diar_v=False,
+                n_v=0, engine_v="offline", src_v="", trust_v=False)  # fmt: skip
+    args.update(kw)
+    return list(fns["transcribe"](audio, video, *args.values(), request=SimpleNamespace(session_hash=session)))
+
+
+def test_errors_become_short_messages(handlers, tmp_path):
+    with pytest.raises(gr.Error, match="No audio yet"):
+        call_transcribe(handlers)
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(gr.Error, match="0 bytes"):
+        call_transcribe(handlers, audio=str(empty))
+    silence = write_wav(tmp_path / "s.wav", np.zeros(16000, np.float32))
+    with pytest.raises(gr.Error, match="English-only"):
+        call_transcribe(handlers, audio=str(silence), lang_v="de")
+    with pytest.raises(gr.Error, match="transcribe something first"):
+        handlers["export"](None, ["txt"])
+    with pytest.raises(gr.Error, match="transcribe something first"):
+        handlers["post_edit"](None, "")
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing (apt-get install -y espeak-ng)")
+def test_transcribe_streams_then_exports(handlers, ctx, tmp_path):
+    clip = np.concatenate([synthesize(SENTENCES[0]), np.zeros(40000, np.float32), synthesize(SENTENCES[2])])
+    path = write_wav(tmp_path / "talk.wav", clip)
+    outputs = call_transcribe(handlers, video=str(path), diar_v=True, n_v=1)  # the File input wins over Audio
+    statuses = [o[0] for o in outputs]
+    assert statuses[0].startswith("Loading") and "%" in statuses[1]
+    status, text, tr = outputs[-1]
+    assert status.startswith("**Done**") and "SPEAKER_1" in text and "meeting" in text.lower()
+    assert tr.segments and all(s.speaker == "SPEAKER_1" for s in tr.segments)
+    files = handlers["export"](tr, ["srt", "json"])
+    assert [Path(f).suffix for f in files] == [".srt", ".json"]
+    assert all(Path(f).parent == (ctx.settings.outputs_dir / "audio").resolve() for f in files)
+    assert "-->" in Path(files[0]).read_text()
+    with pytest.raises(gr.Error, match="Tick at least one"):
+        handlers["export"](tr, [])
+
+
+def test_stop_flag_is_per_session(handlers, tmp_path):
+    assert handlers["request_stop"](SimpleNamespace(session_hash="nobody")).startswith("Stopping")
+    silence = write_wav(tmp_path / "s.wav", np.zeros(3 * 16000, np.float32))
+    status, text, tr = call_transcribe(handlers, audio=str(silence), session="s2")[-1]
+    assert "no speech found" in status and text == "" and tr.segments == []
