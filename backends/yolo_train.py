@@ -78,7 +78,7 @@ def vram_budget_bytes(ctx: Any) -> int | None:
     if not str(ctx.residency.device).startswith("cuda"):
         return None
     snap = ctx.residency.snapshot()
-    for attr in ("budget_bytes", "vram_budget_bytes", "budget"):
+    for attr in ("capacity_bytes", "budget_bytes"):  # the residency manager's live budget for studio models
         value = getattr(snap, attr, None)
         if isinstance(value, int | float) and value > 0:
             return int(value)

@@ -96,3 +96,14 @@ def test_longer_training_gets_high_map(det, ctx, tmp_path):
     make_synthetic_dataset(root, n_train=96, n_val=24, imgsz=160, seed=5)
     job = _train(det, ctx, root, epochs=8, seed=0)
     assert job.status == "done" and job.result.best_map50 > 0.85, job.result
+
+
+@pytest.mark.parametrize(("capacity_gb", "imgsz", "batch"), [(12, 640, 16), (24, 640, 32), (4, 480, 8)])
+def test_suggestions_follow_the_vram_budget(det, capacity_gb, imgsz, batch):
+    from types import SimpleNamespace
+
+    snap = SimpleNamespace(capacity_bytes=int(capacity_gb * 2**30))
+    fake = SimpleNamespace(residency=SimpleNamespace(device="cuda", snapshot=lambda: snap), settings=det.ctx.settings)
+    s = suggest_settings(fake, 500, det.get_model("yolov8s-person"))
+    assert (s["imgsz"], s["batch"], s["epochs"]) == (imgsz, batch, 60), s
+    assert f"{capacity_gb:.1f} GB" in s["reason"]
