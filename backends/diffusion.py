@@ -310,7 +310,13 @@ class DiffusionBackend:
             return kwargs
 
         def run(unet):
-            with res.use(rec.key("vae")) as vae, _attention_slicing(unet, plan.attention_slicing), _keep_dtype(vae):
+            # txt2img needs no VAE while denoising; img2img/inpaint encode the init image with it. Not leasing it
+            # here matters: the manager sets aside the VAE's measured decode peak for every VAE lease.
+            with contextlib.ExitStack() as stack:
+                vae = stack.enter_context(res.use(rec.key("vae"))) if init is not None else None
+                stack.enter_context(_attention_slicing(unet, plan.attention_slicing))
+                if vae is not None:
+                    stack.enter_context(_keep_dtype(vae))
                 activate_loras(unet, "unet", rec.arch, loras, extra)
                 pipe = self._assemble(rec, req.mode, unet=unet, vae=vae, scheduler=self._scheduler(rec, req))
                 kwargs = dict(

@@ -355,10 +355,14 @@ def studio_section(name: str, configs: dict, size: int, steps: int, data: Path, 
         if name == "sd15" and args.lora_steps > 0:
             print("[sd15] LoRA training ...", flush=True)
             guarded(report, "lora_train", bench_lora, ctx, rec.source.root, data / name, size, args.lora_steps, 16)
-    finally:
+    finally:  # give every byte back before the next measurement (the next section must start from zero)
         ctx.jobs.shutdown(timeout=5)
+        for view in ctx.residency.snapshot().models:
+            with contextlib.suppress(Exception):
+                ctx.residency.unregister(view.key)
         with contextlib.suppress(Exception):
             ctx.residency.close()
+        ctx.backends._built.clear()
         del ctx
         _free()
     return entry
