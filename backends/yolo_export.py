@@ -171,7 +171,7 @@ def latency_table(backend: Any, entry: Any, *, imgsz: int = 640, runs: int = 30,
     x = letterboxed_input(imgsz)
 
     def torch_times(model: Any) -> tuple[str, list[float]]:
-        model.model.fuse()  # what the predictor and the ONNX export do too (Conv+BN folded)
+        model.model.fuse(verbose=False)  # what the predictor and the ONNX export do too (Conv+BN folded)
         return str(next(model.model.parameters()).device), torch_forward_times(model.model, x, runs=runs, warmup=warmup)
 
     device, t_torch = backend.ctx.residency.run(backend._register(entry), torch_times)

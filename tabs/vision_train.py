@@ -139,7 +139,11 @@ def build_export(ctx: StudioContext, det: Any, model: Any) -> None:
 
     from backends.yolo_export import tensorrt_available
 
-    trt = "TensorRT engine export is available." if tensorrt_available() else "TensorRT is not installed: ONNX only."
+    trt = (
+        "TensorRT is installed, but engine export is not wired into the studio yet: ONNX only."
+        if tensorrt_available()
+        else "TensorRT is not installed: ONNX only."
+    )
     gr.Markdown(
         "Export the chosen model to ONNX (fp32, batch 1) and time it: PyTorch (on the studio's device) against "
         f"ONNX Runtime (CPU), model forward only, same letterboxed image. {trt}"
