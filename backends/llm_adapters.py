@@ -1,8 +1,10 @@
 """LoRA adapters (PEFT) on a loaded base model: attach, switch, detach, without reloading the base.
 
-Adapters are injected in place through transformers' PEFT integration (`model.load_adapter` / `set_adapter` /
-`disable_adapters`), so the residency manager keeps owning the same model object. The wanted state (which adapters,
-which one is active) is remembered here and re-applied after the base model was reloaded from disk.
+Adapters are injected in place with PEFT's low-level API (`inject_adapter_in_model` + `set_peft_model_state_dict`,
+then `set_adapter` / `enable_adapters` on every tuner layer), so the residency manager keeps owning the same model
+object and no wrapper is needed. (transformers' own `model.load_adapter` would do the same but insists on a newer
+PEFT than the pinned one.) The wanted state (which adapters, which one is active) is remembered here and re-applied
+after the base model was reloaded from disk.
 """
 
 from __future__ import annotations
@@ -69,28 +71,53 @@ class AdapterState:
         for name, path in self.paths.items():
             if name not in loaded:
                 load_into(model, name, path)
-        if not loaded_adapters(model):
-            return
-        if self.active is None:
-            model.disable_adapters()
-        else:
-            model.enable_adapters()
-            model.set_adapter(self.active)
+        if loaded_adapters(model):
+            activate(model, self.active)
+
+
+def _tuner_layers(model: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 def loaded_adapters(model: Any) -> set[str]:
-    if not getattr(model, "_hf_peft_config_loaded", False):
-        return set()
-    return set(getattr(model, "peft_config", {}) or {})
+    return set(getattr(model, "peft_config", None) or {})
+
+
+def activate(model: Any, name: str | None) -> None:
+    """Route every adapted layer through adapter `name`, or through the base weights only (None)."""
+    for layer in _tuner_layers(model):
+        if name is None:
+            layer.enable_adapters(False)
+            continue
+        layer.enable_adapters(True)
+        try:
+            layer.set_adapter(name, inference_mode=True)
+        except TypeError:  # older PEFT: no inference_mode argument
+            layer.set_adapter(name)
 
 
 def load_into(model: Any, name: str, path: Path) -> None:
+    """Inject adapter `name` from `path` into `model` in place; on any mismatch undo and raise AdapterError."""
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
     check_adapter_folder(path)
     try:
-        model.load_adapter(str(path), adapter_name=name)
-    except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        if name in loaded_adapters(model):
-            model.delete_adapter(name)
+        config = PeftConfig.from_pretrained(str(path))
+        config.inference_mode = True
+        if not isinstance(getattr(model, "peft_config", None), dict):
+            model.peft_config = {}
+        model.peft_config[name] = config
+        inject_adapter_in_model(config, model, adapter_name=name)
+        device = str(model.get_input_embeddings().weight.device)
+        result = set_peft_model_state_dict(model, load_peft_weights(str(path), device=device), adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if unexpected:
+            raise ValueError(f"{len(unexpected)} adapter tensors match no layer, e.g. {unexpected[0]}")
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        delete_from(model, name)
         raise AdapterError(
             f"Adapter {path.name!r} does not fit this base model (another base model or rank?): "
             f"{str(e).splitlines()[0][:300]}"
@@ -99,5 +126,15 @@ def load_into(model: Any, name: str, path: Path) -> None:
 
 
 def delete_from(model: Any, name: str) -> None:
-    if name in loaded_adapters(model):
-        model.delete_adapter(name)
+    for layer in _tuner_layers(model):
+        if name in getattr(layer, "peft_config", {}) or name in _layer_adapter_names(layer):
+            layer.delete_adapter(name)
+    if isinstance(getattr(model, "peft_config", None), dict):
+        model.peft_config.pop(name, None)
+
+
+def _layer_adapter_names(layer: Any) -> set[str]:
+    names: set[str] = set()
+    for attr in getattr(layer, "adapter_layer_names", ()):
+        names.update(getattr(layer, attr, {}).keys())
+    return names
