@@ -23,6 +23,7 @@ BACKEND_MODULES: dict[str, str] = {
     "diffusion": "backends.diffusion",
     "sd_lora": "backends.sd_lora",
     "tinylm": "backends.tinylm",
+    "rag": "backends.rag",
 }
 
 

