@@ -174,6 +174,10 @@ def load_pixels(items: list[TrainItem], resolution: int, log_fn=log.warning) -> 
 class SdLoraBackend:
     def __init__(self, ctx: Any) -> None:
         self._ctx = ctx
+        self._samples: dict[str, list[Path]] = {}  # job id -> sample images so far (live, for the UI)
+
+    def samples(self, job_id: str) -> list[Path]:
+        return list(self._samples.get(job_id, []))
 
     def output_path(self, name: str) -> Path:
         folder = self._ctx.settings.outputs_dir / LORA_SUBDIR
@@ -209,6 +213,7 @@ class SdLoraBackend:
         run = self._ctx.runs.create("sd-lora", _run_config(cfg, rec), seed=cfg.seed, dataset_hash=dataset_hash(items))
         job.log(f"run {run.id}: {len(items)} images, rank {cfg.rank}, {cfg.steps} steps, model {rec.source.title}")
         trainer = LoraTrainer(self._ctx, diffusion, rec, cfg, job, run, self.output_path(cfg.output_name))
+        self._samples[str(getattr(job, "id", run.id))] = trainer.samples
         t0 = time.time()
         try:
             with diffusion.training(rec):
