@@ -268,12 +268,13 @@ class LLMBackend:
             with self.ctx.residency.use(src.key) as model:
                 self._apply_adapters(src.key, model)
                 delete_from(model, name)  # re-attaching a name replaces it
+                previous = state.active
                 state.paths[name], state.active, state.version = path, name, state.version + 1
                 try:
                     state.apply(model)
                 except AdapterError:
                     state.paths.pop(name)
-                    state.active = None
+                    state.active = previous if previous in state.paths else None
                     state.apply(model)
                     raise
                 self._applied[src.key] = (id(model), state.version)

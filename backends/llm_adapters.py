@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def load_into(model: Any, name: str, path: Path) -> None:
         if not isinstance(getattr(model, "peft_config", None), dict):
             model.peft_config = {}
         model.peft_config[name] = config
-        inject_adapter_in_model(config, model, adapter_name=name)
+        with warnings.catch_warnings():  # "Already found a `peft_config` attribute": that is our registry
+            warnings.simplefilter("ignore", UserWarning)
+            inject_adapter_in_model(config, model, adapter_name=name)
         device = str(model.get_input_embeddings().weight.device)
         result = set_peft_model_state_dict(model, load_peft_weights(str(path), device=device), adapter_name=name)
         unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
