@@ -63,7 +63,7 @@ def test_latency_table_has_both_engines(det):
     rows = det.latency("yolov8s-person", imgsz=320, runs=3)
     assert [r.engine for r in rows] == ["PyTorch fp32", "ONNX Runtime fp32"]
     for r in rows:
-        assert r.runs == 3 and 0 < r.p50_ms <= r.p95_ms and r.fps == pytest.approx(1000 / r.p50_ms, rel=0.01)
+        assert r.runs == 3 and 0 < r.p50_ms <= r.p95_ms and r.fps == pytest.approx(1000 / r.p50_ms, abs=0.06)
 
 
 def test_untrained_model_cannot_be_exported(det):
