@@ -55,7 +55,7 @@ def export_conversation(ctx: StudioContext, history: list[dict[str, str]], fmt: 
 
     if not history:
         raise ValueError("Nothing to export yet: the conversation is empty.")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]  # milliseconds: two exports never collide
     path = ctx.settings.outputs_dir / "chat" / f"chat-{stamp}.{'md' if fmt == 'markdown' else 'json'}"
     atomic_write_text(path, to_markdown(history) if fmt == "markdown" else to_json(history, meta))
     return str(path)
