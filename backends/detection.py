@@ -415,5 +415,5 @@ def result_json(result: DetectionResult) -> str:
 
 
 def create(ctx: Any) -> DetectionBackend:
-    prepare_ultralytics(ctx.settings)
+    """Cheap: imports no torch/Ultralytics; `prepare_ultralytics` runs on the first load, export or training."""
     return DetectionBackend(ctx)
