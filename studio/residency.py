@@ -14,6 +14,7 @@ Eviction policy: studio/eviction.py. Bookkeeping and snapshot views: studio/resi
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 from collections import deque
@@ -196,6 +197,8 @@ class ResidencyManager(Placement, Moves):
             rec = self._records[key]
             rec.oom_floor = max(rec.oom_floor, rec.working_need(working_bytes) + (failure.tried or 0))
         self.offload(None, exclude={key}, tiers=(GPU,))
+        gc.collect()  # the failed attempt's activations may sit in reference cycles
+        self._accel.empty_cache()
         second = self._try_run(key, fn, working_bytes)
         if not isinstance(second, _OOM):
             return second

@@ -7,6 +7,7 @@ results are committed to the records under the lock, with one log line and one e
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -41,6 +42,7 @@ class Moves:
                     r.moving = "down"
                 plan.gpu_victims += extra
             self._down_gpu(extra, set())
+            gc.collect()
             self._accel.empty_cache()
             try:
                 self._bring(plan)
@@ -164,6 +166,7 @@ class Moves:
         del obj
         if pool is not None:
             pool.close()
+        gc.collect()  # models often hold reference cycles (bitsandbytes, ultralytics): free their memory now
         dt = time.perf_counter() - t0
         with self._cond:
             self.metrics.add("releases")

@@ -1,0 +1,480 @@
+"""Residency benchmark: swap-in bandwidth from pinned RAM, and a mixed trace under four strategies, side by side.
+
+(a) Swap-in from pinned RAM for models of 0.5-7 GB through `ResidencyManager.use()`: effective GB/s against the
+    raw pinned host-to-device bandwidth measured in the same run (and the naive pageable `.to()` for reference).
+(b) A mixed trace of chat bursts with occasional image / detection / transcription requests over four families
+    sized like the real ones (studio/bench/residency_families.py), under a 12 GB cap:
+      ours   - ResidencyManager, GreedyDual-Size-Frequency eviction, pinned pools
+      lru    - the same manager with least-recently-used eviction
+      naive  - an LRU cache that moves models with `model.to("cpu")` / `.to("cuda")` (pageable)
+      unload - load from disk for every request, release after it
+    Total time, switch time p50/p95 (request -> model ready), OOM retries/failures. A strategy that would overrun
+    the time budget stops early; its total is then projected from its per-family mean request time (marked).
+Correctness: each family's output after a disk load, after a pinned swap and after a clean (copy-skipped) swap
+must be identical.
+
+    python -m studio.bench.residency --out studio/bench/results          # GPU (H200, capped to 12 GB)
+    python -m studio.bench.residency --quick --out /tmp/bench            # CPU, simulated card, tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.accel import SimulatedAccelerator, is_oom_error
+from studio.bench.residency_families import prepare
+from studio.gpu import FakeProbe
+from studio.offline import OFFLINE_ENV, QUIET_ENV
+from studio.pinned import naive_move, tensor_slots
+from studio.residency import ResidencyError, ResidencyManager
+
+log = logging.getLogger("studio.bench.residency")
+GiB, MiB = 2**30, 2**20
+
+
+# ---- environment ------------------------------------------------------------------------------------------------
+class Env:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick, self.cuda = args.quick, torch.cuda.is_available() and not args.quick
+        if not self.cuda and not self.quick:
+            raise SystemExit("No CUDA GPU: run with --quick (tiny models on a simulated card)")
+        self.device = "cuda" if self.cuda else "cpu"
+        self.cap = int(args.cap_gb * GiB) if self.cuda else None
+        self.reserve = int(args.reserve_gb * GiB) if self.cuda else 2 * MiB
+        self.deadline = time.monotonic() + args.deadline_s
+        if self.cuda:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / total))  # the 12 GB card's hard wall
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def manager(self, policy: str = "gds") -> ResidencyManager:
+        common = dict(reserve_bytes=self.reserve, policy=policy, wait_timeout_s=30.0, ram_cap_bytes=64 * GiB)
+        if self.cuda:
+            return ResidencyManager("cuda", vram_cap_bytes=self.cap, **common)
+        probe = FakeProbe(28 * MiB, "simulated 28 MB card")  # the four tiny families need ~35 MB: swaps happen
+        return ResidencyManager(probe=probe, accelerator=SimulatedAccelerator(probe), **common)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _quantile(xs: list[float], q: float) -> float | None:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else None
+
+
+# ---- (a) swap-in bandwidth -------------------------------------------------------------------------------------
+def raw_bandwidth(env: Env, nbytes: int) -> dict:
+    m = env.manager()
+    accel = m._accel
+    host, dev = accel.host_buffer(nbytes), accel.alloc(nbytes)
+    pageable = torch.ones(nbytes, dtype=torch.uint8)
+    out = {"bytes": nbytes, "pinned": host.pinned}
+    for name, src in (("pinned_h2d_gbps", host.tensor), ("pageable_h2d_gbps", pageable)):
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            dev.copy_(src, non_blocking=src is host.tensor)
+            env.sync()
+            times.append(time.perf_counter() - t0)
+        out[name] = nbytes / min(times[1:]) / 1e9
+    host.close()
+    return out
+
+
+class SizedLoader:
+    """A model of `nbytes` in bf16 tensors of 64 MB (plus a small norm-like tensor each), like an LLM's layers."""
+
+    def __init__(self, nbytes: int, chunk: int) -> None:
+        self.key, self.nbytes, self.chunk = f"sized:{nbytes / GiB:.2f}GB", nbytes, chunk
+
+    def estimate_bytes(self) -> int:
+        return self.nbytes
+
+    def load(self, device: str) -> torch.nn.Module:
+        device = device if torch.cuda.is_available() else "cpu"
+        n = max(1, self.nbytes // self.chunk)
+        params = [torch.empty(self.chunk // 2, dtype=torch.bfloat16, device=device) for _ in range(n)]
+        params += [torch.ones(2048, dtype=torch.bfloat16, device=device) for _ in range(n)]
+        return torch.nn.ParameterList([torch.nn.Parameter(p, requires_grad=False) for p in params])
+
+    def release(self, obj: Any) -> None:
+        pass
+
+
+def swap_in_sizes(env: Env, sizes: list[int], chunk: int, raw_gbps: float, naive_max: int) -> list[dict]:
+    rows = []
+    for nbytes in sizes:
+        if env.left() < 20:
+            log.warning("time budget: skipping swap-in sizes from %.2f GB", nbytes / GiB)
+            break
+        m, loader = env.manager(), SizedLoader(nbytes, chunk)
+        m.register(loader)
+        try:
+            with m.use(loader.key, working_bytes=0):
+                pass
+            t0 = time.perf_counter()
+            m.offload(loader.key)  # first swap-down: pins the pool, copies
+            first_out = time.perf_counter() - t0
+            ins, clean_outs, dirty_outs = [], [], []
+            for rep in range(3):
+                t0 = time.perf_counter()
+                with m.use(loader.key, working_bytes=0) as model:
+                    ins.append(time.perf_counter() - t0)
+                    if rep == 2:
+                        with torch.no_grad():
+                            model[0].add_(0)  # a weight changed: the next swap-down must copy (into the same pool)
+                t0 = time.perf_counter()
+                m.offload(loader.key)
+                (dirty_outs if rep == 2 else clean_outs).append(time.perf_counter() - t0)
+            size = m.snapshot().models[0].bytes
+            row = {"bytes": size, "swap_in_s": _median(ins), "swap_in_all_s": ins, "first_swap_out_s": first_out,
+                   "clean_swap_out_s": _median(clean_outs), "dirty_swap_out_s": _median(dirty_outs)}  # fmt: skip
+            row["gbps"] = size / row["swap_in_s"] / 1e9
+            row["fraction_of_raw"] = row["gbps"] / raw_gbps if raw_gbps else None
+            if nbytes <= naive_max:
+                obj = loader.load(env.device)
+                env.sync()
+                t0 = time.perf_counter()
+                naive_move(obj, "cpu")
+                t1 = time.perf_counter()
+                naive_move(obj, env.device)
+                env.sync()
+                row.update(naive_to_cpu_s=t1 - t0, naive_to_gpu_s=time.perf_counter() - t1)
+                del obj
+            rows.append(row)
+            log.info("swap-in %.2f GB: %.3f s = %.1f GB/s", size / GiB, row["swap_in_s"], row["gbps"])
+        except Exception as e:
+            log.exception("swap-in case %s failed", loader.key)
+            rows.append({"bytes": nbytes, "error": f"{type(e).__name__}: {e}"})
+        finally:
+            m.unregister(loader.key)
+            if env.cuda:
+                torch.cuda.empty_cache()
+    return rows
+
+
+# ---- correctness of moves on the real families ------------------------------------------------------------------
+def check_outputs(env: Env, families: dict, loaders: dict) -> dict:
+    out = {}
+    m = env.manager()
+    for name, fam in families.items():
+        if env.left() < 30:
+            break
+        m.register(loaders[name])
+        results = []
+        try:
+            for step in ("after disk load", "after pinned swap", "after clean swap"):
+                torch.manual_seed(0)
+                digest = m.run(name, lambda model, fam=fam: _capture(fam, model), working_bytes=fam.working_hint)
+                results.append((step, digest))
+                m.offload(name)
+            ref = results[0][1]
+            out[name] = {step: bool(torch.equal(ref, r)) for step, r in results[1:]}
+        except Exception as e:
+            log.exception("check of %s failed", name)
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        m.unregister(name)
+    return out
+
+
+def _capture(fam: Any, model: Any) -> torch.Tensor:
+    """Run one request; digest = sums of the first weights + the last tensor any module produced."""
+    last: list[torch.Tensor] = []
+
+    def keep(mod: Any, inp: Any, outp: Any) -> None:
+        if isinstance(outp, torch.Tensor):
+            last[:] = [outp]
+
+    hook = torch.nn.modules.module.register_module_forward_hook(keep)
+    try:
+        fam.request(model)
+    finally:
+        hook.remove()
+    weights = torch.stack([t.float().sum() for t in tensor_slots(model)[:8]]).cpu()
+    final = last[0].float().flatten()[:4096].cpu() if last else torch.zeros(1)
+    return torch.cat([weights, final])
+
+
+# ---- (b) the mixed trace ----------------------------------------------------------------------------------------
+def make_trace(n: int, seed: int, names: list[str]) -> list[str]:
+    """Bursts of chat, each followed by an image (sometimes 2-3), a detection run (1-4) or a transcription."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        out += ["llm"] * rng.randint(3, 8)
+        r = rng.random()
+        out += (
+            ["sd"] * rng.choice([1, 1, 2, 3])
+            if r < 0.4
+            else ["yolo"] * rng.choice([1, 2, 4])
+            if r < 0.75
+            else ["whisper"]
+        )
+    return [k for k in out if k in names][:n]
+
+
+def run_managed(env: Env, strategy: str, families: dict, loaders: dict, trace: list[str], budget_s: float) -> dict:
+    m = env.manager("lru" if strategy == "lru" else "gds")
+    for loader in loaders.values():
+        m.register(loader)
+    rows, failures, stop = [], [], time.monotonic() + budget_s
+    for key in trace:
+        if time.monotonic() > stop:
+            break
+        fam, ready = families[key], []
+        before = m._records[key].tier
+        t0 = time.perf_counter()
+
+        def fn(model: Any, fam=fam, ready=ready) -> None:
+            ready.append(time.perf_counter())
+            fam.request(model)
+            env.sync()
+
+        try:
+            m.run(key, fn, working_bytes=fam.working_hint)
+        except ResidencyError as e:
+            failures.append(str(e)[:300])
+        done = time.perf_counter()
+        if strategy == "unload":
+            m.offload(key, to="disk")
+        end = time.perf_counter()
+        switch = (ready[0] - t0) if ready else None
+        rows.append({"key": key, "from": before, "switch_s": switch, "compute_s": done - ready[-1] if ready else None,
+                     "unload_s": end - done, "total_s": end - t0})  # fmt: skip
+    snap = m.snapshot()
+    m.offload(None, to="disk")
+    m.close()
+    out = _summary(rows, trace, families, failures)
+    out.update(counters=snap.metrics.counters, switches={s.kind: vars(s) for s in snap.metrics.switches})
+    return out
+
+
+class NaiveCache:
+    """The plain way: an LRU cache of models; moves are `model.to("cpu")` / `model.to("cuda")` (pageable memory)."""
+
+    def __init__(self, env: Env, loaders: dict, capacity: int) -> None:
+        self.env, self.loaders, self.capacity = env, loaders, capacity
+        self.objs: dict[str, Any] = {}
+        self.on_gpu: OrderedDict[str, int] = OrderedDict()
+        self.swap_in: dict[str, list[float]] = {}
+        self.swap_out: dict[str, list[float]] = {}
+        self.ooms = 0
+
+    def acquire(self, key: str, need: int) -> Any:
+        if key in self.on_gpu:
+            self.on_gpu.move_to_end(key)
+            return self.objs[key]
+        size = self.loaders[key].nbytes
+        while self.on_gpu and sum(self.on_gpu.values()) + size + need > self.capacity:
+            self._evict(next(iter(self.on_gpu)))
+        t0 = time.perf_counter()
+        if key not in self.objs:
+            self.objs[key] = self.loaders[key].load(self.env.device)
+        else:
+            naive_move(self.objs[key], self.env.device)
+            self.env.sync()
+            self.swap_in.setdefault(key, []).append(time.perf_counter() - t0)
+        self.on_gpu[key] = size
+        return self.objs[key]
+
+    def _evict(self, key: str) -> None:
+        t0 = time.perf_counter()
+        naive_move(self.objs[key], "cpu")
+        self.env.sync()
+        self.swap_out.setdefault(key, []).append(time.perf_counter() - t0)
+        del self.on_gpu[key]
+
+    def run(self, key: str, fam: Any, ready: list[float]) -> None:
+        for attempt in (0, 1):
+            try:
+                obj = self.acquire(key, fam.working_hint)
+                ready.append(time.perf_counter())
+                fam.request(obj)
+                self.env.sync()
+                return
+            except Exception as e:
+                if not is_oom_error(e) or attempt:
+                    raise
+                self.ooms += 1
+                for other in [k for k in self.on_gpu if k != key]:
+                    self._evict(other)
+                if self.env.cuda:
+                    torch.cuda.empty_cache()
+
+
+def run_naive(env: Env, families: dict, loaders: dict, trace: list[str], budget_s: float) -> dict:
+    probe = env.manager()
+    cache = NaiveCache(env, loaders, probe.snapshot().capacity_bytes)  # the same budget as our manager's
+    rows, failures, stop = [], [], time.monotonic() + budget_s
+    for key in trace:
+        if time.monotonic() > stop:
+            break
+        before = "gpu" if key in cache.on_gpu else ("ram" if key in cache.objs else "disk")
+        ready: list[float] = []
+        t0 = time.perf_counter()
+        try:
+            cache.run(key, families[key], ready)
+        except Exception as e:
+            if not is_oom_error(e):
+                raise
+            failures.append(str(e)[:300])
+        end = time.perf_counter()
+        rows.append({"key": key, "from": before, "switch_s": ready[0] - t0 if ready else None,
+                     "compute_s": end - ready[-1] if ready else None, "unload_s": 0.0, "total_s": end - t0})  # fmt: skip
+    out = _summary(rows, trace, families, failures)
+    out.update(oom_retries=cache.ooms, swap_in=cache.swap_in, swap_out=cache.swap_out)
+    cache.objs.clear()
+    if env.cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _summary(rows: list[dict], trace: list[str], families: dict, failures: list[str]) -> dict:
+    total = sum(r["total_s"] for r in rows)
+    per_family = {}
+    for k in families:
+        done = [r["total_s"] for r in rows if r["key"] == k]
+        per_family[k] = {
+            "done": len(done),
+            "in_trace": trace.count(k),
+            "mean_s": statistics.mean(done) if done else None,
+        }
+    complete = len(rows) == len(trace)
+    projected = total
+    if not complete:
+        means = [f["mean_s"] for f in per_family.values() if f["in_trace"]]
+        projected = (
+            None if None in means else sum(f["mean_s"] * f["in_trace"] for f in per_family.values() if f["in_trace"])
+        )
+    switches = [r["switch_s"] for r in rows if r["switch_s"] is not None]
+    moves = [r["switch_s"] for r in rows if r["switch_s"] is not None and r["from"] != "gpu"]
+    swaps = [r["switch_s"] for r in rows if r["switch_s"] is not None and r["from"] == "ram"]
+    return {
+        "requests_done": len(rows), "requests": len(trace), "complete": complete, "total_s": total,
+        "projected_total_s": projected, "switch_p50_s": _quantile(switches, 0.5), "switch_p95_s": _quantile(switches, 0.95),
+        "moves": len(moves), "move_mean_s": statistics.mean(moves) if moves else None,
+        "move_p50_s": _quantile(moves, 0.5), "move_p95_s": _quantile(moves, 0.95),
+        "swaps_from_ram": len(swaps), "swap_mean_s": statistics.mean(swaps) if swaps else None,
+        "swap_p50_s": _quantile(swaps, 0.5), "swap_p95_s": _quantile(swaps, 0.95),
+        "failures": failures, "per_family": per_family, "rows": rows,
+    }  # fmt: skip
+
+
+# ---- main -------------------------------------------------------------------------------------------------------
+WEIGHTS = {"ours": 1.3, "lru": 1.3, "naive": 1.0, "unload": 0.8}  # share of the remaining time budget
+
+
+def _meta(env: Env, args: argparse.Namespace) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "bitsandbytes", "diffusers", "ultralytics", "safetensors", "nvidia-ml-py"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": torch.cuda.get_device_name(0) if env.cuda else f"CPU ({platform.processor() or platform.machine()}), simulated card",
+        "command": "python -m studio.bench.residency " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "quick": env.quick, "cap_bytes": env.cap, "reserve_bytes": env.reserve, "python": platform.python_version(),
+        "versions": versions,
+    }  # fmt: skip
+
+
+def _save(out: Path, tag: str, result: dict) -> str:
+    from studio.bench.residency_report import markdown
+    from studio.safety import atomic_write_json, atomic_write_text
+
+    text = markdown(result)
+    atomic_write_json(out / f"residency-{tag}.json", result)
+    atomic_write_text(out / f"residency-{tag}.md", text)
+    return text
+
+
+def bench(env: Env, args: argparse.Namespace, out: Path, tag: str) -> dict:
+    result: dict[str, Any] = {"meta": _meta(env, args), "errors": {}, "strategies": {}}
+    save = lambda: _save(out, tag, result)  # noqa: E731
+    try:
+        bw = raw_bandwidth(env, GiB if env.cuda else 8 * MiB)
+        result["bandwidth"] = bw
+        sizes = [int(g * GiB) for g in (0.5, 1, 2, 4, 7)] if env.cuda else [2 * MiB, 4 * MiB, 8 * MiB]
+        chunk = 64 * MiB if env.cuda else 256 * 1024
+        result["swap_in"] = swap_in_sizes(env, sizes, chunk, bw["pinned_h2d_gbps"], naive_max=sizes[2])
+        save()
+        families, loaders, errors = prepare(env.device, env.quick, Path(args.work))
+        result["families"] = {k: f.bytes for k, f in families.items()}
+        result["errors"].update({f"build {k}": v for k, v in errors.items()})
+        save()
+        result["check"] = check_outputs(env, families, loaders)
+        save()
+        trace = make_trace(args.requests, args.seed, list(families))
+        result["trace"] = {k: trace.count(k) for k in families}
+        names = [s for s in args.strategies.split(",") if s in WEIGHTS]
+        for i, name in enumerate(names):
+            share = WEIGHTS[name] / sum(WEIGHTS[n] for n in names[i:])
+            budget = max(5.0, (env.left() - 10) * share)
+            log.info("strategy %s: %.0f s budget", name, budget)
+            try:
+                if name == "naive":
+                    result["strategies"][name] = run_naive(env, families, loaders, trace, budget)
+                else:
+                    result["strategies"][name] = run_managed(env, name, families, loaders, trace, budget)
+            except Exception as e:
+                log.exception("strategy %s failed", name)
+                result["errors"][name] = f"{type(e).__name__}: {e}"
+            save()
+    except Exception as e:
+        log.exception("benchmark stopped early")
+        result["errors"]["bench"] = f"{type(e).__name__}: {e}"
+    finally:
+        print(save())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny models on a simulated card (CPU)")
+    p.add_argument("--out", type=Path, default=Path("studio/bench/results"))
+    p.add_argument("--tag", default=None, help="file name suffix (default: h200 / gpu / quick)")
+    p.add_argument("--work", default="/tmp/residency-bench", help="where the disk tier's files go")
+    p.add_argument("--cap-gb", type=float, default=12.0)
+    p.add_argument("--reserve-gb", type=float, default=0.8)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline-s", type=float, default=900.0, help="stop starting new work after this long")
+    p.add_argument("--strategies", default="ours,lru,naive,unload")
+    args = p.parse_args(argv)
+    args.argv = argv
+    for k, v in {**QUIET_ENV, **OFFLINE_ENV, "YOLO_CONFIG_DIR": f"{args.work}/ultralytics"}.items():
+        os.environ.setdefault(k, v)  # before ultralytics/transformers are imported: nothing may touch the network
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    env = Env(args)
+    tag = args.tag or ("quick" if env.quick else "h200" if "H200" in torch.cuda.get_device_name(0) else "gpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = bench(env, args, args.out, tag)
+    return 0 if not result["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The residency benchmark's own logic: the trace, the summary and verdicts, and (slow) a --quick run end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from studio.bench.residency import _summary, make_trace
+from studio.bench.residency_report import markdown, verdicts
+
+
+def test_trace_is_bursty_chat_with_occasional_other_work():
+    trace = make_trace(200, 0, ["llm", "sd", "yolo", "whisper"])
+    assert len(trace) == 200 and trace == make_trace(200, 0, ["llm", "sd", "yolo", "whisper"])
+    assert set(trace) == {"llm", "sd", "yolo", "whisper"}
+    assert 0.55 < trace.count("llm") / 200 < 0.9
+    switches = sum(a != b for a, b in itertools.pairwise(trace))
+    assert 30 < switches < 120  # bursts, not a round robin
+    assert "sd" not in make_trace(50, 1, ["llm", "yolo"])
+
+
+def _rows(keys, total, frm="gpu"):
+    return [{"key": k, "from": frm, "switch_s": 0.01, "compute_s": 0.1, "unload_s": 0, "total_s": total} for k in keys]
+
+
+def test_summary_projects_unfinished_strategies_per_family():
+    fams = {"llm": None, "sd": None}
+    trace = ["llm"] * 6 + ["sd"] * 4
+    done = _summary(_rows(["llm"] * 3 + ["sd"], 2.0), trace, fams, [])
+    assert not done["complete"] and done["total_s"] == 8.0 and done["projected_total_s"] == 20.0
+    full = _summary(_rows(trace, 1.0), trace, fams, [])
+    assert full["complete"] and full["projected_total_s"] == 10.0 and full["swaps_from_ram"] == 0
+
+
+def test_verdicts_and_markdown():
+    trace = ["llm", "sd"] * 5
+    ours = _summary(_rows(trace, 0.2, "ram"), trace, {"llm": 0, "sd": 0}, [])
+    ours["counters"] = {"oom_retries": 1, "oom_failures": 0}
+    unload = _summary(_rows(trace, 2.0, "disk"), trace, {"llm": 0, "sd": 0}, [])
+    naive = _summary([dict(r, switch_s=0.5) for r in _rows(trace, 1.0, "ram")], trace, {"llm": 0, "sd": 0}, [])
+    result = {"meta": {"machine": "test"}, "strategies": {"ours": ours, "unload": unload, "naive": naive},
+              "swap_in": [{"bytes": 2**30, "swap_in_s": 0.02, "gbps": 50.0, "fraction_of_raw": 0.9,
+                           "first_swap_out_s": 1.0, "clean_swap_out_s": 0.0, "dirty_swap_out_s": 0.02}]}  # fmt: skip
+    v = verdicts(result)
+    assert v["total_speedup_vs_unload"] == pytest.approx(10.0) and v["swap_speedup_vs_naive"] == pytest.approx(50.0)
+    assert v["ours_oom_retries"] == 1 and v["ours_oom_failures"] == 0 and v["swap_in_fraction_of_raw_min"] == 0.9
+    text = markdown(result)
+    assert "| ours | 10/10 |" in text and "90%" in text
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path):
+    from studio.bench.residency import main
+
+    code = main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--requests", "16",
+                 "--strategies", "ours,naive,unload"])  # fmt: skip
+    result = json.loads((tmp_path / "residency-quick.json").read_text())
+    assert code == 0 and not result["errors"]
+    assert all(all(v for v in c.values()) for c in result["check"].values())
+    assert {"ours", "naive", "unload"} == set(result["strategies"])
+    assert result["strategies"]["ours"]["complete"] and (tmp_path / "residency-quick.md").exists()
