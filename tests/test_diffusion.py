@@ -112,6 +112,8 @@ def test_corrupt_init_image_and_unknown_models_give_clear_messages(dctx, tmp_pat
         diffusion.generate(GenerateRequest("a cat", init_image=good, mask_image=zip_as_png, seed=1, **FAST))
     with pytest.raises(ModelNotAvailable, match="not downloaded"):
         diffusion.generate(GenerateRequest("a cat", model="sd-1.5", **FAST))
+    with pytest.raises(ModelNotAvailable, match="not in the local Hugging Face cache"):
+        diffusion.generate(GenerateRequest("a cat", model="someone/not-downloaded-sd", **FAST))
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"x" * 2048)
     with pytest.raises(ModelNotAvailable, match=r"only \.safetensors"):

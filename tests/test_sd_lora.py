@@ -86,6 +86,24 @@ def test_lora_changes_the_output_and_is_recorded(lctx, trained):
     assert any(art["name"].endswith(".safetensors") for art in run.artifacts)
 
 
+def test_several_loras_with_scales_add_up(lctx, trained, tmp_path):
+    """Two copies of one LoRA at 0.5 each must give the same image as the LoRA once at 1.0 (LoRAs are additive)."""
+    import shutil
+
+    from backends.diffusion import GenerateRequest, LoraChoice
+
+    copy = tmp_path / "squares-copy.safetensors"
+    shutil.copyfile(trained.path, copy)
+    diffusion = lctx.backends.get("diffusion")
+    once = diffusion.generate(
+        GenerateRequest("a photo of sks square", loras=(LoraChoice(str(trained.path), 1.0),), **GEN)
+    )
+    halves = (LoraChoice(str(trained.path), 0.5), LoraChoice(str(copy), 0.5))
+    twice = diffusion.generate(GenerateRequest("a photo of sks square", loras=halves, **GEN))
+    a, b = (np.asarray(r.images[0].image, dtype=np.int16) for r in (once, twice))
+    assert np.abs(a - b).max() <= 1
+
+
 def test_lora_file_uses_kohya_keys_and_loads_in_diffusers_as_trained(lctx, trained):
     import torch
     from diffusers import StableDiffusionPipeline
