@@ -8,6 +8,7 @@ loop runs in fp32. Prompts longer than the context are trimmed from the oldest t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -194,7 +195,7 @@ class LLMBackend:
         src = self._source(self._config.model_id)
         tok = self._tokenizer(src)
         working = kv_cache_bytes(self.model_folder(src), self._config.max_context_tokens)
-        with self._lock, self.ctx.residency.use(src.key, working_bytes=working) as model:
+        with self._generation_slot(), self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
             limit = min(self._config.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
             ids, note = build_prompt(tok, messages, budget=limit - opts.max_new_tokens)
@@ -217,6 +218,16 @@ class LLMBackend:
                 raise
             self.last_decoder = stats.decoder
             yield ChatUpdate(text, done=True, note=note, stats=stats)
+
+    @contextlib.contextmanager
+    def _generation_slot(self, timeout_s: float = 300.0) -> Iterator[None]:
+        """One in-process generation at a time; a stuck one yields a clear error instead of a silent hang."""
+        if not self._lock.acquire(timeout=timeout_s):
+            raise RuntimeError(f"Another reply has been generating for over {timeout_s:.0f} s; press Stop and retry.")
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _get_decoder(self, key: str, model: Any, needed: int, limit: int) -> Any:
         from backends.llm_fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
