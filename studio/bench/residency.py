@@ -381,7 +381,7 @@ def _summary(rows: list[dict], trace: list[str], families: dict, failures: list[
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
-WEIGHTS = {"ours": 1.3, "lru": 1.3, "naive": 1.0, "unload": 0.8}  # share of the remaining time budget
+WEIGHTS = {"ours": 1.5, "lru": 1.2, "naive": 1.0, "unload": 0.8}  # share of the remaining time budget
 
 
 def _meta(env: Env, args: argparse.Namespace) -> dict:
