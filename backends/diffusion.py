@@ -98,6 +98,9 @@ class LoadedModel:
     parts: dict[str, Any]  # tokenizers and configs (CPU, small)
     component_bytes: dict[str, int]
     loras: dict[str, LoraFile] = field(default_factory=dict)
+    # Held by a generation for its whole run and by a training job for its whole run: the job never adds its
+    # adapter to the shared UNet while an image is being made, and vice versa.
+    gate: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def arch(self) -> str:
@@ -178,7 +181,8 @@ class DiffusionBackend:
                 raise DiffusionBusy(f"{rec.source.title} is already being trained by another job.")
             self._training.add(rec.source.id)
         try:
-            yield
+            with rec.gate:  # waits for an image in progress to finish
+                yield
         finally:
             with self._lock:
                 self._training.discard(rec.source.id)
@@ -205,7 +209,8 @@ class DiffusionBackend:
             raise DiffusionBusy(
                 f"{rec.source.title} is being trained by a LoRA job right now; wait for it or cancel it."
             )
-        return self.generate_with(rec, req, progress, should_stop)
+        with rec.gate:
+            return self.generate_with(rec, req, progress, should_stop)
 
     def generate_with(
         self,

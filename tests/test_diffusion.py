@@ -184,3 +184,14 @@ def test_out_of_memory_in_decode_falls_back_to_tiles():
     assert out.shape == (2, 3, 64, 64) and float(out.mean()) == 2.0  # latents / scaling factor
     assert vae.calls[0] == ((2, 4, 8, 8), False) and vae.calls[-1] == ((1, 4, 8, 8), True)
     assert vae.tiling is False  # the shared VAE is left as it was
+
+
+def test_generation_is_refused_while_the_model_is_being_trained(dctx):
+    from backends.diffusion import DiffusionBusy, GenerateRequest
+
+    diffusion = dctx.backends.get("diffusion")
+    rec = diffusion.prepare("tiny-sd-demo")
+    with diffusion.training(rec), pytest.raises(DiffusionBusy, match="being trained"):
+        diffusion.generate(GenerateRequest("a cat", **FAST))
+    with pytest.raises(DiffusionBusy, match="already being trained"), diffusion.training(rec), diffusion.training(rec):
+        pass
