@@ -5,8 +5,8 @@ per-session flag that the backend checks before every token, so generation ends 
 is released at once.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Gradio finds `request: gr.Request` parameters through
+# typing.get_type_hints, which cannot resolve the string "gr.Request" (gradio is imported inside build()).
 import datetime as dt
 import json
 import logging

@@ -20,10 +20,14 @@ HISTORY = [
 
 
 def test_tab_builds_without_loading_a_model(ctx):
+    import warnings
+
     import gradio as gr
 
-    with gr.Blocks() as demo:
+    with warnings.catch_warnings(record=True) as caught, gr.Blocks() as demo:
+        warnings.simplefilter("always")
         chat.TAB.build(ctx)
+    assert not [w for w in caught if "arguments for function" in str(w.message)]  # gr.Request params are injected
     assert chat.TAB.title == "Chat"
     labels = {getattr(b, "label", None) for b in demo.blocks.values()}
     assert {"Model", "Engine", "Conversation", "Active adapter (switching does not reload the base model)"} <= labels
