@@ -181,16 +181,21 @@ class AsrBackend:
         tracker = self._tracker(diarize)
         stats = DecodeStats()
         windows = SpeechWindows(VadConfig()) if opts.vad else FixedWindows()
+        # The speaker tracker needs speech regions: without VAD for Whisper it gets its own VAD stream.
+        speech = windows if opts.vad else (SpeechWindows(VadConfig()) if tracker is not None else None)
         t0 = time.perf_counter()
-        with _lease(self.ctx, self._vad_key() if opts.vad else None) as vad_session:
-            if opts.vad:
-                windows.set_session(vad_session)
+        with _lease(self.ctx, self._vad_key() if speech is not None else None) as vad_session:
+            if speech is not None:
+                speech.set_session(vad_session)
             for chunk, final in mark_last(iter_pcm(path, chunk_s=opts.chunk_s, stats=stats)):
                 if should_stop():
                     run.cancelled = True
                     break
+                if tracker is not None and speech is not windows:
+                    for window in speech.feed(chunk, final=final):
+                        tracker.add(window)
                 for window in windows.feed(chunk, final=final):
-                    if tracker is not None:
+                    if tracker is not None and speech is windows:
                         tracker.add(window)
                     yield from run.add_window(window, stats.seconds)
                     if run.cancelled:

@@ -15,6 +15,7 @@ only when the caller says it trusts it (`trust_pickles`); the studio never downl
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -63,17 +64,23 @@ class SpeakerTurn:
     speaker: str
 
 
+# Resemblyzer's hyper-parameters (resemblyzer/hparams.py), restated so that embedding needs neither librosa nor
+# webrtcvad at run time (importing Resemblyzer costs ~3 s and its first mel ~2 s of JIT); a test checks they match.
+MEL_BANDS, MEL_WINDOW, MEL_HOP = 40, 400, 160  # 25 ms window, 10 ms hop at 16 kHz
+HIDDEN, LAYERS, EMBEDDING = 256, 3, 256
+NORM_DBFS = -30
+
+
 def _ge2e_module():
     """The GE2E speaker encoder of Resemblyzer (3-layer LSTM + linear), built here so that its weights load
     through `load_torch_weights` (weights_only=True) instead of Resemblyzer's own plain torch.load."""
-    from resemblyzer import hparams as hp
     from torch import nn
 
     class GE2E(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lstm = nn.LSTM(hp.mel_n_channels, hp.model_hidden_size, hp.model_num_layers, batch_first=True)
-            self.linear = nn.Linear(hp.model_hidden_size, hp.model_embedding_size)
+            self.lstm = nn.LSTM(MEL_BANDS, HIDDEN, LAYERS, batch_first=True)
+            self.linear = nn.Linear(HIDDEN, EMBEDDING)
 
         def forward(self, mels):  # (B, T, 40) -> (B, 256), L2-normalised
             _, (hidden, _) = self.lstm(mels)
@@ -81,6 +88,47 @@ def _ge2e_module():
             return emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     return GE2E()
+
+
+@functools.cache
+def _mel_filterbank(sr: int = SR, n_fft: int = MEL_WINDOW, n_mels: int = MEL_BANDS) -> np.ndarray:
+    """librosa.filters.mel(sr, n_fft, n_mels) with its defaults (Slaney mel scale and area normalisation)."""
+    f_sp, min_log_hz, min_log_mel, logstep = 200.0 / 3, 1000.0, 15.0, np.log(6.4) / 27.0
+
+    def hz_to_mel(f):
+        f = np.asarray(f, float)
+        return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, f / f_sp)
+
+    def mel_to_hz(m):
+        return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+    mel_f = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2))
+    fft_f = np.linspace(0, sr / 2, 1 + n_fft // 2)
+    ramps = mel_f[:, None] - fft_f[None, :]
+    fdiff = np.diff(mel_f)
+    lower, upper = -ramps[:-2] / fdiff[:-1, None], ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0, np.minimum(lower, upper))
+    return weights * (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+
+
+def _mels(audio: np.ndarray) -> np.ndarray:
+    """Resemblyzer's front end: volume raised to -30 dBFS (never lowered), 40-band mel power spectrogram, (T, 40).
+
+    Same numbers as resemblyzer.audio.wav_to_mel_spectrogram (librosa: periodic Hann, centred, zero-padded STFT)."""
+    audio = np.asarray(audio, np.float32)
+    rms = float(np.sqrt(np.mean(np.square(audio * 32767.0)))) if audio.size else 0.0
+    if rms < 3.0:  # below -80 dBFS: silence, nothing to embed
+        return np.zeros((0, MEL_BANDS), np.float32)
+    gain = 10 ** ((NORM_DBFS - 20 * np.log10(rms / 32767.0)) / 20)
+    audio = audio * max(1.0, gain)
+    padded = np.pad(audio, MEL_WINDOW // 2)
+    n = 1 + (padded.size - MEL_WINDOW) // MEL_HOP
+    frames = np.lib.stride_tricks.as_strided(
+        padded, (n, MEL_WINDOW), (padded.strides[0] * MEL_HOP, padded.strides[0]), writeable=False
+    )
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(MEL_WINDOW) / MEL_WINDOW)  # periodic Hann
+    power = np.abs(np.fft.rfft(frames * window, axis=1)) ** 2  # (T, 201)
+    return (power @ _mel_filterbank().T).astype(np.float32)
 
 
 class SpeakerEncoderLoader:
@@ -104,15 +152,6 @@ class SpeakerEncoderLoader:
 
     def release(self, obj: Any) -> None:
         """The manager drops its reference; nothing else holds the module."""
-
-
-def _mels(audio: np.ndarray) -> np.ndarray:
-    """Resemblyzer's front end: volume normalised to -30 dBFS (raise only), 40-band mel power, (T, 40)."""
-    from resemblyzer.audio import normalize_volume, wav_to_mel_spectrogram
-
-    if float(np.abs(audio).max(initial=0.0)) < 1e-4:
-        return np.zeros((0, 40), np.float32)
-    return wav_to_mel_spectrogram(normalize_volume(audio.astype(np.float32), -30, increase_only=True))
 
 
 class SpeakerTracker:

@@ -122,8 +122,13 @@ class PostEditReport:
     accepted_changes: int
 
 
-def postedit(llm: Any, segments: list[Segment], opts: PostEditOptions, should_stop=None) -> PostEditReport:
-    """Post-edit segment texts chunk by chunk with `llm.complete`; segments keep their times and speakers."""
+def postedit(
+    llm: Any, segments: list[Segment], opts: PostEditOptions, should_stop=None, on_chunk=None
+) -> PostEditReport:
+    """Post-edit segment texts chunk by chunk with `llm.complete`; segments keep their times and speakers.
+
+    `should_stop()` is polled before each chunk (the rest stays as transcribed); `on_chunk(done, total)` reports.
+    """
     tokens, seg_of = [], []
     for i, seg in enumerate(segments):
         for tok in seg.text.split():
@@ -133,7 +138,10 @@ def postedit(llm: Any, segments: list[Segment], opts: PostEditOptions, should_st
     kept: list[list[str]] = [[] for _ in segments]
     spans: list[tuple[str, str | None]] = []
     rejected: list[tuple[str, str]] = []
-    for start in range(0, len(tokens), opts.chunk_words):
+    starts = range(0, len(tokens), opts.chunk_words)
+    for n, start in enumerate(starts):
+        if on_chunk is not None:
+            on_chunk(n, len(starts))
         chunk = tokens[start : start + opts.chunk_words]
         if should_stop is not None and should_stop():
             res = GuardResult(chunk, list(range(len(chunk))), [(" ".join(chunk), None)])

@@ -202,7 +202,19 @@ DEFAULT_SPECS: tuple[ModelSpec, ...] = (
         licence="MIT (gated)",
         expected_bytes=30 * MB,
         vram_bytes=600 * MB,
-        notes="Gated: accept the terms on the Hub and set HF_TOKEN.",
+        notes="Gated: accept the terms on the Hub and set HF_TOKEN. Its config names two more gated Hub models "
+        "(segmentation-3.0, wespeaker) that pyannote fetches itself: needs network; prefer community-1 offline.",
+    ),
+    ModelSpec(
+        "speaker",
+        "pyannote-community-1",
+        "pyannote speaker-diarization-community-1 (pyannote.audio 4)",
+        hub_id="pyannote/speaker-diarization-community-1",
+        licence="CC-BY-4.0 (gated)",
+        expected_bytes=35 * MB,
+        vram_bytes=600 * MB,
+        notes="Gated: accept the terms on the Hub and set HF_TOKEN, download here; self-contained afterwards. "
+        "Loads pickled checkpoints: the Audio tab asks you to confirm you trust it.",
     ),
     # ---- vision --------------------------------------------------------------------------------------
     ModelSpec(

@@ -121,14 +121,19 @@ def build(ctx: StudioContext) -> None:
             flag.set()
         return "Stopping after the current window…"
 
-    def post_edit(tr, glossary_v):
+    def post_edit(tr, glossary_v, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
         from backends.postedit import PostEditOptions, postedit
 
         if tr is None or not tr.segments:
             raise gr.Error("Nothing to edit yet: transcribe something first.")
         terms = tuple(t.strip() for t in (glossary_v or "").replace(",", "\n").splitlines() if t.strip())
+        stop_flag = stops.setdefault(request.session_hash or "-", threading.Event())
+        stop_flag.clear()
         try:
-            report = postedit(ctx.backends.get("llm"), tr.segments, PostEditOptions(glossary=terms))
+            report = postedit(
+                ctx.backends.get("llm"), tr.segments, PostEditOptions(glossary=terms), should_stop=stop_flag.is_set,
+                on_chunk=lambda done, total: progress((done, total), desc="post-editing", unit="chunks"),
+            )  # fmt: skip
         except Exception as e:
             raise gr.Error(f"Post-edit failed: {_message(e)}") from None
         tr.segments = report.segments

@@ -54,7 +54,7 @@ def test_errors_become_short_messages(handlers, tmp_path):
     with pytest.raises(gr.Error, match="transcribe something first"):
         handlers["export"](None, ["txt"])
     with pytest.raises(gr.Error, match="transcribe something first"):
-        handlers["post_edit"](None, "")
+        handlers["post_edit"](None, "", SimpleNamespace(session_hash="s1"))
 
 
 @pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing (apt-get install -y espeak-ng)")

@@ -11,7 +11,6 @@ import pytest
 from backends.asr import Segment, TranscribeOptions, Word
 from backends.audio_io import write_wav
 from backends.diarize import (
-    MAX_CLUSTER_POINTS,
     DiarizeOptions,
     SpeakerTurn,
     _turns,
@@ -50,13 +49,32 @@ def test_cluster_finds_the_number_of_speakers(n_speakers):
     assert same_partition(labels, truth)
 
 
-def test_cluster_with_a_given_count_and_many_points():
+def test_cluster_with_a_given_count_and_many_points(monkeypatch):
     x, truth = voices(3, 10)
     assert len(set(cluster(x, num_speakers=2).tolist())) == 2
     assert same_partition(cluster(x, num_speakers=3), truth)
-    big, big_truth = voices(2, MAX_CLUSTER_POINTS // 2 + 300)
+    monkeypatch.setattr("backends.diarize.MAX_CLUSTER_POINTS", 120)  # the same path as hours of speech, but fast
+    big, big_truth = voices(2, 400)
     assert same_partition(cluster(big), big_truth), "the subset + nearest-centroid path labels everyone"
     assert cluster(x[:1]).tolist() == [0]
+
+
+def test_front_end_matches_resemblyzer():
+    """Our numpy mel front end and restated hyper-parameters equal Resemblyzer's (librosa-based) ones."""
+    import resemblyzer.hparams as hp
+    from resemblyzer.audio import normalize_volume, wav_to_mel_spectrogram
+
+    from backends import diarize
+
+    assert (
+        hp.mel_n_channels, hp.model_hidden_size, hp.model_num_layers, hp.model_embedding_size, hp.audio_norm_target_dBFS
+    ) == (diarize.MEL_BANDS, diarize.HIDDEN, diarize.LAYERS, diarize.EMBEDDING, diarize.NORM_DBFS)  # fmt: skip
+    assert hp.sampling_rate * hp.mel_window_length // 1000 == diarize.MEL_WINDOW
+    assert hp.sampling_rate * hp.mel_window_step // 1000 == diarize.MEL_HOP
+    x = (0.05 * np.random.default_rng(0).standard_normal(16000 * 3)).astype(np.float32)
+    ours, theirs = diarize._mels(x), wav_to_mel_spectrogram(normalize_volume(x, -30, increase_only=True))
+    assert ours.shape == theirs.shape and np.abs(ours - theirs).max() < 1e-5 * np.abs(theirs).max()
+    assert diarize._mels(np.zeros(16000, np.float32)).shape == (0, 40)
 
 
 def test_turns_merge_runs_and_remove_one_window_flicker():
@@ -137,9 +155,11 @@ def test_offline_engine_on_a_two_speaker_dialogue(ctx, dialogue):
 
 
 @needs_espeak
-def test_transcript_with_speakers(ctx, dialogue):
+@pytest.mark.parametrize("vad", [True, False], ids=["vad", "no-vad"])
+def test_transcript_with_speakers(ctx, dialogue, vad):
     _, path = dialogue
-    tr = ctx.backends.get("asr").transcribe(path, TranscribeOptions(word_timestamps=True), diarize=DiarizeOptions())
+    opts = TranscribeOptions(word_timestamps=True, vad=vad)  # without VAD for Whisper the tracker runs its own
+    tr = ctx.backends.get("asr").transcribe(path, opts, diarize=DiarizeOptions())
     assert {s.speaker for s in tr.segments} == {"SPEAKER_1", "SPEAKER_2"}
     assert tr.speakers and any("2 speaker" in n for n in tr.notes)
     first = next(s for s in tr.segments if "meeting" in s.text.lower())

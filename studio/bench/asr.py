@@ -1,7 +1,7 @@
 """ASR benchmark on the CPU: WER per Whisper model, DER of the offline diarization engine, real-time factor.
 
 All speech is synthesised here with Debian's espeak-ng (studio.bench.asr_data), so references are exact:
-- WER (jiwer, corpus level, lower-cased, punctuation removed) of each offline Whisper model over every voice x
+- WER (jiwer, corpus level, lower-cased, punctuation removed, numbers 0-20 spelled out) of each offline Whisper model over every voice x
   sentence, transcribed through the studio's own AsrBackend (streamed decode, VAD windows, residency lease);
 - DER (pyannote.metrics, no collar and a 0.25 s collar, overlap counted) of the offline engine (Silero VAD +
   Resemblyzer GE2E + spectral clustering) on two-speaker dialogues with pauses and overlaps, with the speaker count
@@ -41,11 +41,30 @@ def _context(tmp: Path):
     return build_context(Settings(data_dir=tmp / "data", models_dir=tmp / "models", open_browser=False))
 
 
+NUMBER_WORDS = dict(enumerate(
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+))  # fmt: skip
+ORDINALS = {"1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth", "5th": "fifth", "6th": "sixth"}
+
+
+def _spell_numbers(text: str) -> str:
+    """'at 9 o'clock' and 'at nine o'clock' are the same words: Whisper writes small numbers as digits."""
+    words = []
+    for w in text.split():
+        core = w.strip(".,!?;:")
+        if core.isdigit() and int(core) in NUMBER_WORDS:
+            w = w.replace(core, NUMBER_WORDS[int(core)])
+        elif core.lower() in ORDINALS:
+            w = w.replace(core, ORDINALS[core.lower()])
+        words.append(w)
+    return " ".join(words)
+
+
 def _wer(refs: list[str], hyps: list[str]) -> float:
     import jiwer
 
     norm = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip()])
-    return float(jiwer.wer([norm(r) for r in refs], [norm(h) for h in hyps]))
+    return float(jiwer.wer([norm(_spell_numbers(r)) for r in refs], [norm(_spell_numbers(h)) for h in hyps]))
 
 
 def wer_section(ctx, tmp: Path, voices, sentences, models) -> list[dict]:
@@ -215,7 +234,8 @@ def render(result: dict) -> str:
         f"{m['transformers']}. 1-min load average before/after: {result['load_before']:.2f} / "
         f"{result['load_after']:.2f} (other work on the machine slows every timing).",
         f"Command: `{result['command']}`", "",
-        "## WER (espeak-ng speech, language given as en, corpus WER per voice)", "",
+        "## WER (espeak-ng speech, 8 sentences per voice, language given as en; lower-cased, no punctuation, "
+        "numbers 0-20 spelled out so '9' = 'nine')", "",
         "| model | voice | WER | example transcript of sentence 1 |", "|---|---|---|---|",
     ]  # fmt: skip
     for r in result["wer"]:
