@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +104,14 @@ class RAGBackend:
         return None
 
     def _register(self, key: str, cls_name: str) -> bool:
-        if self.ctx.residency.is_registered(key):
-            return True
+        """Register the model's loader when its files are here; False (and unregistered) when they are not."""
         folder = self._model_folder(key)
         if folder is None:
+            if self.ctx.residency.is_registered(key):
+                self.ctx.residency.unregister(key)  # deleted in the Models tab since
             return False
+        if self.ctx.residency.is_registered(key):
+            return True
         estimate = self.ctx.catalog.get(key).vram_bytes or 200 * 2**20
         self.ctx.residency.register(_SentenceModelLoader(key, folder, cls_name, estimate))
         return True
@@ -155,7 +158,14 @@ class RAGBackend:
         self._bm25.pop(name, None)
 
     # ---- ingestion ----------------------------------------------------------------------------------------
-    def ingest(self, kb: str, folder: str | Path, *, progress=None, should_stop=None) -> IngestReport:
+    def ingest(
+        self,
+        kb: str,
+        folder: str | Path,
+        *,
+        progress: Callable[[float, str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> IngestReport:
         """Synchronous ingest of one folder (the job body; also for scripts and tests)."""
         kb = check_kb_name(kb)
         root = resolve_folder(str(folder))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +76,44 @@ def kb_markdown(backend: Any, kb: str | None) -> str:
     return f"**{info.name}**: {info.files} files, {info.chunks} chunks · sources: {sources} · updated {info.updated}"
 
 
+def ingest_stream(backend: Any, kb_v: str | None, new_v: str, folder_v: str, files: list[str] | None, poll_s=0.5):
+    """Start the ingest job and stream (job id, kb choices, status, notes, kb info) until it ends."""
+    import gradio as gr
+
+    name = (new_v or "").strip() or kb_v or "notes"  # a typed new name wins over the selected base
+    try:
+        target = backend.save_uploads(name, files) if files else folder_v
+        job = backend.start_ingest(name, target)
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    choices = gr.update(choices=backend.knowledge_bases(), value=name)
+    yield job.id, choices, job_markdown(job), "", kb_markdown(backend, name)
+    while not job.wait(poll_s):
+        yield job.id, gr.skip(), job_markdown(job), "\n".join(job.logs[-200:]), gr.skip()
+    report = job.result
+    notes = "\n".join(report.notes) if report else "\n".join(job.logs[-200:])
+    status = f"**{job.status}** · {report.summary()}" if report else job_markdown(job)
+    yield None, gr.skip(), status, notes, kb_markdown(backend, name)
+
+
+def ask_stream(backend: Any, kb_v: str | None, q: str, mode_v: str, k: float, llm_v: bool, tokens: float):
+    """Stream (ranking note, answer, citations, passage rows) for one question."""
+    import gradio as gr
+
+    if not kb_v:
+        raise gr.Error("Choose a knowledge base first (or create one and ingest a folder).")
+    try:
+        stream = backend.answer(kb_v, q, top_k=int(k), mode=MODE_LABELS[mode_v], use_llm=bool(llm_v),
+                                max_new_tokens=int(tokens))  # fmt: skip
+        first = True
+        for update in stream:
+            rows = passage_rows(update.search) if first or update.done else gr.skip()
+            first = False
+            yield update.search.ranking_note, answer_markdown(update), citations_markdown(update), rows
+    except (ValueError, RuntimeError) as e:  # bad input, or no embedding model / out of memory
+        raise gr.Error(str(e)) from None
+
+
 def build(ctx: StudioContext) -> None:
     import gradio as gr
 
@@ -135,35 +172,10 @@ def build(ctx: StudioContext) -> None:
         return gr.update(choices=backend.knowledge_bases(), value=info.name), kb_markdown(backend, info.name), ""
 
     def ingest(kb_v: str | None, new_v: str, folder_v: str, files: list[str] | None):
-        name = (new_v or "").strip() or kb_v or "notes"  # a typed new name wins over the selected base
-        try:
-            target = backend.save_uploads(name, files) if files else folder_v
-            job = backend.start_ingest(name, target)
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
-        choices = gr.update(choices=backend.knowledge_bases(), value=name)
-        yield job.id, choices, job_markdown(job), "", kb_markdown(backend, name)
-        while not job.is_finished:
-            time.sleep(0.5)
-            yield job.id, gr.skip(), job_markdown(job), "\n".join(job.logs[-200:]), gr.skip()
-        report = job.result
-        notes = "\n".join(report.notes) if report else "\n".join(job.logs[-200:])
-        status = f"**{job.status}** · {report.summary()}" if report else job_markdown(job)
-        yield None, gr.skip(), status, notes, kb_markdown(backend, name)
+        yield from ingest_stream(backend, kb_v, new_v, folder_v, files)
 
     def ask(kb_v: str | None, q: str, mode_v: str, k: float, llm_v: bool, tokens: float):
-        if not kb_v:
-            raise gr.Error("Choose a knowledge base first (or create one and ingest a folder).")
-        try:
-            stream = backend.answer(kb_v, q, top_k=int(k), mode=MODE_LABELS[mode_v], use_llm=bool(llm_v),
-                                    max_new_tokens=int(tokens))  # fmt: skip
-            first = True
-            for update in stream:
-                rows = passage_rows(update.search) if first or update.done else gr.skip()
-                first = False
-                yield update.search.ranking_note, answer_markdown(update), citations_markdown(update), rows
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
+        yield from ask_stream(backend, kb_v, q, mode_v, k, llm_v, tokens)
 
     def delete(kb_v: str | None):
         if not kb_v:

