@@ -239,6 +239,12 @@ class ResidencyManager(Placement, Moves):
             self._cond.notify_all()
         self.maintain()
 
+    def capacity_bytes(self) -> int:
+        """What the studio's models may occupy on the GPU right now (live budget; 0 without a GPU)."""
+        reading = self._read()
+        with self._cond:
+            return self._budget(reading)[0]
+
     def generation(self, key: str) -> int:
         """Bumped every time the model's weights move: anything that captured their addresses must redo it."""
         with self._cond:

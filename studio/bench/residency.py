@@ -20,12 +20,14 @@ must be identical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -36,7 +38,7 @@ import torch
 
 from studio.accel import SimulatedAccelerator, is_oom_error
 from studio.bench.residency_families import prepare
-from studio.gpu import FakeProbe
+from studio.gpu import CardReading, FakeProbe, detect_probe
 from studio.offline import OFFLINE_ENV, QUIET_ENV
 from studio.pinned import naive_move, tensor_slots
 from studio.residency import ResidencyError, ResidencyManager
@@ -59,19 +61,83 @@ class Env:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / total))  # the 12 GB card's hard wall
 
+        self.fake_probe = FakeProbe(28 * MiB, "simulated 28 MB card")  # --quick: the tiny families need ~35 MB
+
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def manager(self, policy: str = "gds") -> ResidencyManager:
+    def manager(self, policy: str = "gds", monitor: bool = False) -> ResidencyManager:
         common = dict(reserve_bytes=self.reserve, policy=policy, wait_timeout_s=30.0, ram_cap_bytes=64 * GiB)
         if self.cuda:
-            return ResidencyManager("cuda", vram_cap_bytes=self.cap, **common)
-        probe = FakeProbe(28 * MiB, "simulated 28 MB card")  # the four tiny families need ~35 MB: swaps happen
-        return ResidencyManager(probe=probe, accelerator=SimulatedAccelerator(probe), **common)
+            m = ResidencyManager("cuda", probe=CappedProbe(detect_probe(), self.cap), vram_cap_bytes=self.cap, **common)
+        else:
+            m = ResidencyManager(probe=self.fake_probe, accelerator=SimulatedAccelerator(self.fake_probe), **common)
+        if monitor:
+            m.start_monitor(0.5)  # as the studio runs it: the good-neighbour check in the background
+        return m
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
+
+
+class CappedProbe:
+    """The H200 seen as the 12 GB card it emulates: total = the cap, used = what is really used on the card (our
+    process and any other), so another program's memory shrinks the budget as it would on the small card."""
+
+    def __init__(self, inner: Any, total_bytes: int) -> None:
+        self.inner, self.total, self.name = inner, total_bytes, f"{inner.name}, as a {total_bytes / GiB:.0f} GB card"
+
+    def read(self) -> CardReading | None:
+        r = self.inner.read()
+        if r is None:
+            return None
+        total = min(self.total, r.total_bytes)
+        used = min(total, r.used_bytes)
+        return dataclasses.replace(r, name=f"{r.name} as {total / GiB:.0f} GB", total_bytes=total, used_bytes=used,
+                                   free_bytes=total - used)  # fmt: skip
+
+
+NEIGHBOUR = """
+import sys, torch
+torch.cuda.init(); torch.empty(1, device="cuda")  # a CUDA context, like a desktop compositor
+print("ready", flush=True)
+x = None
+for line in sys.stdin:
+    x = torch.empty(int(line), dtype=torch.uint8, device="cuda") if int(line) else None
+    torch.cuda.synchronize(); torch.cuda.empty_cache()
+    print("ok", flush=True)
+"""
+
+
+class Neighbour:
+    """Another program on the card (a browser playing video, a game): a real second CUDA process on the GPU, a
+    FakeProbe entry on the simulated card."""
+
+    def __init__(self, env: Env) -> None:
+        self.env, self.proc = env, None
+        if env.cuda:
+            self.proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+
+    def wait_ready(self) -> None:
+        if self.proc is not None:
+            assert self.proc.stdout.readline().strip() == "ready"
+
+    def take(self, nbytes: int) -> None:
+        if self.proc is None:
+            self.env.fake_probe.set_process(4242, "browser", nbytes) if nbytes else self.env.fake_probe.remove_process(
+                4242
+            )
+            return
+        self.proc.stdin.write(f"{nbytes}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "ok"
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
 
 
 def _median(xs: list[float]) -> float | None:
@@ -233,47 +299,66 @@ def make_trace(n: int, seed: int, names: list[str]) -> list[str]:
     return [k for k in out if k in names][:n]
 
 
-def run_managed(env: Env, strategy: str, families: dict, loaders: dict, trace: list[str], budget_s: float) -> dict:
-    m = env.manager("lru" if strategy == "lru" else "gds")
+def _neighbour_step(neighbour: Neighbour | None, i: int, window: tuple[int, int, int]) -> None:
+    """Another program takes `window[2]` bytes for requests window[0]..window[1]-1, then leaves."""
+    if neighbour is not None and i in (window[0], window[1]):
+        neighbour.take(window[2] if i == window[0] else 0)
+
+
+def run_managed(env: Env, strategy: str, families: dict, loaders: dict, trace: list[str], budget_s: float,
+                neighbour: Neighbour | None = None, window: tuple[int, int, int] = (-1, -1, 0)) -> dict:  # fmt: skip
+    m = env.manager("lru" if strategy == "lru" else "gds", monitor=True)
     for loader in loaders.values():
         m.register(loader)
     rows, failures, stop = [], [], time.monotonic() + budget_s
-    for key in trace:
-        if time.monotonic() > stop:
-            break
-        fam, ready = families[key], []
-        before = m._records[key].tier
-        t0 = time.perf_counter()
-
-        def fn(model: Any, fam=fam, ready=ready) -> None:
-            ready.append(time.perf_counter())
-            fam.request(model)
-            env.sync()
-
-        try:
-            m.run(key, fn, working_bytes=fam.working_hint)
-        except ResidencyError as e:
-            failures.append(str(e)[:300])
-        done = time.perf_counter()
-        if strategy == "unload":
-            m.offload(key, to="disk")
-        end = time.perf_counter()
-        switch = (ready[0] - t0) if ready else None
-        rows.append({"key": key, "from": before, "switch_s": switch, "compute_s": done - ready[-1] if ready else None,
-                     "unload_s": end - done, "total_s": end - t0})  # fmt: skip
+    per_key = dict.fromkeys(families, 0)
+    try:
+        for i, key in enumerate(trace):
+            if time.monotonic() > stop:
+                break
+            _neighbour_step(neighbour, i, window)
+            if strategy == "unload" and per_key[key] >= UNLOAD_SAMPLES:
+                continue  # every unload request is a cold load + run + release: a few per family suffice
+            per_key[key] += 1
+            rows.append(_managed_request(env, m, strategy, families[key], key, failures))
+    finally:
+        _neighbour_step(neighbour, window[1], window)
     snap = m.snapshot()
-    m.offload(None, to="disk")
     m.close()
+    m.offload(None, to="disk")
     out = _summary(rows, trace, families, failures)
     out.update(counters=snap.metrics.counters, switches={s.kind: vars(s) for s in snap.metrics.switches})
+    out["events"] = [vars(e) for e in snap.events if e.kind in ("pressure", "oom", "oom_retry", "cpu_fallback")]
     return out
+
+
+def _managed_request(env: Env, m: ResidencyManager, strategy: str, fam: Any, key: str, failures: list) -> dict:
+    ready: list[float] = []
+    before = m._records[key].tier
+    t0 = time.perf_counter()
+
+    def fn(model: Any) -> None:
+        ready.append(time.perf_counter())
+        fam.request(model)
+        env.sync()
+
+    try:
+        m.run(key, fn, working_bytes=fam.working_hint)
+    except ResidencyError as e:
+        failures.append(str(e)[:300])
+    done = time.perf_counter()
+    if strategy == "unload":
+        m.offload(key, to="disk")
+    end = time.perf_counter()
+    return {"key": key, "from": before, "switch_s": (ready[0] - t0) if ready else None,
+            "compute_s": done - ready[-1] if ready else None, "unload_s": end - done, "total_s": end - t0}  # fmt: skip
 
 
 class NaiveCache:
     """The plain way: an LRU cache of models; moves are `model.to("cpu")` / `model.to("cuda")` (pageable memory)."""
 
-    def __init__(self, env: Env, loaders: dict, capacity: int) -> None:
-        self.env, self.loaders, self.capacity = env, loaders, capacity
+    def __init__(self, env: Env, loaders: dict, capacity: Any) -> None:
+        self.env, self.loaders, self.capacity = env, loaders, capacity  # capacity(): the live budget, as ours
         self.objs: dict[str, Any] = {}
         self.on_gpu: OrderedDict[str, int] = OrderedDict()
         self.swap_in: dict[str, list[float]] = {}
@@ -285,7 +370,8 @@ class NaiveCache:
             self.on_gpu.move_to_end(key)
             return self.objs[key]
         size = self.loaders[key].nbytes
-        while self.on_gpu and sum(self.on_gpu.values()) + size + need > self.capacity:
+        capacity = self.capacity()
+        while self.on_gpu and sum(self.on_gpu.values()) + size + need > capacity:
             self._evict(next(iter(self.on_gpu)))
         t0 = time.perf_counter()
         if key not in self.objs:
@@ -322,25 +408,30 @@ class NaiveCache:
                     torch.cuda.empty_cache()
 
 
-def run_naive(env: Env, families: dict, loaders: dict, trace: list[str], budget_s: float) -> dict:
-    probe = env.manager()
-    cache = NaiveCache(env, loaders, probe.snapshot().capacity_bytes)  # the same budget as our manager's
+def run_naive(env: Env, families: dict, loaders: dict, trace: list[str], budget_s: float,
+              neighbour: Neighbour | None = None, window: tuple[int, int, int] = (-1, -1, 0)) -> dict:  # fmt: skip
+    budget = env.manager()  # only reads the card: the same live budget as our manager's
+    cache = NaiveCache(env, loaders, budget.capacity_bytes)
     rows, failures, stop = [], [], time.monotonic() + budget_s
-    for key in trace:
-        if time.monotonic() > stop:
-            break
-        before = "gpu" if key in cache.on_gpu else ("ram" if key in cache.objs else "disk")
-        ready: list[float] = []
-        t0 = time.perf_counter()
-        try:
-            cache.run(key, families[key], ready)
-        except Exception as e:
-            if not is_oom_error(e):
-                raise
-            failures.append(str(e)[:300])
-        end = time.perf_counter()
-        rows.append({"key": key, "from": before, "switch_s": ready[0] - t0 if ready else None,
-                     "compute_s": end - ready[-1] if ready else None, "unload_s": 0.0, "total_s": end - t0})  # fmt: skip
+    try:
+        for i, key in enumerate(trace):
+            if time.monotonic() > stop:
+                break
+            _neighbour_step(neighbour, i, window)
+            before = "gpu" if key in cache.on_gpu else ("ram" if key in cache.objs else "disk")
+            ready: list[float] = []
+            t0 = time.perf_counter()
+            try:
+                cache.run(key, families[key], ready)
+            except Exception as e:
+                if not is_oom_error(e):
+                    raise
+                failures.append(str(e)[:300])
+            end = time.perf_counter()
+            rows.append({"key": key, "from": before, "switch_s": ready[0] - t0 if ready else None,
+                         "compute_s": end - ready[-1] if ready else None, "unload_s": 0.0, "total_s": end - t0})  # fmt: skip
+    finally:
+        _neighbour_step(neighbour, window[1], window)
     out = _summary(rows, trace, families, failures)
     out.update(oom_retries=cache.ooms, swap_in=cache.swap_in, swap_out=cache.swap_out)
     cache.objs.clear()
@@ -381,7 +472,8 @@ def _summary(rows: list[dict], trace: list[str], families: dict, failures: list[
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
-WEIGHTS = {"ours": 1.5, "lru": 1.2, "naive": 1.0, "unload": 0.8}  # share of the remaining time budget
+WEIGHTS = {"ours": 1.5, "lru": 1.0, "naive": 1.5, "unload": 0.6}  # share of the remaining time budget
+UNLOAD_SAMPLES = 4  # requests per family timed under unload-after-use; its total is projected from them
 
 
 def _meta(env: Env, args: argparse.Namespace) -> dict:
@@ -414,22 +506,32 @@ def _save(out: Path, tag: str, result: dict) -> str:
 
 def bench(env: Env, args: argparse.Namespace, out: Path, tag: str) -> dict:
     result: dict[str, Any] = {"meta": _meta(env, args), "errors": {}, "strategies": {}}
+    neighbour = None
     save = lambda: _save(out, tag, result)  # noqa: E731
     try:
+        neighbour = Neighbour(env) if "trace" in args.parts else None  # starts now: torch imports take a while
         bw = raw_bandwidth(env, GiB if env.cuda else 8 * MiB)
         result["bandwidth"] = bw
-        sizes = [int(g * GiB) for g in (0.5, 1, 2, 4, 7)] if env.cuda else [2 * MiB, 4 * MiB, 8 * MiB]
-        chunk = 64 * MiB if env.cuda else 256 * 1024
-        result["swap_in"] = swap_in_sizes(env, sizes, chunk, bw["pinned_h2d_gbps"], naive_max=sizes[2])
-        save()
+        if "swap" in args.parts:
+            sizes = [int(g * GiB) for g in (0.5, 1, 2, 4, 7)] if env.cuda else [2 * MiB, 4 * MiB, 8 * MiB]
+            chunk = 64 * MiB if env.cuda else 256 * 1024
+            result["swap_in"] = swap_in_sizes(env, sizes, chunk, bw["pinned_h2d_gbps"], naive_max=sizes[2])
+            save()
+        if "trace" not in args.parts:
+            return result
         families, loaders, errors = prepare(env.device, env.quick, Path(args.work))
         result["families"] = {k: f.bytes for k, f in families.items()}
         result["errors"].update({f"build {k}": v for k, v in errors.items()})
         save()
-        result["check"] = check_outputs(env, families, loaders)
-        save()
+        if "check" in args.parts:
+            result["check"] = check_outputs(env, families, loaders)
+            save()
         trace = make_trace(args.requests, args.seed, list(families))
         result["trace"] = {k: trace.count(k) for k in families}
+        nb = int(args.neighbour_gb * GiB) if env.cuda else 6 * MiB
+        window = (int(0.3 * len(trace)), int(0.8 * len(trace)), nb)
+        result["neighbour"] = {"from_request": window[0], "to_request": window[1], "bytes": nb}
+        neighbour.wait_ready()
         names = [s for s in args.strategies.split(",") if s in WEIGHTS]
         for i, name in enumerate(names):
             share = WEIGHTS[name] / sum(WEIGHTS[n] for n in names[i:])
@@ -437,9 +539,10 @@ def bench(env: Env, args: argparse.Namespace, out: Path, tag: str) -> dict:
             log.info("strategy %s: %.0f s budget", name, budget)
             try:
                 if name == "naive":
-                    result["strategies"][name] = run_naive(env, families, loaders, trace, budget)
+                    result["strategies"][name] = run_naive(env, families, loaders, trace, budget, neighbour, window)
                 else:
-                    result["strategies"][name] = run_managed(env, name, families, loaders, trace, budget)
+                    run = run_managed(env, name, families, loaders, trace, budget, neighbour, window)
+                    result["strategies"][name] = run
             except Exception as e:
                 log.exception("strategy %s failed", name)
                 result["errors"][name] = f"{type(e).__name__}: {e}"
@@ -448,6 +551,8 @@ def bench(env: Env, args: argparse.Namespace, out: Path, tag: str) -> dict:
         log.exception("benchmark stopped early")
         result["errors"]["bench"] = f"{type(e).__name__}: {e}"
     finally:
+        if neighbour is not None:
+            neighbour.close()
         print(save())
     return result
 
@@ -463,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-s", type=float, default=900.0, help="stop starting new work after this long")
-    p.add_argument("--strategies", default="ours,lru,naive,unload")
+    p.add_argument("--strategies", default="ours,naive,unload,lru")
+    p.add_argument("--parts", default="swap,check,trace", help="which parts to run: swap (a), check, trace (b)")
+    p.add_argument("--neighbour-gb", type=float, default=2.0, help="another program's GPU memory mid-trace")
     args = p.parse_args(argv)
     args.argv = argv
     for k, v in {**QUIET_ENV, **OFFLINE_ENV, "YOLO_CONFIG_DIR": f"{args.work}/ultralytics"}.items():

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from studio.accel import CudaAccelerator
-from studio.pinned import move_down, tensor_slots
+from studio.pinned import model_modules, move_down, tensor_slots
 
 log = logging.getLogger(__name__)
 GiB = 2**30
@@ -38,7 +38,7 @@ class Family:
 
 
 def _device_of(obj: Any) -> torch.device:
-    return next(t for t in tensor_slots(obj) if t.numel()).device
+    return next(p for m in model_modules(obj) for p in m.parameters()).device
 
 
 def _relink_bnb(obj: Any) -> None:

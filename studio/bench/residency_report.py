@@ -101,7 +101,7 @@ def markdown(r: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, x in st.items():
             c = x.get("counters", {})
-            proj = _s(x["projected_total_s"]) + ("" if x["complete"] else " (projected)")
+            proj = _s(x["projected_total_s"]) + ("" if x["complete"] else " (projected from per-family means)")
             lines.append(
                 f"| {name} | {x['requests_done']}/{x['requests']} | {_s(x['total_s'])} | {proj} | "
                 f"{_s(x['switch_p50_s'])} | {_s(x['switch_p95_s'])} | {x['moves']} ({x['moves'] - x['swaps_from_ram']}) | "
