@@ -170,14 +170,15 @@ class SimulatedAccelerator:
         self._peak = 0
         self.empty_cache_calls = 0
         self.syncs = 0
-        probe.attach_own(lambda: self.allocated() + self.context_bytes)
+        self.cached_bytes = 0  # freed blocks a caching allocator would keep (tests set it; empty_cache clears it)
+        probe.attach_own(lambda: self.reserved() + self.context_bytes)
 
     def _forget(self, ptr: int) -> None:
         with self._lock:
             self._live.pop(ptr, None)
 
     def alloc(self, nbytes: int) -> torch.Tensor:
-        limit = self.probe.total_bytes - self.probe.others_bytes() - self.context_bytes
+        limit = self.probe.total_bytes - self.probe.others_bytes() - self.context_bytes - self.cached_bytes
         with self._lock:
             used = sum(self._live.values())
             if used + nbytes > limit:
@@ -205,12 +206,14 @@ class SimulatedAccelerator:
 
     def empty_cache(self) -> None:
         self.empty_cache_calls += 1
+        self.cached_bytes = 0
 
     def allocated(self) -> int:
         with self._lock:
             return sum(self._live.values())
 
-    reserved = allocated
+    def reserved(self) -> int:
+        return self.allocated() + self.cached_bytes
 
     def total_bytes(self) -> int:
         return self.probe.total_bytes

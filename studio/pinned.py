@@ -9,9 +9,10 @@ bitsandbytes 4-bit model):
 - Each tensor keeps its identity: only its `.data` is swapped. Optimizers, tied weights, peft wrappers and
   quant-state references stay valid.
 - Down (GPU -> host): every device tensor is copied with `non_blocking=True` into its slice of the model's
-  `PinnedPool` (one flat host buffer, allocated once, reused on every later swap), then one synchronize. If the
-  model has not changed since it was uploaded from this same pool (same tensors, same addresses, same version
-  counters, no gradients), the copy is skipped: the pool still holds exactly those bytes.
+  `PinnedPool` (one flat host buffer, allocated once, reused on every later swap), then one synchronize. A tensor
+  unchanged since it was uploaded from this same pool (same object, same address, same version counter, no
+  gradient) is not copied: the pool still holds exactly its bytes. Tensors made under `torch.inference_mode()`
+  have no version counter: they are replaced by normal copies first (and so always count as changed).
 - Up (host -> GPU): ONE allocation of the pool's size on the device and ONE copy of the whole pool, then every
   tensor becomes a view of its slice. That runs at the card's pinned host-to-device bandwidth.
 Assumptions: tensors that are distinct objects do not alias each other's memory (tied weights are the same
@@ -132,7 +133,7 @@ class PinnedPool:
     def __init__(self, layout: tuple[Slot, ...], total: int, host: HostBuffer) -> None:
         self.layout, self.total, self.host = layout, total, host
         self.views = [_view(host.tensor, s) for s in layout]
-        self.synced: list[tuple[int, int, int]] | None = None  # (id, data_ptr, version) after the last upload
+        self.synced: list[tuple[int, int, int | None]] | None = None  # (id, data_ptr, version) after the upload
         self.reuses = 0  # swap-downs that reused these buffers
 
     @property
@@ -150,14 +151,15 @@ class PinnedPool:
             for t, v in zip(tensors, self.views, strict=True)
         )
 
-    def in_sync(self, tensors: list[torch.Tensor]) -> bool:
-        """True when the device copy is unchanged since it was uploaded from this pool."""
+    def dirty(self, tensors: list[torch.Tensor]) -> list[bool]:
+        """Per tensor: must it be copied back? No only when the device copy is unchanged since it was uploaded from
+        this pool (same object, same address, same version counter, no gradient)."""
         if self.synced is None or len(self.synced) != len(tensors):
-            return False
-        for t, (ident, ptr, version) in zip(tensors, self.synced, strict=True):
-            if id(t) != ident or t.data_ptr() != ptr or t._version != version or getattr(t, "grad", None) is not None:
-                return False
-        return True
+            return [True] * len(tensors)
+        return [
+            id(t) != ident or t.data_ptr() != ptr or version is None or _version(t) != version or t.grad is not None
+            for t, (ident, ptr, version) in zip(tensors, self.synced, strict=True)
+        ]
 
     def close(self) -> None:
         self.views = []
@@ -170,6 +172,27 @@ class MoveResult:
     bytes: int  # bytes now resident in the destination tier
     copied: int  # bytes actually copied (0 when a clean swap-down was skipped)
     pool: PinnedPool | None
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter, or None for inference-mode tensors (they have none, so they always count as changed)."""
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors (and tensors that once were) have no version counter
+        return None
+
+
+def _normalize_inference_tensors(obj: Any) -> None:
+    """Buffers and tensor attributes made under `torch.inference_mode()` (ultralytics' anchors after a predict) have
+    no version counter and must not get new `.data`; replace each with a normal copy (they are small)."""
+    for root in model_modules(obj):
+        for m in root.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None and _version(b) is None:
+                    m._buffers[name] = b.clone()
+            for name, v in list(vars(m).items()):
+                if isinstance(v, torch.Tensor) and not name.startswith("_") and _version(v) is None:
+                    setattr(m, name, v.clone())
 
 
 def _drop_grads(tensors: list[torch.Tensor]) -> None:
@@ -198,9 +221,10 @@ def move_down(
     obj: Any, pool: PinnedPool | None, accel: Accelerator, new_host: Callable[[int], HostBuffer]
 ) -> MoveResult:
     """GPU -> host pool. `new_host(nbytes)` allocates a pool buffer when there is none or the layout changed."""
+    _normalize_inference_tensors(obj)
     tensors = [t for t in tensor_slots(obj) if accel.on_device(t)]
     layout, total = plan_layout(tensors)
-    skip = pool is not None and pool.layout == layout and pool.in_sync(tensors)
+    dirty = pool.dirty(tensors) if pool is not None and pool.layout == layout else [True] * len(tensors)
     _drop_grads(tensors)
     if pool is None or pool.layout != layout:
         if pool is not None:
@@ -209,19 +233,23 @@ def move_down(
         pool = PinnedPool(layout, total, new_host(total))
     else:
         pool.reuses += 1
-    if not skip:
-        for t, view in zip(tensors, pool.views, strict=True):
+    copied = 0
+    for t, view, slot, d in zip(tensors, pool.views, layout, dirty, strict=True):
+        if d:
             view.copy_(t, non_blocking=pool.pinned)
+            copied += slot.nbytes
+    if copied:
         accel.synchronize()
     for t, view in zip(tensors, pool.views, strict=True):
         t.data = view
     pool.synced = None
-    return MoveResult(total, 0 if skip else total, pool)
+    return MoveResult(total, copied, pool)
 
 
 def move_up(obj: Any, pool: PinnedPool | None, accel: Accelerator, new_host: Callable[[int], HostBuffer]) -> MoveResult:
     """Host -> GPU: adopt the host tensors into a pool if they are not in one yet, then one allocation and one copy."""
     _fixup_bnb_cpu_packing(obj)
+    _normalize_inference_tensors(obj)
     tensors = [t for t in tensor_slots(obj) if not accel.on_device(t) and t.device.type == "cpu"]
     if pool is None or not pool.holds(tensors):
         layout, total = plan_layout(tensors)
@@ -237,7 +265,7 @@ def move_up(obj: Any, pool: PinnedPool | None, accel: Accelerator, new_host: Cal
     accel.synchronize()
     for t, slot in zip(tensors, pool.layout, strict=True):
         t.data = _view(flat, slot)
-    pool.synced = [(id(t), t.data_ptr(), t._version) for t in tensors]
+    pool.synced = [(id(t), t.data_ptr(), _version(t)) for t in tensors]
     return MoveResult(pool.total, pool.total, pool)
 
 

@@ -285,7 +285,11 @@ class ResidencyManager(Placement, Moves):
             if self._mover_busy:
                 return []
             plan = self._plan_maintenance(reading)
+            cache = self._accel.reserved() - self._accel.allocated()
             if not plan.records():
+                if reading is not None and reading.free_bytes < self.reserve_bytes and cache > 64 * 2**20:
+                    self._event("trim_cache", "", cache, detail="card free below the reserve: cached blocks freed")
+                    self._accel.empty_cache()  # our allocator's idle blocks are eating the reserve: give them back
                 return []
             self._begin(plan)
         self._finish(plan, self._execute_down, give_back=True)

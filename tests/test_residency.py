@@ -223,6 +223,19 @@ def test_other_process_taking_memory_pushes_idle_models_down():
         assert tiers(manager) == {"m:a": "gpu", "m:b": "gpu"}
 
 
+def test_cached_blocks_eating_the_reserve_are_given_back():
+    manager, probe, accel = sim_manager(120, reserve_mib=20)
+    manager.register(NetLoader("m:a", 40))
+    with manager.use("m:a", working_bytes=0):
+        pass
+    accel.cached_bytes = 70 * MiB  # freed working memory our allocator kept: the card shows only 10 MiB free
+    assert probe.read().free_bytes < 20 * MiB
+    calls = accel.empty_cache_calls
+    assert manager.maintain() == [] and accel.empty_cache_calls == calls + 1 and accel.cached_bytes == 0
+    assert tiers(manager) == {"m:a": "gpu"} and any(e.kind == "trim_cache" for e in manager.snapshot().events)
+    assert manager.maintain() == [] and accel.empty_cache_calls == calls + 1  # nothing cached any more
+
+
 def test_vram_cap_lowered_and_raised_live():
     manager, _, _ = sim_manager(100)
     for key in ("m:a", "m:b"):

@@ -42,9 +42,13 @@ def test_verdicts_and_markdown():
     naive = _summary([dict(r, switch_s=0.5) for r in _rows(trace, 1.0, "ram")], trace, {"llm": 0, "sd": 0}, [])
     result = {"meta": {"machine": "test"}, "strategies": {"ours": ours, "unload": unload, "naive": naive},
               "swap_in": [{"bytes": 2**30, "swap_in_s": 0.02, "gbps": 50.0, "fraction_of_raw": 0.9,
-                           "first_swap_out_s": 1.0, "clean_swap_out_s": 0.0, "dirty_swap_out_s": 0.02}]}  # fmt: skip
+                           "first_swap_out_s": 1.0, "clean_swap_out_s": 0.0, "dirty_swap_out_s": 0.02,
+                           "naive_to_cpu_s": 0.6, "naive_to_gpu_s": 0.2}]}  # fmt: skip
     v = verdicts(result)
-    assert v["total_speedup_vs_unload"] == pytest.approx(10.0) and v["swap_speedup_vs_naive"] == pytest.approx(50.0)
+    assert v["total_speedup_vs_unload"] == pytest.approx(10.0) and v["trace_swap_wait_ratio_vs_naive"] == pytest.approx(
+        50.0
+    )
+    assert v["round_trip_speedup_vs_naive_min"] == pytest.approx(20.0)
     assert v["ours_oom_retries"] == 1 and v["ours_oom_failures"] == 0 and v["swap_in_fraction_of_raw_min"] == 0.9
     text = markdown(result)
     assert "| ours | 10/10 |" in text and "90%" in text

@@ -92,10 +92,11 @@ class CappedProbe:
         r = self.inner.read()
         if r is None:
             return None
-        total = min(self.total, r.total_bytes)
-        used = min(total, r.used_bytes)
-        return dataclasses.replace(r, name=f"{r.name} as {total / GiB:.0f} GB", total_bytes=total, used_bytes=used,
-                                   free_bytes=total - used)  # fmt: skip
+        total = min(
+            self.total, r.total_bytes
+        )  # used is kept as is (it may exceed the small card): others = used - ours
+        return dataclasses.replace(r, name=f"{r.name} as {total / GiB:.0f} GB", total_bytes=total,
+                                   free_bytes=max(0, total - r.used_bytes))  # fmt: skip
 
 
 NEIGHBOUR = """
