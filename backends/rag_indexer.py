@@ -57,16 +57,19 @@ class IngestReport:
         elif len(self.notes) == MAX_NOTES:
             self.notes.append("... more notes not shown (see the counts above).")
 
-    def skip(self, display: str, reason: str) -> None:
+    def skip(self, display: str, reason: str, category: str = "") -> None:
         self.files_skipped += 1
-        self.skipped_by_reason[reason.split(" (")[0].split(":")[0]] += 1
+        self.skipped_by_reason[category or reason.split(" (")[0].split(":")[0]] += 1
         self.note(f"{display}: {reason}")
 
     def summary(self) -> str:
         head = "Cancelled" if self.cancelled else "Done"
+        why = ", ".join(f"{n} {reason}" for reason, n in self.skipped_by_reason.most_common(4))
         return (
             f"{head} in {self.seconds:.1f} s: {self.files_found} files found, {self.files_indexed} indexed, "
-            f"{self.files_unchanged} unchanged, {self.files_removed} removed, {self.files_skipped} skipped; "
+            f"{self.files_unchanged} unchanged, {self.files_removed} removed, {self.files_skipped} skipped"
+            + (f" ({why})" if why else "")
+            + "; "
             f"{self.chunks_added} chunks added. Knowledge base {self.kb!r} now holds {self.files_total} files, "
             f"{self.chunks_total} chunks."
         )
@@ -155,7 +158,11 @@ class Indexer:
             return
         if found.size > self.max_file_bytes:
             self._done_bytes += found.size
-            report.skip(display, f"{found.size / 2**20:.1f} MB is over the {self.max_file_bytes / 2**20:.0f} MB limit")
+            report.skip(
+                display,
+                f"{found.size / 2**20:.2f} MB is over the {self.max_file_bytes / 2**20:g} MB limit",
+                "too large",
+            )
             self._forget(key, prev, pending)
             return
         try:

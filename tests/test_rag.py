@@ -127,6 +127,7 @@ def test_bad_files_are_skipped_with_notes_and_odd_encodings_are_searchable(rag, 
     rag.create_kb("mixed")
     report = rag.ingest("mixed", folder)
     assert report.files_indexed == 4 and report.files_skipped == 4
+    assert "4 skipped (1 binary file, " in report.summary()
     notes = "\n".join(report.notes)
     for expected in ["data.txt: binary file", "photo.png: unsupported file type", "empty.md: no text",
                      "scan.pdf: PDF without a text layer"]:  # fmt: skip
@@ -136,6 +137,22 @@ def test_bad_files_are_skipped_with_notes_and_odd_encodings_are_searchable(rag, 
     assert rag.search("mixed", "lighthouse weather", top_k=1).passages[0].text.startswith("The lighthouse keeper")
     pdf = rag.search("mixed", "tidal power from the sea", top_k=1).passages[0]
     assert pdf.page == 1 and pdf.citation == "mixed/paper.pdf p.1 lines 1"
+
+
+def test_oversized_files_are_skipped_and_chroma_never_embeds_or_phones_home(rag, rag_ctx, tmp_path: Path) -> None:
+    from backends.rag import RAGBackend, RAGConfig
+
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    (folder / "small.txt").write_text("The greenhouse vents open above 24 degrees.")
+    (folder / "huge.txt").write_text("filler line\n" * 2000)  # 24 KB, over a 0.01 MB limit
+    small_limit = RAGBackend(rag_ctx, RAGConfig(max_file_mb=0.01))
+    small_limit.create_kb("sizes")
+    report = small_limit.ingest("sizes", folder)
+    assert report.files_indexed == 1 and any("huge.txt" in n and "over the" in n for n in report.notes)
+    col = rag.store.collection("sizes")
+    assert col._embedding_function is None and col.configuration_json["embedding_function"] is None
+    assert rag.store.client().get_settings().anonymized_telemetry is False
 
 
 def test_bad_requests_give_clear_errors(rag, tmp_path: Path) -> None:
@@ -320,3 +337,30 @@ def test_uploads_get_safe_names_and_a_size_limit(rag, rag_ctx, tmp_path: Path) -
         tiny_limit.save_uploads("uploads", [str(big)])
     with pytest.raises(ValueError, match="No files"):
         rag.save_uploads("uploads", [])
+
+
+@pytest.mark.slow
+def test_ten_thousand_files(rag, tmp_path: Path) -> None:
+    folder = tmp_path / "ten-thousand"
+    for i in range(10_000):
+        sub = folder / f"d{i // 500:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"n{i:05d}.md").write_text(f"# Note {i}\n\nTicket {i} was closed by team {i % 50}.\n")
+    rag.create_kb("ten-thousand")
+    last: list[float] = []
+    report = rag.ingest("ten-thousand", folder, progress=lambda f, m: last.append(f))
+    assert report.files_indexed == 10_000 and rag.store.collection("ten-thousand").count() == 10_000
+    assert len(last) > 100 and last == sorted(last)
+    again = rag.ingest("ten-thousand", folder)
+    assert again.files_unchanged == 10_000 and again.seconds < 60
+    hit = rag.search("ten-thousand", "Ticket 4321 closed", top_k=5, mode="keyword").passages
+    assert any(p.display.endswith("n04321.md") for p in hit)
+
+
+@pytest.mark.slow
+def test_real_llm_answer_streams_with_valid_citations(rag, notes_kb) -> None:
+    updates = list(rag.answer(notes_kb, "How much water goes into the sourdough?", top_k=3, max_new_tokens=48))
+    final = updates[-1]
+    assert final.done and final.llm_used and final.text.strip(), final.note
+    assert len(updates) > 3  # streamed token by token
+    assert all(1 <= n <= len(final.search.passages) for n in final.cited)
