@@ -61,7 +61,7 @@ class SnapshotLoader:
             pool = move_down(obj, None, accel, accel.host_buffer).pool
         slots = tensor_slots(obj)
         self.nbytes = sum(t.numel() * t.element_size() for t in slots)
-        plain = [t.detach().clone() if t.is_inference() else t.detach().contiguous() for t in slots]  # YOLO anchors
+        plain = [(t.detach().clone() if t.is_inference() else t.detach()).contiguous() for t in slots]  # YOLO anchors
         save_file({f"t{i}": t for i, t in enumerate(plain)}, str(path))
         del plain
         for t in slots:  # the object becomes a weightless skeleton
