@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from studio.bench.residency import _summary, make_trace
 from studio.bench.residency_report import markdown, verdicts
+from studio.bench.residency_trace import _summary, make_trace
 
 
 def test_trace_is_bursty_chat_with_occasional_other_work():
