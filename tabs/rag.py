@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,18 @@ def passage_rows(result: Any) -> list[list[Any]]:
     return rows
 
 
+def passage_block(p: Any, max_lines: int = 30) -> str:
+    """The passage verbatim in a fenced block, each line prefixed with its line number in the source."""
+    lines = p.text.split("\n")
+    shown = [f"{n:>5} | {line}" for n, line in enumerate(lines[:max_lines], start=p.start_line)]
+    if len(lines) > max_lines:
+        shown.append(f"      | ... {len(lines) - max_lines} more lines")
+    body = "\n".join(shown)
+    longest = max((len(m) for m in re.findall(r"`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{body}\n{fence}"
+
+
 def citations_markdown(update: Any) -> str:
     """The passages cited in the answer (or all of them when no answer was written), mapped to file:lines."""
     result = update.search
@@ -42,8 +55,7 @@ def citations_markdown(update: Any) -> str:
     parts = [f"### {title}"]
     for n in numbers:
         p = result.passages[n - 1]
-        quoted = "\n".join("> " + line for line in p.text.splitlines()[:20])
-        parts.append(f"**[{n}] `{p.citation}`**" + (f" · {p.heading}" if p.heading else "") + f"\n\n{quoted}")
+        parts.append(f"**[{n}] `{p.citation}`**" + (f" · {p.heading}" if p.heading else "") + "\n\n" + passage_block(p))
     return "\n\n".join(parts)
 
 
@@ -162,7 +174,10 @@ def build(ctx: StudioContext) -> None:
             ranking = gr.Markdown()
             answer = gr.Markdown(label="Answer")
             cited = gr.Markdown()
-    passages = gr.Dataframe(headers=PASSAGE_COLUMNS, label="Retrieved passages", wrap=True, interactive=False)
+    passages = gr.Dataframe(
+        headers=PASSAGE_COLUMNS, label="Retrieved passages (scores)", wrap=True, interactive=False,
+        column_widths=["4%", "20%", "16%", "7%", "7%", "7%", "7%", "32%"],
+    )  # fmt: skip
 
     def create(name: str):
         try:

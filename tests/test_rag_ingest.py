@@ -307,3 +307,12 @@ def test_tab_module_imports_no_torch_and_builds(ctx) -> None:
     with gr.Blocks(), gr.Tab(TAB.title):
         TAB.build(ctx)
     assert TAB.title == "RAG"
+
+
+def test_tab_passage_block_numbers_lines_and_survives_backticks() -> None:
+    from tabs.rag import passage_block
+
+    p = Passage(1, "id", "/x/a.md", "notes/a.md", 12, 14, 0, "", "# Title\n```py\nx = 1")
+    block = passage_block(p)
+    assert block.startswith("````text\n") and block.endswith("\n````")
+    assert "   12 | # Title\n   13 | ```py\n   14 | x = 1" in block
