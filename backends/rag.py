@@ -313,22 +313,24 @@ class RAGBackend:
             note = "" if result.passages else "No passage matches the question."
             yield AnswerUpdate("", result, note=note, done=True)
             return
-        yield AnswerUpdate("", result, note="retrieved; the chat model is writing the answer ...")
+        messages, used = build_messages(result.question, result.passages)
+        note = "" if used == len(result.passages) else f"The answer was written from passages 1-{used} (prompt size)."
+        yield AnswerUpdate("", result, note=note or "retrieved; the chat model is writing the answer ...")
         text = ""
         try:
             from backends.llm_generate import GenerationOptions
 
             llm = self.ctx.backends.get("llm")
             opts = GenerationOptions(temperature=0.0, max_new_tokens=max_new_tokens)
-            for update in llm.chat(build_messages(result.question, result.passages), opts, cancel=cancel):
+            for update in llm.chat(messages, opts, cancel=cancel):
                 text = update.text
-                yield AnswerUpdate(text, result, cited=cited_numbers(text, len(result.passages)), llm_used=True)
-        except Exception as e:
+                yield AnswerUpdate(text, result, note=note, cited=cited_numbers(text, used), llm_used=True)
+        except Exception as e:  # any LLM failure falls back to the passages, with the reason shown
             log.warning("rag answer: chat model failed (%s: %s)", type(e).__name__, e)
-            note = f"The chat model is unavailable ({type(e).__name__}: {e}); showing the retrieved passages only."
+            note = f"The chat model is unavailable or failed ({type(e).__name__}: {e}); showing the passages only."
             yield AnswerUpdate(text, result, note=note, done=True)
             return
-        yield AnswerUpdate(text, result, cited=cited_numbers(text, len(result.passages)), done=True, llm_used=True)
+        yield AnswerUpdate(text, result, note=note, cited=cited_numbers(text, used), done=True, llm_used=True)
 
 
 def create(ctx: Any) -> RAGBackend:

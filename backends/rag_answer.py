@@ -74,14 +74,25 @@ def check_question(question: str, max_chars: int) -> str:
     return q
 
 
-def build_messages(question: str, passages: list[Passage], max_chars_per_passage: int = 1200) -> list[dict]:
-    """Chat messages: a system rule, then the numbered passages and the question."""
-    blocks = []
+def build_messages(
+    question: str, passages: list[Passage], max_chars_per_passage: int = 1200, max_total_chars: int = 6000
+) -> tuple[list[dict], int]:
+    """Chat messages (a system rule, then numbered passages and the question) and how many passages fit.
+
+    Passages go in ranking order until `max_total_chars` (about 1,500-2,000 tokens) is spent, so the prompt stays
+    well inside a 4k context whatever top_k is; the first passage is always included (cut if it must be).
+    """
+    blocks: list[str] = []
+    used = 0
     for p in passages:
         text = p.text if len(p.text) <= max_chars_per_passage else p.text[:max_chars_per_passage] + " ..."
-        blocks.append(f"[{p.number}] ({p.citation})\n{text}")
+        block = f"[{p.number}] ({p.citation})\n{text}"
+        if blocks and used + len(block) > max_total_chars:
+            break
+        blocks.append(block)
+        used += len(block)
     user = "Passages:\n\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}\nAnswer, citing passages like [1]:"
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}], len(blocks)
 
 
 def cited_numbers(text: str, n_passages: int) -> list[int]:

@@ -290,8 +290,11 @@ def test_citations_parse_only_real_passages() -> None:
     p = Passage(1, "id", "/x/notes/a.md", "notes/a.md", 3, 7, 0, "H", "text")
     assert p.citation == "notes/a.md:3-7"
     assert Passage(1, "id", "/x/p.pdf", "docs/p.pdf", 2, 2, 4, "", "t").citation == "docs/p.pdf p.4 lines 2"
-    messages = build_messages("Q?", [p])
-    assert messages[0]["role"] == "system" and "[1] (notes/a.md:3-7)\ntext" in messages[1]["content"]
+    messages, used = build_messages("Q?", [p])
+    assert used == 1 and messages[0]["role"] == "system" and "[1] (notes/a.md:3-7)\ntext" in messages[1]["content"]
+    many = [Passage(i, str(i), "/x/a.md", "notes/a.md", 1, 9, 0, "", "w" * 1500) for i in range(1, 21)]
+    messages, used = build_messages("Q?", many)
+    assert used == 4 and len(messages[1]["content"]) < 6000 and "[5]" not in messages[1]["content"]
 
 
 def test_tab_module_imports_no_torch_and_builds(ctx) -> None:
