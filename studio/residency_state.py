@@ -175,7 +175,8 @@ class ModelView:
     device: str | None
     bytes: int
     estimate_bytes: int
-    pinned_bytes: int
+    pinned_bytes: int  # host pool, when page-locked
+    pool_bytes: int  # host pool (pinned or not) kept for this model's swaps
     pool_reuses: int
     leases: int
     state: str  # "idle", "in use", "moving up", "moving down", "on disk"
@@ -240,6 +241,7 @@ def model_view(r: ModelRecord) -> ModelView:
         bytes=r.bytes,
         estimate_bytes=r.estimate,
         pinned_bytes=r.pool.nbytes if r.pool is not None and r.pool.pinned else 0,
+        pool_bytes=r.pool.nbytes if r.pool is not None else 0,
         pool_reuses=r.pool.reuses if r.pool is not None else 0,
         leases=r.leases,
         state=state,

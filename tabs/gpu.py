@@ -23,7 +23,7 @@ GB = 2**30
 REFRESH_S = 1.0
 TIMELINE_S = 300  # seconds of history in the plot
 MODEL_HEADERS = ["model", "tier", "state", "weights", "working peak", "leases", "uses", "last use", "swap in", "load"]
-MODEL_HEADERS += ["pinned RAM", "pool reuses"]
+MODEL_HEADERS += ["RAM pool", "pool reuses"]
 PROCESS_HEADERS = ["pid", "program", "GPU memory"]
 SWITCH_HEADERS = ["move", "count", "p50", "p95", "mean"]
 EVENT_HEADERS = ["time", "event", "model", "bytes", "seconds", "detail"]
@@ -66,7 +66,7 @@ def card_markdown(snap: Any) -> str:
         )
     lines.append(
         f"Studio budget **{_gb(snap.capacity_bytes)}** (cap {cap}, reserve {_gb(snap.reserve_bytes)}) · "
-        f"models + working memory on the GPU **{_gb(snap.in_use_bytes)}** · pinned RAM "
+        f"models + working memory on the GPU **{_gb(snap.in_use_bytes)}** · parked in RAM "
         f"{_gb(snap.ram_used_bytes)} of {_gb(snap.ram_cap_bytes)} · readings from {snap.probe}, policy {snap.policy}"
     )
     return "\n\n".join(lines)
@@ -95,7 +95,7 @@ def model_rows(snap: Any, now: float) -> list[list[str]]:
                 _ago(m.last_use, now),
                 _secs(m.swap_in_s),
                 _secs(m.load_s),
-                _gb(m.pinned_bytes) if m.pinned_bytes else "-",
+                (_gb(m.pool_bytes) + ("" if m.pinned_bytes else " (pageable)")) if m.pool_bytes else "-",
                 str(m.pool_reuses),
             ]
         )
@@ -196,9 +196,9 @@ def build(ctx: StudioContext) -> None:
         to_disk = gr.Button("Release to disk", scale=1)
         all_down = gr.Button("Move all idle models down", scale=1)
     with gr.Row():
-        total_gb = snap.card.total_bytes / GB if snap.card else 48.0
-        cap_now = snap.vram_cap_bytes / GB if snap.vram_cap_bytes else round(total_gb, 1)
-        cap = gr.Slider(0.5, round(total_gb, 1), value=cap_now, step=0.1, label="VRAM cap (GB)", scale=3)
+        top = max(1.0, round(snap.card.total_bytes / GB if snap.card else 48.0, 1))
+        cap_now = min(top, snap.vram_cap_bytes / GB if snap.vram_cap_bytes else top)
+        cap = gr.Slider(0.5, top, value=cap_now, step=0.1, label="VRAM cap (GB)", scale=3)
         no_cap = gr.Checkbox(value=snap.vram_cap_bytes is None, label="no cap", scale=1)
         apply = gr.Button("Apply cap", variant="primary", scale=1)
     status = gr.Markdown("")
