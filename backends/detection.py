@@ -60,6 +60,19 @@ def prepare_ultralytics(settings: Any) -> None:
         if any(SETTINGS.get(k) != v for k, v in wanted.items()):
             SETTINGS.update(wanted)
         _install_font(Path(USER_CONFIG_DIR))
+        _restore_pil_open()
+
+
+def _restore_pil_open() -> None:
+    """Ultralytics replaces PIL.Image.open process-wide with a wrapper that, on a file PIL cannot identify, tries to
+    install pi-heif; offline that raises ModuleNotFoundError instead of UnidentifiedImageError, which breaks the clear
+    "not a readable image" messages of every other tab. Put PIL's own function back (HEIC input is not supported)."""
+    from PIL import Image
+    from ultralytics.utils import patches  # importing it applies the patch once; undo it right away
+
+    original = getattr(patches, "_image_open", None)
+    if original is not None and Image.open is not original:
+        Image.open = original
 
 
 def _install_font(config_dir: Path) -> None:

@@ -147,3 +147,19 @@ def test_unreadable_video_is_refused(det, tmp_path):
     bad.write_bytes(b"\0" * 1000)
     with pytest.raises(DetectionError, match=r"clip\.mp4 is not a readable video"):
         list(det.detect_video("yolov8s-person", bad))
+
+
+def test_ultralytics_does_not_break_pil_errors_for_other_tabs(settings, tmp_path):
+    """Ultralytics patches PIL.Image.open to fetch a HEIF plugin; offline that turned every unreadable image anywhere
+    in the studio into ModuleNotFoundError. After prepare_ultralytics PIL raises its own error again."""
+    from PIL import Image, UnidentifiedImageError
+
+    from backends.detection import prepare_ultralytics
+
+    prepare_ultralytics(settings)
+    from ultralytics import YOLO  # noqa: F401  (the full import must not re-apply the patch)
+
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"PK\x03\x04" + bytes(200))
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(fake)
