@@ -18,13 +18,12 @@ import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.safety import check_weights_file, safe_filename
+from studio.safety import check_weights_file, safe_filename, safetensors_numel
 
 log = logging.getLogger(__name__)
 
@@ -173,22 +172,6 @@ def _convert_single_file(path: Path, target: Path, catalog: Any) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def safetensors_params(path: Path) -> int:
-    """Number of parameters in a safetensors file, read from its header only."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    total = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for dim in info["shape"]:
-            count *= dim
-        total += count
-    return total
-
-
 def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     plain = [f for f in files if ".fp16." not in f.name]
@@ -206,7 +189,7 @@ class ComponentLoader:
 
     def estimate_bytes(self) -> int:
         files = _weight_files(self.root / self.component)
-        return sum(safetensors_params(f) for f in files) * self.dtype.itemsize
+        return sum(safetensors_numel(f) for f in files) * self.dtype.itemsize
 
     def load(self, device: str) -> Any:
         cls = _component_class(self.root, self.component)

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.llm_models import safetensors_header
-from studio.safety import WeightsError
+from studio.safety import WeightsError, safetensors_header
 
 log = logging.getLogger(__name__)
 

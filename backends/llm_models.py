@@ -16,14 +16,13 @@ import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.safety import WeightsError, check_weights_file, contained_path
+from studio.safety import WeightsError, check_weights_file, contained_path, safetensors_numel
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +86,6 @@ def resolve_source(ctx: Any, model_id: str) -> ModelSource:
 
 
 # ---- file checks ---------------------------------------------------------------------------------------------
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header and verify the file is as long as the header says (catches truncation)."""
-    check_weights_file(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{path} is truncated (no safetensors header); download or convert it again.")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or 8 + n > size:
-            raise WeightsError(f"{path} is truncated or not safetensors (header of {n} bytes in {size}).")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise WeightsError(f"{path} has a corrupt safetensors header; download or convert it again.") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise WeightsError(
-            f"{path} is truncated: the header needs {8 + n + end} bytes but the file has {size}. "
-            "Download or convert it again."
-        )
-    return header
-
-
 def check_model_folder(folder: Path) -> int:
     """Check config + every weights file of a transformers folder; return the parameter count."""
     if not folder.is_dir():
@@ -122,17 +97,7 @@ def check_model_folder(folder: Path) -> int:
         if any(folder.glob("*.bin")):
             raise WeightsError(f"{folder} holds only pickled .bin weights; convert them to safetensors first.")
         raise WeightsError(f"{folder} has no .safetensors weights (an incomplete download?).")
-    params = 0
-    for f in files:
-        header = safetensors_header(f)
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for d in info["shape"]:
-                numel *= d
-            params += numel
-    return params
+    return sum(safetensors_numel(f) for f in files)
 
 
 # ---- GGUF -> safetensors cache ---------------------------------------------------------------------------------

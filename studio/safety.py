@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +94,37 @@ def check_weights_file(path: Path) -> None:
                 raise WeightsError(
                     f"{path} is a git-LFS pointer, not the weights: run `git lfs pull` or download the file again."
                 )
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse a safetensors header and verify the file is as long as the header says (catches truncation)."""
+    path = Path(path)
+    check_weights_file(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path} is truncated (no safetensors header); download or convert it again.")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or 8 + n > size:
+            raise WeightsError(f"{path} is truncated or not safetensors (header of {n} bytes in {size}).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise WeightsError(f"{path} has a corrupt safetensors header; download or convert it again.") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise WeightsError(
+            f"{path} is truncated: the header needs {8 + n + end} bytes but the file has {size}. "
+            "Download or convert it again."
+        )
+    return header
+
+
+def safetensors_numel(path: Path) -> int:
+    """Number of parameters in a safetensors file, read from its (checked) header only."""
+    header = safetensors_header(path)
+    return sum(math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__")
 
 
 def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -16,6 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Every tab the studio must show, in order: the one list the app, HTTP and browser tests check against.
+TAB_TITLES = (
+    "Chat",
+    "RAG",
+    "Image",
+    "Vision",
+    "Audio",
+    "VLM",
+    "Fine-tune",
+    "Tiny LM lab",
+    "Models",
+    "GPU",
+    "Runs",
+    "Settings",
+)
 START_TIMEOUT_S = 90
 
 

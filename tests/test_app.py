@@ -14,6 +14,7 @@ import launch
 from studio.app import TAB_MODULES, LaunchRefused, check_launch_safety, load_tabs
 from studio.context import Tab
 from studio.settings import Settings
+from tests._studio_server import TAB_TITLES
 
 
 def test_share_without_auth_is_refused():
@@ -88,20 +89,7 @@ def test_app_starts_and_serves_without_network(settings: Settings, monkeypatch):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as r:
             config = json.loads(r.read())
         labels = {c.get("props", {}).get("label") for c in config["components"]}
-        for title in (
-            "Chat",
-            "RAG",
-            "Image",
-            "Vision",
-            "Audio",
-            "VLM",
-            "Fine-tune",
-            "Tiny LM lab",
-            "Models",
-            "GPU",
-            "Runs",
-            "Settings",
-        ):
+        for title in TAB_TITLES:
             assert title in labels, title
     finally:
         demo.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._studio_server import REPO, running_studio
+from tests._studio_server import REPO, TAB_TITLES, running_studio
 
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -33,20 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TABS = (
-    "Chat",
-    "RAG",
-    "Image",
-    "Vision",
-    "Audio",
-    "VLM",
-    "Fine-tune",
-    "Tiny LM lab",
-    "Models",
-    "GPU",
-    "Runs",
-    "Settings",
-)
+TABS = TAB_TITLES
 FAILED_MARK = "This tab failed to load"
 SCREENSHOT = REPO / "assets" / "screenshot.png"
 SCREENSHOT_MAX_BYTES = 300_000
