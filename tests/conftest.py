@@ -40,3 +40,21 @@ def shared_cache_dir() -> Path:
     path = _session_dir / "cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def diffusion_ctx(tmp_path_factory, shared_cache_dir):
+    """One studio context per module with the tiny demo pipelines (built once per session, copied in)."""
+    import shutil
+
+    from backends.diffusion_tiny import ensure_tiny_pipeline
+    from studio.app import build_context
+
+    root = tmp_path_factory.mktemp("diffusion")
+    settings = Settings(data_dir=root / "data", models_dir=root / "models", open_browser=False)
+    context = build_context(settings)
+    for model in ("tiny-sd-demo", "tiny-sdxl-demo"):
+        src = ensure_tiny_pipeline(shared_cache_dir, model)
+        shutil.copytree(src, settings.cache_dir / "diffusion" / src.name)
+    yield context
+    context.jobs.shutdown(timeout=10)

@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from backends.diffusion_tiny import ensure_tiny_pipeline
-
 FAST = {"steps": 3, "width": 64, "height": 96}
-
-
-@pytest.fixture(scope="module")
-def dctx(tmp_path_factory, shared_cache_dir):
-    """One studio context for the module; the tiny pipelines are built once per test session and copied in."""
-    from studio.app import build_context
-    from studio.settings import Settings
-
-    root = tmp_path_factory.mktemp("diffusion")
-    settings = Settings(data_dir=root / "data", models_dir=root / "models", open_browser=False)
-    ctx = build_context(settings)
-    for model in ("tiny-sd-demo", "tiny-sdxl-demo"):
-        src = ensure_tiny_pipeline(shared_cache_dir, model)
-        shutil.copytree(src, settings.cache_dir / "diffusion" / src.name)
-    yield ctx
-    ctx.jobs.shutdown(timeout=10)
 
 
 def _pixels(result, i: int = 0) -> np.ndarray:
     return np.asarray(result.images[i].image, dtype=np.int16)
 
 
-def test_same_seed_same_image_of_requested_size(dctx):
+def test_same_seed_same_image_of_requested_size(diffusion_ctx):
     from backends.diffusion import GenerateRequest
     from backends.diffusion_png import read_png_params
 
-    diffusion = dctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.get("diffusion")
     a = diffusion.generate(GenerateRequest("a red lighthouse", seed=7, **FAST))
     b = diffusion.generate(GenerateRequest("a red lighthouse", seed=7, **FAST))
     c = diffusion.generate(GenerateRequest("a red lighthouse", seed=8, **FAST))
@@ -48,13 +28,13 @@ def test_same_seed_same_image_of_requested_size(dctx):
     params = read_png_params(a.images[0].path)
     assert params["seed"] == 7 and params["prompt"] == "a red lighthouse" and params["untrained_demo_model"] is True
     assert "Steps: 3" in Image.open(a.images[0].path).text["parameters"]  # AUTOMATIC1111-style chunk
-    assert a.images[0].path.parent.parent == dctx.settings.outputs_dir / "images"
+    assert a.images[0].path.parent.parent == diffusion_ctx.settings.outputs_dir / "images"
 
 
-def test_sdxl_architecture_txt2img_img2img_inpaint_and_gallery(dctx):
+def test_sdxl_architecture_txt2img_img2img_inpaint_and_gallery(diffusion_ctx):
     from backends.diffusion import GenerateRequest
 
-    diffusion = dctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.get("diffusion")
     base = diffusion.generate(GenerateRequest("a boat", model="tiny-sdxl-demo", seed=1, batch=2, **FAST))
     assert [im.seed for im in base.images] == [1, 2] and base.mode == "txt2img"
     init = base.images[0].path
@@ -96,10 +76,10 @@ def test_bad_requests_are_refused_with_the_fix(kwargs, expected):
         GenerateRequest(**kwargs)
 
 
-def test_corrupt_init_image_and_unknown_models_give_clear_messages(dctx, tmp_path):
+def test_corrupt_init_image_and_unknown_models_give_clear_messages(diffusion_ctx, tmp_path):
     from backends.diffusion import GenerateRequest, ModelNotAvailable, RequestError
 
-    diffusion = dctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.get("diffusion")
     bad = tmp_path / "photo.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # PNG signature, truncated body
     with pytest.raises(RequestError, match=r"init image \(photo.png\) is not a readable image"):
@@ -124,10 +104,10 @@ def test_corrupt_init_image_and_unknown_models_give_clear_messages(dctx, tmp_pat
         diffusion.generate(GenerateRequest("a cat", model=str(broken), **FAST))
 
 
-def test_cancel_stops_generation_and_saves_nothing(dctx):
+def test_cancel_stops_generation_and_saves_nothing(diffusion_ctx):
     from backends.diffusion import GenerateRequest, GenerationCancelled
 
-    diffusion = dctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.get("diffusion")
     before = len(diffusion.gallery(1000))
     seen: list[str] = []
     with pytest.raises(GenerationCancelled, match="nothing was saved"):
@@ -186,10 +166,10 @@ def test_out_of_memory_in_decode_falls_back_to_tiles():
     assert vae.tiling is False  # the shared VAE is left as it was
 
 
-def test_generation_is_refused_while_the_model_is_being_trained(dctx):
+def test_generation_is_refused_while_the_model_is_being_trained(diffusion_ctx):
     from backends.diffusion import DiffusionBusy, GenerateRequest
 
-    diffusion = dctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.get("diffusion")
     rec = diffusion.prepare("tiny-sd-demo")
     with diffusion.training(rec), pytest.raises(DiffusionBusy, match="being trained"):
         diffusion.generate(GenerateRequest("a cat", **FAST))

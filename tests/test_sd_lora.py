@@ -14,21 +14,6 @@ GEN = {"width": 64, "height": 64, "steps": 3, "seed": 5}
 
 
 @pytest.fixture(scope="module")
-def lctx(tmp_path_factory, shared_cache_dir):
-    from studio.app import build_context
-    from studio.settings import Settings
-
-    root = tmp_path_factory.mktemp("sdlora")
-    settings = Settings(data_dir=root / "data", models_dir=root / "models", open_browser=False)
-    ctx = build_context(settings)
-    for model in ("tiny-sd-demo", "tiny-sdxl-demo"):
-        src = ensure_tiny_pipeline(shared_cache_dir, model)
-        shutil.copytree(src, settings.cache_dir / "diffusion" / src.name)
-    yield ctx
-    ctx.jobs.shutdown(timeout=10)
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train")
     for i in range(4):
@@ -40,13 +25,13 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(lctx, images):
+def trained(diffusion_ctx, images):
     """A rank-4 LoRA trained for a few steps through the real job runner."""
     from backends.sd_lora import LoraTrainConfig
 
     cfg = LoraTrainConfig(dataset=(str(images),), instance_prompt="a photo of sks square", output_name="squares",
                           rank=4, steps=6, learning_rate=1e-2, resolution=64)  # fmt: skip
-    job = lctx.backends.get("sd_lora").submit(cfg)
+    job = diffusion_ctx.backends.get("sd_lora").submit(cfg)
     assert job.wait(timeout=240), "training did not finish"
     assert job.status == "done", (job.status, job.error, job.logs[-5:])
     return job.result
@@ -68,10 +53,10 @@ class StopAfter:
         return getattr(self, "last", "").startswith(f"step {self.n}/")
 
 
-def test_lora_changes_the_output_and_is_recorded(lctx, trained):
+def test_lora_changes_the_output_and_is_recorded(diffusion_ctx, trained):
     from backends.diffusion import GenerateRequest, LoraChoice
 
-    diffusion = lctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.get("diffusion")
     plain = diffusion.generate(GenerateRequest("a photo of sks square", **GEN))
     with_lora = diffusion.generate(
         GenerateRequest("a photo of sks square", loras=(LoraChoice(str(trained.path)),), **GEN)
@@ -80,21 +65,20 @@ def test_lora_changes_the_output_and_is_recorded(lctx, trained):
     a, b, c = (np.asarray(r.images[0].image, dtype=np.int16) for r in (plain, with_lora, plain_again))
     assert np.abs(a - b).mean() > 1.0  # the LoRA changes the picture
     assert np.array_equal(a, c)  # and switching it off gives the original back
-    run = lctx.runs.get(trained.run_id)
+    run = diffusion_ctx.runs.get(trained.run_id)
     assert run.status == "done" and run.kind == "sd-lora"
     assert [m["step"] for m in run.metrics()] == [1, 2, 3, 4, 5, 6]
     assert any(art["name"].endswith(".safetensors") for art in run.artifacts)
 
 
-def test_several_loras_with_scales_add_up(lctx, trained, tmp_path):
+def test_several_loras_with_scales_add_up(diffusion_ctx, trained, tmp_path):
     """Two copies of one LoRA at 0.5 each must give the same image as the LoRA once at 1.0 (LoRAs are additive)."""
-    import shutil
 
     from backends.diffusion import GenerateRequest, LoraChoice
 
     copy = tmp_path / "squares-copy.safetensors"
     shutil.copyfile(trained.path, copy)
-    diffusion = lctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.get("diffusion")
     once = diffusion.generate(
         GenerateRequest("a photo of sks square", loras=(LoraChoice(str(trained.path), 1.0),), **GEN)
     )
@@ -104,12 +88,10 @@ def test_several_loras_with_scales_add_up(lctx, trained, tmp_path):
     assert np.abs(a - b).max() <= 1
 
 
-def test_lora_file_uses_kohya_keys_and_loads_in_diffusers_as_trained(lctx, trained):
+def test_lora_file_uses_kohya_keys_and_loads_in_diffusers_as_trained(diffusion_ctx, trained):
     import torch
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
-
-    from backends.diffusion_tiny import ensure_tiny_pipeline
 
     with safe_open(str(trained.path), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
@@ -122,14 +104,16 @@ def test_lora_file_uses_kohya_keys_and_loads_in_diffusers_as_trained(lctx, train
     }
     assert meta["ss_network_dim"] == "4" and meta["ss_network_module"] == "networks.lora"
 
-    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_pipeline(lctx.settings.cache_dir), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        ensure_tiny_pipeline(diffusion_ctx.settings.cache_dir), safety_checker=None
+    )
     unet = pipe.unet
     x, t, text = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500]), None
     text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = unet(x, t, encoder_hidden_states=text).sample
         # expected: W + alpha/rank * up @ down, applied by hand to a copy of the base UNet
-        manual = type(unet).from_pretrained(ensure_tiny_pipeline(lctx.settings.cache_dir), subfolder="unet")
+        manual = type(unet).from_pretrained(ensure_tiny_pipeline(diffusion_ctx.settings.cache_dir), subfolder="unet")
         modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in manual.named_modules()}
         for key in keys:
             if key.endswith(".lora_down.weight"):
@@ -143,13 +127,13 @@ def test_lora_file_uses_kohya_keys_and_loads_in_diffusers_as_trained(lctx, train
     torch.testing.assert_close(loaded, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_lora_for_another_architecture_is_refused(lctx, trained, tmp_path):
+def test_lora_for_another_architecture_is_refused(diffusion_ctx, trained, tmp_path):
     import torch
 
     from backends.diffusion import GenerateRequest, LoraChoice, LoraError
     from studio.safety import save_safetensors
 
-    diffusion = lctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.get("diffusion")
     with pytest.raises(LoraError, match=r"text width 32.*text width 64"):
         diffusion.generate(
             GenerateRequest("a cat", model="tiny-sdxl-demo", loras=(LoraChoice(str(trained.path)),), **GEN)
@@ -166,28 +150,28 @@ def test_lora_for_another_architecture_is_refused(lctx, trained, tmp_path):
         diffusion.generate(GenerateRequest("a cat", loras=(LoraChoice(str(not_lora)),), **GEN))
 
 
-def test_cancel_saves_what_was_learnt(lctx, images):
+def test_cancel_saves_what_was_learnt(diffusion_ctx, images):
     from safetensors import safe_open
 
     from backends.sd_lora import LoraTrainConfig
 
     cfg = LoraTrainConfig(dataset=(str(images),), instance_prompt="a photo of sks square", output_name="cancelled",
                           rank=4, steps=50, resolution=64)  # fmt: skip
-    result = lctx.backends.get("sd_lora").train(cfg, StopAfter(2))
+    result = diffusion_ctx.backends.get("sd_lora").train(cfg, StopAfter(2))
     assert result.status == "cancelled" and result.steps_done == 2
     with safe_open(str(result.path), "pt") as f:
         assert f.metadata()["ss_steps"] == "2"
-    assert lctx.runs.get(result.run_id).status == "cancelled"
-    rec = lctx.backends.get("diffusion").prepare("tiny-sd-demo")
-    with lctx.residency.use(rec.key("unet")) as unet:  # the shared UNet is left without the training adapter
+    assert diffusion_ctx.runs.get(result.run_id).status == "cancelled"
+    rec = diffusion_ctx.backends.get("diffusion").prepare("tiny-sd-demo")
+    with diffusion_ctx.residency.use(rec.key("unet")) as unet:  # the shared UNet is left without the training adapter
         assert "onecard_train" not in (getattr(unet, "peft_config", None) or {})
         assert not any(p.requires_grad for p in unet.parameters())
 
 
-def test_training_data_and_settings_are_checked_before_the_job(lctx, images, tmp_path):
+def test_training_data_and_settings_are_checked_before_the_job(diffusion_ctx, images, tmp_path):
     from backends.sd_lora import LoraTrainConfig, TrainingDataError, collect_items, load_pixels
 
-    lora = lctx.backends.get("sd_lora")
+    lora = diffusion_ctx.backends.get("sd_lora")
     with pytest.raises(TrainingDataError, match=r"No caption for img1.png, img2.png, img3.png"):
         lora.check(LoraTrainConfig(dataset=(str(images),)))
     with pytest.raises(ValueError, match="rank 32"):
