@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_env(settings.data_dir, offline=offline)
         if offline:
             log.info("offline mode: only models already on this machine are used")
+        check_launch_safety(settings)  # refuse before any model or folder is touched
         ctx = build_context(settings)
         sys.stdout.write(f"OneCard Studio on http://{settings.host}:{settings.port}\n")
         sys.stdout.flush()
