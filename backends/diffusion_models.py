@@ -16,14 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.safety import check_weights_file, safe_filename, safetensors_numel
+from studio.safety import atomic_folder, check_weights_file, safe_filename, safetensors_numel
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +160,8 @@ def _convert_single_file(path: Path, target: Path, catalog: Any) -> None:
             f"{path.name} needs the configs and tokenizer of {base.title}, which are not on this machine: "
             f"download {base.title} once in the Models tab (detail: {type(e).__name__})."
         ) from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from studio.safety import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -273,16 +272,9 @@ def ensure_tiny_pipeline(cache_dir: Path, model_id: str = "tiny-sd-demo") -> Pat
         torch.manual_seed(0)
         tokenizer = build_tokenizer()
         pipe = assemble_pipeline(configs["arch"], build_components(configs, tokenizer=tokenizer))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target, replace=False) as tmp:  # replace=False: another process may have won the race
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "onecard_demo.json").write_text(json.dumps({"model": model_id, "untrained_demo": True}))
-        os.replace(tmp, target)  # atomic: a half-written folder is never picked up
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "model_index.json").is_file():  # another process may have won the race
-            raise
     log.info("built the %s untrained demo pipeline in %s", model_id, target)
     return target
 

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.safety import WeightsError, check_weights_file, contained_path, safetensors_numel
+from studio.safety import WeightsError, atomic_folder, check_weights_file, contained_path, safetensors_numel
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +125,10 @@ def ensure_converted(gguf: Path, target: Path) -> Path:
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
     ensure_chat_template(tok)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / CONVERTED_MARK).write_text(json.dumps({"source": str(gguf), "seconds": time.perf_counter() - t0}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("converted %s in %.1f s", gguf.name, time.perf_counter() - t0)
     return target
 

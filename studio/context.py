@@ -44,11 +44,6 @@ class Backends:
                 self._built[name] = module.create(self._ctx)
             return self._built[name]
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return self.get(name)
-
 
 @dataclass
 class StudioContext:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -65,6 +66,25 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temp folder beside `target` to fill; on success rename it into place, on error delete it, so a
+    half-written folder is never picked up. An existing `target` is replaced, or with `replace=False` kept (another
+    process built the same folder first) and ours discarded."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield tmp
+        if target.exists():
+            if not replace:
+                return
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

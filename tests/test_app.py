@@ -14,7 +14,7 @@ import launch
 from studio.app import TAB_MODULES, LaunchRefused, check_launch_safety, load_tabs
 from studio.context import Tab
 from studio.settings import Settings
-from tests._studio_server import TAB_TITLES
+from tests._studio_server import TAB_TITLES, free_port
 
 
 def test_share_without_auth_is_refused():
@@ -59,12 +59,6 @@ def test_every_tab_module_exposes_a_tab():
     assert len(tabs) == len(TAB_MODULES)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_app_starts_and_serves_without_network(settings: Settings, monkeypatch):
     """Any connection to a non-loopback address during build and start-up fails the test."""
     attempts: list[object] = []
@@ -85,7 +79,7 @@ def test_app_starts_and_serves_without_network(settings: Settings, monkeypatch):
     from studio.app import build_context
     from studio.app import launch as launch_app
 
-    port = _free_port()
+    port = free_port()
     ctx = build_context(settings.model_copy(update={"port": port}))
     demo = launch_app(ctx, prevent_thread_lock=True)
     try:

@@ -85,3 +85,21 @@ def test_malicious_pickle_does_not_run(tmp_path: Path, monkeypatch):
     with pytest.raises(WeightsError, match="refused"):
         load_torch_weights(path)
     assert not marker.exists()
+
+
+def test_atomic_folder_leaves_nothing_on_error_and_can_keep_a_winner(tmp_path: Path):
+    from studio.safety import atomic_folder
+
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError), atomic_folder(target) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed mid-save")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(target) as tmp:
+        (tmp / "a").write_text("first")
+    with atomic_folder(target, replace=False) as tmp:
+        (tmp / "a").write_text("second")
+    assert (target / "a").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with atomic_folder(target) as tmp:
+        (tmp / "b").write_text("third")
+    assert [p.name for p in target.iterdir()] == ["b"]
