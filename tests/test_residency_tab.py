@@ -8,7 +8,7 @@ import time
 import gradio as gr
 import pytest
 
-from studio.residency_state import WaitingView
+from studio.residency.state import WaitingView
 from tabs import gpu as gpu_tab
 from tests.test_residency_support import MiB, NetLoader, sim_manager
 

@@ -33,13 +33,13 @@ from typing import Any
 
 import torch
 
-from studio.accel import SimulatedAccelerator
 from studio.bench.residency_families import prepare
 from studio.bench.residency_trace import Neighbour, make_trace, run_managed, run_naive
-from studio.gpu import CardReading, FakeProbe, detect_probe
 from studio.offline import OFFLINE_ENV, QUIET_ENV
-from studio.pinned import naive_move, tensor_slots
 from studio.residency import ResidencyManager
+from studio.residency.pinned import naive_move, tensor_slots
+from studio.residency.probes import CardReading, detect_probe
+from studio.residency.simulated import FakeProbe, SimulatedAccelerator
 
 log = logging.getLogger("studio.bench.residency")
 GiB, MiB = 2**30, 2**20

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from studio.accel import CudaAccelerator
-from studio.pinned import model_modules, move_down, tensor_slots
+from studio.residency.accel import CudaAccelerator
+from studio.residency.pinned import model_modules, move_down, tensor_slots
 
 log = logging.getLogger(__name__)
 GiB = 2**30

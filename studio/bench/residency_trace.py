@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from studio.accel import is_oom_error
-from studio.pinned import naive_move
 from studio.residency import ResidencyError, ResidencyManager
+from studio.residency.accel import is_oom_error
+from studio.residency.pinned import naive_move
 
 log = logging.getLogger("studio.bench.residency")
 UNLOAD_SAMPLES = 4  # requests per family timed under unload-after-use; its total is projected from them

@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from studio.accel import is_oom_error
-from studio.eviction import DISK_BW_GUESS, RAM_BW_GUESS, choose_victims
-from studio.gpu import CardReading, GiB
-from studio.residency_state import DISK, GPU, RAM, Event, Lease, ModelRecord, TimelinePoint, WaitingView, fmt_bytes
+from studio.residency.accel import is_oom_error
+from studio.residency.eviction import DISK_BW_GUESS, RAM_BW_GUESS, choose_victims
+from studio.residency.probes import CardReading, GiB
+from studio.residency.state import DISK, GPU, RAM, Event, Lease, ModelRecord, TimelinePoint, WaitingView, fmt_bytes
 
 log = logging.getLogger("studio.residency")
 

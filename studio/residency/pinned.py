@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from studio.accel import Accelerator, HostBuffer
+from studio.residency.accel import Accelerator, HostBuffer
 
 log = logging.getLogger(__name__)
 ALIGN = 512  # bytes; keeps every slice aligned for any dtype and for vectorised kernels

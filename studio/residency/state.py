@@ -9,9 +9,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from studio.eviction import Candidate, decayed
-from studio.gpu import CardReading
-from studio.pinned import PinnedPool
+from studio.residency.eviction import Candidate, decayed
+from studio.residency.pinned import PinnedPool
+from studio.residency.probes import CardReading
 
 GPU, RAM, DISK = "gpu", "ram", "disk"
 MiB = 2**20

@@ -21,12 +21,12 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
-from studio.accel import Accelerator, CpuAccelerator, CudaAccelerator
-from studio.eviction import GreedyDualSize, LeastRecentlyUsed
-from studio.gpu import CardReading, GiB, MemoryProbe, NoGpuProbe, detect_probe
-from studio.residency_core import _OOM, Placement, ResidencyError, _default_ram_cap, _Plan
-from studio.residency_moves import Moves
-from studio.residency_state import (
+from studio.residency.accel import Accelerator, CpuAccelerator, CudaAccelerator
+from studio.residency.eviction import GreedyDualSize, LeastRecentlyUsed
+from studio.residency.mover import Moves
+from studio.residency.planner import _OOM, Placement, ResidencyError, _default_ram_cap, _Plan
+from studio.residency.probes import CardReading, GiB, MemoryProbe, NoGpuProbe, detect_probe
+from studio.residency.state import (
     DISK,
     GPU,
     RAM,
