@@ -18,13 +18,14 @@ import gc
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from studio.residency.accel import Accelerator, CpuAccelerator, CudaAccelerator
 from studio.residency.eviction import GreedyDualSize, LeastRecentlyUsed
 from studio.residency.mover import Moves
 from studio.residency.planner import _OOM, Placement, ResidencyError, _default_ram_cap, _Plan
+from studio.residency.preempt import Preemption
 from studio.residency.probes import CardReading, GiB, MemoryProbe, NoGpuProbe, detect_probe
 from studio.residency.state import (
     DISK,
@@ -38,8 +39,12 @@ from studio.residency.state import (
     TimelinePoint,
     WaitingView,
     fmt_bytes,
+    hold,
     model_view,
+    training_view,
+    unhold,
 )
+from studio.residency.training import TrainingLease
 
 __all__ = ["Loader", "ResidencyError", "ResidencyManager", "Snapshot"]
 
@@ -107,6 +112,7 @@ class ResidencyManager(Placement, Moves):
         self._policy = {"gds": GreedyDualSize, "lru": LeastRecentlyUsed}[policy]()
         self._records: dict[str, ModelRecord] = {}
         self._leases: list[Lease] = []
+        self._preempt = Preemption(self)
         self._waiting: list[WaitingView] = []
         self._cond = threading.Condition(threading.Lock())
         self._mover_busy = False
@@ -177,10 +183,28 @@ class ResidencyManager(Placement, Moves):
     @contextlib.contextmanager
     def use(self, key: str, *, working_bytes: int | None = None) -> Iterator[Any]:
         lease = self._acquire(key, working_bytes)
+        hold(lease.token)
         try:
             yield lease.record.obj
         finally:
+            unhold(lease.token)
             self._release_lease(lease)
+
+    def training(
+        self,
+        key: str,
+        *,
+        modules: Sequence[Any],
+        optimizers: Sequence[Any] = (),
+        working_bytes: int | None = None,
+        label: str = "",
+    ) -> TrainingLease:
+        """A preemptible training lease (studio/residency/training.py): `with manager.training(...) as lease:` then
+        `with lease.step(): ...` per step. It gives way at a step boundary to an interactive request that waits for
+        its memory, and comes back by itself; results do not change. A no-op without a GPU tier."""
+        from studio.jobs import current_job
+
+        return TrainingLease(self, key, modules, optimizers, working_bytes, label, job=current_job())
 
     def run(self, key: str, fn: Callable[[Any], T], *, working_bytes: int | None = None) -> T:
         failure = self._try_run(key, fn, working_bytes)
@@ -270,6 +294,7 @@ class ResidencyManager(Placement, Moves):
                 ram_used_bytes=self._ram_used(),
                 models=[model_view(r) for r in self._records.values()],
                 waiting=list(self._waiting),
+                trainings=[training_view(t) for t in self._preempt.leases],
                 metrics=self.metrics.view(),
                 events=list(self._events),
                 timeline=list(self._timeline),
@@ -294,6 +319,10 @@ class ResidencyManager(Placement, Moves):
             self._begin(plan)
         self._finish(plan, self._execute_down, give_back=True)
         return [r.key for r in plan.records()]
+
+    def _make_room_now(self) -> None:
+        """Move idle models down at once when the budget is exceeded (a training lease just started)."""
+        self.maintain()
 
     def start_monitor(self, interval_s: float = 1.0) -> None:
         if self._monitor is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,19 @@ from typing import Any
 from studio.residency.accel import is_oom_error
 from studio.residency.eviction import DISK_BW_GUESS, RAM_BW_GUESS, choose_victims
 from studio.residency.probes import CardReading, GiB
-from studio.residency.state import DISK, GPU, RAM, Event, Lease, ModelRecord, TimelinePoint, WaitingView, fmt_bytes
+from studio.residency.state import (
+    DISK,
+    GPU,
+    RAM,
+    Event,
+    Lease,
+    ModelRecord,
+    TimelinePoint,
+    WaitingView,
+    fmt_bytes,
+    held_tokens,
+    new_token,
+)
 
 log = logging.getLogger("studio.residency")
 
@@ -104,10 +115,10 @@ class Placement:
 
     def _gpu_in_use(self) -> int:
         weights = sum(r.size() for r in self._records.values() if r.tier == GPU or r.moving == "up")
-        return weights + sum(lease.working for lease in self._leases)
+        return weights + sum(lease.working for lease in self._leases) + self._preempt.gpu_bytes()
 
     def _ram_used(self) -> int:
-        return sum(r.ram_bytes() for r in self._records.values())
+        return sum(r.ram_bytes() for r in self._records.values()) + self._preempt.ram_bytes()
 
     def _reload_s(self, r: ModelRecord, to: str) -> float:
         if to == RAM and r.swap_in_s is not None:
@@ -154,12 +165,17 @@ class Placement:
             blockers = [
                 r for r in self._records.values() if r.key != rec.key and r.tier == GPU and (r.leases or r.moving)
             ]
-            me = threading.get_ident()
-            if blockers and all(r.leases and not r.moving and set(r.owners) == {me} for r in blockers):
-                return "self", blockers
+            held = held_tokens()
+            trainers = self._preempt.yieldable(held)
+            if trainers:  # a training run holds memory: it gives way at its next step
+                self._preempt.ask_to_yield(trainers, rec.key)
+                return "wait", (need, blockers, trainers)
+            mine = [t for t in self._preempt.leases if t.gpu_bytes() and t._owner in held]
+            if (blockers or mine) and all(r.leases and not r.moving and set(r.owners) <= held for r in blockers):
+                return "self", [*blockers, *mine]
             if not blockers and rec.tier == GPU:
                 return "hit", work  # nothing else to free; the OOM retry in run() is the last resort
-            return "wait", (need, blockers)
+            return "wait", (need, blockers, [])
         plan = _Plan(rec, {GPU: "none", RAM: "up", DISK: "load_gpu"}[rec.tier], work, gpu_victims=victims)
         self._plan_ram_for_victims(plan)
         return "plan", plan
@@ -233,7 +249,7 @@ class Placement:
                     if kind in ("hit", "cpu"):
                         return self._grant(rec, info, hit=True, cpu=kind == "cpu")
                     if kind == "self":
-                        names = ", ".join(r.key for r in info)
+                        names = ", ".join(getattr(r, "label", None) or r.key for r in info)
                         raise ResidencyError(
                             f"{key} does not fit on the GPU while this same request holds {names}; "
                             "release those leases first (a leased model is never evicted)"
@@ -268,9 +284,10 @@ class Placement:
             raise ResidencyError(
                 f"busy: {len(self._waiting)} requests are already waiting for the GPU; try {rec.key} again shortly"
             )
-        need, blockers = info if isinstance(info, tuple) else (rec.size(), [])
-        held = ", ".join(f"{b.key} ({fmt_bytes(b.size())})" for b in blockers) or "a model being moved"
-        reason = f"it needs {fmt_bytes(need)} more than is free; held by models in use: {held}"
+        need, blockers, trainers = info if isinstance(info, tuple) else (rec.size(), [], [])
+        held = [f"{b.key} ({fmt_bytes(b.size())})" for b in blockers]
+        held += [f"{t.label} (training, {fmt_bytes(t.gpu_bytes())}; pausing at its next step)" for t in trainers]
+        reason = f"it needs {fmt_bytes(need)} more than is free; held by {', '.join(held) or 'a model being moved'}"
         waiter = WaitingView(rec.key, time.time(), int(need), reason)
         self._waiting.append(waiter)
         self.metrics.add("waits")
@@ -278,7 +295,7 @@ class Placement:
         return waiter
 
     def _grant(self, rec: ModelRecord, work: int, *, hit: bool, cpu: bool = False) -> Lease:
-        me = threading.get_ident()
+        token = new_token()
         if cpu and not rec.cpu_fallback:
             cap = self._budget(self._reading)[0]
             log.warning(
@@ -290,7 +307,9 @@ class Placement:
             self.metrics.add("cpu_fallbacks")
             self._event("cpu_fallback", rec.key, rec.size() + work, detail=f"budget {fmt_bytes(cap)}")
         rec.cpu_fallback = cpu
-        lease = Lease(rec, work if rec.tier == GPU else 0, me, alone=not self._leases)
+        lease = Lease(
+            rec, work if rec.tier == GPU else 0, token, alone=not self._leases and not self._preempt.running()
+        )
         for other in self._leases:
             other.alone = False
         if lease.alone and rec.tier == GPU and not rec.custom:
@@ -299,7 +318,7 @@ class Placement:
         if rec.custom and rec.tier == GPU and self._reading is not None:
             lease.probe_base = lease.probe_max = self._reading.used_bytes
         rec.leases += 1
-        rec.owners.append(me)
+        rec.owners.append(token)
         rec.touch(self._policy.inflation)
         self._leases.append(lease)
         self.metrics.add("hits" if hit else "misses")
@@ -311,7 +330,7 @@ class Placement:
         with self._cond:
             self._leases.remove(lease)
             rec.leases -= 1
-            rec.owners.remove(lease.thread)
+            rec.owners.remove(lease.token)
             rec.last_use, rec.last_use_wall = time.monotonic(), time.time()
             if lease.alone and rec.tier == GPU:
                 if not rec.custom:

@@ -60,7 +60,6 @@ class FakeProbe:
         return CardReading(self.card_name, self.total_bytes, used, self.total_bytes - used, procs, True)
 
 
-
 class SimulatedAccelerator:
     """A pretend GPU for CPU-only tests; see the module docstring. `context_bytes` plays the CUDA context."""
 

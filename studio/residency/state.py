@@ -3,6 +3,8 @@ that the GPU tab reads. No policy here (see studio/eviction.py and studio/reside
 
 from __future__ import annotations
 
+import contextvars
+import itertools
 import threading
 import time
 from collections import deque
@@ -15,6 +17,29 @@ from studio.residency.probes import CardReading
 
 GPU, RAM, DISK = "gpu", "ram", "disk"
 MiB = 2**20
+
+# Lease ownership: a token per lease, remembered in the caller's context (not its thread: Gradio steps a generator
+# on any worker thread). A request that holds leases and asks for a model that only its own leases keep out is told
+# so at once instead of waiting for itself; any thread may end any lease.
+_tokens = itertools.count(1)
+_held: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("residency_held", default=frozenset())
+
+
+def new_token() -> int:
+    return next(_tokens)
+
+
+def held_tokens() -> frozenset[int]:
+    return _held.get()
+
+
+def hold(token: int) -> None:
+    _held.set(_held.get() | {token})
+
+
+def unhold(token: int) -> None:
+    """Forget a token in the current context (harmless where it was never held: a generator closed elsewhere)."""
+    _held.set(_held.get() - {token})
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -38,7 +63,7 @@ class ModelRecord:
     bytes: int = 0  # measured footprint of the weights (0 until first loaded)
     pool: PinnedPool | None = None
     leases: int = 0
-    owners: list[int] = field(default_factory=list)  # thread ids holding leases
+    owners: list[int] = field(default_factory=list)  # tokens of the leases held on it
     moving: str | None = None
     uses: int = 0
     freq: float = 0.0
@@ -85,7 +110,7 @@ class ModelRecord:
 class Lease:
     record: ModelRecord
     working: int
-    thread: int
+    token: int
     alone: bool = False  # no other lease overlapped it: its peak measurement is trustworthy
     base_alloc: int = 0
     probe_base: int | None = None
@@ -130,6 +155,7 @@ COUNTERS = (
     "timeouts",
     "busy",
     "cpu_fallbacks",
+    "training_pauses",
 )
 
 
@@ -199,6 +225,27 @@ class WaitingView:
 
 
 @dataclass(frozen=True)
+class TrainingView:
+    key: str
+    label: str
+    state: str  # running, pausing, paused, resuming
+    status: str  # "running", "paused for Chat, 3 s", ...
+    gpu_bytes: int
+    working_bytes: int
+    steps: int
+    pauses: int
+    paused_s: float
+    metrics: dict[str, Any]
+
+
+def training_view(t: Any) -> TrainingView:
+    return TrainingView(
+        t.key, t.label, t.state.value, t.status(), t.gpu_bytes(), t.working, t.steps, t.pauses, t.paused_s,
+        dict(t.metrics),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class TimelinePoint:
     time: float
     gpu_bytes: dict[str, int]  # per model key
@@ -225,6 +272,7 @@ class Snapshot:
     metrics: MetricsView
     events: list[Event]
     timeline: list[TimelinePoint]
+    trainings: list[TrainingView] = field(default_factory=list)
 
 
 def model_view(r: ModelRecord) -> ModelView:
