@@ -43,6 +43,29 @@ class HostBuffer:
         self.close()
 
 
+ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_allocator() -> str | None:
+    """Configure PyTorch's CUDA caching allocator against fragmentation (expandable segments: freed blocks can be
+    reused for larger requests instead of sitting reserved-but-unallocated). Must run before torch initialises CUDA;
+    a setting the user made in PYTORCH_CUDA_ALLOC_CONF is kept. Returns the configuration in force (None: unknown)."""
+    import os
+    import sys
+
+    current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if current is None:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = current = ALLOC_CONF
+        torch_mod = sys.modules.get("torch")
+        if torch_mod is not None and torch_mod.cuda.is_initialized():  # too late for the variable: set it live
+            try:
+                torch_mod.cuda.memory._set_allocator_settings(ALLOC_CONF)
+            except Exception as e:  # pragma: no cover - older torch
+                log.info("could not enable expandable segments live (%s)", e)
+                return None
+    return current
+
+
 def is_oom_error(exc: BaseException) -> bool:
     """torch's OutOfMemoryError, or another framework's (bitsandbytes, CTranslate2) out-of-memory RuntimeError."""
     if isinstance(exc, torch.OutOfMemoryError):

@@ -5,10 +5,11 @@ Backends register a `Loader` per model key and take leases:
     residency.register(loader)
     with residency.use("llm:<id>", working_bytes=...) as model: ...   # never evicted while held
     residency.run("llm:<id>", fn)                                    # lease + one retry after CUDA OOM
+    with residency.training(key, modules=[m], optimizers=[opt]) as lease: ...   # preemptible (training.py)
 
-Moves of torch models (nn.Module, ultralytics YOLO, diffusers pipelines, bitsandbytes 4-bit) are done here, with
-per-model pools of pinned host buffers (studio/pinned.py); other frameworks give `Loader.to_device(obj, device)`.
-Eviction policy: studio/eviction.py. Bookkeeping and snapshot views: studio/residency_state.py.
+Composition: decisions are pure functions (planner.py), tensors are moved by the mover (mover.py, no lock), plans
+are carried out and committed by the executor (execute.py) and training leases are coordinated by preempt.py; this
+class holds the only lock and publishes snapshots. Eviction policy: eviction.py. Records and views: state.py.
 """
 
 from __future__ import annotations
@@ -17,20 +18,23 @@ import contextlib
 import gc
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from studio.residency.accel import Accelerator, CpuAccelerator, CudaAccelerator
+from studio.residency import planner
+from studio.residency.accel import Accelerator, CpuAccelerator, CudaAccelerator, configure_allocator
 from studio.residency.eviction import GreedyDualSize, LeastRecentlyUsed
-from studio.residency.mover import Moves
-from studio.residency.planner import _OOM, Placement, ResidencyError, _default_ram_cap, _Plan
+from studio.residency.execute import Executor
+from studio.residency.leasing import Leasing
+from studio.residency.mover import Mover
+from studio.residency.planner import GPU, RAM, ResidencyError, World
 from studio.residency.preempt import Preemption
 from studio.residency.probes import CardReading, GiB, MemoryProbe, NoGpuProbe, detect_probe
 from studio.residency.state import (
     DISK,
-    GPU,
-    RAM,
     Event,
     Lease,
     Metrics,
@@ -48,7 +52,7 @@ from studio.residency.training import TrainingLease
 
 __all__ = ["Loader", "ResidencyError", "ResidencyManager", "Snapshot"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("studio.residency")
 T = TypeVar("T")
 
 
@@ -66,22 +70,32 @@ class Loader(Protocol):
     def release(self, obj: Any) -> None: ...
 
 
-class ResidencyManager(Placement, Moves):
+@dataclass
+class _OOM:
+    message: str
+    tried: int | None
+
+
+class ResidencyManager:
     """Decides which models live on the GPU, in pinned RAM or on disk, from live readings.
 
     Budget: capacity = min(card total - other processes, VRAM cap) - reserve - our CUDA context. Models on the
-    GPU plus the working memory set aside for current leases must fit in it; other processes starting or growing
-    shrink it live (idle models move down until the reserve is back, see `maintain`).
+    GPU plus the working memory set aside for current leases (and running training leases) must fit in it; other
+    processes starting or growing shrink it live (idle models move down until the reserve is back, see `maintain`).
     Footprints are measured: weights at load (bytes of the tensors on the device; NVML delta for frameworks with
     their own mover) and peak working memory per lease (torch peak stats reset per lease, kept only when no other
-    lease overlapped). A lease sets aside max(caller's hint, recent measured peaks, what an OOM needed).
-    Eviction: GreedyDual-Size-Frequency on measured reload cost per byte (studio/eviction.py). Leased models are
-    never evicted; a request that cannot be placed while others hold leases waits (up to `wait_timeout_s`, shown as
-    waiting in the snapshot), and beyond `max_waiting` queued requests it is refused as busy. A model larger than
-    the whole budget runs on the CPU with a warning. `run` retries once after an out-of-memory error with every
-    idle model evicted and the cache emptied.
-    Concurrency: one lock and one condition variable; moves run outside the lock, one at a time (the "mover"),
-    on records marked `moving`, so snapshots and hits never wait for a 7-second load.
+    lease or move overlapped). A lease sets aside max(caller's hint, recent measured peaks, what an OOM needed; that
+    floor is retired after a few leases measured below it).
+    Eviction: GreedyDual-Size-Frequency on measured reload cost per byte (eviction.py). Leased models are never
+    evicted; a request that cannot be placed while others hold leases waits (up to `wait_timeout_s`, shown as
+    "waiting for GPU: <model>, held by <lease>"), training leases give way at their next step, and beyond
+    `max_waiting` queued requests it is refused as busy. A model larger than the whole budget runs on the CPU with
+    a warning. Out of memory while placing or running: idle models move off, the allocator's cache is emptied and it
+    is retried; while other leases hold memory it waits for them; it fails (with bytes) only when it cannot fit with
+    every other lease ended.
+    Concurrency: one lock and one condition variable; moves run outside the lock, one at a time (the "mover"), on
+    records marked `moving`, so snapshots and hits never wait for a 7-second load. Leases are owned by tokens, not
+    threads: any thread may end any lease.
     Assumptions: one process owns the studio's models; working memory is freed when a lease ends; the host has
     the RAM cap's worth of memory to pin.
     """
@@ -106,16 +120,17 @@ class ResidencyManager(Placement, Moves):
         self._accel = accelerator
         self._probe = probe if probe is not None else (detect_probe() if accelerator.has_gpu_tier else NoGpuProbe())
         self.vram_cap_bytes, self.reserve_bytes = vram_cap_bytes, int(reserve_bytes)
-        self.ram_cap_bytes = ram_cap_bytes or _default_ram_cap(accelerator.has_gpu_tier)
+        self.ram_cap_bytes = ram_cap_bytes or planner.default_ram_cap(accelerator.has_gpu_tier)
         self.keep_alive_s, self.wait_timeout_s, self.max_waiting = keep_alive_s, wait_timeout_s, max_waiting
         self.free_wait_s = free_wait_s
         self._policy = {"gds": GreedyDualSize, "lru": LeastRecentlyUsed}[policy]()
         self._records: dict[str, ModelRecord] = {}
         self._leases: list[Lease] = []
-        self._preempt = Preemption(self)
         self._waiting: list[WaitingView] = []
         self._cond = threading.Condition(threading.Lock())
         self._mover_busy = False
+        self._moves = 0  # plans begun: a lease whose span saw a move does not trust its peak measurement
+        self._releases = 0  # leases ended (a request that ran out of memory waits for this to move)
         self.metrics = Metrics()
         self._events: deque[Event] = deque(maxlen=300)
         self._timeline: deque[TimelinePoint] = deque(maxlen=600)
@@ -123,10 +138,15 @@ class ResidencyManager(Placement, Moves):
         self._probe_failed = False
         self._monitor: threading.Thread | None = None
         self._stop = threading.Event()
+        self._mover = Mover(accelerator, self._used_now)
+        self._exec = Executor(self)
+        self._preempt = Preemption(self)
+        self._desk = Leasing(self)
 
     @classmethod
     def from_settings(cls, settings: Any, *, monitor_interval_s: float = 1.0) -> ResidencyManager:
         """The manager for this machine: CUDA if torch sees a GPU (NVML, else torch readings), else CPU only."""
+        configure_allocator()  # before torch initialises CUDA: expandable segments against fragmentation
         import torch
 
         gb = lambda v: None if v is None else int(v * GiB)  # noqa: E731
@@ -173,22 +193,22 @@ class ResidencyManager(Placement, Moves):
             rec = self._records.get(key)
             if rec is None:
                 return
+            while rec.moving:  # a load finishing now may grant a lease on it: check the leases after
+                self._cond.wait(0.1)
             if rec.leases:
                 raise ResidencyError(f"{key} is in use ({rec.leases} lease(s)); unregister it when they end")
-            while rec.moving:
-                self._cond.wait(0.1)
             del self._records[key]
         self._drop(rec)
 
     @contextlib.contextmanager
     def use(self, key: str, *, working_bytes: int | None = None) -> Iterator[Any]:
-        lease = self._acquire(key, working_bytes)
+        lease = self._desk.acquire(key, working_bytes)
         hold(lease.token)
         try:
             yield lease.record.obj
         finally:
             unhold(lease.token)
-            self._release_lease(lease)
+            self._desk.release(lease)
 
     def training(
         self,
@@ -199,7 +219,7 @@ class ResidencyManager(Placement, Moves):
         working_bytes: int | None = None,
         label: str = "",
     ) -> TrainingLease:
-        """A preemptible training lease (studio/residency/training.py): `with manager.training(...) as lease:` then
+        """A preemptible training lease (training.py): `with manager.training(...) as lease:` then
         `with lease.step(): ...` per step. It gives way at a step boundary to an interactive request that waits for
         its memory, and comes back by itself; results do not change. A no-op without a GPU tier."""
         from studio.jobs import current_job
@@ -207,49 +227,46 @@ class ResidencyManager(Placement, Moves):
         return TrainingLease(self, key, modules, optimizers, working_bytes, label, job=current_job())
 
     def run(self, key: str, fn: Callable[[Any], T], *, working_bytes: int | None = None) -> T:
-        failure = self._try_run(key, fn, working_bytes)
+        """`fn(model)` under a lease. After an out-of-memory error: idle models off, cache emptied, one retry; if
+        other leases were running it waits for them (bounded) and tries once more before failing with bytes."""
+        failure = self._desk.try_run(key, fn, working_bytes)
         if not isinstance(failure, _OOM):
             return failure
         self.metrics.add("oom_retries")
         self._event("oom_retry", key, failure.tried or 0, detail=failure.message[:200])
-        log.warning(
-            "Out of memory running %s (tried to allocate %s); evicting every idle model and retrying once",
-            key,
-            fmt_bytes(failure.tried),
-        )
+        log.warning("Out of memory running %s (tried to allocate %s); evicting every idle model and retrying once",
+                    key, fmt_bytes(failure.tried))  # fmt: skip
         with self._cond:
             rec = self._records[key]
-            rec.oom_floor = max(rec.oom_floor, rec.working_need(working_bytes) + (failure.tried or 0))
-        self.offload(None, exclude={key}, tiers=(GPU,))
-        gc.collect()  # the failed attempt's activations may sit in reference cycles
-        self._accel.empty_cache()
-        second = self._try_run(key, fn, working_bytes)
-        if not isinstance(second, _OOM):
-            return second
+            rec.raise_floor(rec.working_need(working_bytes) + (failure.tried or 0))
+        for _ in range(2):
+            self.offload(None, exclude={key}, tiers=(GPU,))
+            gc.collect()  # the failed attempt's activations may sit in reference cycles
+            self._accel.empty_cache()
+            second = self._desk.try_run(key, fn, working_bytes)
+            if not isinstance(second, _OOM):
+                return second
+            if not self._desk.wait_for_others(key):
+                break
         self.metrics.add("oom_failures")
         raise ResidencyError(self._oom_message(key, second, working_bytes))
 
     def offload(
         self, key: str | None = None, *, to: str | None = None, exclude: set[str] | None = None, tiers=(GPU, RAM)
     ) -> list[str]:
-        """Move one idle model (or all idle ones) one tier down, or straight `to="disk"`. Leased models stay."""
+        """Move one idle model (or all idle ones) one tier down, or straight `to="disk"`. Leased models stay; the
+        RAM cap holds (models whose pools would not fit go to disk)."""
+        reading = self._read()
         with self._cond:
             while self._mover_busy:
                 self._cond.wait(0.1)
-            plan = _Plan(None, "none")
-            for r in self._records.values():
-                if (key is not None and r.key != key) or r.leases or r.moving or r.key in (exclude or set()):
-                    continue
-                if r.tier == GPU and GPU in tiers:
-                    plan.gpu_victims.append(r)
-                    if to == DISK or not self._accel.has_gpu_tier:
-                        plan.to_disk.add(r.key)
-                elif r.tier == RAM and RAM in tiers and (to in (None, DISK)):
-                    plan.ram_victims.append(r)
-            if not plan.records():
+            tiers = tiers if to != "ram" else (GPU,)
+            plan = planner.plan_offload(self._world(reading), key, to_disk=to == DISK, exclude=exclude or set(),
+                                        tiers=tiers)  # fmt: skip
+            if plan.empty():
                 return []
-            self._begin(plan)
-        self._finish(plan, self._execute_down, give_back=True)
+            self._exec.begin(plan)
+        self._exec.run(plan, up=False, give_back=True)
         return [r.key for r in plan.records()]
 
     def set_caps(self, vram_bytes: int | None, ram_bytes: int | None) -> None:
@@ -258,7 +275,7 @@ class ResidencyManager(Placement, Moves):
             raise ValueError(f"caps must be positive bytes or None, got vram={vram_bytes} ram={ram_bytes}")
         with self._cond:
             self.vram_cap_bytes = vram_bytes
-            self.ram_cap_bytes = ram_bytes or _default_ram_cap(self._accel.has_gpu_tier)
+            self.ram_cap_bytes = ram_bytes or planner.default_ram_cap(self._accel.has_gpu_tier)
             self._event("caps", "", vram_bytes or 0, detail=f"vram={fmt_bytes(vram_bytes)} ram={fmt_bytes(ram_bytes)}")
             self._cond.notify_all()
         self.maintain()
@@ -267,7 +284,7 @@ class ResidencyManager(Placement, Moves):
         """What the studio's models may occupy on the GPU right now (live budget; 0 without a GPU)."""
         reading = self._read()
         with self._cond:
-            return self._budget(reading)[0]
+            return self._budget(reading).capacity
 
     def generation(self, key: str) -> int:
         """Bumped every time the model's weights move: anything that captured their addresses must redo it."""
@@ -277,7 +294,7 @@ class ResidencyManager(Placement, Moves):
     def snapshot(self) -> Snapshot:
         reading = self._read()
         with self._cond:
-            capacity, others, _ = self._budget(reading)
+            b = self._budget(reading)
             self._timeline_point(force=False)
             return Snapshot(
                 device=self.device,
@@ -285,19 +302,19 @@ class ResidencyManager(Placement, Moves):
                 probe=self._probe.name,
                 policy=self._policy.name,
                 card=reading,
-                capacity_bytes=capacity,
+                capacity_bytes=b.capacity,
                 in_use_bytes=self._gpu_in_use(),
-                others_bytes=others,
+                others_bytes=b.others,
                 vram_cap_bytes=self.vram_cap_bytes,
                 reserve_bytes=self.reserve_bytes,
                 ram_cap_bytes=self.ram_cap_bytes,
                 ram_used_bytes=self._ram_used(),
                 models=[model_view(r) for r in self._records.values()],
                 waiting=list(self._waiting),
-                trainings=[training_view(t) for t in self._preempt.leases],
                 metrics=self.metrics.view(),
                 events=list(self._events),
                 timeline=list(self._timeline),
+                trainings=[training_view(t) for t in self._preempt.leases],
             )
 
     # ---- good neighbour --------------------------------------------------------------------------------------
@@ -306,23 +323,25 @@ class ResidencyManager(Placement, Moves):
         idle past keep-alive, or when RAM is over its cap. Called by the monitor thread about once a second."""
         reading = self._read()
         with self._cond:
-            self._sample_leases(reading)
+            self._desk.sample(reading)
             if self._mover_busy:
                 return []
-            plan = self._plan_maintenance(reading)
+            now = time.monotonic()
+            plan, events = planner.plan_pressure(self._world(reading), self.keep_alive_s, lambda r: now - r.last_use)
+            for kind, key, nbytes, detail in events:
+                self._event(kind, key, nbytes, detail=detail)
+                if kind == "pressure":
+                    log.info("GPU budget exceeded by %s (other programs or a lower cap): moving %s down",
+                             fmt_bytes(nbytes), key)  # fmt: skip
             cache = self._accel.reserved() - self._accel.allocated()
-            if not plan.records():
+            if plan.empty():
                 if reading is not None and reading.free_bytes < self.reserve_bytes and cache > 64 * 2**20:
                     self._event("trim_cache", "", cache, detail="card free below the reserve: cached blocks freed")
                     self._accel.empty_cache()  # our allocator's idle blocks are eating the reserve: give them back
                 return []
-            self._begin(plan)
-        self._finish(plan, self._execute_down, give_back=True)
+            self._exec.begin(plan)
+        self._exec.run(plan, up=False, give_back=True)
         return [r.key for r in plan.records()]
-
-    def _make_room_now(self) -> None:
-        """Move idle models down at once when the budget is exceeded (a training lease just started)."""
-        self.maintain()
 
     def start_monitor(self, interval_s: float = 1.0) -> None:
         if self._monitor is not None:
@@ -343,3 +362,121 @@ class ResidencyManager(Placement, Moves):
         if self._monitor is not None:
             self._monitor.join(timeout=5)
             self._monitor = None
+
+    # ---- readings, accounting, events (lock held unless said) --------------------------------------------------
+    def _read(self) -> CardReading | None:
+        """A fresh card reading (no lock needed; None without a GPU or when the probe fails)."""
+        try:
+            reading = self._probe.read()
+        except Exception as e:
+            if not self._probe_failed:
+                log.warning("GPU probe %s failed (%s); budgeting from the caps alone", self._probe.name, e)
+                self._probe_failed = True
+            reading = None
+        self._reading = reading
+        return reading
+
+    def _used_now(self) -> int | None:
+        reading = self._read()
+        return None if reading is None else reading.used_bytes
+
+    def _budget(self, reading: CardReading | None) -> planner.Budget:
+        has_gpu = self._accel.has_gpu_tier
+        return planner.budget(
+            reading, has_gpu=has_gpu, card_total=self._accel.total_bytes() if has_gpu else 0,
+            reserved=self._accel.reserved(), vram_cap=self.vram_cap_bytes, reserve=self.reserve_bytes,
+        )  # fmt: skip
+
+    def _world(self, reading: CardReading | None) -> World:
+        return World(
+            records=list(self._records.values()),
+            capacity=self._budget(reading).capacity,
+            extra_gpu=sum(lease.working for lease in self._leases) + self._preempt.gpu_bytes(),
+            has_gpu=self._accel.has_gpu_tier,
+            ram_cap=self.ram_cap_bytes,
+            extra_ram=self._preempt.ram_bytes(),
+            policy=self._policy,
+            now=time.monotonic(),
+        )
+
+    def _gpu_in_use(self) -> int:
+        return self._world(self._reading).gpu_in_use()
+
+    def _ram_used(self) -> int:
+        return self._world(self._reading).ram_used()
+
+    def _trim_pools_now(self) -> list[ModelRecord]:
+        return planner.trim_pools(self._world(self._reading))
+
+    def _event(self, kind: str, key: str, nbytes: int = 0, seconds: float = 0.0, detail: str = "") -> None:
+        self._events.append(Event(time.time(), kind, key, int(nbytes), seconds, detail))
+
+    def _timeline_point(self, force: bool) -> None:
+        now = time.time()
+        if not force and self._timeline and now - self._timeline[-1].time < 0.5:
+            return
+        reading = self._reading
+        others = self._budget(reading).others
+        per_model = {r.key: r.size() for r in self._records.values() if r.tier == GPU}
+        self._timeline.append(TimelinePoint(now, per_model, others, reading.free_bytes if reading else None))
+
+    def _make_room_now(self) -> None:
+        """Move idle models down at once when the budget is exceeded (a training lease just started)."""
+        self.maintain()
+
+    def _drop(self, rec: ModelRecord) -> None:
+        """Release a record that is no longer registered (or whose loader was replaced)."""
+        was_gpu = rec.tier == GPU
+        self._exec.to_disk(rec)
+        if was_gpu:
+            self._accel.empty_cache()
+
+    def _give_back(self, freed: int, free_before: int | None) -> None:
+        """After moving models off the GPU for someone else: empty the cache, wait (bounded) to see it free."""
+        if freed <= 0 or not self._accel.has_gpu_tier:
+            return
+        self._accel.empty_cache()
+        if free_before is None:
+            return
+        t0 = time.monotonic()
+        while True:
+            reading = self._read()
+            if reading is None or reading.free_bytes >= free_before + 0.9 * freed:
+                break
+            if time.monotonic() - t0 > self.free_wait_s:
+                log.info("freed %s but the card shows only %s more free after %.1f s", fmt_bytes(freed),
+                         fmt_bytes(reading.free_bytes - free_before), self.free_wait_s)  # fmt: skip
+                break
+            time.sleep(0.05)
+        with self._cond:
+            self._event("gave_back", "", freed, time.monotonic() - t0)
+
+    # ---- messages ------------------------------------------------------------------------------------------------
+    def _memory_facts(self) -> str:
+        reading = self._read()
+        b = self._budget(reading)
+        return (
+            f"{fmt_bytes(reading.free_bytes if reading else None)} is free on the card ({fmt_bytes(b.others)} used by "
+            f"other programs, studio budget {fmt_bytes(b.capacity)}; PyTorch holds {fmt_bytes(self._accel.reserved())}"
+            f" reserved, {fmt_bytes(self._accel.allocated())} allocated)"
+        )
+
+    def _oom_message(self, key: str, failure: _OOM, hint: int | None) -> str:
+        with self._cond:
+            rec = self._records[key]
+            work = rec.working_need(hint)
+        tried = f"; the failing allocation was {fmt_bytes(failure.tried)}" if failure.tried else ""
+        return (
+            f"Out of GPU memory running {key} even after moving every idle model off the GPU and with no other lease "
+            f"running: it needs about {fmt_bytes(rec.size() + work)} (weights {fmt_bytes(rec.size())} + working "
+            f"{fmt_bytes(work)}){tried}; {self._memory_facts()}. Use a smaller input or batch, a lower precision, or "
+            "close other GPU programs."
+        )
+
+    def _placing_message(self, plan: Any, e: BaseException) -> str:
+        rec = plan.target
+        return (
+            f"Out of GPU memory placing {rec.key}: it needs {fmt_bytes(rec.size() + plan.work)} (weights "
+            f"{fmt_bytes(rec.size())} + working {fmt_bytes(plan.work)}) and does not fit with every idle model moved "
+            f"off and no other lease running; {self._memory_facts()}. ({str(e)[:160]})"
+        )

@@ -11,9 +11,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from studio.residency import pinned
-from studio.residency.planner import _Plan
-from studio.residency.state import GPU, fmt_bytes
+from studio.residency import pinned, planner
+from studio.residency.state import fmt_bytes
 from studio.residency.training import TrainingLease, TrainState, state_tensors, tensor_bytes
 
 if TYPE_CHECKING:
@@ -140,6 +139,7 @@ class Preemption:
         m = self.m
         with m._cond:
             lease.state = TrainState.PAUSED
+            m._releases += 1  # a request that ran out of memory placing may try again
             m.metrics.add("training_pauses")
             m.metrics.switch("training gpu->ram", seconds)
             m._event("train_pause", lease.key, copied, seconds, detail=f"{lease.label} paused for {lease.paused_for}")
@@ -153,34 +153,18 @@ class Preemption:
         while True:
             reading = m._read()
             with m._cond:
-                plan = self._room_plan(lease, reading)
+                plan: Any = False
+                if not m._waiting and not m._mover_busy:
+                    others = bool(m._leases) or any(t is not lease and t.gpu_bytes() for t in self.leases)
+                    plan = planner.plan_room(m._world(reading), lease.need_bytes(), others_hold=others)
                 if plan is None:
                     lease.state, lease.yield_to = TrainState.RESUMING, None
                     return
                 if plan is False:
                     m._cond.wait(0.25)
                     continue
-                m._begin(plan)
-            m._finish(plan, m._execute_down, give_back=True)
-
-    def _room_plan(self, lease: TrainingLease, reading: Any) -> _Plan | bool | None:
-        """None: it fits now; False: wait; a plan: move these idle models down first."""
-        m = self.m
-        if m._waiting or m._mover_busy:
-            return False
-        capacity = m._budget(reading)[0]
-        need = lease.need_bytes() - (capacity - m._gpu_in_use())
-        if need <= 0:
-            return None
-        victims = m._victims(GPU, need, set())
-        if victims:
-            plan = _Plan(None, "none", gpu_victims=victims)
-            m._plan_ram_for_victims(plan)
-            return plan
-        held = m._leases or any(t is not lease and t.gpu_bytes() for t in self.leases)
-        if not held:  # nothing else to wait for: go on and let an out-of-memory error say so
-            return None
-        return False
+                m._exec.begin(plan)
+            m._exec.run(plan, up=False, give_back=True)
 
     def requeue(self, lease: TrainingLease) -> None:
         with self.m._cond:
