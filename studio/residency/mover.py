@@ -97,4 +97,3 @@ class Mover:
         if is_torch_model(obj):
             return sum(t.numel() * t.element_size() for t in _slots(obj)) or rec.estimate
         return rec.size()
-
