@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from studio.residency.accel import is_oom_error
 from studio.residency.mover import MoveFacts
 from studio.residency.planner import Action, Plan, ResidencyError, candidate, plan_oom_retry, tried_bytes
-from studio.residency.state import DISK, GPU, RAM, ModelRecord, Moving, fmt_bytes
+from studio.residency.state import DISK, GPU, RAM, ModelRecord, Moving
+from studio.units import fmt_bytes
 
 if TYPE_CHECKING:
     from studio.residency.manager import ResidencyManager

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from studio.residency import planner
 from studio.residency.execute import NeedsWait, is_oom
 from studio.residency.planner import GPU, CpuFallback, Hit, Place, Refuse, ResidencyError, Wait, tried_bytes
-from studio.residency.state import Lease, ModelRecord, WaitingView, fmt_bytes, held_tokens, new_token
+from studio.residency.state import Lease, ModelRecord, WaitingView, held_tokens, new_token
+from studio.units import fmt_bytes
 
 if TYPE_CHECKING:
     from studio.residency.manager import ResidencyManager

@@ -42,13 +42,13 @@ from studio.residency.state import (
     Snapshot,
     TimelinePoint,
     WaitingView,
-    fmt_bytes,
     hold,
     model_view,
     training_view,
     unhold,
 )
 from studio.residency.training import TrainingLease
+from studio.units import fmt_bytes
 
 __all__ = ["Loader", "ResidencyError", "ResidencyManager", "Snapshot"]
 

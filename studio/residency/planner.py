@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from studio.residency.eviction import DISK_BW_GUESS, RAM_BW_GUESS, Candidate, choose_victims
-from studio.residency.probes import CardReading, GiB
+from studio.residency.probes import CardReading
 from studio.residency.state import DISK, GPU, RAM, ModelRecord, Tier
 
 MiB = 2**20
@@ -321,10 +321,9 @@ def trim_pools(w: World) -> list[ModelRecord]:
 
 def default_ram_cap(has_gpu: bool) -> int:
     """A quarter of physical RAM for parked models on a GPU machine; half of it when the CPU is the only tier."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 * GiB
+    import psutil  # os.sysconf has no SC_PHYS_PAGES on Windows
+
+    total = psutil.virtual_memory().total
     return total // 4 if has_gpu else total // 2
 
 

@@ -12,8 +12,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from studio.residency import pinned, planner
-from studio.residency.state import fmt_bytes
 from studio.residency.training import TrainingLease, TrainState, state_tensors, tensor_bytes
+from studio.units import fmt_bytes
 
 if TYPE_CHECKING:
     from studio.residency.manager import ResidencyManager

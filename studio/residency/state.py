@@ -1,5 +1,5 @@
 """Bookkeeping of the residency manager: one record per model, metrics, the event log and the snapshot views
-that the GPU tab reads. No policy here (see studio/eviction.py and studio/residency.py)."""
+that the GPU tab reads. No policy here (see eviction.py and planner.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 from studio.residency.eviction import Candidate, decayed
 from studio.residency.pinned import PinnedPool
 from studio.residency.probes import CardReading
+from studio.units import quantile
 
 MiB = 2**20
 
@@ -56,15 +57,6 @@ def hold(token: int) -> None:
 def unhold(token: int) -> None:
     """Forget a token in the current context (harmless where it was never held: a generator closed elsewhere)."""
     _held.set(_held.get() - {token})
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass
@@ -166,11 +158,6 @@ class SwitchStats:
     mean_s: float
 
 
-def _quantile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else 0.0
-
-
 COUNTERS = (
     "hits",
     "misses",
@@ -206,7 +193,7 @@ class Metrics:
     def view(self) -> MetricsView:
         with self._lock:
             stats = tuple(
-                SwitchStats(k, len(v), _quantile(list(v), 0.5), _quantile(list(v), 0.95), sum(v) / len(v))
+                SwitchStats(k, len(v), quantile(list(v), 0.5), quantile(list(v), 0.95), sum(v) / len(v))
                 for k, v in sorted(self.switches.items())
                 if v
             )

@@ -38,7 +38,8 @@ import torch
 from studio.residency import pinned
 from studio.residency.accel import is_oom_error
 from studio.residency.planner import ResidencyError
-from studio.residency.state import fmt_bytes, hold, new_token, unhold
+from studio.residency.state import hold, new_token, unhold
+from studio.units import fmt_bytes
 
 if TYPE_CHECKING:
     from studio.residency.manager import ResidencyManager
