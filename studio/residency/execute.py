@@ -13,16 +13,13 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from studio.residency.accel import is_oom_error
 from studio.residency.mover import MoveFacts
 from studio.residency.planner import Action, Plan, ResidencyError, candidate, plan_oom_retry, tried_bytes
 from studio.residency.state import DISK, GPU, RAM, ModelRecord, Moving
 from studio.units import fmt_bytes
-
-if TYPE_CHECKING:
-    from studio.residency.manager import ResidencyManager
 
 log = logging.getLogger("studio.residency")
 
@@ -36,7 +33,7 @@ def is_oom(exc: BaseException) -> bool:
 
 
 class Executor:
-    def __init__(self, manager: ResidencyManager) -> None:
+    def __init__(self, manager: Any) -> None:  # manager: the ResidencyManager that owns this
         self.m = manager
         self.mover = manager._mover
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from studio.residency import planner
 from studio.residency.execute import NeedsWait, is_oom
@@ -19,14 +20,17 @@ from studio.residency.planner import GPU, CpuFallback, Hit, Place, Refuse, Resid
 from studio.residency.state import Lease, ModelRecord, WaitingView, held_tokens, new_token
 from studio.units import fmt_bytes
 
-if TYPE_CHECKING:
-    from studio.residency.manager import ResidencyManager
-
 log = logging.getLogger("studio.residency")
 
 
+@dataclass
+class _OOM:
+    message: str
+    tried: int | None
+
+
 class Leasing:
-    def __init__(self, manager: ResidencyManager) -> None:
+    def __init__(self, manager: Any) -> None:  # manager: the ResidencyManager that owns this
         self.m = manager
 
     def acquire(self, key: str, hint: int | None) -> Lease:
@@ -177,8 +181,6 @@ class Leasing:
 
     # ---- run() helpers -----------------------------------------------------------------------------------------
     def try_run(self, key: str, fn, hint: int | None):
-        from studio.residency.manager import _OOM
-
         try:
             with self.m.use(key, working_bytes=hint) as model:
                 return fn(model)

@@ -21,14 +21,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from studio.residency import planner
 from studio.residency.accel import Accelerator, CpuAccelerator, CudaAccelerator, configure_allocator
 from studio.residency.eviction import GreedyDualSize, LeastRecentlyUsed
 from studio.residency.execute import Executor
-from studio.residency.leasing import Leasing
+from studio.residency.leasing import _OOM, Leasing
 from studio.residency.mover import Mover
 from studio.residency.planner import GPU, RAM, ResidencyError, World
 from studio.residency.preempt import Preemption
@@ -68,12 +67,6 @@ class Loader(Protocol):
     def estimate_bytes(self) -> int: ...
     def load(self, device: str) -> Any: ...
     def release(self, obj: Any) -> None: ...
-
-
-@dataclass
-class _OOM:
-    message: str
-    tried: int | None
 
 
 class ResidencyManager:

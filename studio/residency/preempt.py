@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from studio.residency import pinned, planner
 from studio.residency.training import TrainingLease, TrainState, state_tensors, tensor_bytes
 from studio.units import fmt_bytes
-
-if TYPE_CHECKING:
-    from studio.residency.manager import ResidencyManager
 
 log = logging.getLogger("studio.residency")
 MiB = 2**20
@@ -43,7 +40,7 @@ def request_label(key: str) -> str:
 
 
 class Preemption:
-    def __init__(self, manager: ResidencyManager) -> None:
+    def __init__(self, manager: Any) -> None:  # manager: the ResidencyManager that owns this
         self.m = manager
         self.leases: list[TrainingLease] = []
 

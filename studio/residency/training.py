@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -40,9 +40,6 @@ from studio.residency.accel import is_oom_error
 from studio.residency.planner import ResidencyError
 from studio.residency.state import hold, new_token, unhold
 from studio.units import fmt_bytes
-
-if TYPE_CHECKING:
-    from studio.residency.manager import ResidencyManager
 
 log = logging.getLogger("studio.residency")
 MEASURE_STEPS = 3  # steps whose peak working memory is measured when the caller gives no `working_bytes`
@@ -121,7 +118,7 @@ class TrainingLease:
 
     def __init__(
         self,
-        manager: ResidencyManager,
+        manager: Any,  # the ResidencyManager
         key: str,
         modules: Sequence[Any],
         optimizers: Sequence[Any],
