@@ -129,3 +129,47 @@ def test_job_shows_the_pause():
     watcher.join(5)
     assert seen["during"][0].startswith("paused for Chat, ") and seen["during"][1] == "paused for Chat"
     assert seen["after"].startswith("paused 1x")
+
+
+def test_training_a_registered_model_parks_its_weights_with_the_training_state():
+    """SD LoRA trains the UNet the manager holds: on a pause the weights go with the optimizer state, the record says
+    "parked by training", and everything comes back identical."""
+
+    def run(manager, hook=None) -> list[float]:
+        manager.register(NetLoader("m:t", 4))
+        losses = []
+        with manager.use("m:t", working_bytes=0) as net:
+            net.requires_grad_(True)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+            torch.manual_seed(7)
+            with manager.training("m:t", modules=[net], optimizers=[opt], working_bytes=MiB, label="LoRA") as lease:
+                for step in range(8):
+                    if hook is not None:
+                        hook(step, lease)
+                    with lease.step():
+                        loss = net(torch.randn(4, 256)).pow(2).mean()
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                    losses.append(loss.item())
+        return losses, lease
+
+    reference, _ = run(sim_manager(60)[0])
+    manager, _, _ = sim_manager(60, wait_timeout_s=10)
+    manager.register(NetLoader("llm:big", 50))
+    seen = {}
+
+    def chat() -> None:
+        with manager.use("llm:big", working_bytes=0) as model:
+            seen["states"] = {m.key: m.state for m in manager.snapshot().models}
+            model(X)
+
+    def hook(step: int, lease) -> None:
+        if step == 3:
+            threading.Thread(target=chat).start()
+            _wait_until(lambda: manager.snapshot().waiting)
+
+    losses, lease = run(manager, hook)
+    assert losses == reference and lease.pauses == 1
+    assert seen["states"]["m:t"] == "parked by training" and seen["states"]["llm:big"] == "in use"
+    assert tiers(manager)["m:t"] == "gpu"

@@ -174,6 +174,8 @@ def decide(
     """What to do for a lease on `rec`. `yieldable`: training leases that may give way to this request;
     `own_trainers`: the requester's own training leases; `held`: tokens of the leases the requester holds."""
     work = rec.working_need(hint)
+    if rec.parked_by is not None:  # a paused training run parked it with its state: it comes back with it
+        return Wait(rec.size())
     if not w.has_gpu:
         if rec.tier == RAM:
             return Hit(work)

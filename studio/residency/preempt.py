@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from studio.residency import pinned, planner
+from studio.residency.state import GPU, RAM
 from studio.residency.training import TrainingLease, TrainState, state_tensors, tensor_bytes
 from studio.units import fmt_bytes
 
@@ -86,11 +87,14 @@ class Preemption:
                 lease.working = self._working(lease)
                 lease.paused_for, lease.paused_since = "room on the GPU", t0
             lease._resume(None, t0)
-            lease.pauses -= 1  # placing it at the start is not a pause
+            lease.pauses, lease.paused_s = 0, 0.0  # placing it at the start is not a pause
             return
         nbytes = tensor_bytes(lease._tensors())
         with m._cond:
-            lease.state_bytes = nbytes
+            rec = m._records.get(lease.key)
+            if rec is not None and rec.tier == GPU and rec.leases:  # the trainer holds it: its weights are counted
+                lease.record = rec
+            lease.state_bytes = self._own_bytes(lease, nbytes)
             lease.working = self._working(lease)
             lease.state = TrainState.RUNNING
             m._event("train_start", lease.key, lease.need_bytes(), detail=lease.label)
@@ -104,6 +108,11 @@ class Preemption:
             self.m._event("train_end", lease.key, 0, lease.paused_s, detail=f"{lease.label}: {lease.pauses} pauses")
             self.m._cond.notify_all()
 
+    @staticmethod
+    def _own_bytes(lease: TrainingLease, nbytes: int) -> int:
+        """Bytes of the lease's tensors, less the weights its registered model already counts."""
+        return max(0, nbytes - (lease.record.size() if lease.record is not None else 0))
+
     def _working(self, lease: TrainingLease) -> int:
         if lease.declared_working is not None:
             return max(lease.declared_working, max(lease.measured, default=0))
@@ -115,7 +124,8 @@ class Preemption:
     def measure_start(self, lease: TrainingLease) -> int | None:
         m = self.m
         with m._cond:
-            if m._leases or any(t is not lease and t.gpu_bytes() for t in self.leases):
+            others = len(m._leases) > self._record_leases(lease)
+            if others or any(t is not lease and t.gpu_bytes() for t in self.leases):
                 return None  # someone else's allocations would be counted as ours
             m._accel.reset_peak()
             return m._accel.allocated()
@@ -126,8 +136,8 @@ class Preemption:
             return
         nbytes = tensor_bytes(lease._tensors())  # optimizer state appears after the first step
         with m._cond:
-            lease.state_bytes = nbytes
-            if base is not None and not m._leases:
+            lease.state_bytes = self._own_bytes(lease, nbytes)
+            if base is not None and len(m._leases) <= self._record_leases(lease):
                 lease.measured.append(max(0, m._accel.peak() - base))
             lease.working = self._working(lease)
 
@@ -136,6 +146,7 @@ class Preemption:
         m = self.m
         with m._cond:
             lease.state = TrainState.PAUSED
+            self._park_record(lease)
             m._releases += 1  # a request that ran out of memory placing may try again
             m.metrics.add("training_pauses")
             m.metrics.switch("training gpu->ram", seconds)
@@ -143,6 +154,33 @@ class Preemption:
             m._cond.notify_all()
         log.info("training %s paused for %s: %s parked in %.3f s", lease.label, lease.paused_for,
                  fmt_bytes(copied), seconds)  # fmt: skip
+
+    def _record_leases(self, lease: TrainingLease) -> int:
+        return sum(1 for x in self.m._leases if lease.record is not None and x.record is lease.record)
+
+    def _park_record(self, lease: TrainingLease) -> None:
+        """The trained model's weights went to pinned RAM with the training state: the record says so, and the
+        working memory its leases set aside is given back until it resumes (lock held)."""
+        rec = lease.record
+        if rec is None:
+            return
+        rec.tier, rec.device, rec.parked_by = RAM, "cpu", lease
+        rec.generation += 1
+        if rec.pool is not None:
+            rec.pool.synced = None  # its tensors moved without it: the next swap-down copies everything
+        for x in self.m._leases:
+            if x.record is rec:
+                x.saved_working, x.working = x.working, 0
+
+    def _unpark_record(self, lease: TrainingLease) -> None:
+        rec = lease.record
+        if rec is None or rec.parked_by is not lease:
+            return
+        rec.tier, rec.device, rec.parked_by = GPU, self.m._accel.device, None
+        rec.generation += 1
+        for x in self.m._leases:
+            if x.record is rec:
+                x.working = x.saved_working
 
     def wait_for_room(self, lease: TrainingLease) -> None:
         """Block until no interactive request waits and the lease's bytes fit (moving idle models down)."""
@@ -174,6 +212,7 @@ class Preemption:
         m = self.m
         with m._cond:
             lease.state = TrainState.RUNNING
+            self._unpark_record(lease)
             lease.paused_s += total_s
             lease.pauses += 1
             reason, lease.paused_for, lease.paused_since = lease.paused_for, None, None

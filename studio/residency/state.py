@@ -86,6 +86,7 @@ class ModelRecord:
     oom_floor_left: int = 0  # measured leases until the floor is forgotten (it must not only ever grow)
     generation: int = 0  # bumped each time the weights move (CUDA graphs must be re-captured)
     cpu_fallback: bool = False
+    parked_by: Any = None  # the training lease that parked these weights with its own state (see preempt.py)
 
     def size(self) -> int:
         return self.bytes or self.estimate
@@ -296,6 +297,8 @@ def model_view(r: ModelRecord) -> ModelView:
     pool = r.pool  # read once: the manager replaces it under its lock, never clears it under a reader
     if r.moving:
         state = f"moving {r.moving}"
+    elif r.parked_by is not None:
+        state = "parked by training"
     elif r.leases:
         state = "in use"
     else:

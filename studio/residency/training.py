@@ -145,6 +145,7 @@ class TrainingLease:
         self._manager, self._job = manager, job
         self._pool: pinned.PinnedPool | None = None
         self._noop = not manager._accel.has_gpu_tier
+        self.record: Any = None  # the registered model being trained, when `key` names one (its weights are its)
         self._owner = new_token()
 
     # ---- what the manager counts ---------------------------------------------------------------------------
@@ -155,7 +156,8 @@ class TrainingLease:
         return self.state_bytes + self.working
 
     def need_bytes(self) -> int:
-        return self.state_bytes + self.working
+        parked = self.record.size() if self.record is not None and self.record.parked_by is self else 0
+        return self.state_bytes + self.working + parked
 
     @property
     def device(self) -> str:
