@@ -173,3 +173,46 @@ def test_training_a_registered_model_parks_its_weights_with_the_training_state()
     assert losses == reference and lease.pauses == 1
     assert seen["states"]["m:t"] == "parked by training" and seen["states"]["llm:big"] == "in use"
     assert tiers(manager)["m:t"] == "gpu"
+
+
+def test_ultralytics_callbacks_drive_one_preemptible_lease():
+    """YOLO training: on_pretrain_routine_end opens the lease on trainer.model/ema/optimizer, on_train_batch_end is
+    the step boundary; an interactive request gets the card between two batches and training goes on identically."""
+    from types import SimpleNamespace
+
+    from backends.vision.train import _LeaseCallbacks
+
+    def run(manager, interrupt=None) -> list[float]:
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(32, 64), nn.Dropout(0.2), nn.ReLU(), nn.Linear(64, 1))
+        ema = SimpleNamespace(ema=nn.Linear(32, 1))
+        trainer = SimpleNamespace(model=model, ema=ema, optimizer=torch.optim.SGD(model.parameters(), lr=0.05,
+                                  momentum=0.9), epoch=0, tloss=None)  # fmt: skip
+        callbacks, losses = _LeaseCallbacks(manager, "train:yolo:test"), []
+        callbacks.start(trainer)
+        for batch in range(8):
+            if interrupt is not None and batch == 4:
+                interrupt()
+            x = torch.randn(8, 32)
+            loss = (model(x) - 1).pow(2).mean()
+            trainer.optimizer.zero_grad()
+            loss.backward()
+            trainer.optimizer.step()
+            trainer.tloss = loss.detach()
+            losses.append(loss.item())
+            callbacks.batch_end(trainer)
+        callbacks.close(trainer)
+        callbacks.close(trainer)  # on_train_end and the finally block both close it
+        return losses, callbacks.lease
+
+    reference, _ = run(sim_manager(30)[0])
+    manager, _, _ = sim_manager(30, wait_timeout_s=10)
+    manager.register(NetLoader("llm:big", 29.995))  # leaves less free than the trainer holds
+
+    def interrupt() -> None:
+        threading.Thread(target=lambda: manager.run("llm:big", lambda m: torch.randn(100), working_bytes=0)).start()
+        _wait_until(lambda: manager.snapshot().waiting)
+
+    losses, lease = run(manager, interrupt)
+    assert losses == reference and lease.pauses == 1 and lease.metrics["loss"] == losses[-1]
+    assert manager.snapshot().trainings == []

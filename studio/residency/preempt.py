@@ -132,6 +132,7 @@ class Preemption:
 
     def measure_end(self, lease: TrainingLease, base: int | None) -> None:
         m = self.m
+        base = None if base is not None and base < 0 else base
         if lease.steps >= 3 and base is None:
             return
         nbytes = tensor_bytes(lease._tensors())  # optimizer state appears after the first step

@@ -146,6 +146,7 @@ class TrainingLease:
         self._pool: pinned.PinnedPool | None = None
         self._noop = not manager._accel.has_gpu_tier
         self.record: Any = None  # the registered model being trained, when `key` names one (its weights are its)
+        self._open_step: int | None = None  # boundary(): the measuring base of the step in progress (-1: none)
         self._owner = new_token()
 
     # ---- what the manager counts ---------------------------------------------------------------------------
@@ -182,6 +183,8 @@ class TrainingLease:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.state == TrainState.ENDED:
+            return  # already ended (a callback-driven trainer may end it twice)
         unhold(self._owner)
         self._manager._preempt.end(self)
         pool, self._pool = self._pool, None
@@ -201,6 +204,21 @@ class TrainingLease:
         yield
         self._manager._preempt.measure_end(self, base)
         self.steps += 1
+
+    def boundary(self) -> None:
+        """A step boundary for trainers driven by callbacks (Ultralytics' on_train_batch_end), where no `with` block
+        can wrap a step: ends the step that ran since the last boundary and starts the next one, giving way first
+        when an interactive request waits. Equivalent to consecutive `with lease.step():` blocks."""
+        if self._noop:
+            self.steps += 1
+            return
+        if self._open_step is not None:
+            self._manager._preempt.measure_end(self, self._open_step)
+            self.steps += 1
+        if self.yield_to is not None:
+            self._pause_and_resume()
+        base = self._manager._preempt.measure_start(self) if len(self.measured) < MEASURE_STEPS else None
+        self._open_step = base if base is not None else -1
 
     def report(self, **metrics: Any) -> None:
         """Latest metrics (step, loss, ...) for the GPU tab and the job."""
