@@ -120,7 +120,7 @@ def build_llm(device: str, quick: bool) -> tuple[Any, Callable, int]:
 
 
 def build_sd(device: str, quick: bool) -> tuple[Any, Callable, int]:
-    from backends import diffusion_tiny as tiny
+    from backends.image import tiny
 
     if quick:
         configs = tiny.TINY_CONFIGS[sorted(tiny.TINY_CONFIGS)[0]]
