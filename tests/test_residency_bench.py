@@ -61,11 +61,11 @@ def test_quick_run_end_to_end(tmp_path):
 
     code = main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--requests", "16",
                  "--strategies", "ours,naive,unload"])  # fmt: skip
-    result = json.loads((tmp_path / "residency-quick.json").read_text())
+    result = json.loads((tmp_path / "residency-quick-cpu.json").read_text())
     assert code == 0 and not result["errors"]
     assert all(all(v for v in c.values()) for c in result["check"].values())
     assert {"ours", "naive", "unload"} == set(result["strategies"])
-    assert result["strategies"]["ours"]["complete"] and (tmp_path / "residency-quick.md").exists()
+    assert result["strategies"]["ours"]["complete"] and (tmp_path / "residency-quick-cpu.md").exists()
 
 
 def test_stress_tape_replays_the_same_random_inputs_on_any_thread():
