@@ -140,9 +140,12 @@ class Leasing:
     def grant(self, rec: ModelRecord, work: int, *, hit: bool, cpu: bool = False) -> Lease:
         m = self.m
         if cpu and not rec.cpu_fallback:
-            cap = m._budget(m._reading).capacity
-            log.warning("%s needs %s but the whole GPU budget is %s: running it on the CPU (slower)", rec.key,
-                        fmt_bytes(rec.size() + work), fmt_bytes(cap))  # fmt: skip
+            b = m._budget(m._reading)
+            cap = b.capacity
+            log.warning("%s needs %s but the whole GPU budget is %s (other programs %s, our CUDA context %s, reserve "
+                        "%s, PyTorch reserved %s): running it on the CPU (slower)", rec.key, fmt_bytes(rec.size() + work),
+                        fmt_bytes(cap), fmt_bytes(b.others), fmt_bytes(b.context), fmt_bytes(m.reserve_bytes),
+                        fmt_bytes(m._accel.reserved()))  # fmt: skip
             m.metrics.add("cpu_fallbacks")
             m._event("cpu_fallback", rec.key, rec.size() + work, detail=f"budget {fmt_bytes(cap)}")
         rec.cpu_fallback = cpu
