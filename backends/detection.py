@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from studio.safety import UnsafePathError, allowed_path, atomic_write_json, check_image_file, check_weights_file
+from studio.safety import (
+    UnsafePathError,
+    allowed_path,
+    atomic_write_json,
+    check_image_file,
+    check_weights_file,
+    unguessable_stamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +402,7 @@ class DetectionBackend:
     def save_json(self, result: DetectionResult, name: str = "detections") -> Path:
         from studio.safety import safe_filename
 
-        path = self.ctx.settings.outputs_dir / "vision" / f"{safe_filename(name)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path = self.ctx.settings.outputs_dir / "vision" / f"{safe_filename(name)}-{unguessable_stamp()}.json"
         atomic_write_json(path, result.to_json())
         return path
 
@@ -410,6 +417,14 @@ class DetectionBackend:
 
         return suggest_settings(self.ctx, n_images, self.get_model(base_model_id))
 
+    def check_dataset_folder(self, folder: str | Path) -> Path:
+        """A dataset folder a request named, if the settings' data roots hold it (never models, cache, config)."""
+        s = self.ctx.settings
+        try:
+            return allowed_path(folder, s.data_roots(), s.protected_paths(), what="dataset folder")
+        except UnsafePathError as e:
+            raise DetectionError(str(e)) from None
+
     def check_dataset(self, source: str | Path) -> Any:
         """Unzip (safely) if it is a zip, then validate; returns the DatasetReport (problems inside, no raise)."""
         from backends.yolo_train import prepare_dataset
@@ -423,7 +438,7 @@ class DetectionBackend:
         path = export_onnx(self, self.get_model(model_id), imgsz)
         if not for_download:
             return path
-        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}.onnx"
+        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}-{unguessable_stamp()}.onnx"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
         return dest

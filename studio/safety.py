@@ -46,6 +46,14 @@ def contained_path(base: Path, name: str) -> Path:
     return target
 
 
+def unguessable_stamp() -> str:
+    """`20261201-101500-3f9c2a7e1b04`: sortable by time, but another user of the file route cannot guess it."""
+    import secrets
+    import time
+
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(6)}"
+
+
 def within(path: Path, root: Path) -> bool:
     """True when `path` (symlinks resolved) is `root` or inside it."""
     path, root = Path(path).resolve(), Path(root).resolve()
@@ -95,6 +103,25 @@ def atomic_writer(path: Path, mode: str = "wb") -> Iterator[Any]:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` for a library that writes by file name (torch.save, ONNX export); on success
+    fsync it and rename it over `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.context import StudioContext, Tab
+from studio.safety import unguessable_stamp
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def build(ctx: StudioContext) -> None:
         if not formats_v:
             raise gr.Error("Tick at least one export format (txt, srt, vtt or json).")
         out_dir = ctx.settings.outputs_dir / "audio"
-        stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"transcript-{unguessable_stamp()}"
         return [str(p) for p in write(tr, out_dir, stem, tuple(formats_v)).values()]
 
     inputs = [audio, video, model, language, vad, words, batched, diar, n_speakers, engine, pyannote_src]
