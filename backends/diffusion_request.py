@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from studio.safety import check_image_file
+
 # UI name -> (diffusers scheduler class, extra config). "Default" keeps the model's own scheduler.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Default": ("", {}),
@@ -132,6 +134,10 @@ def load_image(value: Any, what: str, size: tuple[int, int], mode: str = "RGB") 
     if isinstance(value, Image.Image):
         image = value
     else:
+        try:
+            check_image_file(value)  # header only: over 89 megapixels is refused before decoding
+        except ValueError as e:
+            raise RequestError(f"The {what}: {e}") from None
         try:
             with Image.open(Path(value)) as im:
                 im.load()  # decode now: a truncated file fails here, not halfway through generation

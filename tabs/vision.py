@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from studio.context import StudioContext, Tab
+from tabs._inputs import guard_image
 
 IMG_SIZES = [320, 416, 480, 640, 800, 960, 1280]
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
@@ -74,7 +75,7 @@ def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
 
     with gr.Row():
         # a file path, so a truncated upload reaches our decoder and its clear message (Gradio's would be generic)
-        image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
+        image = guard_image(gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"]))
         annotated = gr.Image(type="numpy", label="Detections", interactive=False)
     detect = gr.Button("Detect", variant="primary")
     summary = gr.Markdown()
