@@ -195,10 +195,11 @@ def build(ctx: StudioContext) -> None:
     gen_inputs = [history, model, engine, base_url, api_model, api_key, context, system, temperature, top_p, max_new,
                   rep, stop]  # fmt: skip
     gpu = {"concurrency_id": "gpu", "concurrency_limit": 1}
-    for trigger in (send.click, msg.submit):
-        trigger(add_user, [msg, history], [msg, history, chatbot], queue=False).then(
-            respond, gen_inputs, [chatbot, history, note], **gpu
-        )
+    for i, trigger in enumerate((send.click, msg.submit)):  # Send is named for scripts: chat_add_user, chat_respond
+        trigger(add_user, [msg, history], [msg, history, chatbot], queue=False,
+                api_name=None if i else "chat_add_user").then(
+            respond, gen_inputs, [chatbot, history, note], api_name=None if i else "chat_respond", **gpu
+        )  # fmt: skip
     regen.click(drop_last_reply, history, [history, chatbot], queue=False).then(
         respond, gen_inputs, [chatbot, history, note], **gpu
     )

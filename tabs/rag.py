@@ -211,13 +211,13 @@ def build(ctx: StudioContext) -> None:
     folder.focus(lambda v: gr.update(choices=backend.ingest_choices(), value=v), folder, folder)
     ingest_btn.click(
         ingest, [kb, new_name, folder, uploads], [job_id, kb, ingest_status, ingest_notes, kb_info],
-        concurrency_limit=None,
+        concurrency_limit=None, api_name="rag_ingest",
     )  # fmt: skip
     cancel_btn.click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
     delete_btn.click(delete, kb, [kb, kb_info])
     ask_event = ask_btn.click(
         ask, [kb, question, mode, top_k, use_llm, max_tokens], [ranking, answer, cited, passages],
-        concurrency_id="gpu", concurrency_limit=1,
+        concurrency_id="gpu", concurrency_limit=1, api_name="rag_ask",
     )  # fmt: skip
     submit_event = question.submit(
         ask, [kb, question, mode, top_k, use_llm, max_tokens], [ranking, answer, cited, passages],

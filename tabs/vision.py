@@ -55,7 +55,7 @@ def _build_models(ctx: StudioContext, det: Any) -> Any:
 
     find.click(lambda: gr.update(choices=[str(f) for f in det.trusted_files()], value=None), None, path)
     refresh.click(lambda: gr.update(choices=_model_choices(det)), None, model)
-    add.click(add_file, path, model)
+    add.click(add_file, path, model, api_name="vision_add_weights")
     return model
 
 
