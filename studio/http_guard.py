@@ -259,6 +259,8 @@ class HttpGuard:
 
         async def watched_send(message: dict[str, Any]) -> None:
             nonlocal started, status
+            if over and not started:
+                return  # the app's own answer to a cut-off body ("error parsing the body") is replaced by ours
             if message["type"] == "http.response.start":
                 started, status = True, message["status"]
             await send(message)

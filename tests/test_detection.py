@@ -171,3 +171,29 @@ def test_ultralytics_does_not_break_pil_errors_for_other_tabs(settings, tmp_path
     fake.write_bytes(b"PK\x03\x04" + bytes(200))
     with pytest.raises(UnidentifiedImageError):
         Image.open(fake)
+
+
+def test_ultralytics_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """last.pt / best.pt: per-epoch `write_bytes` and the final strip_optimizer both go through temp + rename."""
+    import ultralytics.engine.trainer as trainer_module
+
+    from backends.yolo_train import AtomicPath, atomic_checkpoints, install_atomic_strip
+
+    trainer = type("T", (), {"last": tmp_path / "last.pt", "best": tmp_path / "best.pt"})()
+    atomic_checkpoints(trainer)
+    assert isinstance(trainer.last, AtomicPath)
+    trainer.last.write_bytes(b"epoch-1")
+    seen = []
+
+    def fake_strip(f, s="", updates=None):
+        seen.append(Path(s).name)
+        Path(s).write_bytes(b"stripped")
+        return {}
+
+    monkeypatch.setattr(trainer_module, "strip_optimizer", fake_strip)
+    install_atomic_strip()
+    trainer_module.strip_optimizer(trainer.last)
+    assert seen[0].startswith(".last.pt.") and seen[0].endswith(".tmp")  # written beside, then renamed over
+    assert (tmp_path / "last.pt").read_bytes() == b"stripped" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.pt"
+    ]
