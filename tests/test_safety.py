@@ -14,6 +14,8 @@ from studio.safety import (
     load_safetensors,
     load_torch_weights,
     safe_filename,
+    safetensors_header,
+    safetensors_numel,
     save_safetensors,
 )
 
@@ -165,9 +167,20 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
 
 def test_kb_name_con_is_refused_with_a_usable_suggestion():
-    from backends.rag_store import KnowledgeBaseError, check_kb_name
+    from backends.rag.store import KnowledgeBaseError, check_kb_name
 
     for name in ("CON", "nul", "COM1"):
         with pytest.raises(KnowledgeBaseError) as e:
             check_kb_name(name)
         assert f"'{name}-notes'" in str(e.value) or "-notes" in str(e.value)
+
+
+def test_safetensors_header_reads_shapes_and_refuses_a_cut_file(tmp_path: Path):
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float16)}, path, metadata={"k": "v"})
+    header = safetensors_header(path)
+    assert header["a"] == {"dtype": "F32", "shape": [3, 4]} and header["b"]["shape"] == [5]
+    assert header["__metadata__"] == {"k": "v"} and safetensors_numel(path) == 17
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(WeightsError, match="truncated"):
+        safetensors_header(path)

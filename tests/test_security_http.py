@@ -460,7 +460,7 @@ def test_another_sessions_rag_answer_does_not_reach_the_first_sessions_engine(ex
     n = len(exposed.stub.calls)
     assert exposed.stub.calls[-1]["auth"] == "Bearer sk-alice"
     # ... Bob's RAG question (answered by the chat model) must not go to Alice's server or use her key.
-    from backends.rag import SAMPLE_NOTES
+    from backends.rag.backend import SAMPLE_NOTES
 
     result, out = gradio_call(exposed.port, "rag_ingest", [None, "bobs", str(SAMPLE_NOTES.resolve()), None], cookie=bob,
                               session="B")  # fmt: skip
