@@ -205,7 +205,8 @@ class HttpGuard:
             return True  # "null": a sandboxed frame or a file:// page
         if self.policy.share and host.endswith(".gradio.live"):
             return False
-        return host != headers.get("host", "").lower()
+        own = {headers.get("host", "").lower(), *headers.get("x-forwarded-host", "").lower().split(",")}
+        return host not in {h.strip() for h in own if h.strip()}  # behind a proxy the page's host is forwarded
 
     # ---- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

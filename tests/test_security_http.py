@@ -535,3 +535,26 @@ def test_loopback_check_and_auth_file_encoding(tmp_path):
     latin.write_bytes("jos\xe9:correct-horse-battery\n".encode("latin-1"))
     with pytest.raises(LaunchRefused, match="not UTF-8"):
         check_launch_safety(Settings(host="0.0.0.0", auth_file=latin))
+
+
+def test_guard_pieces_directly():
+    from studio.http_guard import GuardPolicy, HttpGuard, LoginLimiter, blank_api_info, clean_uploads
+
+    html = b'<script>window.gradio_api_info = {"named_endpoints": {"/x": {}}};</script><p>ok</p>'
+    assert blank_api_info(html) == b"<script>window.gradio_api_info = null;</script><p>ok</p>"
+    limiter = LoginLimiter(attempts=2)
+    for _ in range(2):
+        limiter.record("1.2.3.4", "eve", ok=False)
+    assert limiter.wait_s("1.2.3.4", "eve") > 0 and limiter.wait_s("1.2.3.4", "alice") == 0
+    assert limiter.wait_s("5.6.7.8", "eve") == 0
+    guard = HttpGuard(None, GuardPolicy(1, 1, 1, 1.0, exposed=True))
+    page = {"host": "studio.lan:7860"}
+    assert not guard._cross_origin({**page, "origin": "http://studio.lan:7860"})
+    assert guard._cross_origin({**page, "origin": "http://evil.example"})
+    assert guard._cross_origin({**page, "origin": "null"}) and guard._cross_origin(
+        {**page, "sec-fetch-site": "cross-site"}
+    )
+    assert not guard._cross_origin(
+        {"host": "127.0.0.1:7860", "x-forwarded-host": "studio.lan", "origin": "https://studio.lan"}
+    )
+    assert clean_uploads(__import__("pathlib").Path("/nonexistent-folder"), 1.0) == 0
