@@ -93,24 +93,6 @@ def safe_filename(name: str, default: str = "untitled") -> str:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside `path`; on success fsync and rename over it, on error delete the temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path` for a library that writes by file name (torch.save, ONNX export); on success
     fsync it and rename it over `path`, on error delete it."""
@@ -127,6 +109,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: str = "wb") -> Iterator[Any]:
+    """Open a temp file beside `path`; on success fsync and rename over it, on error delete the temp file."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 @contextlib.contextmanager
