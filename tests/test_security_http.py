@@ -414,11 +414,15 @@ def test_an_uploaded_pickle_is_never_trusted(exposed, tmp_path):
         def __reduce__(self):
             return (os.mkdir, (str(marker),))
 
+    # torch's legacy file format (magic number, protocol, sys info, then the object): torch.load(weights_only=False),
+    # as Ultralytics calls it, unpickles the object, so this file makes a folder the moment it is loaded.
+    info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    payload = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, info)) + pickle.dumps(Evil())
     cookie = exposed.cookies["alice"]
-    status, body = _upload_files(exposed.port, [("evil.pt", pickle.dumps(Evil()))], {"Cookie": cookie})
+    status, body = _upload_files(exposed.port, [("evil.pt", payload)], {"Cookie": cookie})
     assert status == 200
     uploaded = json.loads(body)[0]
-    digest = hashlib.sha256(pickle.dumps(Evil())).hexdigest()[:10]
+    digest = hashlib.sha256(payload).hexdigest()[:10]
     for args in ([uploaded], [uploaded, True]):  # the old API took (path, "I trust this file")
         result, detail = gradio_call(exposed.port, "vision_add_weights", args, cookie=cookie)
         assert result == "error", detail
