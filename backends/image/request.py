@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.safety import check_image_file
+from studio.safety import MAX_IMAGE_PIXELS
 
 # UI name -> (diffusers scheduler class, extra config). "Default" keeps the model's own scheduler.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -135,13 +135,16 @@ def load_image(value: Any, what: str, size: tuple[int, int], mode: str = "RGB") 
         image = value
     else:
         try:
-            check_image_file(value)  # header only: over 89 megapixels is refused before decoding
-        except ValueError as e:
-            raise RequestError(f"The {what}: {e}") from None
-        try:
             with Image.open(Path(value)) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:  # PIL only warns up to twice this
+                    raise RequestError(
+                        f"The {what} ({Path(str(value)).name}) is {im.width}x{im.height}: over "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are refused; resize it."
+                    )
                 im.load()  # decode now: a truncated file fails here, not halfway through generation
                 image = im.copy()
+        except RequestError:
+            raise
         except Image.DecompressionBombError:
             raise RequestError(f"The {what} is too large to open safely (decompression bomb?).") from None
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
