@@ -30,6 +30,7 @@ from backends.llm.models import (
     resolve_source,
 )
 from backends.llm.remote import EngineError, OpenAIChatClient, OpenAIEngineConfig
+from studio.concurrency import OwnedSlot, SafeStream
 from studio.safety import WeightsError, contained_path, safe_filename
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class LLMBackend:
     def __init__(self, ctx: Services, config: LLMConfig | None = None) -> None:
         self.ctx = ctx
         self._config = config or LLMConfig()
-        self._lock = threading.RLock()  # one in-process generation at a time (static buffers are shared)
+        self._lock = OwnedSlot()  # one in-process generation at a time (static buffers are shared); any thread frees it
         self._tokenizers: dict[str, Any] = {}
         self._sources: dict[str, ModelSource] = {}
         self._adapters: dict[str, AdapterState] = {}
@@ -192,7 +193,14 @@ class LLMBackend:
         config: LLMConfig | None = None,
     ) -> Iterator[ChatUpdate]:
         """Stream the assistant's reply to `messages` (the last one from the user), with `config` (one session's
-        engine, URL, key and model) or the backend's default; no call changes what another call uses."""
+        engine, URL, key and model) or the backend's default; no call changes what another call uses. The stream may
+        be stepped on any thread and closed from another one (Gradio's Stop): closing stops the running step within a
+        token."""
+        return SafeStream(lambda stop: self._chat(messages, options, stop, config), cancel)
+
+    def _chat(
+        self, messages: list[dict[str, str]], options: GenerationOptions | None, cancel: Any, config: LLMConfig | None
+    ):
         opts = options or GenerationOptions()
         c = config or self._config
         check_messages(messages)
@@ -260,12 +268,13 @@ class LLMBackend:
     @contextlib.contextmanager
     def _generation_slot(self, timeout_s: float = 300.0) -> Iterator[None]:
         """One in-process generation at a time; a stuck one yields a clear error instead of a silent hang."""
-        if not self._lock.acquire(timeout=timeout_s):
+        token = self._lock.acquire(timeout=timeout_s)
+        if token is None:
             raise RuntimeError(f"Another reply has been generating for over {timeout_s:.0f} s; press Stop and retry.")
         try:
             yield
         finally:
-            self._lock.release()
+            self._lock.release(token)
 
     def _get_decoder(self, key: str, model: Any, needed: int, limit: int, fast: bool = True) -> Any:
         from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
