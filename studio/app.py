@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from studio import api
 from studio.context import StudioContext, Tab
 from studio.offline import apply_env
 from studio.settings import Settings, SettingsError, load_settings
@@ -68,6 +69,10 @@ def read_auth(path: Path | None) -> list[tuple[str, str]] | None:
 def check_launch_safety(settings: Settings) -> list[tuple[str, str]] | None:
     """Refuse share or a non-loopback bind without auth; return the auth pairs to use (or None locally)."""
     auth = read_auth(settings.auth_file)
+    try:
+        api.check_settings(settings)
+    except api.ApiConfigError as e:
+        raise LaunchRefused(str(e)) from None
     exposed = settings.share or not settings.is_loopback
     if exposed and not auth:
         what = "a share link" if settings.share else f"binding to {settings.host}"
@@ -132,8 +137,7 @@ def launch(ctx: StudioContext, *, prevent_thread_lock: bool = False) -> gr.Block
     demo = build_app(ctx)
     demo.queue(max_size=64, default_concurrency_limit=4)
     blocked = [str(p.resolve()) for p in (s.models_dir, s.cache_dir, CONFIG_FILE) if p is not None]
-    if s.auth_file is not None:
-        blocked.append(str(s.auth_file.resolve()))
+    blocked += [str(f.resolve()) for f in (s.auth_file, s.api_keys_file) if f is not None]
     demo.launch(
         server_name=s.host,
         server_port=s.port,
@@ -145,6 +149,7 @@ def launch(ctx: StudioContext, *, prevent_thread_lock: bool = False) -> gr.Block
         max_file_size=f"{s.max_upload_mb}mb",
         enable_monitoring=False,
         mcp_server=False,
+        app_kwargs={"lifespan": api.lifespan(ctx)},  # the OpenAI-compatible /v1 routes, on the same port
         prevent_thread_lock=prevent_thread_lock,
         quiet=False,
     )
@@ -157,6 +162,7 @@ def parse_args(argv: list[str]) -> dict:
     p.add_argument("--port", type=int)
     p.add_argument("--share", action="store_true", default=None, help="public share link (needs --auth-file)")
     p.add_argument("--auth-file", type=Path)
+    p.add_argument("--api-keys-file", type=Path, help="API keys for the /v1 routes, one per line")
     p.add_argument("--vram-cap-gb", type=float)
     p.add_argument("--ram-cap-gb", type=float)
     p.add_argument("--data-dir", type=Path)

@@ -45,6 +45,14 @@ class Settings(BaseModel):
     models_dir: Path = Field(Path("models"), description="Downloaded and converted model weights.")
     max_upload_mb: int = Field(2048, gt=0, description="Largest accepted upload, in MB.")
     open_browser: bool = Field(True, description="Open the studio in a browser after start-up.")
+    api_enabled: bool = Field(True, description="Serve the OpenAI-compatible API under /v1 on the same port.")
+    api_keys_file: Path | None = Field(
+        None, description="File with one /v1 API key per line; required when the studio is reachable from other machines."
+    )
+    api_keys_on_loopback: bool = Field(False, description="Require a /v1 API key on 127.0.0.1 too.")
+    api_max_queue: int = Field(
+        8, ge=0, le=1024, description="Most /v1 requests waiting per kind of model; more get 503 with Retry-After."
+    )
 
     @field_validator("host")
     @classmethod
