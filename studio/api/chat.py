@@ -160,8 +160,9 @@ def json_end(text: str) -> int | None:
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
-def make_work(backend: Any, req: ChatRequest) -> Callable:
-    """The thread's work: drive the backend generator, emit deltas, return the final update."""
+def make_work(backend: Any, req: ChatRequest, rec: Any) -> Callable:
+    """The thread's work: drive the backend generator, emit deltas, return the final update (tokens counted in
+    `rec` as they come, so a cancelled request's record says how far it got)."""
 
     def work(cancel: threading.Event, emit: Callable[[Any], None]) -> Any:
         stop = threading.Event()  # the backend's flag: the client left, or a JSON answer is complete
@@ -174,11 +175,13 @@ def make_work(backend: Any, req: ChatRequest) -> Callable:
             if cancel.is_set():
                 stop.set()
             if u.delta:
+                rec.tokens += 1
                 emit(u.delta)
             if req.json_mode and json_end(u.text) is not None:
                 stop.set()
             if u.done:
                 final = u
+                rec.tokens = usage(u)["completion_tokens"]
         return final
 
     return work
@@ -271,7 +274,6 @@ async def respond(request: Any, job: Job, req: ChatRequest) -> Any:
     job.start()
     if not req.stream:
         final = await job.result(request)
-        job.rec.tokens = usage(final)["completion_tokens"]
         return JSONResponse(reply.whole(final, _reply_text(final, req)))
     first = await job.next(request)
     if first[0] == "error":
@@ -301,7 +303,6 @@ async def _events(request: Any, job: Job, reply: Reply, first: tuple[str, Any]) 
         if kind == "item":
             yield reply.content(value)
         elif kind == "done":
-            job.rec.tokens = usage(value)["completion_tokens"]
             for chunk in reply.closing(value):
                 yield chunk
             return

@@ -87,7 +87,11 @@ async def read_upload(request: Any, folder: Path, max_bytes: int) -> tuple[Path,
                 path.unlink(missing_ok=True)
                 raise ApiError(413, f"The upload is over the {max_bytes / 2**20:.0f} MB limit.")
             out.write(chunk)
-    fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    fields: dict[str, str] = {}
+    for k, v in form.multi_items():
+        if isinstance(v, str):
+            k = k.removesuffix("[]")
+            fields[k] = f"{fields[k]},{v}" if k == "timestamp_granularities" and k in fields else v
     return path, fields
 
 
@@ -102,7 +106,7 @@ def transcribe_options(fields: dict[str, str], models: list[str], default: str) 
     fmt = fields.get("response_format") or "json"
     if fmt not in TRANSCRIPT_FORMATS:
         raise ApiError(400, f"response_format={fmt!r}: use one of {TRANSCRIPT_FORMATS}.", param="response_format")
-    words = "word" in {v for k, v in fields.items() if k.startswith("timestamp_granularities")}
+    words = "word" in fields.get("timestamp_granularities", "").split(",")
     try:
         opts = TranscribeOptions(model_id=model, language=fields.get("language") or "auto", word_timestamps=words)
     except ValueError as e:

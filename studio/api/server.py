@@ -84,7 +84,9 @@ class Routes:
         return JSONResponse({"object": "list", "data": data})
 
     async def queue(self, request: Request) -> Response:
-        return JSONResponse(self.state.snapshot())
+        """Queue lengths, recent requests and the residency leases held now (the GPU in use or not)."""
+        leases = {m.key: m.leases for m in self.ctx.residency.snapshot().models if m.leases}
+        return JSONResponse({**self.state.snapshot(), "leases": leases})
 
     async def chat_completions(self, request: Request, *, is_chat: bool = True) -> Response:
         req = chat.parse(await _json(request), chat=is_chat)
@@ -92,7 +94,8 @@ class Routes:
             raise ApiError(404, f"model={req.model!r} is not a chat model here; GET /v1/models lists them.",
                            code="model_not_found", param="model")  # fmt: skip
         llm = self.ctx.backends.get("llm")
-        job = self._job("chat", "chat" if is_chat else "completions", req.model, chat.make_work(llm, req))
+        rec = self.state.enter("chat", "chat" if is_chat else "completions", req.model)
+        job = Job(self.state, rec, chat.make_work(llm, req, rec))
         return await chat.respond(request, job, req)
 
     async def completions(self, request: Request) -> Response:
