@@ -21,6 +21,7 @@ from tests import _llm_support
 from tests._studio_server import REPO, running_studio
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # a studio with real models: minutes on a loaded 2-core CPU (test_api_fast.py runs by default)
 llm_ctx = _llm_support.llm_ctx  # session fixture (the converted SmolLM2)
 
 KEY = "sk-test-0123456789abcdef"
