@@ -122,6 +122,12 @@ def parse(body: Any, *, chat: bool) -> ChatRequest:
         req.prompt = prompt
         return req
     req.messages = _messages(body.get("messages"))
+    from backends.llm import check_messages
+
+    try:
+        check_messages(req.messages)  # before queueing: a bad conversation is refused at once
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
     req.tools = body.get("tools") or None
     req.tool_choice = body.get("tool_choice") or "auto"
     fmt = body.get("response_format")
