@@ -50,8 +50,9 @@ ENGINES = ("transformers", "openai")
 ROLES = ("system", "user", "assistant", "tool")
 PRECISIONS = ("auto", "nf4", "16bit")
 __all__ = [
-    "AdapterError", "ChatUpdate", "EngineError", "check_messages", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "create", "parse_tool_calls",
+    "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
+    "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "check_messages", "create",
+    "parse_tool_calls",
 ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ own format, so the model can only complete it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -138,10 +139,8 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for c in m["tool_calls"]:
                 fn = dict(c.get("function") or {})
                 if isinstance(fn.get("arguments"), str):
-                    try:
+                    with contextlib.suppress(ValueError):  # else keep the text; the template shows it as given
                         fn["arguments"] = json.loads(fn["arguments"] or "{}")
-                    except ValueError:
-                        pass  # keep the text; the template shows it as given
                 calls.append({**c, "type": "function", "function": fn})
             m["tool_calls"] = calls
         out.append(m)

@@ -47,7 +47,8 @@ class Settings(BaseModel):
     open_browser: bool = Field(True, description="Open the studio in a browser after start-up.")
     api_enabled: bool = Field(True, description="Serve the OpenAI-compatible API under /v1 on the same port.")
     api_keys_file: Path | None = Field(
-        None, description="File with one /v1 API key per line; required when the studio is reachable from other machines."
+        None,
+        description="File with one /v1 API key per line; required when the studio is reachable from other machines.",
     )
     api_keys_on_loopback: bool = Field(False, description="Require a /v1 API key on 127.0.0.1 too.")
     api_max_queue: int = Field(

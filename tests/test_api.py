@@ -21,7 +21,9 @@ from tests import _llm_support
 from tests._studio_server import REPO, running_studio
 
 openai = pytest.importorskip("openai")
-pytestmark = pytest.mark.slow  # a studio with real models: minutes on a loaded 2-core CPU (test_api_fast.py runs by default)
+pytestmark = (
+    pytest.mark.slow
+)  # a studio with real models: minutes on a loaded 2-core CPU (test_api_fast.py runs by default)
 llm_ctx = _llm_support.llm_ctx  # session fixture (the converted SmolLM2)
 
 KEY = "sk-test-0123456789abcdef"
@@ -33,9 +35,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def studio(tmp_path_factory, llm_ctx):
     workdir = tmp_path_factory.mktemp("api")
     (workdir / "keys.txt").write_text(f"# API keys\n{KEY}\n")
-    (workdir / "studio.toml").write_text(
-        'api_keys_file = "keys.txt"\napi_keys_on_loopback = true\napi_max_queue = 1\n'
-    )
+    (workdir / "studio.toml").write_text('api_keys_file = "keys.txt"\napi_keys_on_loopback = true\napi_max_queue = 1\n')
     llm = llm_ctx.backends.get("llm")
     converted = llm.model_folder(llm._source(CHAT))  # converted once per session, copied in
     shutil.copytree(converted, workdir / "data" / "cache" / "llm" / converted.name)
@@ -69,7 +69,11 @@ def test_chat_plain_stop_and_length(client):
     text = r.choices[0].message.content
     assert "Paris" in text and r.choices[0].finish_reason == "stop"
     u = r.usage
-    assert u.prompt_tokens > 5 and 0 < u.completion_tokens <= 20 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert (
+        u.prompt_tokens > 5
+        and 0 < u.completion_tokens <= 20
+        and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    )
     cut = client.chat.completions.create(model=CHAT, messages=QUESTION, max_tokens=20, temperature=0, stop=["Paris"])
     assert "Paris" not in cut.choices[0].message.content and cut.choices[0].finish_reason == "stop"
     short = client.chat.completions.create(model=CHAT, messages=QUESTION, max_completion_tokens=3, temperature=0)

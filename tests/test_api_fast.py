@@ -56,7 +56,7 @@ class StandInLLM:
             time.sleep(0.01)
         calls = ()
         if stream:
-            rest, found = stream.finish()
+            _, found = stream.finish()
             calls = tuple(found)
             stats.finish_reason = "tool_calls" if calls else stats.finish_reason
         stats.new_tokens += stats.finish_reason == "eos"
@@ -100,7 +100,7 @@ def client(api):
 
 def test_keys_required_and_never_echoed(api, client):
     url = api[0]
-    assert [m.id for m in client.models.list() if m.capability == "chat"][0] == "smollm2-135m"
+    assert next(m.id for m in client.models.list() if m.capability == "chat") == "smollm2-135m"
     for headers in ({}, {"Authorization": "Bearer sk-wrong-0123456789abcdef"}, {"Authorization": KEY}):
         r = httpx.get(url + "/models", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -131,7 +131,9 @@ def test_plain_and_streamed_chat_shapes(client):
 
 
 def test_stream_helper_gets_tool_calls_in_openai_shape(api, client):
-    api[1].script = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Lima", "unit": "c"}}</tool_call>'
+    api[
+        1
+    ].script = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Lima", "unit": "c"}}</tool_call>'
     with client.chat.completions.stream(model="smollm2-135m", tools=[WEATHER],
                                         messages=[{"role": "user", "content": "Lima?"}]) as s:  # fmt: skip
         events = list(s)

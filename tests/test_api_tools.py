@@ -17,7 +17,9 @@ from tests import _llm_support
 from tests._studio_server import free_port
 
 openai = pytest.importorskip("openai")
-pytestmark = pytest.mark.slow  # a studio with real models: minutes on a loaded 2-core CPU (test_api_fast.py runs by default)
+pytestmark = (
+    pytest.mark.slow
+)  # a studio with real models: minutes on a loaded 2-core CPU (test_api_fast.py runs by default)
 llm_ctx = _llm_support.llm_ctx  # session fixture (the converted SmolLM2)
 
 CHAT = "smollm2-135m"
@@ -31,7 +33,7 @@ WEATHER = {
 }
 HERMES = (
     "{%- if tools %}<|im_start|>system\nYou may call functions:\n<tools>\n{%- for t in tools %}{{ t | tojson }}\n"
-    "{%- endfor %}</tools>\nCall one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
+    '{%- endfor %}</tools>\nCall one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n'
     "{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{%- if m.tool_calls %}{%- for c in m.tool_calls %}"
     "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
     "{%- endfor %}{%- else %}{{ m.content }}{%- endif %}<|im_end|>\n{%- endfor %}"
@@ -80,8 +82,10 @@ def scripted(tmp_path_factory, llm_ctx):
     ctx = build_context(settings)
 
     class ScriptedToolLLM(LLMBackend):
-        scripts: list[str] = []
-        prompts: list[list[int]] = []
+        def __init__(self, ctx):
+            super().__init__(ctx)
+            self.scripts: list[str] = []
+            self.prompts: list[list[int]] = []
 
         def _tokenizer(self, src):
             tok = super()._tokenizer(src)

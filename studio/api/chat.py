@@ -58,7 +58,9 @@ def _text_content(i: int, content: Any) -> str | None:
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ApiError(400, f"messages[{i}]: content part {kind!r} is not supported; send text.", param="messages")
+                raise ApiError(
+                    400, f"messages[{i}]: content part {kind!r} is not supported; send text.", param="messages"
+                )
             texts.append(part["text"])
         return "\n".join(texts)
     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts.", param="messages")
@@ -133,7 +135,9 @@ def parse(body: Any, *, chat: bool) -> ChatRequest:
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if fmt is not None and kind not in ("text", "json_object", "json_schema"):
-        raise ApiError(400, f"response_format={fmt!r}: use type text, json_object or json_schema.", param="response_format")
+        raise ApiError(
+            400, f"response_format={fmt!r}: use type text, json_object or json_schema.", param="response_format"
+        )
     req.json_mode = kind in ("json_object", "json_schema")
     if req.json_mode:
         req.messages = [{"role": "system", "content": JSON_INSTRUCTION}, *req.messages]

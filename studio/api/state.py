@@ -186,9 +186,7 @@ class ApiState:
 
     def snapshot(self) -> dict[str, Any]:
         with self._cond:
-            recent = [
-                {k: v for k, v in vars(r).items() if not k.startswith("_")} for r in reversed(self.recent)
-            ]
+            recent = [{k: v for k, v in vars(r).items() if not k.startswith("_")} for r in reversed(self.recent)]
         return {
             "address": self.address,
             "enabled": self.enabled and not self.closed_reason,
