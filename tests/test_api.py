@@ -36,7 +36,7 @@ def studio(tmp_path_factory, llm_ctx):
     workdir = tmp_path_factory.mktemp("api")
     (workdir / "keys.txt").write_text(f"# API keys\n{KEY}\n")
     (workdir / "studio.toml").write_text('api_keys_file = "keys.txt"\napi_keys_on_loopback = true\napi_max_queue = 1\n')
-    llm = llm_ctx.backends.get("llm")
+    llm = llm_ctx.backends.llm
     converted = llm.model_folder(llm._source(CHAT))  # converted once per session, copied in
     shutil.copytree(converted, workdir / "data" / "cache" / "llm" / converted.name)
     with running_studio(workdir) as s:

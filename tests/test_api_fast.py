@@ -10,8 +10,7 @@ import time
 import httpx
 import pytest
 
-from backends.llm_generate import GenerationStats
-from backends.llm_tools import ToolStream
+from backends.llm import GenerationStats, ToolStream
 from studio.api.state import ApiState
 from studio.settings import Settings
 from tests._studio_server import free_port

@@ -76,7 +76,7 @@ def scripted(tmp_path_factory, llm_ctx):
 
     root = tmp_path_factory.mktemp("api-tools")
     settings = Settings(data_dir=root / "data", models_dir=root / "models", port=free_port(), open_browser=False)
-    llm = llm_ctx.backends.get("llm")
+    llm = llm_ctx.backends.llm
     converted = llm.model_folder(llm._source(CHAT))
     shutil.copytree(converted, settings.cache_dir / "llm" / converted.name)
     ctx = build_context(settings)
@@ -97,7 +97,7 @@ def scripted(tmp_path_factory, llm_ctx):
             ids = tok(self.scripts.pop(0), add_special_tokens=False)["input_ids"]
             return ScriptedDecoder(ids, tok.eos_token_id, model.config.vocab_size, self.prompts)
 
-    backend = ScriptedToolLLM(ctx)
+    backend = ScriptedToolLLM(ctx.core())
     ctx.backends._built["llm"] = backend
     demo = launch(ctx, prevent_thread_lock=True)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{settings.port}/v1", api_key="none", max_retries=0)

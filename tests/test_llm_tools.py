@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from backends.llm_tools import (
+from backends.llm.tools import (
     ToolError,
     ToolStream,
     call_prefix,

@@ -96,7 +96,7 @@ async def read_upload(request: Any, folder: Path, max_bytes: int) -> tuple[Path,
 
 
 def transcribe_options(fields: dict[str, str], models: list[str], default: str) -> tuple[Any, str, bool]:
-    from backends.asr import TranscribeOptions
+    from backends.audio import TranscribeOptions
 
     model = fields.get("model") or ASR_ALIAS
     model = default if model == ASR_ALIAS else model
@@ -127,7 +127,7 @@ def transcript_work(asr: Any, path: Path, opts: Any) -> Callable:
 def transcript_response(tr: Any, fmt: str, words: bool) -> Any:
     from starlette.responses import JSONResponse, PlainTextResponse
 
-    from backends.subtitles import to_srt, to_vtt
+    from backends.audio import to_srt, to_vtt
 
     if fmt == "json":
         return JSONResponse({"text": tr.text})
@@ -149,7 +149,7 @@ def transcript_response(tr: Any, fmt: str, words: bool) -> Any:
 
 # ---- images -------------------------------------------------------------------------------------------------------
 def parse_image(body: Any, models: list[str], default: str) -> Any:
-    from backends.diffusion import GenerateRequest
+    from backends.image import GenerateRequest
 
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")

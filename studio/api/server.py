@@ -68,7 +68,7 @@ class Routes:
         return [s.id for s in cat.by_capability(capability) if cat.is_present(s)]
 
     def chat_models(self) -> list[str]:
-        llm = self.ctx.backends.get("llm")
+        llm = self.ctx.backends.llm
         ids = self.present("chat")
         return ids if llm.config.model_id in ids else [llm.config.model_id, *ids]
 
@@ -93,7 +93,7 @@ class Routes:
         if req.model not in self.chat_models():
             raise ApiError(404, f"model={req.model!r} is not a chat model here; GET /v1/models lists them.",
                            code="model_not_found", param="model")  # fmt: skip
-        llm = self.ctx.backends.get("llm")
+        llm = self.ctx.backends.llm
         rec = self.state.enter("chat", "chat" if is_chat else "completions", req.model)
         job = Job(self.state, rec, chat.make_work(llm, req, rec))
         return await chat.respond(request, job, req)
@@ -102,7 +102,7 @@ class Routes:
         return await self.chat_completions(request, is_chat=False)
 
     async def embeddings(self, request: Request) -> Response:
-        rag = self.ctx.backends.get("rag")
+        rag = self.ctx.backends.rag
         model_id = rag.config.embedding_model
         texts, fmt = media.parse_embeddings(await _json(request), model_id)
         job = self._job("embeddings", "embeddings", model_id, lambda cancel, emit: rag.embed(texts))
@@ -115,7 +115,7 @@ class Routes:
         folder = s.cache_dir / "api-uploads"
         path, fields = await media.read_upload(request, folder, s.max_upload_mb * 2**20)
         try:
-            asr = self.ctx.backends.get("asr")
+            asr = self.ctx.backends.asr
             models = self.present("asr")
             opts, fmt, words = media.transcribe_options(fields, models, models[0] if models else "whisper-tiny.en")
             job = self._job("audio", "transcriptions", opts.model_id, media.transcript_work(asr, path, opts))
@@ -127,7 +127,7 @@ class Routes:
         return media.transcript_response(transcript, fmt, words)
 
     async def images(self, request: Request) -> Response:
-        diffusion = self.ctx.backends.get("diffusion")
+        diffusion = self.ctx.backends.diffusion
         req = media.parse_image(await _json(request), self.present("diffusion"), diffusion.config.default_model)
         job = self._job("images", "images", req.model, media.image_work(diffusion, req))
         result = await job.start().result(request)
