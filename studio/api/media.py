@@ -116,10 +116,7 @@ def transcribe_options(fields: dict[str, str], models: list[str], default: str) 
 
 def transcript_work(asr: Any, path: Path, opts: Any) -> Callable:
     def work(cancel: threading.Event, emit: Callable[[Any], None]) -> Any:
-        try:
-            return asr.transcribe(path, opts, should_stop=cancel.is_set)
-        finally:
-            path.unlink(missing_ok=True)
+        return asr.transcribe(path, opts, should_stop=cancel.is_set)  # the route deletes the upload afterwards
 
     return work
 

@@ -119,10 +119,9 @@ class Routes:
             models = self.present("asr")
             opts, fmt, words = media.transcribe_options(fields, models, models[0] if models else "whisper-tiny.en")
             job = self._job("audio", "transcriptions", opts.model_id, media.transcript_work(asr, path, opts))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        transcript = await job.start().result(request)
+            transcript = await job.start().result(request)
+        finally:
+            path.unlink(missing_ok=True)  # also when the client left while waiting (the work never ran)
         job.rec.tokens = len(transcript.segments)
         return media.transcript_response(transcript, fmt, words)
 
