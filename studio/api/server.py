@@ -8,6 +8,7 @@ never logged: a refused request logs only the client address.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -121,7 +122,8 @@ class Routes:
             job = self._job("audio", "transcriptions", opts.model_id, media.transcript_work(asr, path, opts))
             transcript = await job.start().result(request)
         finally:
-            path.unlink(missing_ok=True)  # also when the client left while waiting (the work never ran)
+            with contextlib.suppress(OSError):  # also when the client left while waiting (the work never ran)
+                path.unlink(missing_ok=True)
         job.rec.tokens = len(transcript.segments)
         return media.transcript_response(transcript, fmt, words)
 
