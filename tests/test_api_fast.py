@@ -202,3 +202,17 @@ def test_queue_bound_503_then_disconnect_cancels(api, client):
     assert snap["queues"]["chat"] == {"running": 0, "waiting": 0}
     statuses = [r["status"] for r in snap["recent"]]
     assert "refused" in statuses and "cancelled" in statuses
+
+
+def test_settings_tab_shows_address_auth_and_requests(api, client):
+    from tabs.settings import api_markdown, request_rows
+
+    client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}])
+    snap = api[2].api.snapshot()
+    text = api_markdown(snap)
+    assert api[0] in text and "required" in text and "chat: 0 running, 0 waiting" in text
+    row = request_rows(snap)[0]
+    assert row[1:4] == ["chat", "smollm2-135m", "ok"] and row[4].endswith(("ms", "s"))
+    assert KEY not in text and all(KEY not in str(r) for r in request_rows(snap))
+    closed = api_markdown(ApiState(Settings(host="0.0.0.0")).snapshot())
+    assert "Closed" in closed and "api_keys_file" in closed
