@@ -39,7 +39,11 @@ def build_context(root: Path, vram_cap_gb: float | None, max_queue: int) -> Any:
 
 
 def random_llama_folder(folder: Path) -> str:
-    """A Llama-3.1-8B-architecture checkpoint with random weights and a small trained BPE tokenizer (GPU mode)."""
+    """A Llama-3.1-8B-architecture checkpoint with random weights and a small trained BPE tokenizer (GPU mode).
+
+    Speed does not depend on the weights' values; the head keeps its 128,256 rows, those past the tokenizer's
+    vocabulary zeroed, so greedy decoding yields text and the SSE path streams a chunk per token as for a real
+    model."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -57,6 +61,9 @@ def random_llama_folder(folder: Path) -> str:
     config = LlamaConfig(**{**LLAMA_8B, "bos_token_id": 1, "eos_token_id": 2})
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():  # full-size head, but greedy picks tokens the small tokenizer can decode
+        model.lm_head.weight[len(tok) :] = 0
+        model.lm_head.weight[: len(tok)].normal_(0, 0.5)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
@@ -194,7 +201,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-api-"))
     cap = None if args.quick else args.vram_cap_gb
-    if not args.quick:
+    model = "smollm2-135m" if args.quick else random_llama_folder(root / "models" / "bench-llama-8b-random")
+    if not args.quick:  # the 12 GiB wall goes up after the checkpoint was written (built on the GPU in bf16)
         import torch
 
         torch.cuda.set_per_process_memory_fraction(
@@ -202,7 +210,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
     ctx = build_context(root, cap, max_queue=args.clients + 2)
     backend = ctx.backends.llm
-    model = "smollm2-135m" if args.quick else random_llama_folder(root / "models" / "bench-llama-8b-random")
     backend.configure(model_id=model)
     url, server = serve(ctx)
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=1800)
