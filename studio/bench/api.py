@@ -38,7 +38,7 @@ def build_context(root: Path, vram_cap_gb: float | None, max_queue: int) -> Any:
     return build(settings)
 
 
-def random_llama_folder(folder: Path) -> str:
+def random_llama_folder(folder: Path, arch: dict | None = None, device: str = "cuda") -> str:
     """A Llama-3.1-8B-architecture checkpoint with random weights and a small trained BPE tokenizer (GPU mode).
 
     Speed does not depend on the weights' values; the head keeps its 128,256 rows, those past the tokenizer's
@@ -58,8 +58,8 @@ def random_llama_folder(folder: Path) -> str:
     bpe.train_from_iterator([words], trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"]))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.chat_template = "{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}<s>assistant: "
-    config = LlamaConfig(**{**LLAMA_8B, "bos_token_id": 1, "eos_token_id": 2})
-    with torch.device("cuda"):
+    config = LlamaConfig(**{**(arch or LLAMA_8B), "bos_token_id": 1, "eos_token_id": 2})
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     with torch.no_grad():  # full-size head, but greedy picks tokens the small tokenizer can decode
         model.lm_head.weight[len(tok) :] = 0
@@ -67,7 +67,8 @@ def random_llama_folder(folder: Path) -> str:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder.name
 
 
