@@ -15,8 +15,9 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from studio import api
 from studio.context import StudioContext, Tab
 from studio.offline import apply_env
 from studio.settings import Settings, SettingsError, load_settings
@@ -78,6 +79,10 @@ def read_auth(path: Path | None) -> list[tuple[str, str]] | None:
 def check_launch_safety(settings: Settings) -> list[tuple[str, str]] | None:
     """Refuse share or a non-loopback bind without auth; return the auth pairs to use (or None locally)."""
     auth = read_auth(settings.auth_file)
+    try:
+        api.check_settings(settings)
+    except api.ApiConfigError as e:
+        raise LaunchRefused(str(e)) from None
     if settings.exposed and not auth:
         what = "a share link" if settings.share else f"binding to {settings.host}"
         raise LaunchRefused(
@@ -148,11 +153,10 @@ def launch(ctx: StudioContext, *, prevent_thread_lock: bool = False) -> gr.Block
     auth = check_launch_safety(s)
     demo = build_app(ctx)
     demo.queue(max_size=64, default_concurrency_limit=4)
-    app = guarded_app(s)
+    app = guarded_app(s, lifespan=api.lifespan(ctx))  # the OpenAI-compatible /v1 routes, on the same port
     start_upload_cleaner(Path(app.uploaded_file_dir), s.upload_keep_hours * 3600)
     blocked = [str(p.resolve()) for p in (s.models_dir, s.cache_dir, CONFIG_FILE) if p is not None]
-    if s.auth_file is not None:
-        blocked.append(str(s.auth_file.resolve()))
+    blocked += [str(f.resolve()) for f in (s.auth_file, s.api_keys_file) if f is not None]
     demo.launch(
         server_name=s.host,
         server_port=s.port,
@@ -171,13 +175,13 @@ def launch(ctx: StudioContext, *, prevent_thread_lock: bool = False) -> gr.Block
     return demo
 
 
-def guarded_app(settings: Settings) -> object:
-    """Gradio's App (no OpenAPI/docs routes) with the HTTP guard in front of every route."""
+def guarded_app(settings: Settings, lifespan: Any = None) -> object:
+    """Gradio's App (no OpenAPI/docs routes) with the HTTP guard in front of every route; `lifespan` mounts the API."""
     from gradio.routes import App
 
     from studio.http_guard import GuardPolicy, HttpGuard, app_kwargs
 
-    app = App(**app_kwargs())
+    app = App(**app_kwargs(), **({"lifespan": lifespan} if lifespan else {}))
     app.add_middleware(HttpGuard, policy=GuardPolicy.from_settings(settings), gradio_app=app)
     return app
 
@@ -192,6 +196,7 @@ def parse_args(argv: list[str]) -> dict:
     p.add_argument("--port", type=int)
     p.add_argument("--share", action="store_true", default=None, help="public share link (needs --auth-file)")
     p.add_argument("--auth-file", type=Path)
+    p.add_argument("--api-keys-file", type=Path, help="API keys for the /v1 routes, one per line")
     p.add_argument("--vram-cap-gb", type=float)
     p.add_argument("--ram-cap-gb", type=float)
     p.add_argument("--data-dir", type=Path)

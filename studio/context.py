@@ -89,9 +89,19 @@ class Backends:
 @dataclass
 class StudioContext(Services):
     backends: Backends = field(init=False)
+    _api: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.backends = Backends(self)
+
+    @property
+    def api(self) -> Any:
+        """The /v1 API's queues, keys and recent requests (studio.api.ApiState), built on first use."""
+        if self._api is None:
+            from studio.api.state import ApiState
+
+            self._api = ApiState(self.settings)
+        return self._api
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,15 @@ class Settings(BaseModel):
     )
     upload_keep_hours: float = Field(24.0, gt=0, description="Uploads older than this are deleted, in hours.")
     login_attempts: int = Field(5, ge=1, description="Wrong passwords per user and address before a back-off.")
+    api_enabled: bool = Field(True, description="Serve the OpenAI-compatible API under /v1 on the same port.")
+    api_keys_file: Path | None = Field(
+        None,
+        description="File with one /v1 API key per line; required when the studio is reachable from other machines.",
+    )
+    api_keys_on_loopback: bool = Field(False, description="Require a /v1 API key on 127.0.0.1 too.")
+    api_max_queue: int = Field(
+        8, ge=0, le=1024, description="Most /v1 requests waiting per kind of model; more get 503 with Retry-After."
+    )
 
     @field_validator("host")
     @classmethod

@@ -12,10 +12,11 @@ from backends.audio.models import ModelMissing
 from backends.audio.pcm import SAMPLE_RATE, AudioInputError, load_pcm, write_wav
 from backends.audio.postedit import PostEditOptions, postedit
 from backends.audio.subtitles import export as export_transcript
+from backends.audio.subtitles import to_srt, to_vtt
 from backends.audio.types import DiarizeOptions, Segment, SpeakerTurn, Transcript, Word
 
 __all__ = [
     "SAMPLE_RATE", "AsrBackend", "AsrUpdate", "AudioInputError", "DiarizeOptions", "ModelMissing", "PostEditOptions",
     "Segment", "SpeakerTurn", "TranscribeOptions", "Transcript", "Word", "create", "diarization_error_rate",
-    "export_transcript", "load_pcm", "postedit", "read_rttm", "whisper_languages", "write_wav",
+    "export_transcript", "load_pcm", "postedit", "read_rttm", "to_srt", "to_vtt", "whisper_languages", "write_wav",
 ]  # fmt: skip

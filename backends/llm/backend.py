@@ -3,7 +3,7 @@
 `chat()` streams `ChatUpdate`s and stops within one token of `cancel` being set; `complete()` is the blocking
 helper other capabilities use (e.g. ASR post-editing). On CUDA the decode step runs as a CUDA graph over a static
 KV cache (backends/llm/fastdecode.py), with nf4 weights for models above ~3B parameters; on CPU a plain dynamic-cache
-loop runs in fp32. Prompts longer than the context are trimmed from the oldest turns with a note (llm_generate.py).
+loop runs in fp32. Prompts longer than the context are trimmed from the oldest turns with a note (generate.py).
 """
 
 from __future__ import annotations
@@ -30,6 +30,19 @@ from backends.llm.models import (
     resolve_source,
 )
 from backends.llm.remote import EngineError, OpenAIChatClient, OpenAIEngineConfig
+from backends.llm.tools import (
+    ToolCall,
+    ToolError,
+    ToolsNotSupported,
+    ToolStream,
+    call_prefix,
+    check_tool_choice,
+    check_tools,
+    parse_tool_calls,
+    supports_tools,
+    template_messages,
+    tool_format,
+)
 from studio.concurrency import OwnedSlot, SafeStream
 from studio.safety import WeightsError, contained_path, safe_filename
 
@@ -39,11 +52,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "openai")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 PRECISIONS = ("auto", "nf4", "16bit")
 __all__ = [
     "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "WeightsError", "create",
+    "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "check_messages", "create",
+    "parse_tool_calls",
 ]  # fmt: skip
 
 
@@ -76,20 +90,26 @@ class ChatUpdate:
     note: str = ""  # e.g. what was trimmed; shown by the UI
     done: bool = False
     stats: GenerationStats | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # on the last update, when the model called tools
 
 
-def check_messages(messages: list[dict[str, str]]) -> None:
-    """Refuse malformed conversations with a message that names the bad value."""
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    """Refuse malformed conversations with a message that names the bad value.
+
+    Besides system/user/assistant text turns, an assistant turn may carry `tool_calls` (content then may be None)
+    and a `tool` turn gives a call's result; the conversation ends with the user or a tool result."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("No messages: type a message first.")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
+        content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str) or (calls and m["content"] is None))
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not content_ok:
             raise ValueError(f"Message {i} is malformed ({m!r}): expected {{'role': one of {ROLES}, 'content': str}}.")
-        if "\x00" in m["content"]:
+        if "\x00" in (m["content"] or ""):
             raise ValueError(f"Message {i} contains a null byte (\\x00); remove it and send again.")
-    if messages[-1]["role"] != "user":
-        raise ValueError("The last message must be from the user.")
-    if not messages[-1]["content"].strip():
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise ValueError("The last message must be from the user (or a tool result).")
+    if messages[-1]["role"] == "user" and not messages[-1]["content"].strip():
         raise ValueError("The message is empty: type something to send.")
 
 
@@ -186,31 +206,86 @@ class LLMBackend:
     # ---- chat -----------------------------------------------------------------------------------------------
     def chat(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         options: GenerationOptions | None = None,
         *,
         cancel: threading.Event | None = None,
         config: LLMConfig | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = "auto",
+        model: str | None = None,
+        reply_prefix: str = "",
     ) -> Iterator[ChatUpdate]:
-        """Stream the assistant's reply to `messages` (the last one from the user), with `config` (one session's
-        engine, URL, key and model) or the backend's default; no call changes what another call uses. The stream may
-        be stepped on any thread and closed from another one (Gradio's Stop): closing stops the running step within a
-        token."""
-        return SafeStream(lambda stop: self._chat(messages, options, stop, config), cancel)
+        """Stream the assistant's reply to `messages` (the last one from the user or a tool), with `config` (one
+        session's engine, URL, key and model) or the backend's default; no call changes what another call uses.
 
-    def _chat(
-        self, messages: list[dict[str, str]], options: GenerationOptions | None, cancel: Any, config: LLMConfig | None
-    ):
+        `tools` (OpenAI JSON-schema dicts) go to the model's chat template; the last update then carries the parsed
+        `tool_calls` (finish_reason "tool_calls"). `model` picks another chat model than the configured one for
+        this reply; `reply_prefix` is prefilled as the start of the reply (and is part of its text). The stream may
+        be stepped on any thread and closed from another one (Gradio's Stop): closing stops the running step within
+        a token."""
+        return SafeStream(
+            lambda stop: self._chat(messages, options, stop, config, tools, tool_choice, model, reply_prefix), cancel
+        )
+
+    def _chat(self, messages, options, cancel, config, tools, tool_choice, model, reply_prefix):
         opts = options or GenerationOptions()
         c = config or self._config
         check_messages(messages)
+        tools = check_tools(tools) if tools else None
+        choice = check_tool_choice(tool_choice, tools) if tools else "none"
         if opts.system_prompt.strip() and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": opts.system_prompt}, *messages]
         if c.engine == "openai":
+            if tools:
+                raise ToolsNotSupported("Tool calling goes to in-process models; the remote engine does not relay it.")
             self.check_remote(c)
             yield from self._chat_remote(c, messages, opts, cancel)
-        else:
-            yield from self._chat_local(c, messages, opts, cancel)
+            return
+        src = self._source(model or c.model_id, c.precision)
+        tok = self._tokenizer(src)
+        stream = None
+        if tools and choice != "none":
+            if not supports_tools(tok):
+                raise ToolsNotSupported(
+                    f"{src.key}'s chat template has no tool support, so it cannot call tools: pick a tool-capable "
+                    "model (Qwen2.5, Llama 3.1+, Mistral, Hermes) or send the request without tools."
+                )
+            if choice != "auto":
+                reply_prefix = call_prefix(tool_format(tok), None if choice == "required" else choice)
+            stream = ToolStream(reply_prefix)
+        msgs = template_messages(messages)
+
+        def prompt(budget: int) -> tuple[list[int], str]:
+            return build_prompt(tok, msgs, budget, tools=tools if stream else None, prefix=reply_prefix)
+
+        yield from self._generate_local(c, src, tok, prompt, opts, cancel, reply_prefix, stream)
+
+    def complete_text(
+        self,
+        prompt: str,
+        options: GenerationOptions | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        model: str | None = None,
+    ) -> Iterator[ChatUpdate]:
+        """Continue raw `prompt` text (no chat template): the OpenAI completions route."""
+        opts = options or GenerationOptions()
+        if not isinstance(prompt, str) or not prompt or "\x00" in prompt:
+            raise ValueError("The prompt is empty or contains a null byte (\\x00): give the text to continue.")
+        if self._config.engine == "openai":
+            raise EngineError("Text completion runs on in-process models only; the remote engine serves chat.")
+        c = self._config
+        src = self._source(model or c.model_id, c.precision)
+        tok = self._tokenizer(src)
+
+        def ids(budget: int) -> tuple[list[int], str]:
+            tokens = tok(prompt, add_special_tokens=True)["input_ids"]
+            if len(tokens) > budget:
+                return tokens[-budget:], f"The prompt was too long: kept only its last {budget} tokens."
+            return tokens, ""
+
+        yield from self._generate_local(c, src, tok, ids, opts, cancel, "", None)
 
     def complete(self, messages: list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.0) -> str:
         opts = GenerationOptions(temperature=temperature, max_new_tokens=max_new_tokens)
@@ -237,24 +312,27 @@ class LLMBackend:
         self.last_decoder = stats.decoder
         yield ChatUpdate(text, done=True, stats=stats)
 
-    def _chat_local(self, c: LLMConfig, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
-        src = self._source(c.model_id, c.precision)
-        tok = self._tokenizer(src)
+    def _generate_local(self, c: LLMConfig, src, tok, prompt, opts, cancel, prefix: str, tools: ToolStream | None):
+        """Lease the model, build the prompt within its context, stream tokens; tool text goes through `tools`."""
         working = kv_cache_bytes(self.model_folder(src), c.max_context_tokens)
         with self._generation_slot(), self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
             limit = min(c.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
-            ids, note = build_prompt(tok, messages, budget=limit - opts.max_new_tokens)
+            ids, note = prompt(limit - opts.max_new_tokens)
             if note:
                 yield ChatUpdate("", note=note)
             decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit, c.fast_decode)
             stats = GenerationStats(notes=[note] if note else [])
-            text = ""
+            text = prefix
+            if prefix and tools is None:
+                yield ChatUpdate(text, prefix)
             try:
                 for piece in stream_tokens(decoder, tok, ids, opts, eos_ids=eos_ids(tok, model), cancel=cancel,
                                            stats=stats):  # fmt: skip
-                    text = piece.text
-                    yield ChatUpdate(text, piece.delta)
+                    text = prefix + piece.text
+                    shown = tools.feed(piece.delta) if tools is not None else piece.delta
+                    if shown:
+                        yield ChatUpdate(text, shown)
             except RuntimeError as e:
                 if "out of memory" in str(e).lower():
                     raise RuntimeError(
@@ -263,7 +341,14 @@ class LLMBackend:
                     ) from None
                 raise
             self.last_decoder = stats.decoder
-            yield ChatUpdate(text, done=True, note=note, stats=stats)
+            calls: list[ToolCall] = []
+            if tools is not None:
+                rest, calls = tools.finish()
+                if rest:
+                    yield ChatUpdate(text, rest)
+                if calls:
+                    stats.finish_reason = "tool_calls"
+            yield ChatUpdate(text, done=True, note=note, stats=stats, tool_calls=tuple(calls))
 
     @contextlib.contextmanager
     def _generation_slot(self, timeout_s: float = 300.0) -> Iterator[None]:
