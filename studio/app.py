@@ -153,7 +153,8 @@ def launch(ctx: StudioContext, *, prevent_thread_lock: bool = False) -> gr.Block
     auth = check_launch_safety(s)
     demo = build_app(ctx)
     demo.queue(max_size=64, default_concurrency_limit=4)
-    app = guarded_app(s, lifespan=api.lifespan(ctx))  # the OpenAI-compatible /v1 routes, on the same port
+    app = guarded_app(s)
+    api.mount(app, ctx)  # the OpenAI-compatible /v1 routes, on the same port
     start_upload_cleaner(Path(app.uploaded_file_dir), s.upload_keep_hours * 3600)
     blocked = [str(p.resolve()) for p in (s.models_dir, s.cache_dir, CONFIG_FILE) if p is not None]
     blocked += [str(f.resolve()) for f in (s.auth_file, s.api_keys_file) if f is not None]
