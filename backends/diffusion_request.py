@@ -127,22 +127,17 @@ class GenerationResult:
 
 def load_image(value: Any, what: str, size: tuple[int, int], mode: str = "RGB") -> Any:
     """A path or PIL image -> a PIL image of `size`; unreadable files raise RequestError naming `what`."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from studio.safety import ImageFileError, open_image
 
     if isinstance(value, Image.Image):
         image = value
     else:
         try:
-            with Image.open(Path(value)) as im:
-                im.load()  # decode now: a truncated file fails here, not halfway through generation
-                image = im.copy()
-        except Image.DecompressionBombError:
-            raise RequestError(f"The {what} is too large to open safely (decompression bomb?).") from None
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-            raise RequestError(
-                f"The {what} ({Path(str(value)).name}) is not a readable image (corrupt, truncated or not an "
-                "image): upload a PNG or JPEG."
-            ) from None
+            image = open_image(Path(value), what=what)
+        except ImageFileError as e:
+            raise RequestError(str(e)) from None
     image = image.convert(mode)
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS)
