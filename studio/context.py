@@ -24,6 +24,7 @@ BACKEND_MODULES: dict[str, str] = {
     "sd_lora": "backends.sd_lora",
     "tinylm": "backends.tinylm",
     "rag": "backends.rag",
+    "vlm": "backends.vlm",
 }
 
 

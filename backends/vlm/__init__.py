@@ -9,12 +9,34 @@ from __future__ import annotations
 from typing import Any
 
 from backends.vlm.backend import VLMBackend, check_messages
+from backends.vlm.data import VLMDataError
 from backends.vlm.models import DEMO_ID, ModelNotAvailable
-from backends.vlm.types import FAMILIES, ImageOptions, VLMConfig, VLMError, VLMStats, VLMUpdate, family_of
+from backends.vlm.types import (
+    FAMILIES,
+    ImageOptions,
+    VLMConfig,
+    VLMError,
+    VLMStats,
+    VLMTrainConfig,
+    VLMUpdate,
+    family_of,
+)  # fmt: skip
 
 __all__ = [
-    "DEMO_ID", "FAMILIES", "ImageOptions", "ModelNotAvailable", "VLMBackend", "VLMConfig", "VLMError", "VLMStats",
-    "VLMUpdate", "check_messages", "create", "family_of",
+    "DEMO_ID",
+    "FAMILIES",
+    "ImageOptions",
+    "ModelNotAvailable",
+    "VLMBackend",
+    "VLMConfig",
+    "VLMDataError",
+    "VLMError",
+    "VLMStats",
+    "VLMTrainConfig",
+    "VLMUpdate",
+    "check_messages",
+    "create",
+    "family_of",
 ]  # fmt: skip
 
 

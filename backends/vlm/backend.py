@@ -21,8 +21,18 @@ from typing import Any
 from backends.vlm.adapters import VLMAdapterState
 from backends.vlm.images import PreparedImages
 from backends.vlm.models import VLMLoader, VLMSource, load_processor, model_folder, read_config, resolve_source
-from backends.vlm.types import ROLES, Family, ImageOptions, PreparedImage, VLMConfig, VLMError, VLMStats, VLMUpdate
-from backends.vlm.types import family_of
+from backends.vlm.types import (
+    ROLES,
+    Family,
+    ImageOptions,
+    PreparedImage,
+    VLMConfig,
+    VLMError,
+    VLMStats,
+    VLMUpdate,
+    family_of,
+)
+from studio.safety import contained_path
 
 log = logging.getLogger(__name__)
 VISION_WORKING_BYTES = 256 * 2**20  # vision tower activations for one image, on top of the KV cache
@@ -189,6 +199,71 @@ class VLMBackend:
             yield
         finally:
             self._lock.release()
+
+    # ---- adapters and training ------------------------------------------------------------------------------------
+    def adapter_root(self) -> Path:
+        return Path(self.ctx.settings.data_dir) / "vlm_adapters"
+
+    def available_adapters(self) -> list[str]:
+        """Names of trained adapter folders under data/vlm_adapters/."""
+        root = self.adapter_root()
+        return sorted(p.name for p in root.glob("*/adapter_config.json") for p in [p.parent]) if root.is_dir() else []
+
+    def attach_adapter(self, name: str) -> str:
+        """Load adapter `name` (a folder under data/vlm_adapters/) onto the current model and make it active."""
+        from backends.llm_adapters import AdapterError, check_adapter_folder, delete_from
+
+        path = contained_path(self.adapter_root(), name)
+        try:
+            check_adapter_folder(path)
+        except AdapterError as e:
+            raise VLMError(str(e)) from None
+        src, key = self.source()
+        with self._slot(), self.ctx.residency.use(key) as model:
+            state = self.adapter_state(key, src)
+            self.apply_adapters(key, src, model)
+            delete_from(model, path.name)
+            state._projectors.pop(path.name, None)
+            previous = state.active
+            state.paths[path.name], state.active, state.version = path, path.name, state.version + 1
+            try:
+                state.apply(model)
+            except AdapterError as e:
+                state.paths.pop(path.name)
+                state.active = previous if previous in state.paths else None
+                state.apply(model)
+                raise VLMError(str(e)) from None
+            self._applied[key] = (id(model), state.version)
+        return path.name
+
+    def switch_adapter(self, name: str | None) -> None:
+        """Activate an attached adapter, or the base model with None."""
+        src, key = self.source()
+        state = self.adapter_state(key, src)
+        if name is not None and name not in state.paths:
+            self.attach_adapter(name)
+            return
+        with self._lock:
+            state.active, state.version = name, state.version + 1
+
+    def adapter_status(self) -> tuple[list[str], str | None]:
+        src, key = self.source()
+        state = self.adapter_state(key, src)
+        return sorted(state.paths), state.active
+
+    def train(self, cfg: Any, job: Any) -> Any:
+        """QLoRA on image-text pairs (backends/vlm/train.py): the job body."""
+        from backends.vlm.train import VLMTrainer
+
+        return VLMTrainer(self, cfg, job).run()
+
+    def submit_training(self, cfg: Any) -> Any:
+        """Check the dataset now (file:line errors at once), then queue the training as a GPU job."""
+        from backends.vlm.data import load_examples
+
+        src, _ = self.source()
+        load_examples(cfg.dataset, ImageOptions(max_side=cfg.image_max_side), max_images=self.family(src)[1].max_images)
+        return self.ctx.jobs.submit(f"VLM QLoRA {cfg.output_name}", lambda job: self.train(cfg, job), gpu=True)
 
     def complete(self, messages: list[dict[str, Any]], *, max_new_tokens: int = 32, **kw: Any) -> str:
         """Greedy reply as one string (fixed-image answers before/after training, tests)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.vlm.types import VLMError, family_of
+from backends.vlm.types import family_of
 from studio.safety import WeightsError, atomic_folder, contained_path, safetensors_numel
 
 log = logging.getLogger(__name__)
@@ -219,4 +219,3 @@ class VLMLoader:
 
     def release(self, obj: Any) -> None:
         self._on_release(self.key)
-

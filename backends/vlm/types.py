@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from studio.safety import safe_filename
 
 PRECISIONS = ("auto", "nf4", "16bit")
 ROLES = ("system", "user", "assistant")
@@ -36,21 +39,41 @@ FAMILIES: dict[str, Family] = {
         (*_LLAVA_SKIP, "model.image_newline"), 8, True, True, "max side: fewer 384 px tiles (up to 7,290 tokens)"
     ),
     "qwen2_5_vl": Family(
-        ("model.visual", "lm_head"), 16, False, False, "token budget (max_pixels = tokens x 28 x 28)",
-        projector="model.visual.merger", why_not_fast="3-D multimodal rotary positions (M-RoPE)",
-    ),  # fmt: skip
+        ("model.visual", "lm_head"),
+        16,
+        False,
+        False,
+        "token budget (max_pixels = tokens x 28 x 28)",
+        projector="model.visual.merger",
+        why_not_fast="3-D multimodal rotary positions (M-RoPE)",
+    ),
     "qwen3_vl": Family(
-        ("model.visual", "lm_head"), 16, False, False, "token budget (max_pixels = tokens x 32 x 32)",
-        projector="model.visual.merger", why_not_fast="3-D multimodal rotary positions (M-RoPE)",
-    ),  # fmt: skip
+        ("model.visual", "lm_head"),
+        16,
+        False,
+        False,
+        "token budget (max_pixels = tokens x 32 x 32)",
+        projector="model.visual.merger",
+        why_not_fast="3-D multimodal rotary positions (M-RoPE)",
+    ),
     "smolvlm": Family(
-        ("model.vision_model", "model.connector", "lm_head"), 8, False, False, "max side (longest_edge)",
-        projector="model.connector", why_not_fast="image splitting is not per-image separable for the feature cache",
-    ),  # fmt: skip
+        ("model.vision_model", "model.connector", "lm_head"),
+        8,
+        False,
+        False,
+        "max side (longest_edge)",
+        projector="model.connector",
+        why_not_fast="image splitting is not per-image separable for the feature cache",
+    ),
     "idefics3": Family(
-        ("model.vision_model", "model.connector", "lm_head"), 8, False, False, "max side (longest_edge)",
-        projector="model.connector", why_not_fast="image splitting is not per-image separable for the feature cache",
-    ),  # fmt: skip
+        ("model.vision_model", "model.connector", "lm_head"),
+        8,
+        False,
+        False,
+        "max side (longest_edge)",
+        projector="model.connector",
+        why_not_fast="image splitting is not per-image separable for the feature cache",
+    ),
 }
 UNKNOWN_FAMILY = Family(("lm_head",), 4, False, False, "max side only", projector="",
                         why_not_fast="an architecture the studio does not know")  # fmt: skip
@@ -125,3 +148,33 @@ class PreparedImage:
     digest: str
     name: str
     note: str = ""
+
+
+@dataclass(frozen=True)
+class VLMTrainConfig:
+    dataset: Path
+    output_name: str = "vlm-lora"
+    steps: int = 200
+    learning_rate: float = 2e-4
+    projector_lr: float = 2e-5
+    rank: int = 16
+    alpha: int = 32
+    max_length: int = 2048  # tokens per example, image tokens included
+    dev_fraction: float = 0.1
+    image_max_side: int = 1344
+    seed: int = 0
+    answer_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 100_000:
+            raise VLMError(f"steps={self.steps}: use 1 to 100000.")
+        if not (0 < self.learning_rate < 1 and 0 <= self.projector_lr < 1):
+            raise VLMError(f"learning rates {self.learning_rate}/{self.projector_lr}: use values like 2e-4 / 2e-5.")
+        if not 1 <= self.rank <= 256 or self.alpha < 1:
+            raise VLMError(f"rank={self.rank}, alpha={self.alpha}: use rank 1 to 256 and alpha >= 1.")
+        if not 64 <= self.max_length <= 32768:
+            raise VLMError(f"max_length={self.max_length}: use 64 to 32768 tokens.")
+        if not 0 <= self.dev_fraction <= 0.5:
+            raise VLMError(f"dev_fraction={self.dev_fraction}: use 0 to 0.5.")
+        if safe_filename(self.output_name, default="") != self.output_name:
+            raise VLMError(f"output name {self.output_name!r}: use letters, digits, '-', '_' and '.' only.")
