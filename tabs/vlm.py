@@ -125,7 +125,7 @@ def build(ctx: StudioContext) -> None:
 
     from backends.vlm import ImageOptions, VLMError, VLMTrainConfig
 
-    backend = ctx.backends.get("vlm")
+    backend = ctx.backends.vlm
     cancel_flags: dict[str, threading.Event] = {}
     choices = [(s.title + ("" if ok else " — download it in the Models tab"), s.id) for s, ok in backend.vlm_models()]
 

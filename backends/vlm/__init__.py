@@ -2,6 +2,11 @@
 
 The torch-free public API: tabs import only this module. The backend is built lazily by the studio context
 (`ctx.backends.vlm`); models load through the residency manager under keys "vlm:<id>".
+
+Modules: backend (VLMBackend: chat, limits, adapters, training entry), types (configs, results, per-architecture
+facts), images (upload checks, downscaling, digests), prompt (processor inputs trimmed to the context), decode
+(feature cache, merged embeddings, Chat's decoders, plain generate), models (catalog/folder, tiny demo LLaVA, nf4
+loading with the 16-bit skip list), adapters (LoRA + projector), data (JSONL checks), train (QLoRA loop).
 """
 
 from __future__ import annotations
@@ -40,5 +45,5 @@ __all__ = [
 ]  # fmt: skip
 
 
-def create(ctx: Any) -> VLMBackend:
-    return VLMBackend(ctx)
+def create(services: Any) -> VLMBackend:
+    return VLMBackend(services)

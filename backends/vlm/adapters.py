@@ -1,7 +1,7 @@
 """VLM adapters from the VLM tab's QLoRA: a PEFT LoRA on the language model plus the trained projector.
 
 Folder layout: `adapter_config.json` + `adapter_model.safetensors` (a plain PEFT LoRA, injected in place through
-backends/llm_adapters.py, as in Chat) and `projector.safetensors` (the projector's full weights). Switching
+backends/llm/adapters.py, as in Chat) and `projector.safetensors` (the projector's full weights). Switching
 adapters never reloads the base model: LoRA layers are re-routed, and the projector's weights are copied in from the
 adapter or back from a CPU copy of the base projector taken the first time the model was seen.
 """
@@ -38,7 +38,7 @@ def load_projector(module: Any, state: dict[str, Any]) -> None:
     own = module.state_dict()
     missing = [k for k in own if "lora_" not in k and k not in state]
     if missing or any(k not in own or own[k].shape != v.shape for k, v in state.items()):
-        from backends.llm_adapters import AdapterError
+        from backends.llm import AdapterError
 
         raise AdapterError(f"projector weights do not fit this model (missing {missing[:2]}, or other shapes)")
     with torch.no_grad():
@@ -63,7 +63,7 @@ class VLMAdapterState:
             self.base_projector = projector_state(module)
 
     def apply(self, model: Any) -> None:
-        from backends.llm_adapters import activate, load_into, loaded_adapters
+        from backends.llm import activate, load_into, loaded_adapters
 
         self.remember_base(model)
         loaded = loaded_adapters(model)

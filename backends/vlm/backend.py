@@ -211,7 +211,7 @@ class VLMBackend:
 
     def attach_adapter(self, name: str) -> str:
         """Load adapter `name` (a folder under data/vlm_adapters/) onto the current model and make it active."""
-        from backends.llm_adapters import AdapterError, check_adapter_folder, delete_from
+        from backends.llm import AdapterError, check_adapter_folder, delete_from
 
         path = contained_path(self.adapter_root(), name)
         try:

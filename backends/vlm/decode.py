@@ -3,7 +3,7 @@
 Feature path (LLaVA family): the processor expands each image into its placeholder tokens; the vision tower and
 projector run once per image (`FeatureCache`, keyed by model, adapter version, image digest and pixel shape, kept
 on the CPU), the features are scattered into the token embeddings at the placeholder positions, and the language
-model is prefilled with those embeddings by the Chat tab's decoders (backends/llm_fastdecode.py): on CUDA a static
+model is prefilled with those embeddings by the Chat tab's decoders (backends/llm/fastdecode.py): on CUDA a static
 KV cache with the decode step captured in a CUDA graph, on the CPU a dynamic cache. Later turns re-use every image
 already seen, so only new images reach the vision tower.
 
@@ -127,7 +127,7 @@ def merged_embeddings(
 
 
 class EmbedsPrefill:
-    """A decoder whose prefill uses precomputed embeddings, so llm_generate.stream_tokens drives it unchanged."""
+    """A decoder whose prefill uses precomputed embeddings, so backends.llm.stream_tokens drives it unchanged."""
 
     def __init__(self, decoder: Any, embeds: torch.Tensor) -> None:
         self.decoder, self.embeds = decoder, embeds
@@ -171,7 +171,7 @@ def generate_stream(
     """Plain `model.generate` (pixels included) streamed as (delta, text); stops within one token of `cancel`."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from backends.llm_generate import StopTextTracker
+    from backends.llm import StopTextTracker
 
     stop_now = threading.Event()
 
@@ -235,19 +235,17 @@ def generate_stream(
 
 # ---- the reply ----------------------------------------------------------------------------------------------------
 def get_decoder(backend: Any, key: str, model: Any, needed: int, limit: int, fast: bool) -> Any:
-    """The Chat tab's decoders: a CUDA-graph static cache on GPU (reused while the weights stay put), else eager."""
-    from backends.llm_fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
+    """The Chat tab's decoders (backends.llm.decoder_for); the static one is kept for the next turn."""
+    from backends.llm import decoder_for
 
-    if model_device(model).type != "cuda" or not fast:
-        return EagerDecoder(model)
     version = backend.adapters[key].version if key in backend.adapters else 0
-    d = backend._decoder
-    if d is not None and backend._decoder_key == (key, version) and d.matches(model, needed):
-        return d
-    backend._decoder = None  # free the old cache and graph before building the new one
-    backend._decoder = StaticDecoder(model, bucket_len(needed, limit), use_graph=True)
-    backend._decoder_key = (key, version)
-    return backend._decoder
+    previous = backend._decoder if backend._decoder_key == (key, version) else None
+    if previous is None:
+        backend._decoder = None  # free the old cache and graph before building the new one
+    decoder = decoder_for(model, needed, limit, fast=fast, previous=previous)
+    if getattr(decoder, "matches", None):
+        backend._decoder, backend._decoder_key = decoder, (key, version)
+    return decoder
 
 
 def stream_reply(
@@ -255,8 +253,7 @@ def stream_reply(
     stats: VLMStats, cancel: threading.Event | None, *, feature_cache: bool, fast: bool, cache_key: tuple, limit: int,
 ) -> Iterator[tuple[str, str]]:  # fmt: skip
     """(delta, text) pieces of the reply, through the feature path or plain `generate` (module docstring)."""
-    from backends.llm import eos_ids
-    from backends.llm_generate import GenerationStats, stream_tokens
+    from backends.llm import GenerationStats, eos_ids, stream_tokens
 
     tok = getattr(processor, "tokenizer", processor)
     eos = eos_ids(tok, model)

@@ -115,7 +115,7 @@ def inject_lora(model: Any, cfg: VLMTrainConfig) -> tuple[Any, list[torch.nn.Par
 
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=LM_LINEARS, bias="none")
     inject_adapter_in_model(lora, model, adapter_name=TRAIN_ADAPTER)
-    from backends.llm_adapters import activate
+    from backends.llm import activate
 
     activate(model, TRAIN_ADAPTER)
     params = []
@@ -184,7 +184,7 @@ class VLMTrainer:
         return result
 
     def _train(self, key, model, projector_name, processor, train_b, dev_b, dev, run) -> VLMTrainResult:
-        from backends.llm_adapters import activate, delete_from, loaded_adapters
+        from backends.llm import activate, delete_from, loaded_adapters
 
         cfg, job = self.cfg, self.job
         device = model.get_input_embeddings().weight.device
