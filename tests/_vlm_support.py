@@ -38,7 +38,7 @@ def vlm_ctx(tmp_path_factory, tiny_llava_folder):
 
 @pytest.fixture(scope="module")
 def vlm(vlm_ctx):
-    return vlm_ctx.backends.get("vlm")
+    return vlm_ctx.backends.vlm
 
 
 def solid(path: Path, colour: str, size=(64, 48)) -> str:

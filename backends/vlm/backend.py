@@ -5,13 +5,14 @@ dicts ("images": file paths or PIL images, any message). Limits, checked before 
 `max_images_per_message` images in one message and the family's `max_images` in the prompt (older turns are dropped
 to fit, with a note); the prompt, image tokens included, plus max new tokens must fit `max_context_tokens`.
 One in-process generation at a time (the static decode buffers are shared); no lock is held between yields
-beyond that slot, which a stuck generation gives up after a timeout.
+in the caller: the generation runs in a worker thread that owns the slot and the lease (`_in_worker`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -101,8 +102,8 @@ class VLMBackend:
         return self._processors[src.key]
 
     def family(self, src: VLMSource) -> tuple[str, Family]:
-        if src.key not in self._families:
-            model_type = read_config(self.folder(src)).get("model_type", "")
+        if src.key not in self._families:  # the demo model is a LLaVA: known without building it (start-up)
+            model_type = "llava" if src.demo else read_config(self.folder(src)).get("model_type", "")
             self._families[src.key] = (model_type, family_of(model_type))
         return self._families[src.key]
 
@@ -159,7 +160,33 @@ class VLMBackend:
                          "images in the conversation.")  # fmt: skip
         if opts.system_prompt.strip() and messages[0]["role"] != "system":
             messages, prepared = [{"role": "system", "content": opts.system_prompt}, *messages], [[], *prepared]
-        yield from self._generate(src, key, fam, messages, prepared, opts, img_opts, cancel, notes)
+        run = lambda c: self._generate(src, key, fam, messages, prepared, opts, img_opts, c, notes)  # noqa: E731
+        yield from self._in_worker(run, cancel)
+
+    def _in_worker(self, run: Any, cancel: threading.Event | None) -> Iterator[VLMUpdate]:
+        """Run a generation in a worker thread that owns the slot and the GPU lease, and relay its updates: the
+        caller's generator holds no lock across a yield, and when it is closed (Stop, a closed browser tab) or never
+        resumed, the worker still ends within one token and releases everything itself."""
+        q: queue.Queue = queue.Queue()
+        gone = threading.Event()
+
+        def work() -> None:
+            try:
+                for update in run(_Either(cancel, gone)):
+                    q.put(update)
+            except BaseException as e:  # handed to the caller's thread
+                q.put(e)
+            finally:
+                q.put(_END)
+
+        threading.Thread(target=work, name="vlm-chat", daemon=True).start()
+        try:
+            while (item := q.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            gone.set()
 
     def _generate(self, src, key, fam, messages, prepared, opts, img_opts, cancel, notes) -> Iterator[VLMUpdate]:
         from backends.llm import kv_cache_bytes
@@ -273,6 +300,19 @@ class VLMBackend:
         for u in self.chat(messages, GenerationOptions(temperature=0.0, max_new_tokens=max_new_tokens), **kw):
             text = u.text
         return text
+
+
+_END = object()
+
+
+class _Either:
+    """is_set() when the user's cancel flag or the relay's 'caller gone' flag is set."""
+
+    def __init__(self, a: threading.Event | None, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.b.is_set() or (self.a is not None and self.a.is_set())
 
 
 def trim_to_images(messages: list, prepared: list[list[PreparedImage]], max_images: int):

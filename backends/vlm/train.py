@@ -128,7 +128,17 @@ def inject_lora(model: Any, cfg: VLMTrainConfig) -> tuple[Any, list[torch.nn.Par
     return lora, params
 
 
-def _optimizer(groups: list[dict], device: torch.device, log_fn: Any) -> Any:
+def train_step(model: Any, opt: Any, batch: dict) -> float:
+    """One optimisation step on one example; returns the loss (the benchmark times this very function)."""
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach().item()
+
+
+def optimizer(groups: list[dict], device: torch.device, log_fn: Any) -> Any:
     if device.type == "cuda":
         try:
             import bitsandbytes as bnb
@@ -209,7 +219,7 @@ class VLMTrainer:
                 for p in proj_params:
                     p.requires_grad_(True)
                 groups.append({"params": proj_params, "lr": cfg.projector_lr})
-            opt = _optimizer(groups, device, job.log)
+            opt = optimizer(groups, device, job.log)
             self._loop(key, model, opt, train_b, device, pix_dtype, run, result)
             model.eval()
             result.dev_loss_after = dev_loss(model, dev_b, device, pix_dtype)
@@ -244,12 +254,7 @@ class VLMTrainer:
                     order = torch.randperm(len(train_b), generator=gen).tolist()
                 batch = _to(train_b[order.pop()], device, pix_dtype)
                 with lease.step():
-                    loss = model(**batch).loss
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                value = float(loss)
+                    value = train_step(model, opt, batch)
                 if not math.isfinite(value):
                     result.status = f"stopped: loss is {value} at step {step}"
                     job.log(result.status)
