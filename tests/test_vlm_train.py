@@ -94,3 +94,18 @@ def test_qlora_steps_change_the_answer_and_the_adapter_is_selectable(vlm, tmp_pa
     assert vlm.complete(ask, max_new_tokens=4) == base
     run = vlm.ctx.runs.get(result.run_id)
     assert run.status == "done" and len(run.metrics()) == 12
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_writes_targets(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "studio.bench.vlm", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "vlm-cpu.json").read_text())
+    names = [t["name"] for t in result["targets"]]
+    assert len(names) == 5 and result["swaps"]["identical_after_swaps"] is True
+    assert result["inference"]["greedy_tokens_equal_prefix"] == 16

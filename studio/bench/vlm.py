@@ -33,16 +33,16 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
                  num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)  # fmt: skip
 
 
-def build_llava_7b(folder: Path) -> Path:
+def build_llava_7b(folder: Path, vision: dict = VISION_L14_336, text: dict = LLAMA2_7B, device: str = "cuda") -> Path:
     """Random-weight LLaVA-1.5-7B architecture in bf16, initialised on the GPU and saved (no download)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**VISION_L14_336), text_config=LlamaConfig(**LLAMA2_7B),
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
                       image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu")  # fmt: skip
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg).to(torch.bfloat16)
-    model.to_empty(device="cuda")
+    model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "layernorm" in name:
@@ -51,14 +51,15 @@ def build_llava_7b(folder: Path) -> Path:
                 p.normal_(0, 0.2 if "lm_head" in name else 0.02)
         for m in model.modules():  # rotary / position buffers were created on meta: rebuild them
             if hasattr(m, "inv_freq") and hasattr(m, "rope_init_fn"):
-                inv, m.attention_scaling = m.rope_init_fn(m.config, "cuda")
+                inv, m.attention_scaling = m.rope_init_fn(m.config, device)
                 m.inv_freq, m.original_inv_freq = inv, inv
             if hasattr(m, "position_ids") and hasattr(m, "num_positions"):
-                m.position_ids = torch.arange(m.num_positions, device="cuda").expand((1, -1))
+                m.position_ids = torch.arange(m.num_positions, device=device).expand((1, -1))
     model.generation_config.eos_token_id = None
     model.save_pretrained(folder, safe_serialization=True)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 
@@ -124,6 +125,8 @@ def plain(model: Any, inputs: dict, new: int) -> tuple[list[int], dict]:
 
     device = model.get_input_embeddings().weight.device
     dtype = next(model.model.vision_tower.parameters()).dtype
+    if getattr(model.config, "eos_token_id", None) is None:  # run_generate pads with it; LlavaConfig has none
+        model.config.eos_token_id = model.config.text_config.eos_token_id or 0
     return run_generate(
         model, inputs["input_ids"].to(device), new, pixel_values=inputs["pixel_values"].to(device, dtype)
     )
@@ -149,7 +152,11 @@ def inference_section(model: Any, new: int, text: int) -> dict[str, Any]:
     from backends.vlm.decode import FeatureCache
 
     device = model.get_input_embeddings().weight.device
-    out: dict[str, Any] = {"weights_gb": (torch.cuda.memory_allocated() / GB) if device.type == "cuda" else None}
+    out: dict[str, Any] = {"weights_gb": (torch.cuda.memory_allocated() / GB) if device.type == "cuda" else None,
+                           "precision": getattr(model, "studio_precision", "")}  # fmt: skip
+    tower = list(model.model.vision_tower.modules()) + list(model.model.multi_modal_projector.modules())
+    out["vision_and_projector_4bit_linears"] = sum(type(m).__name__ == "Linear4bit" for m in tower)  # must be 0
+    out["lm_4bit_linears"] = sum(type(m).__name__ == "Linear4bit" for m in model.model.language_model.modules())
     cache, holder = FeatureCache(), _Holder()
     one, d1 = make_inputs(model, 1, text, seed=1)
     ours(model, cache, one, d1, 4, holder)  # warm-up: kernels, graph capture
@@ -313,7 +320,9 @@ def markdown(r: dict) -> str:
              f"{f(inf, 'plain_peak_1_image_gb', '{:.2f}')} GB |"]  # fmt: skip
     sw, q = r.get("swaps", {}), r.get("qlora", {})
     lines = [f"# VLM benchmark ({r['mode']})", "", describe_machine(r["machine"]), "", *rows, "",
-             f"Greedy tokens ours vs plain generate: first {inf.get('greedy_tokens_equal_prefix')} equal.", "",
+             f"Greedy tokens ours vs plain generate: first {inf.get('greedy_tokens_equal_prefix')} equal. "
+             f"Precision {inf.get('precision')}: 4-bit linears in the vision tower + projector "
+             f"{inf.get('vision_and_projector_4bit_linears')}, in the language model {inf.get('lm_4bit_linears')}.", "",
              f"Swaps {[(s['model'], round(s['seconds'], 2)) for s in sw.get('steps', [])]}: identical VLM tokens "
              f"after the swaps: {sw.get('identical_after_swaps')}.", "",
              f"QLoRA, {q.get('seq_tokens')} tokens (1 image): peak {q.get('peak_gb')} GB, step {q.get('step_s')} s.",
@@ -334,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.quick
     device = "cuda" if cuda else "cpu"
     work = Path(tempfile.mkdtemp(prefix="bench-vlm-"))
-    if cuda:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GiB / torch.cuda.mem_get_info()[1]))
     folder = ensure_tiny_llava(work / "cache") if args.quick else build_llava_7b(work / "llava7b")
+    if cuda:  # after the 14 GB bf16 build: from here on the card is a 12 GiB one
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GiB / torch.cuda.mem_get_info()[1]))
     r: dict[str, Any] = {"mode": "quick (tiny demo LLaVA, CPU)" if args.quick else "LLaVA-1.5-7B architecture",
                          "machine": machine_info("torch", "transformers", "bitsandbytes", "peft", "diffusers")}  # fmt: skip
     for name, fn in (("inference", lambda m: inference_section(m, 16 if args.quick else args.new, 32)),
