@@ -70,3 +70,37 @@ def colour_dataset(folder: Path, n_per: int = 2) -> Path:
             {"role": "user", "content": "Which colour is this?"}, {"role": "assistant", "content": word}]}))  # fmt: skip
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "train.jsonl"
+
+
+def make_tiny_llava_next(target: Path, tokenizer_folder: Path) -> Path:
+    """A tiny random LLaVA-NeXT (any-resolution tiles of 28 px) with the demo model's tokenizer and template."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,  # fmt: skip
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    from backends.vlm.models import IMAGE_TOKEN, TINY_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    grid = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=32)  # fmt: skip
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)  # fmt: skip
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                          image_grid_pinpoints=grid, vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(cfg).save_pretrained(target)
+    images = LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                     image_grid_pinpoints=grid)  # fmt: skip
+    LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=14, chat_template=TINY_TEMPLATE,
+                       vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                       num_additional_image_tokens=1).save_pretrained(target)  # fmt: skip
+    return target

@@ -181,3 +181,20 @@ def test_nf4_keeps_vision_tower_and_projector_in_16bit(tiny_llava_folder):
     assert not isinstance(model.model.multi_modal_projector.linear_1, Linear4bit)
     assert not isinstance(model.lm_head, Linear4bit)
     assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, Linear4bit)
+
+
+def test_llava_next_tiles_go_through_the_feature_path_too(vlm_ctx, tiny_llava_folder, tmp_path):
+    """Any-resolution LLaVA-NeXT (a wide and a tall image: different tile counts) through the cached-feature path
+    gives plain generate's greedy tokens, with the model loaded from a folder in models_dir."""
+    from backends.vlm import VLMBackend
+    from tests._vlm_support import make_tiny_llava_next
+
+    make_tiny_llava_next(vlm_ctx.settings.models_dir / "tiny-next", tiny_llava_folder)
+    backend = VLMBackend(vlm_ctx)
+    backend.configure(model_id="tiny-next")
+    assert backend.describe()["model_type"] == "llava_next"
+    msgs = ask("what?", solid(tmp_path / "w.png", "red", (64, 30)), solid(tmp_path / "t.png", "blue", (30, 64)))
+    *_, cached = backend.chat(msgs, GREEDY)
+    backend.configure(feature_cache=False)
+    *_, plain = backend.chat(msgs, GREEDY)
+    assert cached.stats.image_tokens == plain.stats.image_tokens > 8 and cached.text == plain.text

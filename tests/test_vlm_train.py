@@ -79,10 +79,10 @@ def test_qlora_steps_change_the_answer_and_the_adapter_is_selectable(vlm, tmp_pa
     data = colour_dataset(tmp_path / "ds")
     ask = [{"role": "user", "content": "Which colour is this?", "images": [str(tmp_path / "ds" / "0.png")]}]
     base = vlm.complete(ask, max_new_tokens=4)
-    cfg = VLMTrainConfig(dataset=data, output_name="colours", steps=12, learning_rate=1e-2, projector_lr=1e-3,
+    cfg = VLMTrainConfig(dataset=data, output_name="colours", steps=8, learning_rate=1e-2, projector_lr=1e-3,
                          dev_fraction=0.34, answer_tokens=4)  # fmt: skip
     result = vlm.train(cfg, _Job())
-    assert result.status == "done" and result.steps_done == 12 and result.adapter is not None
+    assert result.status == "done" and result.steps_done == 8 and result.adapter is not None
     assert result.dev_loss_after < result.dev_loss_before
     assert len(result.answers) == 2 and all(a["before"] != a["after"] for a in result.answers)
     assert vlm.complete(ask, max_new_tokens=4) == base  # training left the shared model as it was
@@ -93,7 +93,7 @@ def test_qlora_steps_change_the_answer_and_the_adapter_is_selectable(vlm, tmp_pa
     vlm.switch_adapter(None)
     assert vlm.complete(ask, max_new_tokens=4) == base
     run = vlm.ctx.runs.get(result.run_id)
-    assert run.status == "done" and len(run.metrics()) == 12
+    assert run.status == "done" and len(run.metrics()) == 8
 
 
 @pytest.mark.slow
@@ -109,3 +109,36 @@ def test_benchmark_quick_mode_writes_targets(tmp_path):
     names = [t["name"] for t in result["targets"]]
     assert len(names) == 5 and result["swaps"]["identical_after_swaps"] is True
     assert result["inference"]["greedy_tokens_equal_prefix"] == 16
+
+
+def test_with_a_training_lease_the_trainer_steps_inside_it_on_its_own_copy(vlm, tmp_path, monkeypatch):
+    """When the residency manager offers `training(...)`, every optimisation step runs inside `lease.step()` and the
+    lease gets the trainer's own model and optimizer (not the chat's leased copy)."""
+    import contextlib
+
+    calls: dict = {"steps": 0}
+
+    class Lease:
+        paused_s, pauses = 0.0, 0
+
+        @contextlib.contextmanager
+        def step(self):
+            calls["steps"] += 1
+            yield
+
+        def report(self, **kw):
+            calls["last"] = kw
+
+    @contextlib.contextmanager
+    def training(key, *, modules, optimizers, label="", working_bytes=None):
+        calls.update(key=key, modules=modules, optimizers=optimizers, label=label)
+        yield Lease()
+
+    monkeypatch.setattr(vlm.ctx.residency, "training", training, raising=False)
+    data = colour_dataset(tmp_path / "ds", n_per=1)
+    cfg = VLMTrainConfig(dataset=data, output_name="leased", steps=3, dev_fraction=0.34, answer_tokens=2)
+    result = vlm.train(cfg, _Job())
+    assert result.steps_done == 3 and calls["steps"] == 3 and calls["last"]["step"] == 3
+    assert calls["label"] == "VLM QLoRA" and len(calls["optimizers"]) == 1
+    with vlm.ctx.residency.use(calls["key"]) as shared:
+        assert calls["modules"][0] is not shared

@@ -71,6 +71,7 @@ class VLMBackend:
         self._decoder: Any = None
         self._decoder_key: tuple | None = None
         self.last_stats: VLMStats | None = None
+        self.training_key: str | None = None  # set while a QLoRA run holds the model (chat then says so at once)
 
     # ---- configuration and models --------------------------------------------------------------------------------
     @property
@@ -151,6 +152,9 @@ class VLMBackend:
         img_opts = images or ImageOptions()
         check_messages(messages, self._config.max_images_per_message)
         src, key = self.source()
+        if self.training_key == key:
+            raise VLMError(f"{src.title} is being trained right now: chat with it when the training ends, or cancel "
+                           "the training in the Runs tab.")  # fmt: skip
         _, fam = self.family(src)
         prepared = [[self.images.get(v, img_opts) for v in (m.get("images") or [])] for m in messages]
         notes = [p.note for p in prepared[-1] if p.note]

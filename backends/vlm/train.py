@@ -182,9 +182,12 @@ class VLMTrainer:
                                                  "train": len(train), "dev": len(dev)}, seed=cfg.seed)  # fmt: skip
         job.log(f"run {run.id}: {len(train)} train / {len(dev)} dev examples, model {src.title}")
         try:
-            with b._slot(), self.ctx.residency.use(key) as model:
-                b.apply_adapters(key, src, model)
-                result = self._train(key, model, fam.projector, processor, train_b, dev_b, dev, run)
+            with b._slot(), self._model(key, src) as model:
+                b.training_key = key
+                try:
+                    result = self._train(key, model, fam.projector, processor, train_b, dev_b, dev, run)
+                finally:
+                    b.training_key = None
         except BaseException as e:
             run.finish("failed", error=f"{type(e).__name__}: {e}")
             raise
@@ -193,6 +196,26 @@ class VLMTrainer:
                    dev_loss_after=result.dev_loss_after, adapter=str(result.adapter) if result.adapter else None)  # fmt: skip
         return result
 
+    @contextlib.contextmanager
+    def _model(self, key: str, src: Any) -> Any:
+        """The model to train. Without a preemptible training lease (today): the chat's own model, leased for the
+        whole run (adapter injected in place, projector restored at the end). With one (`residency.training`):
+        a copy of the trainer's own on the compute device, which the lease counts, parks and brings back; the idle
+        chat copy can then be moved down by the manager like any idle model."""
+        res = self.ctx.residency
+        if getattr(res, "training", None) is None:
+            with res.use(key) as model:
+                self.backend.apply_adapters(key, src, model)
+                yield model
+            return
+        from backends.vlm.models import load_vlm
+
+        model = load_vlm(self.backend.folder(src), res.device, self.backend.config.precision)
+        try:
+            yield model
+        finally:
+            del model
+
     def _train(self, key, model, projector_name, processor, train_b, dev_b, dev, run) -> VLMTrainResult:
         from backends.llm import activate, delete_from, loaded_adapters
 
@@ -200,12 +223,12 @@ class VLMTrainer:
         device = model.get_input_embeddings().weight.device
         pix_dtype = next(model.get_submodule(_tower(model)).parameters()).dtype
         projector = projector_module(model, projector_name)
-        base_proj = projector_state(projector) if projector is not None else None
         if loaded_adapters(model):
             activate(model, None)  # train on the base model, whatever adapter the chat had active
-        state = self.backend.adapters[key]
-        if state.base_projector is not None and projector is not None:
+        state = self.backend.adapters.get(key)
+        if state is not None and state.base_projector is not None and projector is not None:
             load_projector(projector, state.base_projector)
+        base_proj = projector_state(projector) if projector is not None else None
         fixed = dev[:3]
         result = VLMTrainResult(None, 0, "done")
         result.dev_loss_before = dev_loss(model, dev_b, device, pix_dtype)
