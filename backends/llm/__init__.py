@@ -8,18 +8,25 @@ weights), adapters (PEFT adapters in place), remote (the OpenAI-compatible clien
 
 from typing import Any
 
-from backends.llm.adapters import AdapterError, activate, check_adapter_folder, delete_from, load_into, loaded_adapters
+from backends.llm.adapters import (
+    AdapterError,
+    AdapterState,
+    activate,
+    check_adapter_folder,
+    delete_from,
+    load_into,
+    loaded_adapters,
+)
 from backends.llm.backend import ChatUpdate, LLMBackend, LLMConfig, create, eos_ids, kv_cache_bytes
 from backends.llm.generate import GenerationOptions, GenerationStats, PromptTooLong, StopTextTracker, stream_tokens
 from backends.llm.models import ModelNotAvailable
 from backends.llm.remote import EngineError
 
-__all__ = [
-    "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "PromptTooLong", "create",
-    # building blocks the VLM package reuses (decoders, token stream, PEFT adapters in place)
-    "StopTextTracker", "activate", "check_adapter_folder", "decoder_for", "delete_from", "eos_ids", "kv_cache_bytes",
-    "load_into", "loaded_adapters", "stream_tokens",
+__all__ = [  # the last group: building blocks the VLM package reuses (decoders, token stream, adapters in place)
+    "AdapterError", "AdapterState", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend",
+    "LLMConfig", "ModelNotAvailable", "PromptTooLong", "StopTextTracker", "activate", "check_adapter_folder",
+    "create", "decoder_for", "delete_from", "eos_ids", "kv_cache_bytes", "load_into", "loaded_adapters",
+    "stream_tokens",
 ]  # fmt: skip
 
 

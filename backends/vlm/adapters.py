@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from backends.llm import AdapterState
 from studio.safety import load_safetensors
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,11 @@ def load_projector(module: Any, state: dict[str, Any]) -> None:
 
 
 @dataclass
-class VLMAdapterState:
-    """Wanted adapters of one base model: LoRA names -> folders, the active one, and the base projector copy."""
+class VLMAdapterState(AdapterState):
+    """Chat's adapter state (LoRA names -> folders, the active one) plus the projector: the base copy and each
+    adapter's trained weights."""
 
-    projector_name: str
-    paths: dict[str, Path] = field(default_factory=dict)
-    active: str | None = None
-    version: int = 0
+    projector_name: str = ""
     base_projector: dict[str, Any] | None = None
     _projectors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -63,15 +61,8 @@ class VLMAdapterState:
             self.base_projector = projector_state(module)
 
     def apply(self, model: Any) -> None:
-        from backends.llm import activate, load_into, loaded_adapters
-
         self.remember_base(model)
-        loaded = loaded_adapters(model)
-        for name, path in self.paths.items():
-            if name not in loaded:
-                load_into(model, name, path)
-        if loaded_adapters(model):
-            activate(model, self.active)
+        super().apply(model)  # LoRA layers re-attached and routed
         module = projector_module(model, self.projector_name)
         if module is None:
             return

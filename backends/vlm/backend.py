@@ -133,7 +133,7 @@ class VLMBackend:
 
     def adapter_state(self, key: str, src: VLMSource) -> VLMAdapterState:
         if key not in self.adapters:
-            self.adapters[key] = VLMAdapterState(self.family(src)[1].projector)
+            self.adapters[key] = VLMAdapterState(projector_name=self.family(src)[1].projector)
         return self.adapters[key]
 
     def apply_adapters(self, key: str, src: VLMSource, model: Any) -> None:

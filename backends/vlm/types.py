@@ -29,6 +29,9 @@ class Family:
     why_not_fast: str = ""
 
 
+_SMOLVLM = Family(("model.vision_model", "model.connector", "lm_head"), 8, False, False, "max side (longest_edge)",
+                  projector="model.connector",
+                  why_not_fast="image splitting is not per-image separable for the feature cache")  # fmt: skip
 _LLAVA_SKIP = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 FAMILIES: dict[str, Family] = {
     "llava": Family(_LLAVA_SKIP, 4, True, True, "fixed by the vision tower (336 px, 576 tokens for LLaVA 1.5)"),
@@ -56,24 +59,8 @@ FAMILIES: dict[str, Family] = {
         projector="model.visual.merger",
         why_not_fast="3-D multimodal rotary positions (M-RoPE)",
     ),
-    "smolvlm": Family(
-        ("model.vision_model", "model.connector", "lm_head"),
-        8,
-        False,
-        False,
-        "max side (longest_edge)",
-        projector="model.connector",
-        why_not_fast="image splitting is not per-image separable for the feature cache",
-    ),
-    "idefics3": Family(
-        ("model.vision_model", "model.connector", "lm_head"),
-        8,
-        False,
-        False,
-        "max side (longest_edge)",
-        projector="model.connector",
-        why_not_fast="image splitting is not per-image separable for the feature cache",
-    ),
+    "smolvlm": _SMOLVLM,
+    "idefics3": _SMOLVLM,
 }
 UNKNOWN_FAMILY = Family(("lm_head",), 4, False, False, "max side only", projector="",
                         why_not_fast="an architecture the studio does not know")  # fmt: skip
