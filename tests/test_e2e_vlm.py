@@ -43,5 +43,33 @@ def test_upload_an_image_and_get_a_streamed_answer(tmp_path, browser, tiny_llava
         assert lengths and lengths[-1] > 0
         assert len(set(lengths)) >= 2, f"the answer arrived in one piece, not streamed: {lengths[:20]}"
         assert panel.locator("[data-testid='user'] img").count() >= 1  # the uploaded image is in the history
+
+        # a double click on Regenerate: the reply is replaced, never duplicated
+        regen = panel.get_by_role("button", name="Regenerate")
+        regen.click()
+        regen.click()
+        _wait_finished(panel, page)
+        assert panel.locator("[data-testid='bot']").count() == 1
+
+        # Stop during a reply: it ends as "cancelled" and the image stays in the history
+        box.fill("Describe it at length, please.")
+        box.press("Enter")
+        bot.wait_for()
+        page.wait_for_function("() => document.querySelectorAll(\"[data-testid='bot']\").length >= 2")
+        panel.get_by_role("button", name="Stop").click()
+        panel.get_by_text("finished: cancelled").wait_for(timeout=60_000)
         assert page.errors == [], page.errors
         page.close()
+
+
+def _wait_finished(panel, page, timeout_s: float = 90) -> None:
+    """Until the previous status line has gone (a new reply started) and a new one says 'finished:'."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and panel.get_by_text("finished:").count():
+        page.wait_for_timeout(50)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not panel.get_by_text("finished:").count():
+        page.wait_for_timeout(200)
+    page.wait_for_timeout(1000)  # the second queued regeneration, if any, starts and ends too
+    while time.monotonic() < deadline and not panel.get_by_text("finished:").count():
+        page.wait_for_timeout(200)

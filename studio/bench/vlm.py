@@ -172,6 +172,9 @@ def inference_section(model: Any, new: int, text: int) -> dict[str, Any]:
     out["greedy_tokens_equal_prefix"] = agree
     out["ours_1_image_cached"] = ours(model, cache, one, d1, 16, holder)[1]
     four, d4 = make_inputs(model, 4, text, seed=4)
+    warm, dw = make_inputs(model, 4, text, seed=5)  # other pixels: captures the larger cache's graph, caches nothing
+    ours(model, cache, warm, dw, 2, holder)
+    plain(model, warm, 2)
     out["ours_4_images"] = ours(model, cache, four, d4, 16, holder)[1]
     out["ours_4_images_cached"] = ours(model, cache, four, d4, 16, holder)[1]
     out["plain_4_images"] = plain(model, four, 16)[1]
