@@ -104,3 +104,43 @@ def make_tiny_llava_next(target: Path, tokenizer_folder: Path) -> Path:
                        vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
                        num_additional_image_tokens=1).save_pretrained(target)  # fmt: skip
     return target
+
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_qwen25_vl(target: Path, tokenizer_folder: Path) -> Path:
+    """A tiny random Qwen2.5-VL (M-RoPE, dynamic resolution up to 448x448 px) with Qwen's vision tokens added."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,  # fmt: skip
+        Qwen2VLImageProcessor,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": names})
+    start, end, image, video = (tok.convert_tokens_to_ids(t) for t in names)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=image, video_token_id=video,
+                           vision_start_token_id=start, vision_end_token_id=end)  # fmt: skip
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(target)
+    images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=448 * 448)
+    Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                        chat_template=QWEN_TEMPLATE).save_pretrained(target)  # fmt: skip
+    return target

@@ -198,3 +198,21 @@ def test_llava_next_tiles_go_through_the_feature_path_too(vlm_ctx, tiny_llava_fo
     backend.configure(feature_cache=False)
     *_, plain = backend.chat(msgs, GREEDY)
     assert cached.stats.image_tokens == plain.stats.image_tokens > 8 and cached.text == plain.text
+
+
+def test_qwen25_vl_uses_plain_generate_and_the_token_budget(vlm_ctx, tiny_llava_folder, tmp_path):
+    """Qwen2.5-VL (M-RoPE): the tab says it decodes with plain generate, and the image token budget caps the
+    visual tokens of one image (max_pixels = tokens x 28 x 28)."""
+    from backends.vlm import VLMBackend
+    from tests._vlm_support import make_tiny_qwen25_vl
+
+    make_tiny_qwen25_vl(vlm_ctx.settings.models_dir / "tiny-qwen", tiny_llava_folder)
+    backend = VLMBackend(vlm_ctx)
+    backend.configure(model_id="tiny-qwen")
+    info = backend.describe()
+    assert info["model_type"] == "qwen2_5_vl" and "M-RoPE" in info["decoder"] and not info["feature_cache"]
+    msgs = ask("what?", solid(tmp_path / "w.png", "red", (200, 100)))
+    *_, full = backend.chat(msgs, GREEDY)
+    *_, capped = backend.chat(msgs, GREEDY, images=ImageOptions(max_tokens=16))
+    assert full.stats.decoder == "plain generate" and full.stats.new_tokens == 16
+    assert capped.stats.image_tokens <= 16 < full.stats.image_tokens

@@ -10,9 +10,11 @@ from backends.vlm.types import ImageOptions, PreparedImage, VLMError
 _PATCH_AREA = {"qwen2_5_vl": 28 * 28, "qwen2_vl": 28 * 28, "qwen3_vl": 32 * 32}
 
 
-def processor_kwargs(model_type: str, opts: ImageOptions) -> dict[str, Any]:
+def processor_kwargs(model_type: str, opts: ImageOptions, processor: Any = None) -> dict[str, Any]:
     if model_type in _PATCH_AREA and opts.max_tokens:
-        return {"max_pixels": opts.max_tokens * _PATCH_AREA[model_type]}
+        area = opts.max_tokens * _PATCH_AREA[model_type]  # Qwen's size is in pixels of area: {shortest, longest}
+        size = dict(getattr(getattr(processor, "image_processor", None), "size", None) or {})
+        return {"size": {"shortest_edge": min(size.get("shortest_edge", area), area), "longest_edge": area}}
     if model_type in ("smolvlm", "idefics3"):
         return {"size": {"longest_edge": opts.max_side}}
     return {}
@@ -28,6 +30,10 @@ def to_processor_messages(messages: list[dict[str, Any]], prepared: list[list[Pr
 
 
 def render(processor: Any, messages: list[dict], prepared: list[list[PreparedImage]], kw: dict) -> dict:
+    import inspect
+
+    if kw and "processor_kwargs" in inspect.signature(processor.apply_chat_template).parameters:
+        kw = {"processor_kwargs": kw}  # transformers >= 5.2x; earlier releases take them as plain kwargs
     return processor.apply_chat_template(to_processor_messages(messages, prepared), add_generation_prompt=True,
                                          tokenize=True, return_dict=True, return_tensors="pt", **kw)  # fmt: skip
 
@@ -37,7 +43,7 @@ def build_inputs(
     model_type: str = "",
 ) -> tuple[dict, list[str], int]:  # fmt: skip
     """(processor outputs, image digests in prompt order, messages dropped) with the prompt within `budget`."""
-    kw = processor_kwargs(model_type, opts)
+    kw = processor_kwargs(model_type, opts, processor)
     system = 1 if messages and messages[0]["role"] == "system" else 0
     dropped = 0
     while True:
