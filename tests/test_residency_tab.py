@@ -8,7 +8,7 @@ import time
 import gradio as gr
 import pytest
 
-from studio.residency_state import WaitingView
+from studio.residency.state import WaitingView
 from tabs import gpu as gpu_tab
 from tests.test_residency_support import MiB, NetLoader, sim_manager
 
@@ -80,3 +80,12 @@ def test_tab_builds_on_this_machine(ctx):
     assert gpu_tab.TAB.title == "GPU"
     text = gpu_tab.card_markdown(ctx.residency.snapshot())
     assert text.startswith("### No GPU") or "Studio budget" in text
+
+
+def test_training_runs_are_shown_with_their_pause():
+    from studio.residency.state import TrainingView
+
+    snap, now = sim_manager(100)[0].snapshot(), time.time()
+    paused = TrainingView("t", "SD LoRA", "paused", "paused for Chat, 4 s", 0, 0, 12, 1, 0.0, {"loss": 0.25})
+    text = gpu_tab.waiting_markdown(dataclasses.replace(snap, trainings=[paused]), now)
+    assert "training: SD LoRA** (paused for Chat, 4 s, step 12, loss 0.2500" in text
