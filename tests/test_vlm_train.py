@@ -111,9 +111,9 @@ def test_benchmark_quick_mode_writes_targets(tmp_path):
     assert result["inference"]["greedy_tokens_equal_prefix"] == 16
 
 
-def test_with_a_training_lease_the_trainer_steps_inside_it_on_its_own_copy(vlm, tmp_path, monkeypatch):
-    """When the residency manager offers `training(...)`, every optimisation step runs inside `lease.step()` and the
-    lease gets the trainer's own model and optimizer (not the chat's leased copy)."""
+def test_every_step_runs_inside_the_training_lease_of_the_shared_model(vlm, tmp_path, monkeypatch):
+    """Every optimisation step runs inside `lease.step()`; the lease names the chat's registered model (so the
+    manager parks its weights with the training state) and gets that very model and the optimizer."""
     import contextlib
 
     calls: dict = {"steps": 0}
@@ -141,4 +141,4 @@ def test_with_a_training_lease_the_trainer_steps_inside_it_on_its_own_copy(vlm, 
     assert result.steps_done == 3 and calls["steps"] == 3 and calls["last"]["step"] == 3
     assert calls["label"] == "VLM QLoRA" and len(calls["optimizers"]) == 1
     with vlm.ctx.residency.use(calls["key"]) as shared:
-        assert calls["modules"][0] is not shared
+        assert calls["modules"][0] is shared

@@ -198,23 +198,12 @@ class VLMTrainer:
 
     @contextlib.contextmanager
     def _model(self, key: str, src: Any) -> Any:
-        """The model to train. Without a preemptible training lease (today): the chat's own model, leased for the
-        whole run (adapter injected in place, projector restored at the end). With one (`residency.training`):
-        a copy of the trainer's own on the compute device, which the lease counts, parks and brings back; the idle
-        chat copy can then be moved down by the manager like any idle model."""
-        res = self.ctx.residency
-        if getattr(res, "training", None) is None:
-            with res.use(key) as model:
-                self.backend.apply_adapters(key, src, model)
-                yield model
-            return
-        from backends.vlm.models import load_vlm
-
-        model = load_vlm(self.backend.folder(src), res.device, self.backend.config.precision)
-        try:
+        """The chat's own model, leased for the whole run (no second copy on the GPU): the training lease under the
+        same key counts its weights with the training state and parks them together when it gives way (the SD LoRA
+        pattern); working memory is the lease's, so the model lease asks for none."""
+        with self.ctx.residency.use(key, working_bytes=0) as model:
+            self.backend.apply_adapters(key, src, model)
             yield model
-        finally:
-            del model
 
     def _train(self, key, model, projector_name, processor, train_b, dev_b, dev, run) -> VLMTrainResult:
         from backends.llm import activate, delete_from, loaded_adapters
