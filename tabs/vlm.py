@@ -7,7 +7,6 @@ panel polls the job (no lock is held across yields) and the trained adapter appe
 """
 
 # No `from __future__ import annotations`: Gradio resolves `request: gr.Request` through get_type_hints.
-import datetime as dt
 import json
 import logging
 import threading
@@ -61,11 +60,11 @@ def to_markdown(history: list[dict[str, Any]]) -> str:
 
 def export_conversation(ctx: StudioContext, history: list[dict[str, Any]], fmt: str, meta: dict[str, Any]) -> str:
     """Write the conversation (with image file names) under outputs/vlm/ atomically; return the path."""
-    from studio.safety import atomic_write_text
+    from studio.safety import atomic_write_text, unguessable_stamp
 
     if not history:
         raise ValueError("Nothing to export yet: the conversation is empty.")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    stamp = unguessable_stamp()  # no other user can guess the file name
     path = ctx.settings.outputs_dir / "vlm" / f"vlm-{stamp}.{'md' if fmt == 'markdown' else 'json'}"
     if fmt == "markdown":
         text = to_markdown(history)
@@ -192,7 +191,7 @@ def build(ctx: StudioContext) -> None:
             raise gr.Error("Send a message first.")
         try:
             if model_v and model_v != backend.config.model_id:
-                backend.configure(model_id=model_v)
+                backend.configure(model_id=model_v)  # adapters and training follow the chosen model too
             opts = GenerationOptions(system_prompt=sys_v or "", temperature=float(temp), top_p=float(top),
                                      max_new_tokens=int(n))  # fmt: skip
             img = ImageOptions(max_side=int(side), max_tokens=int(tokens or 0))

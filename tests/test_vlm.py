@@ -216,3 +216,11 @@ def test_qwen25_vl_uses_plain_generate_and_the_token_budget(vlm_ctx, tiny_llava_
     *_, capped = backend.chat(msgs, GREEDY, images=ImageOptions(max_tokens=16))
     assert full.stats.decoder == "plain generate" and full.stats.new_tokens == 16
     assert capped.stats.image_tokens <= 16 < full.stats.image_tokens
+
+
+def test_a_session_config_applies_to_one_call_only(vlm, tmp_path):
+    img = solid(tmp_path / "i.png", "red")
+    one = vlm.session_config(max_images_per_message=1)
+    with pytest.raises(VLMError, match="at most 1 per message"):
+        list(vlm.chat(ask("two", img, img), GREEDY, config=one))
+    assert vlm.config.max_images_per_message == 8 and list(vlm.chat(ask("two", img, img), GREEDY))[-1].done

@@ -86,10 +86,14 @@ class VLMBackend:
         cat = self.ctx.catalog
         return [(s, cat.is_present(s)) for s in cat.by_capability("vlm")]
 
-    def source(self, model_id: str | None = None) -> tuple[VLMSource, str]:
+    def session_config(self, **changes: Any) -> VLMConfig:
+        """A config for one browser session (its model, limits), leaving the shared default as it is."""
+        return replace(self._config, **changes)
+
+    def source(self, model_id: str | None = None, precision: str | None = None) -> tuple[VLMSource, str]:
         """Resolve a model and register its Loader; returns (source, residency key)."""
         src = resolve_source(self.ctx, model_id or self._config.model_id)
-        loader = VLMLoader(self.ctx, src, self._config.precision, self._forget_model)
+        loader = VLMLoader(self.ctx, src, precision or self._config.precision, self._forget_model)
         if not self.ctx.residency.is_registered(loader.key):
             self.ctx.residency.register(loader)
         return src, loader.key
@@ -144,14 +148,15 @@ class VLMBackend:
 
     # ---- chat ----------------------------------------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], options: Any = None, *, images: ImageOptions | None = None,
-             cancel: threading.Event | None = None) -> Iterator[VLMUpdate]:  # fmt: skip
+             cancel: threading.Event | None = None, config: VLMConfig | None = None) -> Iterator[VLMUpdate]:  # fmt: skip
         """Stream the reply to `messages` (the last from the user); see the module docstring for the limits."""
         from backends.llm import GenerationOptions
 
         opts = options or GenerationOptions()
         img_opts = images or ImageOptions()
-        check_messages(messages, self._config.max_images_per_message)
-        src, key = self.source()
+        cfg = config or self._config
+        check_messages(messages, cfg.max_images_per_message)
+        src, key = self.source(cfg.model_id, cfg.precision)
         if self.training_key == key:
             raise VLMError(f"{src.title} is being trained right now: chat with it when the training ends, or cancel "
                            "the training in the Runs tab.")  # fmt: skip
@@ -164,7 +169,7 @@ class VLMBackend:
                          "images in the conversation.")  # fmt: skip
         if opts.system_prompt.strip() and messages[0]["role"] != "system":
             messages, prepared = [{"role": "system", "content": opts.system_prompt}, *messages], [[], *prepared]
-        run = lambda c: self._generate(src, key, fam, messages, prepared, opts, img_opts, c, notes)  # noqa: E731
+        run = lambda c: self._generate(cfg, src, key, fam, messages, prepared, opts, img_opts, c, notes)  # noqa: E731
         yield from self._in_worker(run, cancel)
 
     def _in_worker(self, run: Any, cancel: threading.Event | None) -> Iterator[VLMUpdate]:
@@ -192,13 +197,13 @@ class VLMBackend:
         finally:
             gone.set()
 
-    def _generate(self, src, key, fam, messages, prepared, opts, img_opts, cancel, notes) -> Iterator[VLMUpdate]:
+    def _generate(self, cfg, src, key, fam, messages, prepared, opts, img_opts, cancel, notes) -> Iterator[VLMUpdate]:
         from backends.llm import kv_cache_bytes
         from backends.vlm import decode
         from backends.vlm.prompt import build_inputs
 
         processor = self.processor(src)
-        limit = self._config.max_context_tokens
+        limit = cfg.max_context_tokens
         inputs, digests, dropped = build_inputs(processor, messages, prepared, img_opts,
                                                   budget=limit - opts.max_new_tokens,
                                                   model_type=self.family(src)[0])  # fmt: skip
@@ -212,9 +217,9 @@ class VLMBackend:
         with self._slot(), self.ctx.residency.use(key, working_bytes=kv + VISION_WORKING_BYTES) as model:
             self.apply_adapters(key, src, model)
             state = self.adapters[key]
-            use_cache = fam.feature_cache and self._config.feature_cache
+            use_cache = fam.feature_cache and cfg.feature_cache
             pieces = decode.stream_reply(self, key, model, processor, inputs, digests, opts, stats, cancel,
-                                         feature_cache=use_cache, fast=fam.fast_decode and self._config.fast_decode,
+                                         feature_cache=use_cache, fast=fam.fast_decode and cfg.fast_decode,
                                          cache_key=(key, state.active or "", state.version), limit=limit)  # fmt: skip
             text = ""
             for delta, text in pieces:
