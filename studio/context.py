@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from backends.rag import RAGBackend
     from backends.tinylm import TinyLMBackend
     from backends.vision import DetectionBackend
+    from backends.vlm import VLMBackend
 
 T = TypeVar("T")
 
@@ -84,6 +85,12 @@ class Backends:
         from backends import rag
 
         return self._once("rag", lambda: rag.create(self._services, llm=lambda: self.llm))
+
+    @property
+    def vlm(self) -> VLMBackend:
+        from backends import vlm
+
+        return self._once("vlm", lambda: vlm.create(self._services))
 
 
 @dataclass

@@ -287,3 +287,52 @@ def check_image_file(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tu
             "refused. Resize it."
         )
     return w, h
+
+
+class ImageFileError(ValueError):
+    """An image upload cannot be used: unreadable, truncated, not an image, or too large to open safely."""
+
+
+def open_image(path: Path, *, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS, draft: int = 0) -> Any:
+    """Decode an image file fully into memory, or raise ImageFileError naming `what` and the fix.
+
+    The size is checked from the header against `max_pixels` (PIL's ~89 MP threshold by default) before decoding
+    (a decompression bomb or a 20000x20000 upload never reaches memory); the whole file is decoded here, so a truncated file fails now and not halfway through a
+    model; a zip or text file renamed .png is refused as "not an image". Animated images give their first frame
+    (`.info["frames"]` says how many there were). `draft` > 0 lets JPEG decode at a reduced scale no smaller
+    than that many pixels per side (cheap downscaling of huge photos). Returns a PIL image in its own mode.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    name = Path(str(path)).name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(Path(path)) as im:
+                w, h = im.size
+                if w * h > max_pixels or w <= 0 or h <= 0:
+                    raise ImageFileError(
+                        f"The {what} ({name}) is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the "
+                        f"{max_pixels / 1e6:.0f} MP limit: resize it (e.g. to 4000 px on the long side) and retry."
+                    )
+                frames = getattr(im, "n_frames", 1)
+                if draft and im.format == "JPEG":
+                    im.draft("RGB", (draft, draft))
+                im.seek(0)
+                im.load()
+                image = im.copy()
+    except ImageFileError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageFileError(
+            f"The {what} ({name}) is too large to open safely (a decompression bomb?): resize it below "
+            f"{max_pixels / 1e6:.0f} megapixels."
+        ) from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError):
+        raise ImageFileError(
+            f"The {what} ({name}) is not a readable image (corrupt, truncated or not an image): upload a PNG or JPEG."
+        ) from None
+    image.info["frames"] = frames
+    return image

@@ -7,15 +7,39 @@ weights), adapters (PEFT adapters in place), remote (the OpenAI-compatible clien
 schemas in, parsed `ToolCall`s out, Hermes/Qwen, Llama 3 and Mistral formats).
 """
 
-from backends.llm.adapters import AdapterError
-from backends.llm.backend import ChatUpdate, LLMBackend, LLMConfig, check_messages, create
-from backends.llm.generate import GenerationOptions, GenerationStats, PromptTooLong
+from typing import Any
+
+from backends.llm.adapters import (
+    AdapterError,
+    AdapterState,
+    activate,
+    check_adapter_folder,
+    delete_from,
+    load_into,
+    loaded_adapters,
+)
+from backends.llm.backend import ChatUpdate, LLMBackend, LLMConfig, check_messages, create, eos_ids, kv_cache_bytes
+from backends.llm.generate import GenerationOptions, GenerationStats, PromptTooLong, StopTextTracker, stream_tokens
 from backends.llm.models import ModelNotAvailable
 from backends.llm.remote import EngineError
 from backends.llm.tools import ToolCall, ToolError, ToolsNotSupported, ToolStream, parse_tool_calls
 
-__all__ = [
+__all__ = [  # the last group: building blocks the VLM package reuses (decoders, token stream, adapters in place)
     "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
     "ModelNotAvailable", "PromptTooLong", "ToolCall", "ToolError", "ToolStream", "ToolsNotSupported",
     "check_messages", "create", "parse_tool_calls",
+    "AdapterState", "StopTextTracker", "activate", "check_adapter_folder", "decoder_for", "delete_from", "eos_ids",
+    "kv_cache_bytes", "load_into", "loaded_adapters", "stream_tokens",
 ]  # fmt: skip
+
+
+def decoder_for(model: Any, needed: int, limit: int, *, fast: bool, previous: Any = None) -> Any:
+    """Chat's decoder for a loaded model: on CUDA with `fast` a static KV cache with the decode step in a CUDA graph
+    (`previous` is reused when it still fits the same weights), else the eager dynamic-cache one. Imports torch."""
+    from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
+
+    if model_device(model).type != "cuda" or not fast:
+        return EagerDecoder(model)
+    if previous is not None and getattr(previous, "matches", None) and previous.matches(model, needed):
+        return previous
+    return StaticDecoder(model, bucket_len(needed, limit), use_graph=True)

@@ -119,12 +119,14 @@ class EagerDecoder:
         self.cache: Any = None
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`embeds` (1, n, d), when given, replaces the token embeddings of `ids` (a VLM's merged image features)."""
         try:
             self.cache = DynamicCache(config=self.model.config)
         except TypeError:
             self.cache = DynamicCache()
-        out = self.model(input_ids=ids, use_cache=True, **{self._kw: self.cache})
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+        out = self.model(**inputs, use_cache=True, **{self._kw: self.cache})
         return out.logits[0, -1].float()
 
     @torch.no_grad()
@@ -170,10 +172,11 @@ class StaticDecoder:
         neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, neg).view(1, 1, positions.numel(), self.max_len)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         self.index.current = positions
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         out = self.model(
-            input_ids=ids,
+            **inputs,
             position_ids=positions.view(1, -1),
             attention_mask=self._mask(positions),
             use_cache=True,
@@ -182,13 +185,14 @@ class StaticDecoder:
         return out.logits[0, -1]
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`embeds` (1, n, d), when given, replaces the token embeddings of `ids` (a VLM's merged image features)."""
         n = ids.shape[1]
         if n >= self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit a static cache of {self.max_len}")
         positions = torch.arange(n, device=self.device)
         self.index.seen = 0
-        logits = self._forward(ids, positions).float()
+        logits = self._forward(ids, positions, embeds).float()
         self.pos = self.index.seen = n
         return logits
 
