@@ -199,27 +199,7 @@ class StaticDecoder:
         self.logits_buf.copy_(logits)
 
     def _capture(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: lazy inits, cuBLAS workspaces, bitsandbytes buffers
-                    self._step_body()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step_body()
-            self.graph = graph
-            self.capture_s = time.perf_counter() - t0
-            log.info(
-                "captured the decode step in a CUDA graph in %.2f s (cache %d slots)", self.capture_s, self.max_len
-            )
-        except Exception as e:  # any capture failure: keep decoding, without the graph
-            self.graph = None
-            self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log.warning("CUDA graph capture failed; decoding with the static cache only. Reason: %s", self.graph_error)
-            torch.cuda.synchronize(self.device)
+        self.graph, self.graph_error, self.capture_s = capture_graph(self._step_body, self.device)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -242,6 +222,31 @@ class StaticDecoder:
         """Reusable for `model` with `needed_len` tokens (same weights at the same addresses, enough slots)?"""
         fp = weights_fingerprint(model) if fingerprint is None else fingerprint
         return model is self.model and fp == self.fingerprint and needed_len <= self.max_len
+
+
+def capture_graph(body: Any, device: torch.device) -> tuple[torch.cuda.CUDAGraph | None, str | None, float]:
+    """Capture `body()` in a CUDA graph after two warm-up runs on a side stream -> (graph, error, seconds).
+
+    Any capture failure is logged once and returned as the error, so the caller keeps decoding without the graph."""
+    t0 = time.perf_counter()
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy inits, cuBLAS workspaces, bitsandbytes buffers, Triton compiles
+                body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+    except Exception as e:  # any capture failure: keep decoding, without the graph
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("CUDA graph capture failed; decoding without it. Reason: %s", error)
+        torch.cuda.synchronize(device)
+        return None, error, 0.0
+    seconds = time.perf_counter() - t0
+    log.info("captured the decode step in a CUDA graph in %.2f s", seconds)
+    return graph, None, seconds
 
 
 def bucket_len(needed: int, limit: int, quantum: int = 512) -> int:

@@ -101,7 +101,7 @@ def copy_bandwidth(device: str, nbytes: int = 2**30, iters: int = 20) -> float:
 
 
 def bytes_per_token(model: Any, context: int) -> int:
-    """Bytes one decode step must read: every weight except the embedding table (one row), plus the KV cache."""
+    """Bytes one decode step must read: every weight and buffer except the embedding table (one row), + KV cache."""
     emb = model.get_input_embeddings().weight
     total = 0
     for p in model.parameters():
@@ -114,6 +114,7 @@ def bytes_per_token(model: Any, context: int) -> int:
             total += qs.absmax.numel() * qs.absmax.element_size()
             if getattr(qs, "state2", None) is not None:
                 total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    total += sum(b.numel() * b.element_size() for b in model.buffers())  # int4 packs and scales are buffers
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     total += 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * context * emb.element_size()
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if not args.skip_bench:
         result = bench(args)
-        _write(args.out, result)
+        write_result(args.out, result)
     if args.product_check:
         import tempfile
 
@@ -362,18 +363,24 @@ def main(argv: list[str] | None = None) -> int:
             check = product_check(args.product_check, Path(work))
         if not args.skip_bench:
             result["product_check"] = check
-            _write(args.out, result)
+            write_result(args.out, result)
     return 0
 
 
-def _write(out: Path | None, result: dict) -> None:
-    md = markdown(result)
+def write_result(out: Path | None, result: dict, stem: str = "llm", render: Any = None) -> None:
+    """Fill in date, command, machine and versions if absent, print the markdown, write <stem>-<device>.json/.md."""
+    cuda = result["device"] == "cuda"
+    result.setdefault("date", dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    result.setdefault("command", f"python -m studio.bench.{stem.replace('-', '_')} " + " ".join(sys.argv[1:]))
+    result.setdefault("machine", torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu")
+    result.setdefault("versions", _versions())
+    md = (render or markdown)(result)
     print(md, flush=True)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        stem = out / f"llm-{'h200' if result['device'] == 'cuda' else 'cpu-quick'}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        stem.with_suffix(".md").write_text(md)
+        path = out / f"{stem}-{'h200' if cuda else 'cpu-quick'}"
+        path.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        path.with_suffix(".md").write_text(md)
 
 
 if __name__ == "__main__":
