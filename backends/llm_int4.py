@@ -123,7 +123,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: 
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T with W in int4 (tinygemm). `parts`: output widths of the matrices fused into W (q, k, v)."""
+    """y = x @ W.T with W in int4 (tinygemm). `parts`: output widths of the matrices fused into W (q, k, v).
+
+    On CUDA two properties of the card are checked once when the weight is packed (never inside a compiled or
+    captured forward): `row_slices` (a part may run its own 8-row tiles) and `unpack_prefill` (inputs of more than
+    16 rows go through llm_int4_prefill: unpacked to bf16, then cuBLAS)."""
+
+    row_slices = False
+    unpack_prefill = False
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, shape: tuple[int, int], group: int,
                  parts: tuple[int, ...] = ()) -> None:  # fmt: skip
@@ -133,32 +140,36 @@ class Int4Linear(nn.Module):
         self.parts = parts or (self.out_features,)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_zeros", scales_zeros)  # (K/group, N, 2) in the compute dtype
+        if packed.is_cuda:
+            from backends.llm_int4_prefill import dequant_ok
+
+            self.row_slices = _cuda_rows_sliceable(packed.device)
+            self.unpack_prefill = dequant_ok(packed.device, packed.shape[-1] * 2)
 
     @classmethod
     def from_dense(cls, w: torch.Tensor, parts: tuple[int, ...] = (), dtype: torch.dtype | None = None,
                    hqq_iters: int = 20) -> Int4Linear:  # fmt: skip
         n, k = w.shape
         group = group_for(k)
-        q, scale, zero = quantize(w, group, hqq_iters)
-        sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(dtype or w.dtype)
-        if w.device.type == "cuda":
-            packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8),
-                                                                 _k_tiles(k))  # fmt: skip
-        else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _k_tiles(k))
+        packed, sz = quantize_packed(w, group, hqq_iters, dtype or w.dtype)
         return cls(packed, sz, (n, k), group, parts)
 
     def matmul(self, x2: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         """(M, K) @ W.T -> (M, N), or only the output rows `rows` (multiples of 8) when the layout allows it."""
-        if self.packed.device.type == "cuda":
-            packed, sz = self.packed, self.scales_zeros
-            if rows is not None and not _cuda_rows_sliceable(self.packed.device):
-                return self.matmul(x2)[:, rows]
-            if rows is not None:
-                packed, sz = packed[rows.start // 8 : rows.stop // 8], sz[:, rows].contiguous()
-            return torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, self.group, sz)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.scales_zeros)
-        return y if rows is None else y[:, rows]
+        if not self.packed.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group,
+                                                           self.scales_zeros)  # fmt: skip
+            return y if rows is None else y[:, rows]
+        if rows is not None and not self.row_slices:
+            return self.matmul(x2)[:, rows]
+        packed, sz, n = self.packed, self.scales_zeros, self.out_features
+        if rows is not None:
+            packed, sz, n = packed[rows.start // 8 : rows.stop // 8], sz[:, rows].contiguous(), rows.stop - rows.start
+        if self.unpack_prefill and x2.shape[0] > 16:
+            from backends.llm_int4_prefill import unpack
+
+            return x2 @ unpack(packed, sz, n, self.in_features, self.group).T
+        return torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, self.group, sz)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x.reshape(-1, self.in_features).to(self.scales_zeros.dtype))
@@ -168,14 +179,38 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, group={self.group}, parts={self.parts}"
 
 
+def quantize_packed(w: torch.Tensor, group: int, hqq_iters: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(packed weight, scales_zeros (K/group, N, 2)) for the device of `w`. On CUDA each chunk of rows is packed
+    as it is quantised (the layout is made of 8-row tiles), so the int32 temporaries never cover a whole 128k-row
+    head; the CPU layout is packed in one piece."""
+    n, k = w.shape
+    rows = max(8, (1 << 25) // k // 8 * 8)
+    packs, scales, zeros = [], [], []
+    for i in range(0, n, rows):
+        q, s, z = _quantize_rows(w[i : i + rows], group, hqq_iters)
+        packs.append(_pack_cuda(q, _k_tiles(k)) if w.is_cuda else q.to(torch.uint8))
+        scales.append(s)
+        zeros.append(z)
+    packed = torch.cat(packs)
+    if not w.is_cuda:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(packed.to(torch.int32), _k_tiles(k))
+    sz = torch.stack([torch.cat(scales), torch.cat(zeros)], -1).transpose(0, 1).contiguous().to(dtype)
+    return packed, sz
+
+
+def _pack_cuda(q: torch.Tensor, k_tiles: int) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), k_tiles)
+
+
 @functools.cache
 def _cuda_rows_sliceable(device: torch.device) -> bool:
     """Once per device: does slicing the CUDA tile layout by 8-row tiles give the same rows as the full matmul?"""
-    w = torch.randn(64, 256, device=device)
-    lin = Int4Linear.from_dense(w, dtype=torch.bfloat16, hqq_iters=0)
+    q = torch.randint(0, 16, (64, 256), device=device, dtype=torch.int32)
+    packed = _pack_cuda(q, 8)
+    sz = (torch.rand((2, 64, 2), device=device) * 0.1).to(torch.bfloat16)
     x = torch.randn(3, 256, device=device, dtype=torch.bfloat16)
-    full = torch.ops.aten._weight_int4pack_mm(x, lin.packed, lin.group, lin.scales_zeros)
-    part = torch.ops.aten._weight_int4pack_mm(x, lin.packed[2:6], lin.group, lin.scales_zeros[:, 16:48].contiguous())
+    full = torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
+    part = torch.ops.aten._weight_int4pack_mm(x, packed[2:6], 128, sz[:, 16:48].contiguous())
     ok = torch.allclose(full[:, 16:48].float(), part.float(), rtol=1e-2, atol=1e-2)
     if not ok:
         log.warning("int4 tile layout is not row-sliceable on %s: parts run the fused matmul", device)

@@ -147,8 +147,18 @@ def test_chat_uses_the_fused_decoder_and_shows_the_format(llm_ctx, smol_folder):
     backend.configure(fast_decode=False)
     *_, plain = backend.chat(msgs, GenerationOptions(temperature=0.0, max_new_tokens=12))
     assert plain.stats.decoder == "int4 · eager" and plain.text == fast.text
+    adapter = _lora_adapter(llm_ctx.settings.models_dir / "tiny-int4", llm_ctx.settings.data_dir / "int4-lora")
     with pytest.raises(AdapterError, match="nf4"):
-        backend.attach_adapter(llm_ctx.settings.data_dir)
+        backend.attach_adapter(adapter)
+
+
+def _lora_adapter(base_folder: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(out)
+    return out
 
 
 @pytest.mark.slow

@@ -378,7 +378,7 @@ def write_result(out: Path | None, result: dict, stem: str = "llm", render: Any 
     print(md, flush=True)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"{stem}-{'h200' if cuda else 'cpu-quick'}"
+        path = out / f"{stem}-{'h200' if cuda else result.get('suffix', 'cpu-quick')}"
         path.with_suffix(".json").write_text(json.dumps(result, indent=2))
         path.with_suffix(".md").write_text(md)
 

@@ -49,3 +49,42 @@ def swap_check(model: Any, ids: torch.Tensor, device: str) -> dict:
         "down_s": t1 - t0, "up_s": t2 - t1, "tensors_left_on_gpu_while_down": int(on_gpu_while_down),
         "copied_up": up.copied,
     }  # fmt: skip
+
+
+def _replay_ms(fn: Any, reps: int = 50) -> float:
+    """Milliseconds per replay of `fn` captured in a CUDA graph (after a warm-up)."""
+    from backends.llm_fastdecode import capture_graph
+
+    graph = capture_graph(fn, torch.device("cuda"))[0]
+    if graph is None:
+        return float("nan")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@torch.no_grad()
+def step_breakdown(decoder: Any) -> dict:
+    """GPU time of one decode step against its int4 matmuls alone (the floor the glue ops add to), CUDA only."""
+    d = decoder
+    h = torch.randn((1, d.model.config.hidden_size), device=d.device, dtype=d.dtype)
+    act = torch.randn((1, d.layers[0].down.in_features), device=d.device, dtype=d.dtype)
+
+    def matmuls() -> None:
+        for layer in d.layers:
+            layer.qkv(h), layer.o(h), layer.gate_up(h), layer.down(act)
+        d.model.lm_head(h)
+
+    def layers_without_head() -> None:
+        d._forward(d.ids_buf, d.pos_buf, prefill=False)
+
+    return {
+        "step_ms": _replay_ms(d._step_body),
+        "int4_matmuls_ms": _replay_ms(matmuls),
+        "step_without_lm_head_ms": _replay_ms(layers_without_head),
+    }
