@@ -42,7 +42,9 @@ def stats_line(stats: Any) -> str:
         return ""
     speed = f" · {stats.decode_tokens_per_s:.1f} tok/s" if stats.decode_tokens_per_s else ""
     first = f" · first token {stats.ttft_s:.2f} s" if stats.ttft_s else ""
-    return f"{stats.new_tokens} tokens{speed}{first} · decoder: {stats.decoder} · finished: {stats.finish_reason}"
+    weights = f" · weights: {stats.weights}" if getattr(stats, "weights", "") else ""
+    return (f"{stats.new_tokens} tokens{speed}{first}{weights} · decoder: {stats.decoder} · "
+            f"finished: {stats.finish_reason}")  # fmt: skip
 
 
 def model_choices(backend: Any) -> list[tuple[str, str]]:
@@ -65,7 +67,7 @@ def export_conversation(ctx: StudioContext, history: list[dict[str, str]], fmt: 
 def build(ctx: StudioContext) -> None:
     import gradio as gr
 
-    backend = ctx.backends.get("llm")
+    backend = ctx.backends.llm
     cfg = backend.config
     cancel_flags: dict[str, threading.Event] = {}  # per browser session
 

@@ -1,4 +1,4 @@
-"""int4 chat weights (backends/llm_int4.py) and the fused int4 decoder (backends/llm_compact.py) on the CPU kernel.
+"""int4 chat weights (backends/llm/int4.py) and the fused int4 decoder (backends/llm/compact.py) on the CPU kernel.
 
 The CPU has torch's int4 kernel too (`_weight_int4pack_mm_for_cpu`), so the format, the loader, the decoder and the
 Chat path are all exercised here; the CUDA-only parts (Triton glue, CUDA graph, pinned swaps) are `gpu` tests and
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from backends.llm_compact import FusedInt4Decoder, fused_layers
-from backends.llm_int4 import (
+from backends.llm.compact import FusedInt4Decoder, fused_layers
+from backends.llm.int4 import (
     Int4Linear,
     Int4Part,
     config_supported,
@@ -120,7 +120,7 @@ def test_fused_decoder_matches_the_models_own_forward(tiny_int4):
 
 
 def test_precision_policy(tmp_path):
-    from backends.llm_models import choose_precision
+    from backends.llm.models import choose_precision
     from studio.safety import WeightsError
 
     folder = _tiny_llama_folder(tmp_path / "t")
@@ -143,10 +143,13 @@ def test_chat_uses_the_fused_decoder_and_shows_the_format(llm_ctx, smol_folder):
     from backends.llm import GenerationOptions
 
     *_, fast = backend.chat(msgs, GenerationOptions(temperature=0.0, max_new_tokens=12))
-    assert fast.stats.decoder == "int4 · int4 fused (torch, no graph)"
+    assert fast.stats.decoder == "int4 fused (torch, no graph)" and fast.stats.weights == "int4"
+    from tabs.chat import stats_line
+
+    assert "weights: int4 · decoder: int4 fused" in stats_line(fast.stats)
     backend.configure(fast_decode=False)
     *_, plain = backend.chat(msgs, GenerationOptions(temperature=0.0, max_new_tokens=12))
-    assert plain.stats.decoder == "int4 · eager" and plain.text == fast.text
+    assert plain.stats.decoder == "eager" and plain.text == fast.text
     adapter = _lora_adapter(llm_ctx.settings.models_dir / "tiny-int4", llm_ctx.settings.data_dir / "int4-lora")
     with pytest.raises(AdapterError, match="nf4"):
         backend.attach_adapter(adapter)
@@ -164,7 +167,7 @@ def _lora_adapter(base_folder: Path, out: Path) -> Path:
 @pytest.mark.slow
 def test_triton_kernels_match_torch_in_the_interpreter():
     """The Triton glue kernels, run by Triton's CPU interpreter (fp32: the interpreter mishandles bf16 dots)."""
-    code = "import torch; from backends.llm_kernels import TritonOps, check_ops; print(check_ops(TritonOps, 'cpu', torch.float32))"
+    code = "import torch; from backends.llm.kernels import TritonOps, check_ops; print(check_ops(TritonOps, 'cpu', torch.float32))"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -27,26 +27,17 @@ from typing import Any
 
 import torch
 
-from studio.bench.llm import (
-    GB,
-    LLAMA_8B,
-    TINY,
-    build_nf4_llama,
-    bytes_per_token,
-    copy_bandwidth,
-    measure,
-    run_generate,
-    run_ours,
-    write_result,
-)
+from studio.bench.common import Target, machine_info, targets_table, write_results
+from studio.bench.llm import bytes_per_token, copy_bandwidth, measure
 from studio.bench.llm_int4_checks import step_breakdown, swap_check, teacher_forced_agreement
+from studio.bench.llm_models import GB, LLAMA_8B, TINY, build_nf4_llama, first_mismatch, run_generate, run_ours
 
 GOAL_TOK_S, GOAL_VRAM_GB = 300.0, 7.0
 
 
 def random_llama_tensors(config: Any, device: str, seed: int = 0):
     """(checkpoint key, bf16 tensor) of a random Llama, one at a time, as a safetensors stream would give them."""
-    from backends.llm_int4 import meta_model
+    from backends.llm.int4 import meta_model
 
     gen = torch.Generator(device=device).manual_seed(seed)
     for key, p in meta_model(config, torch.bfloat16).state_dict().items():
@@ -61,7 +52,7 @@ def build_int4_llama(cfg_kwargs: dict, device: str, dtype: torch.dtype) -> tuple
     """Random Llama quantised to int4 on the way in (the loader's own streaming path); load time and peak."""
     from transformers import LlamaConfig
 
-    from backends.llm_int4 import meta_model, quantize_stream
+    from backends.llm.int4 import meta_model, quantize_stream
 
     config = LlamaConfig(**cfg_kwargs)
     if device == "cuda":
@@ -94,8 +85,8 @@ def _sync(device: str) -> None:
 
 
 def int4_section(args: argparse.Namespace, device: str, cfg: dict, ids: torch.Tensor, new: int, out: dict) -> None:
-    from backends.llm_compact import FusedInt4Decoder
-    from backends.llm_kernels import TorchOps, check_ops, pick_ops
+    from backends.llm.compact import FusedInt4Decoder
+    from backends.llm.kernels import TorchOps, check_ops, pick_ops
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, load = build_int4_llama(cfg, device, dtype)
@@ -103,7 +94,7 @@ def int4_section(args: argparse.Namespace, device: str, cfg: dict, ids: torch.Te
     print("int4 model:", load, flush=True)
     out["kernel_check"] = pick_ops(torch.device(device), dtype)[1]
     if device == "cuda":
-        from backends.llm_kernels import TritonOps
+        from backends.llm.kernels import TritonOps
 
         out["kernel_check_rel_err"] = check_ops(TritonOps, device, dtype)
     out["bytes_per_token_int4_GB"] = bytes_per_token(model, ids.shape[1] + new // 2) / GB
@@ -129,7 +120,7 @@ def int4_section(args: argparse.Namespace, device: str, cfg: dict, ids: torch.Te
         out["step_breakdown"] = step_breakdown(dec)
         print("step breakdown:", out["step_breakdown"], flush=True)
     out["teacher_forced_int4"] = teacher_forced_agreement(model, dec, ids, plain_tokens[:64])
-    out["greedy_leading_equal_int4_ours_vs_plain"] = _leading(ours_tokens, plain_tokens)
+    out["greedy_leading_equal_int4_ours_vs_plain"] = first_mismatch(ours_tokens, plain_tokens)
     factory = lambda n: FusedInt4Decoder(model, n)  # noqa: E731
     out["ttft_int4"] = {str(n): time_prefill(factory, cfg["vocab_size"], n, device) for n in args.ttft}
     dec = None
@@ -152,14 +143,14 @@ def compile_row(cfg: dict, ids: torch.Tensor, new: int, out: dict) -> None:
                               lambda: run_generate(model, ids, new, cache_implementation="static"), device)  # fmt: skip
         row["first_call_s"] = time.perf_counter() - t0 - row["total_s"]
         out["rows"].append(row)
-        out["greedy_leading_equal_int4_compile_vs_plain"] = _leading(tokens, plain)
+        out["greedy_leading_equal_int4_compile_vs_plain"] = first_mismatch(tokens, plain)
     except Exception as e:  # report, keep the rest of the run
         out["compile_row_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print("compile row failed:", out["compile_row_error"], flush=True)
 
 
 def nf4_section(args: argparse.Namespace, cfg: dict, ids: torch.Tensor, new: int, out: dict) -> None:
-    from backends.llm_fastdecode import StaticDecoder
+    from backends.llm.fastdecode import StaticDecoder
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -180,33 +171,26 @@ def nf4_section(args: argparse.Namespace, cfg: dict, ids: torch.Tensor, new: int
     torch.cuda.empty_cache()
 
 
-def _leading(a: list[int], b: list[int]) -> int:
-    from studio.bench.llm import first_mismatch
-
-    return first_mismatch(a, b)
-
-
 def targets(out: dict) -> list[dict]:
     rows = {r["method"]: r for r in out["rows"]}
     ours = rows.get("int4: ours, fused decoder", {})
     t = [
-        {"name": "int4 fused decode, 512-token prompt, 256 new", "value": ours.get("decode_tok_s"),
-         "goal": GOAL_TOK_S, "unit": "tok/s"},
-        {"name": "peak VRAM while decoding (int4)", "value": ours.get("peak_vram_gb"), "goal": GOAL_VRAM_GB,
-         "unit": "GB", "le": True},
-        {"name": "peak VRAM while quantising on load (int4)", "value": out["int4_load"].get("load_peak_gb"),
-         "goal": 12 * 2**30 / GB, "unit": "GB", "le": True},
-    ]  # fmt: skip
-    if "ttft_nf4" in out:
-        for n in out["ttft_int4"]:
-            t.append({"name": f"time to first token, {n}-token prompt, int4 (goal: no worse than nf4)",
-                      "value": out["ttft_int4"][n], "goal": out["ttft_nf4"][n], "unit": "s", "le": True})  # fmt: skip
-    t.append({"name": "logits identical after a pinned-RAM swap", "value": float(out["swap_int4"]["identical"]),
-              "goal": 1.0, "unit": "bool"})  # fmt: skip
-    for x in t:
-        v = x["value"]
-        x["met"] = v is not None and (v <= x["goal"] if x.pop("le", False) else v >= x["goal"])
-    return t
+        Target("int4 fused decode, 512-token prompt, 256 new", ours.get("decode_tok_s"), GOAL_TOK_S, "tok/s"),
+        Target("peak VRAM while decoding (int4)", ours.get("peak_vram_gb"), GOAL_VRAM_GB, "GB", False),
+        Target(
+            "peak VRAM while quantising on load (int4), under the 12 GiB cap",
+            out["int4_load"].get("load_peak_gb"),
+            round(12 * 2**30 / GB, 2),
+            "GB",
+            False,
+        ),
+        Target("logits identical after a pinned-RAM swap", float(out["swap_int4"]["identical"]), 1.0, "bool"),
+    ]
+    for n, value in out["ttft_int4"].items():
+        nf4 = out.get("ttft_nf4", {}).get(n)  # today's path, same run: the goal is to be no slower
+        t.append(Target(f"time to first token, {n}-token prompt, int4 (goal: nf4's)", value,
+                        round(nf4, 4) if nf4 else float("nan"), "s", False))  # fmt: skip
+    return [x.as_dict() for x in t]
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -220,6 +204,7 @@ def bench(args: argparse.Namespace) -> dict:
         args.ttft = [64, 256]
     ids = torch.randint(3, cfg["vocab_size"], (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
     result = {
+        **machine_info("torch", "transformers", "bitsandbytes", "triton"),
         "benchmark": "llm decode, int4 (issue 18)", "device": device,
         "vram_cap_gb": args.vram_cap_gb if device == "cuda" else None,
         "model": "Llama-3.1-8B architecture, random weights" if not args.quick else "tiny Llama (CPU check)",
@@ -230,16 +215,23 @@ def bench(args: argparse.Namespace) -> dict:
     if device == "cuda":
         nf4_section(args, cfg, ids, new, result)
     result["targets"] = targets(result)
-    write_result(args.out, result, "llm-int4", markdown)  # saved before the slow compile row, which may not end
+    _save(args.out, result)  # before the slow compile row, which may not end in time
     if device == "cuda" and args.compile_row and time.perf_counter() - args.t0 < args.compile_budget_s:
         compile_row(cfg, ids, new, result)
-        write_result(args.out, result, "llm-int4", markdown)
+        _save(args.out, result)
     return result
+
+
+def _save(out: Path | None, result: dict) -> None:
+    md = markdown(result)
+    print(md, flush=True)
+    if out:
+        write_results(out, "llm-int4", result, md)
 
 
 def markdown(r: dict) -> str:
     lines = [
-        f"# Chat decode, int4 vs nf4 vs transformers ({r['machine']}, {r['date']})",
+        f"# Chat decode, int4 vs nf4 vs transformers ({r.get('gpu') or r.get('cpu')}, {r['date']})",
         "",
         f"`{r['command']}` - {r['model']}; batch 1, {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, "
         f"greedy; VRAM cap {r['vram_cap_gb']} GB; {r['versions']}.",
@@ -272,14 +264,7 @@ def markdown(r: dict) -> str:
             v = r[key]
             lines.append(f"- {key}: argmax agrees {v['argmax_agree'] * 100:.0f}%, max |diff| "
                          f"{v['max_abs_diff_over_std']:.3f} std, mean {v['mean_abs_diff_over_std']:.4f} std")  # fmt: skip
-    lines += [
-        "",
-        "| target | value | goal | met |",
-        "|---|---|---|---|",
-    ]
-    for t in r["targets"]:
-        v = "-" if t["value"] is None else f"{t['value']:.3g}"
-        lines.append(f"| {t['name']} | {v} {t['unit']} | {t['goal']:.3g} | {'yes' if t['met'] else 'no'} |")
+    lines += ["", targets_table(r["targets"])]
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,7 @@ def teacher_forced_agreement(model: Any, decoder: Any, ids: torch.Tensor, forced
 
 @torch.no_grad()
 def _logits(model: Any, ids: torch.Tensor, steps: int = 4) -> torch.Tensor:
-    from backends.llm_compact import FusedInt4Decoder
+    from backends.llm.compact import FusedInt4Decoder
 
     dec = FusedInt4Decoder(model, ids.shape[1] + steps + 8)
     rows = [dec.prefill(ids).clone()]
@@ -53,7 +53,7 @@ def swap_check(model: Any, ids: torch.Tensor, device: str) -> dict:
 
 def _replay_ms(fn: Any, reps: int = 50) -> float:
     """Milliseconds per replay of `fn` captured in a CUDA graph (after a warm-up)."""
-    from backends.llm_fastdecode import capture_graph
+    from backends.llm.fastdecode import capture_graph
 
     graph = capture_graph(fn, torch.device("cuda"))[0]
     if graph is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from studio.bench.llm import write_result
+from studio.bench.common import Target, machine_info, targets_table, write_results
 
 
 def shipped_text() -> tuple[str, str]:
@@ -30,7 +30,7 @@ def shipped_text() -> tuple[str, str]:
 
 def smollm2_folder() -> Path:
     """The converted SmolLM2 safetensors folder (converted once from the shipped GGUF, as the Chat tab does)."""
-    from backends.llm_models import converted_dir, ensure_converted
+    from backends.llm.models import converted_dir, ensure_converted
     from studio.catalog import Catalog
     from studio.settings import Settings
 
@@ -54,7 +54,7 @@ def perplexity(model: Any, ids: torch.Tensor, window: int) -> float:
 
 @torch.no_grad()
 def agreement(model: Any, ids: torch.Tensor, prompt: int, steps: int) -> float:
-    from backends.llm_compact import FusedInt4Decoder
+    from backends.llm.compact import FusedInt4Decoder
 
     dec = FusedInt4Decoder(model, prompt + steps + 8)
     ref = model(ids[:, : prompt + steps - 1]).logits[0, prompt - 1 :]
@@ -66,7 +66,7 @@ def agreement(model: Any, ids: torch.Tensor, prompt: int, steps: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backends.llm_int4 import load_int4_causal_lm
+    from backends.llm.int4 import load_int4_causal_lm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(text[20000:], return_tensors="pt").input_ids[:, : args.tokens]  # past the Gutenberg front matter
     full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    result: dict = {"benchmark": "int4 quality, SmolLM2-135M", "device": "cpu", "suffix": "cpu", "text": name,
+    result: dict = {**machine_info("torch", "transformers"), "benchmark": "int4 quality, SmolLM2-135M", "text": name,
                     "tokens": ids.shape[1], "window": args.window, "ppl": {"fp32": perplexity(full, ids, args.window)}}  # fmt: skip
     del full
     for iters in args.hqq_iters:
@@ -92,20 +92,23 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("agreement", {})[key] = agreement(model, ids, 64, 256)
         print(key, result["ppl"][key], result["agreement"][key], flush=True)
     worst = min(result["agreement"].values())
-    result["targets"] = [{"name": "teacher-forced argmax agreement, fused int4 decoder vs plain forward, SmolLM2",
-                          "value": worst, "goal": 0.99, "unit": "fraction", "met": worst >= 0.99}]  # fmt: skip
-    write_result(args.out, result, "llm-int4-quality", markdown)
+    result["targets"] = [Target("teacher-forced argmax agreement, fused int4 decoder vs plain forward, SmolLM2",
+                                worst, 0.99, "fraction").as_dict()]  # fmt: skip
+    md = markdown(result)
+    print(md, flush=True)
+    if args.out:
+        write_results(args.out, "llm-int4-quality", result, md)
     return 0
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# int4 quality on SmolLM2-135M ({r['machine']}, {r['date']})", "",
+    lines = [f"# int4 quality on SmolLM2-135M ({r['cpu']}, {r['date']})", "",
              f"`{r['command']}`: {r['tokens']} tokens of `{r['text']}`, windows of {r['window']}.", "",
              "| weights | perplexity | argmax agreement, fused decoder vs plain forward |", "|---|---|---|"]  # fmt: skip
     for k, v in r["ppl"].items():
         a = r.get("agreement", {}).get(k)
         lines.append(f"| {k} | {v:.3f} | {'-' if a is None else f'{a * 100:.1f}%'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", targets_table(r["targets"])]) + "\n"
 
 
 if __name__ == "__main__":
