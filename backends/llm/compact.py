@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backends.llm.fastdecode import capture_graph, weights_fingerprint
+from backends.llm.fastdecode import GraphStepDecoder
 from backends.llm.int4 import Int4Linear
 from backends.llm.kernels import pick_ops
 
@@ -51,7 +51,7 @@ def fused_layers(model: Any) -> list[_Layer] | None:
     return layers or None
 
 
-class FusedInt4Decoder:
+class FusedInt4Decoder(GraphStepDecoder):
     """Static KV cache of `max_len` slots; the step is the compact forward, captured in a CUDA graph on CUDA."""
 
     def __init__(self, model: Any, max_len: int, *, use_graph: bool = True) -> None:
@@ -59,27 +59,17 @@ class FusedInt4Decoder:
         if layers is None:
             raise ValueError("FusedInt4Decoder needs an int4 Llama model (backends.llm.int4)")
         c = model.config
-        self.model, self.layers, self.max_len = model, layers, max_len
-        emb = model.get_input_embeddings().weight
-        self.device, self.dtype = emb.device, layers[0].qkv.scales_zeros.dtype
+        self._init_step(model, max_len, use_graph, (1,))
+        self.layers = layers
+        self.dtype = layers[0].qkv.scales_zeros.dtype
         self.n_heads, self.n_kv = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
         self.ops, self.ops_note = pick_ops(self.device, self.dtype)
-        self.fingerprint = weights_fingerprint(model)
-        self.use_graph = use_graph and self.device.type == "cuda"
         kv_shape = (len(layers), self.n_kv, max_len, self.head_dim)
         self.k_cache = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
-        self.slots = torch.arange(max_len, device=self.device)
         self.cos, self.sin = self._rope_tables(model)
-        self.ids_buf = torch.zeros((1,), dtype=torch.long, device=self.device)
-        self.pos_buf = torch.zeros((1,), dtype=torch.long, device=self.device)
-        self.logits_buf: torch.Tensor | None = None
-        self.pos = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.graph_error: str | None = None
-        self.capture_s = 0.0
 
     @property
     def name(self) -> str:
@@ -138,22 +128,3 @@ class FusedInt4Decoder:
         if self.logits_buf is None:
             self.logits_buf = torch.empty(logits.shape, dtype=torch.float32, device=self.device)
         self.logits_buf.copy_(logits)
-
-    @torch.no_grad()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        if self.pos >= self.max_len:
-            raise ValueError(f"the static cache of {self.max_len} slots is full")
-        self.ids_buf.copy_(token.reshape(1))
-        self.pos_buf.fill_(self.pos)
-        if self.use_graph and self.graph is None and self.graph_error is None:
-            self.graph, self.graph_error, self.capture_s = capture_graph(self._step_body, self.device)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._step_body()
-        self.pos += 1
-        return self.logits_buf
-
-    def matches(self, model: Any, needed_len: int, *, fingerprint: int | None = None) -> bool:
-        fp = weights_fingerprint(model) if fingerprint is None else fingerprint
-        return model is self.model and fp == self.fingerprint and needed_len <= self.max_len

@@ -152,6 +152,18 @@ def bench(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+def rows_table(rows: list[dict], ratio: str) -> list[str]:
+    """Markdown rows of a decode table; `ratio` names the first row, the one every speed is divided by."""
+    lines = [f"| method | decode tok/s | {ratio} | time to first token | peak VRAM |", "|---|---|---|---|---|"]
+    for row in rows:
+        vram = f"{row['peak_vram_gb']:.2f} GB" if "peak_vram_gb" in row else "-"
+        x = row["decode_tok_s"] / rows[0]["decode_tok_s"]
+        lines.append(
+            f"| {row['method']} | {row['decode_tok_s']:.1f} | {x:.2f}x | {row['ttft_s'] * 1000:.0f} ms | {vram} |"
+        )
+    return lines
+
+
 def markdown(r: dict) -> str:
     lines = [
         f"# LLM decode benchmark ({r['machine']}, {r['date']})",
@@ -159,14 +171,8 @@ def markdown(r: dict) -> str:
         f"`{r['command']}` — {r['model']}; batch 1, {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, "
         f"greedy; VRAM cap {r['vram_cap_gb']} GB; {r['versions']}.",
         "",
-        "| method | decode tok/s | x plain | time to first token | peak VRAM |",
-        "|---|---|---|---|---|",
+        *rows_table(r["rows"], "x plain"),
     ]
-    base = r["rows"][0]["decode_tok_s"]
-    for row in r["rows"]:
-        vram = f"{row['peak_vram_gb']:.2f} GB" if "peak_vram_gb" in row else "-"
-        lines.append(f"| {row['method']} | {row['decode_tok_s']:.1f} | {row['decode_tok_s'] / base:.1f}x | "
-                     f"{row['ttft_s'] * 1000:.0f} ms | {vram} |")  # fmt: skip
     lines += [
         "",
         f"Bandwidth bound: {r['bytes_per_token_GB']:.2f} GB read per token at a measured copy bandwidth of "

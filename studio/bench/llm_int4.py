@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from studio.bench.common import Target, machine_info, targets_table, write_results
-from studio.bench.llm import bytes_per_token, copy_bandwidth, measure
+from studio.bench.llm import bytes_per_token, copy_bandwidth, measure, rows_table
 from studio.bench.llm_int4_checks import step_breakdown, swap_check, teacher_forced_agreement
 from studio.bench.llm_models import GB, LLAMA_8B, TINY, build_nf4_llama, first_mismatch, run_generate, run_ours
 
@@ -236,14 +236,8 @@ def markdown(r: dict) -> str:
         f"`{r['command']}` - {r['model']}; batch 1, {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, "
         f"greedy; VRAM cap {r['vram_cap_gb']} GB; {r['versions']}.",
         "",
-        "| method | decode tok/s | x plain int4 generate | time to first token | peak VRAM |",
-        "|---|---|---|---|---|",
+        *rows_table(r["rows"], "x plain int4 generate"),
     ]
-    base = r["rows"][0]["decode_tok_s"]
-    for row in r["rows"]:
-        vram = f"{row['peak_vram_gb']:.2f} GB" if "peak_vram_gb" in row else "-"
-        lines.append(f"| {row['method']} | {row['decode_tok_s']:.1f} | {row['decode_tok_s'] / base:.2f}x | "
-                     f"{row['ttft_s'] * 1000:.0f} ms | {vram} |")  # fmt: skip
     lines += ["", "| prompt tokens | time to first token, int4 ours | nf4 ours |", "|---|---|---|"]
     for n, s in r["ttft_int4"].items():
         nf4 = r.get("ttft_nf4", {}).get(n)
