@@ -10,7 +10,7 @@ Full run (GPU, 12 GiB cap): a Llama-3.1-8B-architecture model with random weight
   transformers' automatic compile on the int4 model (its own fast path; --no-compile-row skips it).
 Time to first token for 512- and 4,096-token prompts for both of ours. Checks: the Triton kernels against torch,
 teacher-forced argmax agreement of our decoder with the same int4 model's plain forward, and a residency swap
-(GPU -> pinned RAM -> GPU through studio.pinned) giving bit-identical logits.
+(GPU -> pinned RAM -> GPU through studio.residency.pinned) giving bit-identical logits.
 
     python -m studio.bench.llm_int4 --out studio/bench/results/   # GPU
     python -m studio.bench.llm_int4 --quick                       # tiny Llama on CPU (checks the script)

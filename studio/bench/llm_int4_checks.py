@@ -1,7 +1,7 @@
 """Correctness checks of the int4 decode benchmark (studio/bench/llm_int4.py).
 
 - `teacher_forced_agreement`: our fused decoder fed the same tokens as one plain forward of the same int4 model.
-- `swap_check`: the model goes GPU -> pinned RAM -> GPU through the residency manager's own mover (studio.pinned);
+- `swap_check`: the model goes GPU -> pinned RAM -> GPU through the residency manager's own mover (studio.residency.pinned);
   a fresh fused decoder must then give bit-identical logits.
 """
 
@@ -32,8 +32,8 @@ def _logits(model: Any, ids: torch.Tensor, steps: int = 4) -> torch.Tensor:
 
 
 def swap_check(model: Any, ids: torch.Tensor, device: str) -> dict:
-    from studio.accel import CpuAccelerator, CudaAccelerator
-    from studio.pinned import move_down, move_up
+    from studio.residency.accel import CpuAccelerator, CudaAccelerator
+    from studio.residency.pinned import move_down, move_up
 
     accel = CudaAccelerator() if device == "cuda" else CpuAccelerator()
     before = _logits(model, ids)
