@@ -75,7 +75,7 @@ DEFAULT_SPECS: tuple[ModelSpec, ...] = (
         "llama-3.1-8b-instruct",
         "Llama 3.1 8B Instruct",
         hub_id="meta-llama/Llama-3.1-8B-Instruct",
-        precision="nf4",
+        precision="int4 (sm80+; nf4 on older cards)",
         licence="Llama 3.1 Community",
         expected_bytes=16 * GB,
         vram_bytes=int(6.8 * GB),

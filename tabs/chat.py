@@ -41,7 +41,9 @@ def stats_line(stats: Any) -> str:
         return ""
     speed = f" · {stats.decode_tokens_per_s:.1f} tok/s" if stats.decode_tokens_per_s else ""
     first = f" · first token {stats.ttft_s:.2f} s" if stats.ttft_s else ""
-    return f"{stats.new_tokens} tokens{speed}{first} · decoder: {stats.decoder} · finished: {stats.finish_reason}"
+    weights = f" · weights: {stats.weights}" if getattr(stats, "weights", "") else ""
+    return (f"{stats.new_tokens} tokens{speed}{first}{weights} · decoder: {stats.decoder} · "
+            f"finished: {stats.finish_reason}")  # fmt: skip
 
 
 def model_choices(backend: Any) -> list[tuple[str, str]]:

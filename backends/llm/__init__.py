@@ -3,8 +3,10 @@ server, behind one `LLMBackend`.
 
 Modules: backend (LLMBackend: chat streaming, engine choice, adapters), generate (prompt building, sampling, the
 token stream), fastdecode (static KV cache + CUDA-graph decode step), models (finding, converting and loading
-weights), adapters (PEFT adapters in place), remote (the OpenAI-compatible client), tools (tool calling: OpenAI tool
-schemas in, parsed `ToolCall`s out, Hermes/Qwen, Llama 3 and Mistral formats).
+weights), int4 (int4 weights on torch's tinygemm kernel, quantised while loading), int4_prefill (prompts through
+bf16 cuBLAS), compact + kernels (the fused int4 decode step: own Llama forward, Triton glue, one CUDA graph),
+adapters (PEFT adapters in place), remote (the OpenAI-compatible client), tools (tool calling: OpenAI tool schemas
+in, parsed `ToolCall`s out, Hermes/Qwen, Llama 3 and Mistral formats).
 """
 
 from typing import Any
@@ -25,11 +27,33 @@ from backends.llm.remote import EngineError
 from backends.llm.tools import ToolCall, ToolError, ToolsNotSupported, ToolStream, parse_tool_calls
 
 __all__ = [  # the last group: building blocks the VLM package reuses (decoders, token stream, adapters in place)
-    "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "PromptTooLong", "ToolCall", "ToolError", "ToolStream", "ToolsNotSupported",
-    "check_messages", "create", "parse_tool_calls",
-    "AdapterState", "StopTextTracker", "activate", "check_adapter_folder", "decoder_for", "delete_from", "eos_ids",
-    "kv_cache_bytes", "load_into", "loaded_adapters", "stream_tokens",
+    "AdapterError",
+    "AdapterState",
+    "ChatUpdate",
+    "EngineError",
+    "GenerationOptions",
+    "GenerationStats",
+    "LLMBackend",
+    "LLMConfig",
+    "ModelNotAvailable",
+    "PromptTooLong",
+    "StopTextTracker",
+    "ToolCall",
+    "ToolError",
+    "ToolStream",
+    "ToolsNotSupported",
+    "activate",
+    "check_adapter_folder",
+    "check_messages",
+    "create",
+    "decoder_for",
+    "delete_from",
+    "eos_ids",
+    "kv_cache_bytes",
+    "load_into",
+    "loaded_adapters",
+    "parse_tool_calls",
+    "stream_tokens",
 ]  # fmt: skip
 
 

@@ -2,8 +2,10 @@
 
 `chat()` streams `ChatUpdate`s and stops within one token of `cancel` being set; `complete()` is the blocking
 helper other capabilities use (e.g. ASR post-editing). On CUDA the decode step runs as a CUDA graph over a static
-KV cache (backends/llm/fastdecode.py), with nf4 weights for models above ~3B parameters; on CPU a plain dynamic-cache
-loop runs in fp32. Prompts longer than the context are trimmed from the oldest turns with a note (generate.py).
+KV cache (backends/llm/fastdecode.py); models above ~3B parameters load as int4 where the kernel runs (sm80+,
+Llama architecture: the fused int4 decoder of backends/llm/compact.py) and as nf4 elsewhere; on CPU a plain
+dynamic-cache loop runs in fp32. The weight format is shown in the reply's stats line (`stats.weights`). Prompts
+longer than the context are trimmed from the oldest turns with a note (generate.py).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "openai")
 ROLES = ("system", "user", "assistant", "tool")
-PRECISIONS = ("auto", "nf4", "16bit")
+PRECISIONS = ("auto", "int4", "nf4", "16bit")
 __all__ = [
     "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
     "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "check_messages", "create",
@@ -70,7 +72,7 @@ class LLMConfig:
     api_key: str = field(default="", repr=False)
     max_context_tokens: int = 4096  # also bounds the KV cache, so a long chat can never run out of memory
     fast_decode: bool = True  # CUDA-graph decoding on GPU (falls back by itself when capture fails)
-    precision: str = "auto"  # "auto": nf4 above ~3B params on CUDA; "nf4" or "16bit" to force (CPU is always fp32)
+    precision: str = "auto"  # "auto": int4 (sm80+, Llama) or nf4 above ~3B params on CUDA; or force one of PRECISIONS
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -314,6 +316,8 @@ class LLMBackend:
 
     def _generate_local(self, c: LLMConfig, src, tok, prompt, opts, cancel, prefix: str, tools: ToolStream | None):
         """Lease the model, build the prompt within its context, stream tokens; tool text goes through `tools`."""
+        from backends.llm.int4 import weight_format
+
         working = kv_cache_bytes(self.model_folder(src), c.max_context_tokens)
         with self._generation_slot(), self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
@@ -340,6 +344,7 @@ class LLMBackend:
                         "the context length, or free the GPU in the GPU tab."
                     ) from None
                 raise
+            stats.weights = weight_format(model)
             self.last_decoder = stats.decoder
             calls: list[ToolCall] = []
             if tools is not None:
@@ -362,16 +367,19 @@ class LLMBackend:
             self._lock.release(token)
 
     def _get_decoder(self, key: str, model: Any, needed: int, limit: int, fast: bool = True) -> Any:
+        from backends.llm.compact import FusedInt4Decoder, fused_layers
         from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
 
-        if model_device(model).type != "cuda" or not fast:
+        int4 = fused_layers(model) is not None  # the fused decoder runs on any device the int4 kernel runs on
+        if not fast or (model_device(model).type != "cuda" and not int4):
             return EagerDecoder(model)
         version = self._adapters.get(key, AdapterState()).version
         d = self._decoder
         if d is not None and self._decoder_key == (key, version) and d.matches(model, needed):
             return d
         self._decoder = None  # free the old cache/graph before building the new one
-        self._decoder = StaticDecoder(model, bucket_len(needed, limit), use_graph=True)
+        n = bucket_len(needed, limit)
+        self._decoder = FusedInt4Decoder(model, n) if int4 else StaticDecoder(model, n, use_graph=True)
         self._decoder_key = (key, version)
         return self._decoder
 
@@ -409,6 +417,10 @@ class LLMBackend:
         with self._lock:
             state = self._adapters.setdefault(src.key, AdapterState())
             with self.ctx.residency.use(src.key) as model:
+                from backends.llm.int4 import weight_format
+
+                if weight_format(model) == "int4":
+                    raise AdapterError("LoRA adapters need the nf4 or 16-bit weights: set the chat precision to nf4.")
                 self._apply_adapters(src.key, model)
                 delete_from(model, name)  # re-attaching a name replaces it
                 previous = state.active

@@ -66,6 +66,7 @@ class GenerationStats:
     total_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stop_string" | "cancelled"
     decoder: str = ""
+    weights: str = ""  # the model's weight format ("int4", "nf4", "bfloat16", ...), shown in the Chat stats line
     notes: list[str] = field(default_factory=list)
 
 
