@@ -220,14 +220,13 @@ class AsrBackend:
         return self.diarizer.tracker()
 
     def _diarize(self, transcript: Transcript, tracker, diarize: DiarizeOptions, path: str | Path) -> None:
-        from backends.diarize import assign_speakers
+        from backends.diarize import assign_speakers, number_speakers
 
         if tracker is not None:
             turns = tracker.finish(diarize.num_speakers, diarize.max_speakers)
         else:
             turns = self.diarizer.diarize(path, diarize)
-        transcript.speakers = turns
-        transcript.segments = assign_speakers(transcript.segments, turns)
+        transcript.segments, transcript.speakers = number_speakers(assign_speakers(transcript.segments, turns), turns)
         n = len({t.speaker for t in turns})
         transcript.notes.append(f"diarization ({diarize.engine}): {n} speaker(s)")
 
