@@ -66,6 +66,8 @@ def read_ct2(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         rank = take("<B")[0]
         shape = take(f"<{rank}I") if rank else ()
         dtype, nbytes = DTYPES[take("<B")[0]], take("<I")[0]
+        if pos + nbytes > len(data):
+            raise ConversionError(f"{path}: truncated inside {key!r} (file has {len(data)} bytes)")
         raw = data[pos : pos + nbytes]
         pos += nbytes
         if dtype == "bfloat16":  # numpy has no bfloat16: the high half of a float32
