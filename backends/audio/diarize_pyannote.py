@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.audio_io import SAMPLE_RATE, load_pcm
-from backends.diarize import DiarizeOptions, SpeakerTurn
+from backends.audio.pcm import SAMPLE_RATE, load_pcm
+from backends.audio.types import DiarizeOptions, SpeakerTurn
 
 if TYPE_CHECKING:
-    from studio.context import StudioContext
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class PyannoteLoader:
         """Dropped by the manager; nothing else to free."""
 
 
-def pipeline_folder(ctx: StudioContext, source: str) -> Path:
+def pipeline_folder(ctx: Services, source: str) -> Path:
     """A catalog id ("pyannote-diarization-3.1") that was downloaded, or a folder holding config.yaml."""
     try:
         spec = ctx.catalog.get(source)
@@ -90,7 +90,7 @@ def run_pipeline(pipeline: Any, pcm: np.ndarray, num_speakers: int | None = None
     return sorted(turns, key=lambda t: (t.start, t.end))
 
 
-def diarize_with_pyannote(ctx: StudioContext, path: str | Path, opts: DiarizeOptions) -> list[SpeakerTurn]:
+def diarize_with_pyannote(ctx: Services, path: str | Path, opts: DiarizeOptions) -> list[SpeakerTurn]:
     if not opts.trust_pickles:
         raise PermissionError(
             "pyannote loads its checkpoints as pickles, which can run code. Tick 'I trust this pipeline' only for "

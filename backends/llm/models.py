@@ -17,9 +17,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from studio.safety import WeightsError, atomic_folder, check_weights_file, contained_path, safetensors_numel
+
+if TYPE_CHECKING:
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class ModelSource:
         return self.path.suffix.lower() == ".gguf"
 
 
-def resolve_source(ctx: Any, model_id: str) -> ModelSource:
+def resolve_source(ctx: Services, model_id: str) -> ModelSource:
     """Catalog id, or a folder name under models_dir -> ModelSource; clear errors for anything absent."""
     if not model_id or "\x00" in model_id:
         raise ModelNotAvailable(f"Invalid model id {model_id!r}: pick a chat model from the list.")

@@ -53,7 +53,8 @@ def _file_hash(path: Path) -> str:
 
 def export_onnx(backend: Any, entry: Any, imgsz: int = 640) -> Path:
     """Export `entry` (a DetectorModel with weights) to ONNX (fp32, static batch 1); cached by content hash."""
-    from backends.detection import DetectionError, prepare_ultralytics
+    from backends.vision.types import DetectionError
+    from backends.vision.yolo import prepare_ultralytics
 
     if entry.path is None:
         raise DetectionError(f"{entry.title} has no weights (untrained, built from yaml); train it first, then export.")

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from backends.rag_chunk import Chunk, ChunkOptions, chunk_document
-from backends.rag_ingest import FoundFile, SkipFile, discover, read_document
-from backends.rag_store import Store
+from backends.rag.chunk import Chunk, ChunkOptions, chunk_document
+from backends.rag.ingest import FoundFile, SkipFile, discover, read_document
+from backends.rag.store import Store
 
 log = logging.getLogger(__name__)
 MAX_NOTES = 200

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from backends.asr import Segment
+    from backends.audio.types import Segment
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ def read_lora(path: Path, arch: str, unet_config: dict[str, Any]) -> LoraFile:
     """Read and check a LoRA file against a model (its architecture and UNet config)."""
     from diffusers.configuration_utils import FrozenDict
 
-    from backends.diffusion_tiny import pipeline_class
+    from backends.image.tiny import pipeline_class
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -110,7 +110,7 @@ def _loaded_adapters(module: Any) -> set[str]:
 
 
 def _inject(module: Any, component: str, lora: LoraFile, arch: str) -> None:
-    from backends.diffusion_tiny import pipeline_class
+    from backends.image.tiny import pipeline_class
 
     cls = pipeline_class(arch)
     sd = dict(lora.state_dict)

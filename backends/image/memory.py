@@ -119,28 +119,6 @@ def plan_memory(
     )
 
 
-def gpu_budget_bytes(residency: Any, vram_cap_gb: float | None) -> int | None:
-    """Bytes the studio may use on the GPU now, or None on a CPU-only machine.
-
-    Read from the residency manager's snapshot when it reports a budget, else from CUDA's free memory plus what
-    the studio itself holds, capped by the user's VRAM cap.
-    """
-    if getattr(residency, "device", "cpu") != "cuda":
-        return None
-    snap = residency.snapshot()
-    for attr in ("capacity_bytes", "budget_bytes"):
-        value = getattr(snap, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    import torch
-
-    free, total = torch.cuda.mem_get_info()
-    budget = free + torch.cuda.memory_reserved()
-    if vram_cap_gb:
-        budget = min(budget, int(vram_cap_gb * 1e9))
-    return min(budget, total)
-
-
 def decode_latents(vae: Any, latents: Any, plan: MemoryPlan) -> Any:
     """VAE decode to a (N, 3, H, W) tensor in [-1, 1]; falls back to tiles after a CUDA out-of-memory error."""
     import torch

@@ -1,12 +1,12 @@
 """Speech to text with faster-whisper (CTranslate2), streamed, through the residency manager.
 
-`AsrBackend.stream(path, opts)` is a generator of `AsrUpdate`s: the file is decoded in chunks (backends.audio_io),
+`AsrBackend.stream(path, opts)` is a generator of `AsrUpdate`s: the file is decoded in chunks (backends.audio.pcm),
 cut into speech windows of at most 28 s by the streaming VAD (or fixed windows with VAD off), and each window is
 transcribed under a residency lease (`residency.run`, so a CUDA OOM is retried once). Segments are yielded as each
 window finishes; memory stays bounded by one window whatever the file's length. Cancel is cooperative: the
 `should_stop` callable is polled between chunks, windows and segments, and the last update carries everything
 transcribed so far. With diarization on, speaker embeddings are taken per window while transcribing and the
-speakers are assigned to segments and words at the end (backends.diarize).
+speakers are assigned to segments and words at the end (backends.audio.diarize).
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.asr_models import ModelMissing, WhisperLoader, register_vad
-from backends.audio_io import SAMPLE_RATE, DecodeStats, iter_pcm, mark_last, probe
-from backends.vad import FixedWindows, SpeechWindow, SpeechWindows, VadConfig
+from backends.audio.models import ModelMissing, WhisperLoader, register_vad
+from backends.audio.pcm import SAMPLE_RATE, DecodeStats, iter_pcm, mark_last, probe
+from backends.audio.types import DiarizeOptions, Segment, Transcript, Word
+from backends.audio.vad import FixedWindows, SpeechWindow, SpeechWindows, VadConfig
 
 if TYPE_CHECKING:
-    from backends.diarize import DiarizeOptions, SpeakerTurn
-    from studio.context import StudioContext
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -66,41 +66,6 @@ class TranscribeOptions:
 
 
 @dataclass(frozen=True)
-class Word:
-    start: float
-    end: float
-    text: str
-    probability: float
-    speaker: str | None = None
-
-
-@dataclass(frozen=True)
-class Segment:
-    start: float
-    end: float
-    text: str
-    words: tuple[Word, ...] = ()
-    speaker: str | None = None
-    avg_logprob: float = 0.0
-    no_speech_prob: float = 0.0
-
-
-@dataclass
-class Transcript:
-    segments: list[Segment]
-    language: str | None
-    duration_s: float
-    model_id: str
-    speakers: list[SpeakerTurn] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # skipped damaged packets, diarization engine, ...
-    cancelled: bool = False
-
-    @property
-    def text(self) -> str:
-        return " ".join(s.text.strip() for s in self.segments if s.text.strip())
-
-
-@dataclass(frozen=True)
 class AsrUpdate:
     new_segments: tuple[Segment, ...]
     position_s: float  # audio decoded so far
@@ -117,7 +82,7 @@ class AsrUpdate:
 
 
 class AsrBackend:
-    def __init__(self, ctx: StudioContext) -> None:
+    def __init__(self, ctx: Services) -> None:
         self.ctx = ctx
         self._diarizer = None
 
@@ -125,7 +90,7 @@ class AsrBackend:
     def diarizer(self):
         """The diarization backend (built on first use; it shares this context's residency manager)."""
         if self._diarizer is None:
-            from backends.diarize import DiarizeBackend
+            from backends.audio.diarize import DiarizeBackend
 
             self._diarizer = DiarizeBackend(self.ctx)
         return self._diarizer
@@ -220,7 +185,7 @@ class AsrBackend:
         return self.diarizer.tracker()
 
     def _diarize(self, transcript: Transcript, tracker, diarize: DiarizeOptions, path: str | Path) -> None:
-        from backends.diarize import assign_speakers, number_speakers
+        from backends.audio.diarize import assign_speakers, number_speakers
 
         if tracker is not None:
             turns = tracker.finish(diarize.num_speakers, diarize.max_speakers)
@@ -339,7 +304,7 @@ def _segment(seg: Any, offset: float, keep_words: bool) -> Segment:
 class _lease:
     """`residency.use(key)` when a key is given, else a no-op context yielding None."""
 
-    def __init__(self, ctx: StudioContext, key: str | None) -> None:
+    def __init__(self, ctx: Services, key: str | None) -> None:
         self._cm = ctx.residency.use(key) if key else None
 
     def __enter__(self) -> Any:
@@ -350,5 +315,5 @@ class _lease:
             self._cm.__exit__(*exc)
 
 
-def create(ctx: StudioContext) -> AsrBackend:
+def create(ctx: Services) -> AsrBackend:
     return AsrBackend(ctx)

@@ -12,7 +12,7 @@ import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
-from backends.asr import Segment, Transcript
+from backends.audio.types import Segment, Transcript
 from studio.safety import atomic_write_text, contained_path, safe_filename
 
 FORMATS = ("txt", "srt", "vtt", "json")

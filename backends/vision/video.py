@@ -26,7 +26,7 @@ MAX_FRAMES = 200_000  # about 2 hours at 25 fps
 def _open(path: Path) -> tuple[Any, float, int, int, int]:
     import cv2
 
-    from backends.detection import DetectionError
+    from backends.vision.types import DetectionError
 
     if not path.is_file():
         raise DetectionError(f"Video not found: {path}")
@@ -77,7 +77,7 @@ def annotate_video(
     """Yield VideoProgress after each chunk; the last one has `output` (WebM) and `json_path` set."""
     import cv2
 
-    from backends.detection import DetectionError, VideoProgress
+    from backends.vision.types import DetectionError, VideoProgress
 
     if stride < 1 or chunk < 1:
         raise DetectionError(f"frame stride and chunk must be >= 1, got {stride} and {chunk}")

@@ -6,7 +6,7 @@ One request runs in three stages, each holding residency leases only on what it 
    one out-of-memory retry by the manager (`residency.run`);
 3. decode: lease the VAE, decode (tiled when the memory plan says so, or after an out-of-memory error).
 So when the GPU budget is short the manager can park the text encoders in pinned RAM while the UNet stays resident
-(see backends/diffusion_memory.py for the plan). Nothing here moves a model between devices.
+(see backends/image/memory.py for the plan). Nothing here moves a model between devices.
 
 Images are saved as PNGs carrying their parameters under `outputs_dir/images/<date>/`; the same seed and settings
 give the same image. The offline default model is an untrained demo pipeline; results say so (`result.demo`).
@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backends.diffusion_lora import LoraError, LoraFile, activate_loras, read_lora
-from backends.diffusion_memory import MemoryPlan, decode_latents, gpu_budget_bytes, plan_memory
-from backends.diffusion_models import (
+from backends.image.lora import LoraError, LoraFile, activate_loras, read_lora
+from backends.image.memory import MemoryPlan, decode_latents, plan_memory
+from backends.image.models import (
     TEXT_COMPONENTS,
     ComponentLoader,
     ModelNotAvailable,
@@ -35,8 +35,8 @@ from backends.diffusion_models import (
     load_cpu_parts,
     resolve_source,
 )
-from backends.diffusion_png import IMAGES_SUBDIR, GalleryItem, list_gallery, save_png
-from backends.diffusion_request import (
+from backends.image.png import IMAGES_SUBDIR, GalleryItem, list_gallery, save_png
+from backends.image.request import (
     SCHEDULERS,
     GeneratedImage,
     GenerateRequest,
@@ -46,6 +46,9 @@ from backends.diffusion_request import (
     RequestError,
     load_image,
 )
+
+if TYPE_CHECKING:
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ class LoadedModel:
 
 
 class DiffusionBackend:
-    def __init__(self, ctx: Any, config: DiffusionConfig | None = None) -> None:
+    def __init__(self, ctx: Services, config: DiffusionConfig | None = None) -> None:
         self._ctx = ctx
         self.config = config or DiffusionConfig()
         self._models: dict[str, LoadedModel] = {}
@@ -188,7 +191,8 @@ class DiffusionBackend:
                 self._training.discard(rec.source.id)
 
     def plan(self, rec: LoadedModel, req: GenerateRequest) -> MemoryPlan:
-        budget = gpu_budget_bytes(self._ctx.residency, self._ctx.settings.vram_cap_gb)
+        residency = self._ctx.residency
+        budget = residency.capacity_bytes() if residency.device == "cuda" else None  # None: RAM is the limit
         return plan_memory(
             rec.component_bytes,
             width=req.width,
@@ -439,5 +443,5 @@ def _keep_dtype(vae: Any) -> Iterator[None]:
             vae.to(dtype=dtype)
 
 
-def create(ctx: Any) -> DiffusionBackend:
+def create(ctx: Services) -> DiffusionBackend:
     return DiffusionBackend(ctx)

@@ -14,11 +14,15 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backends.detection import RUN_KIND, DetectionError, DetectorModel, prepare_ultralytics
-from backends.yolo_data import DatasetError, DatasetReport, ZipLimits, safe_extract_zip, validate_dataset
-from backends.yolo_data import write_training_yaml as _write_yaml
+from backends.vision.data import DatasetError, DatasetReport, ZipLimits, safe_extract_zip, validate_dataset
+from backends.vision.data import write_training_yaml as _write_yaml
+from backends.vision.types import RUN_KIND, DetectionError, DetectorModel
+from backends.vision.yolo import prepare_ultralytics
+
+if TYPE_CHECKING:
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 GB = 2**30
@@ -73,20 +77,14 @@ def _gb_per_image_at_640(entry: DetectorModel) -> float:
     return 0.25 if ("v8n" in name or "11n" in name) else 0.4
 
 
-def vram_budget_bytes(ctx: Any) -> int | None:
-    """What training may use on the GPU: the residency budget if it reports one, else the VRAM cap, else 12 GB."""
+def vram_budget_bytes(ctx: Services) -> int | None:
+    """What training may use on the GPU: the residency manager's live budget; None on a CPU-only machine."""
     if not str(ctx.residency.device).startswith("cuda"):
         return None
-    snap = ctx.residency.snapshot()
-    for attr in ("capacity_bytes", "budget_bytes"):  # the residency manager's live budget for studio models
-        value = getattr(snap, attr, None)
-        if isinstance(value, int | float) and value > 0:
-            return int(value)
-    cap = ctx.settings.vram_cap_gb
-    return int((cap if cap else 12.0) * GB) - int(ctx.settings.reserve_gb * GB)
+    return ctx.residency.capacity_bytes()
 
 
-def suggest_settings(ctx: Any, n_images: int, entry: DetectorModel) -> dict[str, Any]:
+def suggest_settings(ctx: Services, n_images: int, entry: DetectorModel) -> dict[str, Any]:
     """Epochs, image size and batch that fit the VRAM budget (or keep a CPU run short), with the reason."""
     budget = vram_budget_bytes(ctx)
     epochs = 100 if n_images < 300 else 60 if n_images < 3000 else 30
@@ -114,7 +112,7 @@ def suggest_settings(ctx: Any, n_images: int, entry: DetectorModel) -> dict[str,
 
 
 # ---- dataset ---------------------------------------------------------------------------------------------
-def prepare_dataset(ctx: Any, source: Path) -> DatasetReport:
+def prepare_dataset(ctx: Services, source: Path) -> DatasetReport:
     """Unzip (safely) if needed, then validate; the report carries every problem found."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".zip":

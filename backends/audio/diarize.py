@@ -1,7 +1,7 @@
 """Who spoke when: an offline engine (Silero VAD + Resemblyzer GE2E embeddings + clustering) and pyannote.audio 4.
 
 Offline engine policy:
-- speech regions come from the streaming VAD (backends.vad); each region is cut into 1.6 s sub-windows (the length
+- speech regions come from the streaming VAD (backends.audio.vad); each region is cut into 1.6 s sub-windows (the length
   the GE2E encoder was trained on) every 0.8 s, and each sub-window gets one 256-d embedding. Only embeddings and
   times are kept, so a 3-hour file costs a few MB here.
 - with the speaker count given, clustering is spectral: cosine affinities, each row pruned to its strongest 30 %,
@@ -25,17 +25,17 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.vad import SR, SpeechWindow, SpeechWindows, VadConfig
+from backends.audio.types import DiarizeOptions, Segment, SpeakerTurn
+from backends.audio.vad import SR, SpeechWindow, SpeechWindows, VadConfig
 
 if TYPE_CHECKING:
-    from backends.asr import Segment
-    from studio.context import StudioContext
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +44,7 @@ MAX_CLUSTER_POINTS = 2000  # ~30 min of speech; a partial eigensolve of 2000x200
 PRUNE = 0.3  # fraction of each affinity row kept for spectral clustering
 AUTO_THRESHOLD = 0.3  # cosine distance at which the automatic count stops merging clusters
 MIN_CLUSTER = 3  # an automatic cluster of fewer windows is not a speaker of its own
-ENGINES = ("offline", "pyannote")
 
-
-@dataclass(frozen=True)
-class DiarizeOptions:
-    engine: str = "offline"
-    num_speakers: int | None = None  # None: decided by clustering
-    max_speakers: int = 8  # upper bound for the automatic count
-    pyannote_source: str = ""  # a local pipeline folder (with config.yaml)
-    trust_pickles: bool = False
-
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"diarization engine {self.engine!r} is unknown; use one of {ENGINES}")
-        if self.num_speakers is not None and not 1 <= self.num_speakers <= 20:
-            raise ValueError(f"number of speakers must be 1..20 (or automatic), got {self.num_speakers}")
-        if not 2 <= self.max_speakers <= 20:
-            raise ValueError(f"max_speakers must be 2..20, got {self.max_speakers}")
-        if self.engine == "pyannote" and not self.pyannote_source:
-            raise ValueError("the pyannote engine needs a pipeline folder (download one in the Models tab)")
-
-
-@dataclass(frozen=True)
-class SpeakerTurn:
-    start: float
-    end: float
-    speaker: str
 
 
 # Resemblyzer's hyper-parameters (resemblyzer/hparams.py), restated so that embedding needs neither librosa nor
@@ -101,23 +75,11 @@ def _ge2e_module():
 
 @functools.cache
 def _mel_filterbank(sr: int = SR, n_fft: int = MEL_WINDOW, n_mels: int = MEL_BANDS) -> np.ndarray:
-    """librosa.filters.mel(sr, n_fft, n_mels) with its defaults (Slaney mel scale and area normalisation)."""
-    f_sp, min_log_hz, min_log_mel, logstep = 200.0 / 3, 1000.0, 15.0, np.log(6.4) / 27.0
+    """librosa.filters.mel(sr, n_fft, n_mels) with its defaults (Slaney mel scale and area normalisation), (n_mels, F)."""
+    from torchaudio.functional import melscale_fbanks
 
-    def hz_to_mel(f):
-        f = np.asarray(f, float)
-        return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, f / f_sp)
-
-    def mel_to_hz(m):
-        return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
-
-    mel_f = mel_to_hz(np.linspace(hz_to_mel(0.0), hz_to_mel(sr / 2), n_mels + 2))
-    fft_f = np.linspace(0, sr / 2, 1 + n_fft // 2)
-    ramps = mel_f[:, None] - fft_f[None, :]
-    fdiff = np.diff(mel_f)
-    lower, upper = -ramps[:-2] / fdiff[:-1, None], ramps[2:] / fdiff[1:, None]
-    weights = np.maximum(0, np.minimum(lower, upper))
-    return weights * (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+    fb = melscale_fbanks(1 + n_fft // 2, 0.0, sr / 2, n_mels, sr, norm="slaney", mel_scale="slaney")  # (F, n_mels)
+    return fb.T.double().numpy()
 
 
 def _mels(audio: np.ndarray) -> np.ndarray:
@@ -356,7 +318,7 @@ def _speaker_at(turns: list[SpeakerTurn], start: float, end: float) -> str:
 
 
 class DiarizeBackend:
-    def __init__(self, ctx: StudioContext) -> None:
+    def __init__(self, ctx: Services) -> None:
         self.ctx = ctx
 
     def _encoder_key(self) -> str:
@@ -389,11 +351,11 @@ class DiarizeBackend:
         """Speaker turns of a whole file (streamed, bounded memory for the offline engine)."""
         opts = opts or DiarizeOptions()
         if opts.engine == "pyannote":
-            from backends.diarize_pyannote import diarize_with_pyannote
+            from backends.audio.diarize_pyannote import diarize_with_pyannote
 
             return diarize_with_pyannote(self.ctx, path, opts)
-        from backends.asr_models import register_vad
-        from backends.audio_io import iter_pcm, mark_last
+        from backends.audio.models import register_vad
+        from backends.audio.pcm import iter_pcm, mark_last
 
         tracker = self.tracker()
         windows = SpeechWindows(VadConfig())
@@ -403,6 +365,17 @@ class DiarizeBackend:
                 for window in windows.feed(chunk, final=final):
                     tracker.add(window)
         return tracker.finish(opts.num_speakers, opts.max_speakers)
+
+
+def read_rttm(path: Path) -> list[SpeakerTurn]:
+    """Reference speaker turns from an RTTM file (all its recordings), via pyannote.database's reader."""
+    from pyannote.database.util import load_rttm
+
+    return [
+        SpeakerTurn(seg.start, seg.end, str(label))
+        for annotation in load_rttm(str(path)).values()
+        for seg, _, label in annotation.itertracks(yield_label=True)
+    ]
 
 
 def diarization_error_rate(reference: list[SpeakerTurn], hypothesis: list[SpeakerTurn], collar: float = 0.0) -> float:

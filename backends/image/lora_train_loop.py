@@ -1,4 +1,4 @@
-"""The training loop behind backends/sd_lora.py (data encoding, the step, samples, checkpoints).
+"""The training loop behind backends/image/lora_train.py (data encoding, the step, samples, checkpoints).
 
 Invariants: the UNet's base weights never change (only the adapter `onecard_train` has requires_grad); the
 adapter is always removed from the shared UNet when the loop ends, however it ends; a checkpoint file is only ever
@@ -11,10 +11,9 @@ import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backends.diffusion_request import GenerateRequest
-from backends.sd_lora import (
+from backends.image.lora_train import (
     TRAIN_ADAPTER,
     LoraTrainConfig,
     LoraTrainResult,
@@ -24,13 +23,17 @@ from backends.sd_lora import (
     lora_metadata,
     save_lora,
 )
+from backends.image.request import GenerateRequest
+
+if TYPE_CHECKING:
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 class LoraTrainer:
-    def __init__(self, ctx: Any, diffusion: Any, rec: Any, cfg: LoraTrainConfig, job: Any, run: Any, out: Path):
+    def __init__(self, ctx: Services, diffusion: Any, rec: Any, cfg: LoraTrainConfig, job: Any, run: Any, out: Path):
         self.ctx, self.diffusion, self.rec, self.cfg, self.job, self.run_record, self.out = (
             ctx,
             diffusion,

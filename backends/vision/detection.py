@@ -19,163 +19,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from backends.vision.types import (
+    RUN_KIND,
+    TRUST_WARNING,
+    Box,
+    DetectionError,
+    DetectionResult,
+    DetectOptions,
+    DetectorModel,
+    VideoProgress,
+)
+from backends.vision.yolo import model_device, prepare_ultralytics
 from studio.safety import atomic_write_json, check_weights_file
+
+if TYPE_CHECKING:
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 
-RUN_KIND = "detection-train"
-TRUST_WARNING = (
-    "Ultralytics .pt files are Python pickles: loading one can run any code its author put in it. "
-    "Only load files you trained yourself or got from a source you trust."
-)
-_env_lock = threading.Lock()
-
-
-class DetectionError(ValueError):
-    """A user mistake (bad image, model, option): the message says what and how to fix it."""
-
-
-def prepare_ultralytics(settings: Any) -> None:
-    """Offline env, quiet settings and a local plotting font; idempotent, call before importing ultralytics."""
-    with _env_lock:
-        os.environ.setdefault("YOLO_OFFLINE", "1")  # we never let Ultralytics fetch; the Models tab downloads
-        os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-        os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(settings.cache_dir).resolve() / "ultralytics"))
-        from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
-
-        wanted = {k: False for k in ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")}
-        wanted["weights_dir"] = str(Path(settings.cache_dir).resolve() / "ultralytics-weights")
-        wanted["runs_dir"] = str(Path(settings.cache_dir).resolve() / "ultralytics-runs")
-        if any(SETTINGS.get(k) != v for k, v in wanted.items()):
-            SETTINGS.update(wanted)
-        _install_font(Path(USER_CONFIG_DIR))
-        _restore_pil_open()
-
-
-def _restore_pil_open() -> None:
-    """Ultralytics replaces PIL.Image.open process-wide with a wrapper that, on a file PIL cannot identify, tries to
-    install pi-heif; offline that raises ModuleNotFoundError instead of UnidentifiedImageError, which breaks the clear
-    "not a readable image" messages of every other tab. Put PIL's own function back (HEIC input is not supported)."""
-    from PIL import Image
-    from ultralytics.utils import patches  # importing it applies the patch once; undo it right away
-
-    original = getattr(patches, "_image_open", None)
-    if original is not None and Image.open is not original:
-        Image.open = original
-
-
-def _install_font(config_dir: Path) -> None:
-    """Ultralytics downloads Arial.ttf for plot labels; give it DejaVu Sans (shipped by matplotlib) instead."""
-    try:
-        import matplotlib
-    except ImportError:  # no plotting possible either, so nothing would ask for the font
-        return
-    src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        dest = config_dir / name
-        if not dest.exists() and src.is_file():
-            config_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
-
 
 # ---- options and results ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DetectOptions:
-    conf: float = 0.25  # Ultralytics' default; below ~0.1 the table fills with noise
-    iou: float = 0.7  # NMS overlap threshold
-    classes: tuple[int, ...] | None = None  # keep only these class ids
-    imgsz: int = 640
-    max_det: int = 300
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.conf <= 1.0:
-            raise DetectionError(f"confidence must be between 0 and 1, got {self.conf}")
-        if not 0.0 < self.iou <= 1.0:
-            raise DetectionError(f"IoU threshold must be in (0, 1], got {self.iou}")
-        if not 32 <= self.imgsz <= 4096 or self.imgsz % 32:
-            raise DetectionError(f"image size must be a multiple of 32 between 32 and 4096, got {self.imgsz}")
-        if self.max_det < 1:
-            raise DetectionError(f"max detections must be at least 1, got {self.max_det}")
-        if self.classes is not None and any(c < 0 for c in self.classes):
-            raise DetectionError(f"class ids must be >= 0, got {self.classes}")
-
-
-@dataclass(frozen=True)
-class Box:
-    class_id: int
-    name: str
-    confidence: float
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-
-
-@dataclass
-class DetectionResult:
-    boxes: list[Box]
-    image: np.ndarray  # annotated, RGB uint8 (H, W, 3)
-    width: int
-    height: int
-    model_id: str
-    inference_ms: float
-
-    def rows(self) -> list[list[Any]]:
-        return [[b.name, round(b.confidence, 3), *(round(v, 1) for v in (b.x1, b.y1, b.x2, b.y2))] for b in self.boxes]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model_id,
-            "width": self.width,
-            "height": self.height,
-            "inference_ms": round(self.inference_ms, 2),
-            "boxes": [asdict(b) for b in self.boxes],
-        }
-
-
-@dataclass(frozen=True)
-class DetectorModel:
-    id: str
-    title: str
-    kind: str  # "shipped" | "untrained" | "hub" | "trained" | "trusted"
-    path: Path | None = None  # weights file, None for yaml-built models
-    yaml: str | None = None
-    vram_bytes: int = 200 * 2**20
-
-    @property
-    def key(self) -> str:
-        return f"detection:{self.id}"
-
-    @property
-    def untrained(self) -> bool:
-        return self.kind == "untrained"
-
-
-@dataclass
-class VideoProgress:
-    frames_read: int
-    frames_total: int
-    frames_detected: int
-    boxes: int
-    output: Path | None = None  # set on the last update
-    json_path: Path | None = None
-    per_frame: list[dict[str, Any]] = field(default_factory=list)
-
-
-def model_device(model: Any) -> str:
-    """The device the residency manager put the YOLO object on ("cuda:0", "cpu")."""
-    return str(next(model.model.parameters()).device)
 
 
 def load_rgb(image: Any) -> np.ndarray:
@@ -246,7 +118,7 @@ class YoloLoader:
 
 # ---- backend ---------------------------------------------------------------------------------------------
 class DetectionBackend:
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Services) -> None:
         self.ctx = ctx
         self._trusted: dict[str, DetectorModel] = {}
         self.job_runs: dict[str, str] = {}  # job id -> run id, for the tab's live plots
@@ -355,7 +227,7 @@ class DetectionBackend:
         self, model_id: str, path: str | Path, opts: DetectOptions | None = None, *, stride: int = 1, chunk: int = 16
     ) -> Iterator[VideoProgress]:
         """Annotate a video; detects on every `stride`-th frame (boxes held in between). Streams progress."""
-        from backends.yolo_video import annotate_video
+        from backends.vision.video import annotate_video
 
         opts = opts or DetectOptions()
         entry = self.get_model(model_id)
@@ -376,24 +248,24 @@ class DetectionBackend:
 
     # ---- training and export live in their own modules; these are the entry points the tab uses
     def start_training(self, dataset: str | Path, opts: Any) -> Any:
-        from backends.yolo_train import start_training
+        from backends.vision.train import start_training
 
         return start_training(self, Path(dataset), opts)
 
     def suggest_training(self, n_images: int, base_model_id: str) -> dict[str, Any]:
-        from backends.yolo_train import suggest_settings
+        from backends.vision.train import suggest_settings
 
         return suggest_settings(self.ctx, n_images, self.get_model(base_model_id))
 
     def check_dataset(self, source: str | Path) -> Any:
         """Unzip (safely) if it is a zip, then validate; returns the DatasetReport (problems inside, no raise)."""
-        from backends.yolo_train import prepare_dataset
+        from backends.vision.train import prepare_dataset
 
         return prepare_dataset(self.ctx, Path(source))
 
     def export_onnx(self, model_id: str, imgsz: int = 640, *, for_download: bool = False) -> Path:
         """ONNX file in the cache; with `for_download` a copy in outputs/vision (the only folder the UI serves)."""
-        from backends.yolo_export import export_onnx
+        from backends.vision.export import export_onnx
 
         path = export_onnx(self, self.get_model(model_id), imgsz)
         if not for_download:
@@ -404,7 +276,7 @@ class DetectionBackend:
         return dest
 
     def latency(self, model_id: str, imgsz: int = 640, runs: int = 30) -> list[Any]:
-        from backends.yolo_export import latency_table
+        from backends.vision.export import latency_table
 
         return latency_table(self, self.get_model(model_id), imgsz=imgsz, runs=runs)
 
@@ -427,6 +299,6 @@ def result_json(result: DetectionResult) -> str:
     return json.dumps(result.to_json(), indent=2)
 
 
-def create(ctx: Any) -> DetectionBackend:
+def create(ctx: Services) -> DetectionBackend:
     """Cheap: imports no torch/Ultralytics; `prepare_ultralytics` runs on the first load, export or training."""
     return DetectionBackend(ctx)

@@ -172,7 +172,7 @@ class SileroLoader:
         return 2 * 2**20
 
     def load(self, device: str) -> Any:
-        from backends.vad import load_silero_session
+        from backends.audio.vad import load_silero_session
 
         return load_silero_session()
 

@@ -68,7 +68,7 @@ def read_arch(root: Path) -> str:
 
 def resolve_source(model: str, catalog: Any, cache_dir: Path) -> ModelSource:
     """Turn what the user picked (catalog id, folder, .safetensors file or Hub id) into a local diffusers folder."""
-    from backends.diffusion_tiny import TINY_CONFIGS, ensure_tiny_pipeline
+    from backends.image.tiny import TINY_CONFIGS, ensure_tiny_pipeline
 
     model = (model or "").strip()
     if not model:
@@ -139,7 +139,7 @@ def _convert_single_file(path: Path, target: Path, catalog: Any) -> None:
     import torch
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
-    from backends.diffusion_tiny import pipeline_class
+    from backends.image.tiny import pipeline_class
 
     try:
         checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)

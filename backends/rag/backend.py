@@ -18,17 +18,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.rag_answer import AnswerUpdate, Passage, SearchResult, build_messages, check_question, cited_numbers
-from backends.rag_chunk import ChunkOptions
-from backends.rag_indexer import Indexer, IngestReport
-from backends.rag_ingest import resolve_folder
-from backends.rag_search import BM25Index, reciprocal_rank_fusion
-from backends.rag_store import KBInfo, KnowledgeBaseError, Store, check_kb_name
+from backends.rag.answer import AnswerUpdate, Passage, SearchResult, build_messages, check_question, cited_numbers
+from backends.rag.chunk import ChunkOptions
+from backends.rag.indexer import Indexer, IngestReport
+from backends.rag.ingest import resolve_folder
+from backends.rag.search import BM25Index, reciprocal_rank_fusion
+from backends.rag.store import KBInfo, KnowledgeBaseError, Store, check_kb_name
 from studio.safety import check_upload_size, contained_path, safe_filename
+
+if TYPE_CHECKING:
+    from backends.llm import LLMBackend
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 MODES = ("hybrid", "vector", "keyword")
@@ -80,8 +84,11 @@ class _SentenceModelLoader:
 
 
 class RAGBackend:
-    def __init__(self, ctx: Any, config: RAGConfig | None = None) -> None:
+    def __init__(
+        self, ctx: Services, config: RAGConfig | None = None, llm: Callable[[], LLMBackend] | None = None
+    ) -> None:
         self.ctx = ctx
+        self._llm = llm  # the chat model that writes answers, built on first use (None: passages only)
         self.config = config or RAGConfig()
         self.store = Store(Path(ctx.settings.data_dir) / "rag")
         self._lock = threading.Lock()
@@ -318,9 +325,11 @@ class RAGBackend:
         yield AnswerUpdate("", result, note=note or "retrieved; the chat model is writing the answer ...")
         text = ""
         try:
-            from backends.llm_generate import GenerationOptions
+            from backends.llm import GenerationOptions
 
-            llm = self.ctx.backends.get("llm")
+            if self._llm is None:
+                raise RuntimeError("no chat model is configured")
+            llm = self._llm()
             opts = GenerationOptions(temperature=0.0, max_new_tokens=max_new_tokens)
             for update in llm.chat(messages, opts, cancel=cancel):
                 text = update.text
@@ -333,5 +342,5 @@ class RAGBackend:
         yield AnswerUpdate(text, result, note=note, cited=cited_numbers(text, used), done=True, llm_used=True)
 
 
-def create(ctx: Any) -> RAGBackend:
-    return RAGBackend(ctx)
+def create(ctx: Services, llm: Callable[[], LLMBackend] | None = None) -> RAGBackend:
+    return RAGBackend(ctx, llm=llm)

@@ -2,7 +2,7 @@
 
 `chat()` streams `ChatUpdate`s and stops within one token of `cancel` being set; `complete()` is the blocking
 helper other capabilities use (e.g. ASR post-editing). On CUDA the decode step runs as a CUDA graph over a static
-KV cache (backends/llm_fastdecode.py), with nf4 weights for models above ~3B parameters; on CPU a plain dynamic-cache
+KV cache (backends/llm/fastdecode.py), with nf4 weights for models above ~3B parameters; on CPU a plain dynamic-cache
 loop runs in fp32. Prompts longer than the context are trimmed from the oldest turns with a note (llm_generate.py).
 """
 
@@ -14,11 +14,11 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backends.llm_adapters import AdapterError, AdapterState, check_adapter_folder, delete_from, find_adapters
-from backends.llm_generate import GenerationOptions, GenerationStats, build_prompt, stream_tokens
-from backends.llm_models import (
+from backends.llm.adapters import AdapterError, AdapterState, check_adapter_folder, delete_from, find_adapters
+from backends.llm.generate import GenerationOptions, GenerationStats, build_prompt, stream_tokens
+from backends.llm.models import (
     ModelNotAvailable,
     ModelSource,
     check_model_folder,
@@ -28,8 +28,11 @@ from backends.llm_models import (
     load_tokenizer,
     resolve_source,
 )
-from backends.llm_openai import EngineError, OpenAIChatClient, OpenAIEngineConfig
+from backends.llm.remote import EngineError, OpenAIChatClient, OpenAIEngineConfig
 from studio.safety import WeightsError, contained_path, safe_filename
+
+if TYPE_CHECKING:
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ def check_messages(messages: list[dict[str, str]]) -> None:
 
 
 class LLMBackend:
-    def __init__(self, ctx: Any, config: LLMConfig | None = None) -> None:
+    def __init__(self, ctx: Services, config: LLMConfig | None = None) -> None:
         self.ctx = ctx
         self._config = config or LLMConfig()
         self._lock = threading.RLock()  # one in-process generation at a time (static buffers are shared)
@@ -180,14 +183,19 @@ class LLMBackend:
     def _chat_remote(self, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
         c = self._config
         client = OpenAIChatClient(OpenAIEngineConfig(c.base_url, c.api_model, c.api_key))
-        stats, text = GenerationStats(decoder=f"openai:{c.api_model}"), ""
-        for delta, finish in client.stream(messages, opts, cancel):
-            if delta:
-                text += delta
-                stats.new_tokens += 1  # chunks, not tokens: the server does not say
-                yield ChatUpdate(text, delta)
-            if finish:
-                stats.finish_reason = finish
+        stats, text, chunks, counted = GenerationStats(decoder=f"openai:{c.api_model}"), "", 0, False
+        for piece in client.stream(messages, opts, cancel):
+            if piece.delta:
+                text += piece.delta
+                chunks += 1
+                yield ChatUpdate(text, piece.delta)
+            if piece.finish_reason:
+                stats.finish_reason = piece.finish_reason
+            if piece.completion_tokens is not None:
+                stats.new_tokens, counted = piece.completion_tokens, True
+        if not counted:
+            stats.new_tokens = chunks
+            stats.notes.append("the server reported no token usage: counts are stream chunks")
         self.last_decoder = stats.decoder
         yield ChatUpdate(text, done=True, stats=stats)
 
@@ -230,7 +238,7 @@ class LLMBackend:
             self._lock.release()
 
     def _get_decoder(self, key: str, model: Any, needed: int, limit: int) -> Any:
-        from backends.llm_fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
+        from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
 
         if model_device(model).type != "cuda" or not self._config.fast_decode:
             return EagerDecoder(model)
@@ -357,5 +365,5 @@ class ChatModelLoader:
         self._backend._forget_model(self.key)
 
 
-def create(ctx: Any) -> LLMBackend:
+def create(ctx: Services) -> LLMBackend:
     return LLMBackend(ctx)
