@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.audio.models import ModelMissing, WhisperLoader, register_vad
+from backends.audio.models import (
+    TUNED_PREFIX,
+    ModelMissing,
+    TunedWhisperLoader,
+    WhisperLoader,
+    register_vad,
+    tuned_models,
+)
 from backends.audio.pcm import SAMPLE_RATE, DecodeStats, iter_pcm, mark_last, probe
 from backends.audio.types import DiarizeOptions, Segment, Transcript, Word
 from backends.audio.vad import FixedWindows, SpeechWindow, SpeechWindows, VadConfig
@@ -103,9 +110,15 @@ class AsrBackend:
     def models(self) -> list[tuple[str, str, bool]]:
         """(id, title, present on this machine) for every Whisper model in the catalog."""
         cat = self.ctx.catalog
-        return [(s.id, s.title, cat.is_present(s)) for s in cat.by_capability("asr")]
+        shipped = [(s.id, s.title, cat.is_present(s)) for s in cat.by_capability("asr")]
+        return shipped + [(mid, title, True) for mid, title in tuned_models(self.ctx.settings.models_dir)]
 
     def _key(self, model_id: str) -> str:
+        if model_id.startswith(TUNED_PREFIX):
+            loader = TunedWhisperLoader(model_id, self.ctx.settings.models_dir)
+            if not self.ctx.residency.is_registered(loader.key):
+                self.ctx.residency.register(loader)
+            return loader.key
         spec = self.ctx.catalog.get(model_id)
         if spec.capability != "asr":
             raise ValueError(f"{model_id!r} is a {spec.capability} model, not a Whisper (asr) model")

@@ -46,7 +46,6 @@ AUTO_THRESHOLD = 0.3  # cosine distance at which the automatic count stops mergi
 MIN_CLUSTER = 3  # an automatic cluster of fewer windows is not a speaker of its own
 
 
-
 # Resemblyzer's hyper-parameters (resemblyzer/hparams.py), restated so that embedding needs neither librosa nor
 # webrtcvad at run time (importing Resemblyzer costs ~3 s and its first mel ~2 s of JIT); a test checks they match.
 MEL_BANDS, MEL_WINDOW, MEL_HOP = 40, 400, 160  # 25 ms window, 10 ms hop at 16 kHz

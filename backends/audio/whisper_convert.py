@@ -234,7 +234,7 @@ def ct2_to_transformers(ct2_dir: Path, out_dir: Path) -> Path:
                               f"unexpected {unexpected[:5]}")  # fmt: skip
     model.tie_weights()
     model.generation_config = generation_config(config, ct2_config, vocab)
-    tokenizer = WhisperTokenizerFast(tokenizer_file=str(ct2_dir / "tokenizer.json"))
+    tokenizer = WhisperTokenizerFast(tokenizer_file=str(ct2_dir / "tokenizer.json"), pad_token=EOT)
     processor = WhisperProcessor(WhisperFeatureExtractor(feature_size=config.num_mel_bins), tokenizer)
     with atomic_folder(Path(out_dir)) as tmp:
         model.save_pretrained(tmp)

@@ -71,14 +71,20 @@ class TorchWhisper:
                 kwargs["language"] = self.opts.language
         return kwargs
 
-    def transcribe(self, windows: list[np.ndarray]) -> list[str]:
-        """Text of each window (same order), decoded `batch_size` windows at a time."""
+    def generate_ids(self, windows: list[np.ndarray], **extra: Any) -> list[Any]:
+        """Token ids per batch of `batch_size` windows (extra generate() arguments pass through)."""
         import torch
 
-        texts: list[str] = []
+        out = []
         for i in range(0, len(windows), self.opts.batch_size):
             feats = self.features(windows[i : i + self.opts.batch_size])
             with torch.inference_mode():
-                ids = self.model.generate(input_features=feats, **self.generate_kwargs())
+                out.append(self.model.generate(input_features=feats, **(self.generate_kwargs() | extra)))
+        return out
+
+    def transcribe(self, windows: list[np.ndarray]) -> list[str]:
+        """Text of each window (same order), decoded `batch_size` windows at a time."""
+        texts: list[str] = []
+        for ids in self.generate_ids(windows):
             texts.extend(t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True))
         return texts
