@@ -109,7 +109,9 @@ def build_training(ctx: StudioContext, model_dropdown: Any = None) -> None:
 
 
 def _choices(ctx: StudioContext) -> list[tuple[str, str]]:
-    return [(t if present else f"{t} (not downloaded)", mid) for mid, t, present in ctx.backends.asr.models()]
+    from tabs.audio import _model_choices
+
+    return _model_choices(ctx.backends.asr)
 
 
 def _finished(job) -> str:
