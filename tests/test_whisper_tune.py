@@ -120,9 +120,11 @@ def _small_set(folder, n=6):
     return folder
 
 
+@pytest.mark.slow
 @needs_espeak
 def test_cancel_keeps_a_checkpoint_and_resume_finishes_and_exports(tune_ctx, tmp_path):
-    """Cancel after two steps -> checkpoint; resume -> finishes, exports to CTranslate2, listed and usable."""
+    """Cancel after two steps -> checkpoint; resume -> finishes, exports to CTranslate2, listed and usable.
+    Slow: two short trainings, an export and a transcription (~1 min alone on 2 cores, 6.8 min on a loaded one)."""
     from backends.audio import TranscribeOptions
 
     data = _small_set(tmp_path / "clips")
