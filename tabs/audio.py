@@ -161,7 +161,7 @@ def build(ctx: StudioContext) -> None:
     )  # fmt: skip
     export_btn.click(export, [transcript_state, formats], files)
     with gr.Accordion("Fine-tune Whisper", open=False):
-        build_training(ctx, model)
+        build_training(ctx, model, lambda: _model_choices(asr))
 
 
 def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 BASES = ("whisper-tiny.en", "whisper-base", "whisper-small", "whisper-medium", "whisper-large-v3")
 
 
-def build_training(ctx: StudioContext, model_dropdown: Any = None) -> None:
+def build_training(ctx: StudioContext, model_dropdown: Any = None, model_choices: Any = None) -> None:
+    """`model_dropdown`/`model_choices()`: the Audio tab's Whisper list, refreshed when a tuned model is ready."""
     gr.Markdown(
         "Teach Whisper your vocabulary, names and accent from your own recordings: a folder of audio files with a "
         "`.txt` (or `.srt`) of the same name beside each, or a `manifest.csv` / `manifest.jsonl` with `audio` and "
@@ -92,7 +93,7 @@ def build_training(ctx: StudioContext, model_dropdown: Any = None) -> None:
             if res is not None and res.examples:
                 rows = [[e["reference"], e["before"], e["after"]] for e in res.examples]
             if res is not None and res.model_id and model_dropdown is not None:
-                choices = gr.update(choices=_choices(ctx), value=res.model_id)
+                choices = gr.update(choices=model_choices(), value=res.model_id)
         return head, "\n".join(job.logs[-200:]), rows, gr.Timer(active=not job.is_finished), choices
 
     def cancel_job(jid):
@@ -106,12 +107,6 @@ def build_training(ctx: StudioContext, model_dropdown: Any = None) -> None:
     outputs = [state, logs, table, timer, model_dropdown if model_dropdown is not None else gr.State()]
     timer.tick(poll, job_id, outputs)
     cancel.click(cancel_job, job_id, state)
-
-
-def _choices(ctx: StudioContext) -> list[tuple[str, str]]:
-    from tabs.audio import _model_choices
-
-    return _model_choices(ctx.backends.asr)
 
 
 def _finished(job) -> str:
