@@ -8,7 +8,7 @@
 3. Fine-tuning before/after: tiny.en tuned (decoder, frozen encoder) on sentences with made-up product names and
    surnames; the error on those words in held-out sentences, and general-sentence WER (tolerance stated).
 
-    python -m studio.bench.asr_quality [--quick] [--out studio/bench/results]
+    python -m studio.bench.asr_quality [--quick] [--sections parity,der,finetune] [--out studio/bench/results]
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 voices x 3 sentences, 2-speaker dialogues, no fine-tune")
     p.add_argument("--steps", type=int, default=20, help="fine-tuning steps")
+    p.add_argument("--sections", default="parity,der,finetune", help="comma-separated subset to run")
     p.add_argument("--out", type=Path, default=None, help="folder for asr_quality-<device>.json/.md")
     args = p.parse_args(argv)
     if not espeak_available():
@@ -189,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         ctx = _context(tmp)
-        print("WER parity", flush=True)
-        result["parity"] = parity_section(ctx, tmp, voices, sentences, ("whisper-tiny.en",) if args.quick
-                                          else ("whisper-tiny.en", "whisper-base"))  # fmt: skip
-        print("DER", flush=True)
-        result["der"] = der_section(ctx, tmp, kinds)
-        if not args.quick:
+        sections = set(args.sections.split(","))
+        result["parity"], result["der"] = [], []
+        if "parity" in sections:
+            print("WER parity", flush=True)
+            result["parity"] = parity_section(ctx, tmp, voices, sentences, ("whisper-tiny.en",) if args.quick
+                                              else ("whisper-tiny.en", "whisper-base"))  # fmt: skip
+        if "der" in sections:
+            print("DER", flush=True)
+            result["der"] = der_section(ctx, tmp, kinds)
+        if not args.quick and "finetune" in sections:
             print("fine-tuning", flush=True)
             result["finetune"] = finetune_section(ctx, tmp, args.steps)
         ctx.jobs.shutdown(timeout=10)
