@@ -14,6 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from studio.context import StudioContext, Tab
+from studio.safety import unguessable_stamp
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,9 @@ def build(ctx: StudioContext) -> None:
                 n_speakers = gr.Number(0, precision=0, minimum=0, maximum=20, label="Number of speakers (0 = auto)")
                 engine = gr.Radio(["offline", "pyannote"], value="offline", label="Engine")
                 pyannote_src = gr.Textbox(
-                    "", label="pyannote pipeline (catalog id or folder with config.yaml)", placeholder="pyannote-…"
-                )
-                trust = gr.Checkbox(False, label="I trust this pyannote pipeline (it loads pickled checkpoints)")
+                    "", label="pyannote pipeline (catalog id, or a folder with config.yaml in the models folder or "
+                    "trusted_model_dirs: pyannote loads pickled checkpoints)", placeholder="pyannote-…"
+                )  # fmt: skip
             with gr.Row():
                 go = gr.Button("Transcribe", variant="primary")
                 stop = gr.Button("Stop (keeps what is done)")
@@ -95,11 +96,11 @@ def build(ctx: StudioContext) -> None:
             files = gr.File(label="Exported files", file_count="multiple", interactive=False)
 
     def transcribe(audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
-                   trust_v, request: gr.Request):  # fmt: skip
+                   request: gr.Request):  # fmt: skip
         from backends.audio import Transcript
 
         path = _input_path(ctx, audio_v, video_v)
-        opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v)
+        opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v)
         stop_flag = stops.setdefault(request.session_hash or "-", threading.Event())
         stop_flag.clear()
         started, segments = time.time(), []
@@ -149,10 +150,10 @@ def build(ctx: StudioContext) -> None:
         if not formats_v:
             raise gr.Error("Tick at least one export format (txt, srt, vtt or json).")
         out_dir = ctx.settings.outputs_dir / "audio"
-        stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem = f"transcript-{unguessable_stamp()}"
         return [str(p) for p in write(tr, out_dir, stem, tuple(formats_v)).values()]
 
-    inputs = [audio, video, model, language, vad, words, batched, diar, n_speakers, engine, pyannote_src, trust]
+    inputs = [audio, video, model, language, vad, words, batched, diar, n_speakers, engine, pyannote_src]
     go.click(transcribe, inputs, [status, text, transcript_state], concurrency_id="gpu", concurrency_limit=1)
     stop.click(request_stop, None, status)
     edit_btn.click(
@@ -178,7 +179,7 @@ def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
     return path
 
 
-def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v):
+def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v):
     from backends.audio import DiarizeOptions, TranscribeOptions
 
     try:
@@ -189,9 +190,7 @@ def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, 
         dopts = None
         if diar_v:
             n = int(n_v or 0)
-            dopts = DiarizeOptions(
-                engine=engine_v, num_speakers=n or None, pyannote_source=(src_v or "").strip(), trust_pickles=trust_v
-            )
+            dopts = DiarizeOptions(engine=engine_v, num_speakers=n or None, pyannote_source=(src_v or "").strip())
     except ValueError as e:
         raise gr.Error(str(e)) from None
     return opts, dopts

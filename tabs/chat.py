@@ -7,7 +7,6 @@ is released at once.
 
 # No `from __future__ import annotations` here: Gradio finds `request: gr.Request` parameters through
 # typing.get_type_hints, which cannot resolve the string "gr.Request" (gradio is imported inside build()).
-import datetime as dt
 import json
 import logging
 import threading
@@ -51,11 +50,11 @@ def model_choices(backend: Any) -> list[tuple[str, str]]:
 
 def export_conversation(ctx: StudioContext, history: list[dict[str, str]], fmt: str, meta: dict[str, Any]) -> str:
     """Write the conversation under outputs/chat/ atomically; return the file path."""
-    from studio.safety import atomic_write_text
+    from studio.safety import atomic_write_text, unguessable_stamp
 
     if not history:
         raise ValueError("Nothing to export yet: the conversation is empty.")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]  # milliseconds: two exports never collide
+    stamp = unguessable_stamp()  # random part: two exports never collide and no other user can guess the name
     path = ctx.settings.outputs_dir / "chat" / f"chat-{stamp}.{'md' if fmt == 'markdown' else 'json'}"
     atomic_write_text(path, to_markdown(history) if fmt == "markdown" else to_json(history, meta))
     return str(path)
@@ -126,11 +125,11 @@ def build(ctx: StudioContext) -> None:
         return "", hist, hist
 
     def configure(model_v, engine_v, url, api_model_v, key, ctx_len):
-        changes = {"model_id": model_v, "engine": ENGINES[engine_v], "base_url": (url or "").strip(),
-                   "api_model": (api_model_v or "").strip(), "api_key": key or "",
-                   "max_context_tokens": int(ctx_len or 4096)}  # fmt: skip
-        if any(getattr(backend.config, k) != v for k, v in changes.items()):
-            backend.configure(**changes)
+        """This session's engine, URL, key and model, built per call from its own inputs: never shared."""
+        return backend.session_config(
+            model_id=model_v, engine=ENGINES[engine_v], base_url=(url or "").strip(),
+            api_model=(api_model_v or "").strip(), api_key=key or "", max_context_tokens=int(ctx_len or 4096),
+        )  # fmt: skip
 
     def respond(hist, model_v, engine_v, url, api_model_v, key, ctx_len, sys_v, temp, top, n, rp, stop_v,
                 request: gr.Request):  # fmt: skip
@@ -139,11 +138,11 @@ def build(ctx: StudioContext) -> None:
         from backends.llm import GenerationOptions
 
         try:
-            configure(model_v, engine_v, url, api_model_v, key, ctx_len)
+            session = configure(model_v, engine_v, url, api_model_v, key, ctx_len)
             opts = GenerationOptions(system_prompt=sys_v or "", temperature=float(temp), top_p=float(top),
                                      max_new_tokens=int(n), repetition_penalty=float(rp), stop=parse_stop(stop_v))  # fmt: skip
             shown, trim_note = list(hist), ""
-            for update in backend.chat(hist, opts, cancel=flag(request)):
+            for update in backend.chat(hist, opts, cancel=flag(request), config=session):
                 trim_note = update.note or trim_note
                 shown = [*hist, {"role": "assistant", "content": update.text}]
                 status = f"⚠️ {trim_note}" if trim_note else ""
@@ -172,36 +171,35 @@ def build(ctx: StudioContext) -> None:
         if not path_v:
             raise gr.Error("Choose an adapter folder first (Fine-tune tab outputs appear here after Refresh).")
         try:
-            configure(model_v, engine_v, url, api_model_v, key, ctx_len)
+            session = configure(model_v, engine_v, url, api_model_v, key, ctx_len)
             folder = path_v if path_v.startswith("/") else str(ctx.settings.data_dir / path_v)
-            name = backend.attach_adapter(folder)
+            name = backend.attach_adapter(folder, model_id=session.model_id)
         except (ValueError, OSError) as e:
             raise gr.Error(str(e)) from None
-        names, _ = backend.adapter_status()
+        names, _ = backend.adapter_status(session.model_id)
         return gr.update(choices=[BASE, *names], value=name), f"Attached adapter **{name}**."
 
-    def switch(name):
+    def switch(name, model_v):
         try:
-            backend.switch_adapter(None if name in (None, BASE) else name)
+            backend.switch_adapter(None if name in (None, BASE) else name, model_id=model_v)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return f"Active: **{name}**."
 
-    def export(hist, fmt):
+    def export(hist, fmt, model_v, engine_v):
         try:
-            return export_conversation(
-                ctx, hist, fmt, {"model": backend.config.model_id, "engine": backend.config.engine}
-            )
+            return export_conversation(ctx, hist, fmt, {"model": model_v, "engine": ENGINES.get(engine_v, engine_v)})
         except ValueError as e:
             raise gr.Error(str(e)) from None
 
     gen_inputs = [history, model, engine, base_url, api_model, api_key, context, system, temperature, top_p, max_new,
                   rep, stop]  # fmt: skip
     gpu = {"concurrency_id": "gpu", "concurrency_limit": 1}
-    for trigger in (send.click, msg.submit):
-        trigger(add_user, [msg, history], [msg, history, chatbot], queue=False).then(
-            respond, gen_inputs, [chatbot, history, note], **gpu
-        )
+    for i, trigger in enumerate((send.click, msg.submit)):  # Send is named for scripts: chat_add_user, chat_respond
+        trigger(add_user, [msg, history], [msg, history, chatbot], queue=False,
+                api_name=None if i else "chat_add_user").then(
+            respond, gen_inputs, [chatbot, history, note], api_name=None if i else "chat_respond", **gpu
+        )  # fmt: skip
     regen.click(drop_last_reply, history, [history, chatbot], queue=False).then(
         respond, gen_inputs, [chatbot, history, note], **gpu
     )
@@ -211,12 +209,12 @@ def build(ctx: StudioContext) -> None:
 
     stop_btn.click(stop_generation, None, None, queue=False)
     clear.click(lambda: ([], [], "", None), None, [history, chatbot, note, export_file], queue=False)
-    export_md.click(lambda h: export(h, "markdown"), history, export_file)
-    export_js.click(lambda h: export(h, "json"), history, export_file)
+    export_md.click(lambda h, m, e: export(h, "markdown", m, e), [history, model, engine], export_file)
+    export_js.click(lambda h, m, e: export(h, "json", m, e), [history, model, engine], export_file)
     refresh.click(refresh_adapters, None, adapter_path)
     attach.click(attach_adapter, [adapter_path, model, engine, base_url, api_model, api_key, context],
                  [active, note], **gpu)  # fmt: skip
-    active.change(switch, active, note)
+    active.change(switch, [active, model], note)
 
 
 TAB = Tab("Chat", build)

@@ -94,7 +94,7 @@ def ingest_stream(backend: Any, kb_v: str | None, new_v: str, folder_v: str, fil
 
     name = (new_v or "").strip() or kb_v or "notes"  # a typed new name wins over the selected base
     try:
-        target = backend.save_uploads(name, files) if files else folder_v
+        target = backend.save_uploads(name, files) if files else backend.check_ingest_folder(folder_v)
         job = backend.start_ingest(name, target)
     except ValueError as e:
         raise gr.Error(str(e)) from None
@@ -152,7 +152,11 @@ def build(ctx: StudioContext) -> None:
                 new_name = gr.Textbox(label="New knowledge base", placeholder="my-notes", scale=3)
                 create_btn = gr.Button("Create", scale=1)
             kb_info = gr.Markdown(kb_markdown(backend, names[0] if names else None))
-            folder = gr.Textbox(str(SAMPLE_NOTES), label="Folder to ingest (on this computer)")
+            folders = backend.ingest_choices()
+            folder = gr.Dropdown(
+                folders, value=folders[0] if folders else None, label="Folder to ingest (on the studio's computer: "
+                "data/ingest, the sample notes, or the settings' ingest_roots)",
+            )  # fmt: skip
             uploads = gr.File(label="... or upload files", file_count="multiple", type="filepath")
             with gr.Row():
                 ingest_btn = gr.Button("Ingest", variant="primary")
@@ -204,15 +208,16 @@ def build(ctx: StudioContext) -> None:
 
     create_btn.click(create, new_name, [kb, kb_info, new_name])
     kb.change(lambda v: kb_markdown(backend, v), kb, kb_info)
+    folder.focus(lambda v: gr.update(choices=backend.ingest_choices(), value=v), folder, folder)
     ingest_btn.click(
         ingest, [kb, new_name, folder, uploads], [job_id, kb, ingest_status, ingest_notes, kb_info],
-        concurrency_limit=None,
+        concurrency_limit=None, api_name="rag_ingest",
     )  # fmt: skip
     cancel_btn.click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
     delete_btn.click(delete, kb, [kb, kb_info])
     ask_event = ask_btn.click(
         ask, [kb, question, mode, top_k, use_llm, max_tokens], [ranking, answer, cited, passages],
-        concurrency_id="gpu", concurrency_limit=1,
+        concurrency_id="gpu", concurrency_limit=1, api_name="rag_ask",
     )  # fmt: skip
     submit_event = question.submit(
         ask, [kb, question, mode, top_k, use_llm, max_tokens], [ranking, answer, cited, passages],

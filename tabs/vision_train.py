@@ -16,13 +16,16 @@ LOSSES = ("box_loss", "cls_loss", "dfl_loss")
 MAPS = ("map50", "map50_95")
 
 
-def _source(zip_path: str | None, folder: str | None) -> Path:
+def _source(det: Any, zip_path: str | None, folder: str | None) -> Path:
     import gradio as gr
 
     if zip_path:
         return Path(zip_path)
     if folder and folder.strip():
-        return Path(folder.strip()).expanduser()
+        try:
+            return det.check_dataset_folder(folder)  # only folders the owner's settings allow
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
     raise gr.Error("Give the dataset: upload a .zip or type a folder path.")
 
 
@@ -70,7 +73,7 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
     )
     with gr.Row():
         zip_file = gr.File(file_types=[".zip"], type="filepath", label="Dataset .zip")
-        folder = gr.Textbox(label="…or a dataset folder on this computer")
+        folder = gr.Textbox(label="…or a dataset folder on the studio's computer (under data/ingest or ingest_roots)")
     check = gr.Button("Validate dataset")
     report_md = gr.Markdown()
     n_images = gr.State(0)
@@ -99,7 +102,7 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
 
     def validate(zp, fd):
         try:
-            report = det.check_dataset(_source(zp, fd))
+            report = det.check_dataset(_source(det, zp, fd))
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
         return report.markdown(), sum(s.images for s in report.splits.values())
@@ -110,7 +113,7 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
 
     def start(zp, fd, *vals):
         keys = ("base", "epochs", "imgsz", "batch", "patience", "seed", "augment", "amp")
-        return _start(det, _source(zp, fd), dict(zip(keys, vals, strict=True)))
+        return _start(det, _source(det, zp, fd), dict(zip(keys, vals, strict=True)))
 
     def poll(jid):
         job = ctx.jobs.get(jid) if jid else None

@@ -150,11 +150,14 @@ def test_options_are_checked(ctx, tmp_path):
         DiarizeOptions(engine="pyannote")
     audio = write_wav(tmp_path / "a.wav", np.zeros(16000, np.float32))
     engine = ctx.backends.asr.diarizer
-    with pytest.raises(PermissionError, match="pickles"):
-        engine.diarize(audio, DiarizeOptions(engine="pyannote", pyannote_source=str(tmp_path)))
-    trusted = {"engine": "pyannote", "trust_pickles": True}
+    outside = tmp_path / "pipeline"
+    outside.mkdir()
+    (outside / "config.yaml").write_text("pipeline: {}\n")
+    with pytest.raises(PermissionError, match="pickles"):  # not in a folder the settings trust
+        engine.diarize(audio, DiarizeOptions(engine="pyannote", pyannote_source=str(outside)))
+    trusted = {"engine": "pyannote"}
     with pytest.raises(FileNotFoundError, match=r"config\.yaml"):
-        engine.diarize(audio, DiarizeOptions(pyannote_source=str(tmp_path), **trusted))
+        engine.diarize(audio, DiarizeOptions(pyannote_source=str(tmp_path / "empty"), **trusted))
     with pytest.raises(FileNotFoundError, match="Models tab"):
         engine.diarize(audio, DiarizeOptions(pyannote_source="pyannote-diarization-3.1", **trusted))
 
@@ -243,3 +246,35 @@ def test_pyannote_glue_passes_a_waveform_and_reads_diarize_output():
     assert turns == [SpeakerTurn(0.5, 2.0, "SPEAKER_00"), SpeakerTurn(3.0, 5.0, "SPEAKER_01")]
     assert run_pipeline(lambda audio: pipeline(audio).speaker_diarization, pcm)[0].speaker == "SPEAKER_00"
     assert run_pipeline(pipeline, np.zeros(0, np.float32)) == []
+
+
+@needs_espeak
+def test_transcribe_with_the_pyannote_engine_runs_the_pipeline(ctx, dialogue, monkeypatch):
+    """The pyannote path end to end through AsrBackend.stream (it used to be skipped: "Done" with no speakers).
+    A stand-in pipeline replaces Pipeline.from_pretrained (the real ones need gated Hub weights); the folder must be
+    in a trusted folder of the settings, and the turns it returns are assigned to the transcript's segments."""
+    from pyannote.core import Annotation
+    from pyannote.core import Segment as Span
+
+    from backends.audio import diarize_pyannote
+
+    d, path = dialogue
+    folder = ctx.settings.models_dir / "pyannote-standin"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("pipeline: {}\n")
+    calls = []
+
+    def standin(audio, **kwargs):
+        calls.append(audio["waveform"].shape)
+        ann = Annotation()
+        for t in d.turns:
+            ann[Span(t.start, t.end)] = f"PYA_{t.speaker}"
+        return ann
+
+    monkeypatch.setattr(diarize_pyannote.PyannoteLoader, "load", lambda self, device: standin)
+    tr = ctx.backends.asr.transcribe(
+        path, TranscribeOptions(), diarize=DiarizeOptions(engine="pyannote", pyannote_source=str(folder))
+    )
+    assert len(calls) == 1
+    assert {s.speaker for s in tr.segments} == {"PYA_A", "PYA_B"}
+    assert any("diarization (pyannote): 2 speaker" in n for n in tr.notes)

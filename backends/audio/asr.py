@@ -187,7 +187,7 @@ class AsrBackend:
                 yield run.update((), stats.seconds)
         yield from run.flush(stats.seconds)
         transcript = run.transcript(stats)
-        if tracker is not None and transcript.segments and not transcript.cancelled:
+        if diarize is not None and transcript.segments and not transcript.cancelled:  # pyannote has no tracker
             yield run.update((), stats.seconds, message="assigning speakers...")
             self._diarize(transcript, tracker, diarize, path)
         log.info(

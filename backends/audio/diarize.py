@@ -16,8 +16,9 @@ Offline engine policy:
 - each sub-window speaks for the 0.8 s around its centre; a 3-tap majority filter removes one-window flicker;
   speakers are then numbered SPEAKER_1, SPEAKER_2, ... in the order they first speak.
 
-pyannote.audio pipelines load pickled checkpoints (`weights_only=False` inside pyannote), so a local folder is used
-only when the caller says it trusts it (`trust_pickles`); the studio never downloads one at run time.
+pyannote.audio pipelines load pickled checkpoints (`weights_only=False` inside pyannote), so a pipeline folder is
+used only inside the folders the owner's settings trust (the models folder and `trusted_model_dirs`); no request can
+mark one trusted, and the studio never downloads one at run time.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -111,8 +112,34 @@ class LLMBackend:
         return self._config
 
     def configure(self, **changes: Any) -> LLMConfig:
+        """Change the default configuration (scripts, RAG); the Chat tab passes its own per-session `config`."""
         self._config = replace(self._config, **changes)
         return self._config
+
+    def session_config(self, **changes: Any) -> LLMConfig:
+        """The default configuration with one session's changes, validated; the backend's own stays as it was."""
+        return replace(self._config, **changes)
+
+    def check_remote(self, config: LLMConfig) -> None:
+        """The owner decides where chat requests may go: `remote_engine_hosts`, and with offline only loopback."""
+        from urllib.parse import urlparse
+
+        from studio.settings import is_loopback_host
+
+        s = self.ctx.settings
+        host = (urlparse(config.base_url).hostname or "").lower()
+        offline = s.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
+        if offline and not is_loopback_host(host):
+            raise EngineError(f"{host!r} is not this machine and the studio runs offline: no request leaves it.")
+        if (
+            "*" not in s.remote_engine_hosts
+            and host not in s.remote_engine_hosts
+            and not (is_loopback_host(host) and any(is_loopback_host(h) for h in s.remote_engine_hosts))
+        ):
+            raise EngineError(
+                f"The engine host {host!r} is not allowed; the studio's owner can add it to remote_engine_hosts "
+                f"(allowed now: {', '.join(s.remote_engine_hosts) or 'none'})."
+            )
 
     def chat_models(self) -> list[tuple[Any, bool]]:
         """(ModelSpec, present on this machine) for every chat model of the catalog."""
@@ -120,9 +147,9 @@ class LLMBackend:
         return [(s, cat.is_present(s)) for s in cat.by_capability("chat")]
 
     # ---- models ---------------------------------------------------------------------------------------------
-    def _source(self, model_id: str) -> ModelSource:
+    def _source(self, model_id: str, precision: str | None = None) -> ModelSource:
         """Resolve and register the model; a forced precision gets its own residency key ("chat:<id>@nf4")."""
-        precision = self._config.precision
+        precision = precision or self._config.precision
         cache_key = f"{model_id}@{precision}"
         src = self._sources.get(cache_key)
         if src is None:
@@ -163,20 +190,27 @@ class LLMBackend:
         options: GenerationOptions | None = None,
         *,
         cancel: threading.Event | None = None,
+        config: LLMConfig | None = None,
     ) -> Iterator[ChatUpdate]:
-        """Stream the assistant's reply to `messages` (the last one from the user). The stream may be stepped on any
-        thread and closed from another one (Gradio's Stop): closing stops the running step within a token."""
-        return SafeStream(lambda stop: self._chat(messages, options, stop), cancel)
+        """Stream the assistant's reply to `messages` (the last one from the user), with `config` (one session's
+        engine, URL, key and model) or the backend's default; no call changes what another call uses. The stream may
+        be stepped on any thread and closed from another one (Gradio's Stop): closing stops the running step within a
+        token."""
+        return SafeStream(lambda stop: self._chat(messages, options, stop, config), cancel)
 
-    def _chat(self, messages: list[dict[str, str]], options: GenerationOptions | None, cancel: Any):
+    def _chat(
+        self, messages: list[dict[str, str]], options: GenerationOptions | None, cancel: Any, config: LLMConfig | None
+    ):
         opts = options or GenerationOptions()
+        c = config or self._config
         check_messages(messages)
         if opts.system_prompt.strip() and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": opts.system_prompt}, *messages]
-        if self._config.engine == "openai":
-            yield from self._chat_remote(messages, opts, cancel)
+        if c.engine == "openai":
+            self.check_remote(c)
+            yield from self._chat_remote(c, messages, opts, cancel)
         else:
-            yield from self._chat_local(messages, opts, cancel)
+            yield from self._chat_local(c, messages, opts, cancel)
 
     def complete(self, messages: list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.0) -> str:
         opts = GenerationOptions(temperature=temperature, max_new_tokens=max_new_tokens)
@@ -185,8 +219,7 @@ class LLMBackend:
             text = update.text
         return text
 
-    def _chat_remote(self, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
-        c = self._config
+    def _chat_remote(self, c: LLMConfig, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
         client = OpenAIChatClient(OpenAIEngineConfig(c.base_url, c.api_model, c.api_key))
         stats, text, chunks, counted = GenerationStats(decoder=f"openai:{c.api_model}"), "", 0, False
         for piece in client.stream(messages, opts, cancel):
@@ -204,17 +237,17 @@ class LLMBackend:
         self.last_decoder = stats.decoder
         yield ChatUpdate(text, done=True, stats=stats)
 
-    def _chat_local(self, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
-        src = self._source(self._config.model_id)
+    def _chat_local(self, c: LLMConfig, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
+        src = self._source(c.model_id, c.precision)
         tok = self._tokenizer(src)
-        working = kv_cache_bytes(self.model_folder(src), self._config.max_context_tokens)
+        working = kv_cache_bytes(self.model_folder(src), c.max_context_tokens)
         with self._generation_slot(), self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
-            limit = min(self._config.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
+            limit = min(c.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
             ids, note = build_prompt(tok, messages, budget=limit - opts.max_new_tokens)
             if note:
                 yield ChatUpdate("", note=note)
-            decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit)
+            decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit, c.fast_decode)
             stats = GenerationStats(notes=[note] if note else [])
             text = ""
             try:
@@ -243,10 +276,10 @@ class LLMBackend:
         finally:
             self._lock.release(token)
 
-    def _get_decoder(self, key: str, model: Any, needed: int, limit: int) -> Any:
+    def _get_decoder(self, key: str, model: Any, needed: int, limit: int, fast: bool = True) -> Any:
         from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
 
-        if model_device(model).type != "cuda" or not self._config.fast_decode:
+        if model_device(model).type != "cuda" or not fast:
             return EagerDecoder(model)
         version = self._adapters.get(key, AdapterState()).version
         d = self._decoder
@@ -282,12 +315,12 @@ class LLMBackend:
                 continue
         raise AdapterError(f"Adapter {str(folder)!r} must be inside {self.adapter_roots()[0]} or the models folder.")
 
-    def attach_adapter(self, folder: str | Path, name: str | None = None) -> str:
-        """Load a PEFT adapter onto the current base model and make it active; returns its name."""
+    def attach_adapter(self, folder: str | Path, name: str | None = None, *, model_id: str | None = None) -> str:
+        """Load a PEFT adapter onto a base model (default: the configured one) and make it active; returns its name."""
         path = self._adapter_path(folder)
         check_adapter_folder(path)
         name = safe_filename(name or path.name, default="adapter")
-        src = self._source(self._config.model_id)
+        src = self._source(model_id or self._config.model_id)
         with self._lock:
             state = self._adapters.setdefault(src.key, AdapterState())
             with self.ctx.residency.use(src.key) as model:
@@ -305,9 +338,9 @@ class LLMBackend:
                 self._applied[src.key] = (id(model), state.version)
         return name
 
-    def switch_adapter(self, name: str | None) -> None:
+    def switch_adapter(self, name: str | None, *, model_id: str | None = None) -> None:
         """Activate another attached adapter, or the base model with `None` (detach)."""
-        key = self._source(self._config.model_id).key
+        key = self._source(model_id or self._config.model_id).key
         with self._lock:
             state = self._adapters.setdefault(key, AdapterState())
             if name is not None and name not in state.paths:
@@ -317,8 +350,8 @@ class LLMBackend:
     def detach_adapter(self) -> None:
         self.switch_adapter(None)
 
-    def adapter_status(self) -> tuple[list[str], str | None]:
-        key = self._source(self._config.model_id).key
+    def adapter_status(self, model_id: str | None = None) -> tuple[list[str], str | None]:
+        key = self._source(model_id or self._config.model_id).key
         state = self._adapters.get(key, AdapterState())
         return sorted(state.paths), state.active
 
