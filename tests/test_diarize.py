@@ -276,5 +276,6 @@ def test_transcribe_with_the_pyannote_engine_runs_the_pipeline(ctx, dialogue, mo
         path, TranscribeOptions(), diarize=DiarizeOptions(engine="pyannote", pyannote_source=str(folder))
     )
     assert len(calls) == 1
-    assert {s.speaker for s in tr.segments} == {"PYA_A", "PYA_B"}
+    assert {s.speaker for s in tr.segments} == {"SPEAKER_1", "SPEAKER_2"}  # pyannote's labels, numbered in order
+    assert tr.segments[0].speaker == "SPEAKER_1" and [t.speaker for t in tr.speakers][:2] == ["SPEAKER_1", "SPEAKER_2"]
     assert any("diarization (pyannote): 2 speaker" in n for n in tr.notes)
