@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from studio.services import Services
 
 if TYPE_CHECKING:
-    from backends.audio import AsrBackend
+    from backends.audio import AsrBackend, WhisperTuner
     from backends.image import DiffusionBackend, SdLoraBackend
     from backends.llm import LLMBackend
     from backends.rag import RAGBackend
@@ -55,6 +55,12 @@ class Backends:
         from backends import audio
 
         return self._once("asr", lambda: audio.create(self._services))
+
+    @property
+    def whisper_tuner(self) -> WhisperTuner:
+        from backends import audio
+
+        return self._once("whisper_tuner", lambda: audio.create_whisper_tuner(self._services))
 
     @property
     def detection(self) -> DetectionBackend:

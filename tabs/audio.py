@@ -47,6 +47,7 @@ def _model_choices(asr) -> list[tuple[str, str]]:
 
 def build(ctx: StudioContext) -> None:
     from backends.audio import whisper_languages
+    from tabs.audio_train import build_training
 
     asr = ctx.backends.asr
     stops: dict[str, threading.Event] = {}  # one cooperative stop flag per browser session
@@ -160,6 +161,8 @@ def build(ctx: StudioContext) -> None:
         concurrency_limit=1,
     )  # fmt: skip
     export_btn.click(export, [transcript_state, formats], files)
+    with gr.Accordion("Fine-tune Whisper", open=False):
+        build_training(ctx, model, lambda: _model_choices(asr))
 
 
 def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
