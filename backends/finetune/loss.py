@@ -51,10 +51,17 @@ def causal_lm(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def lm_loss(model: Any, batch: dict[str, torch.Tensor], *, chunked: bool = True, chunk: int = 1024) -> tuple[Any, int]:
+def chunk_for(vocab: int) -> int:
+    """Tokens per loss chunk: about 64M logits (256 MB in fp32) at a time."""
+    return max(128, (1 << 26) // max(1, vocab))
+
+
+def lm_loss(model: Any, batch: dict[str, torch.Tensor], *, chunked: bool = True, chunk: int = 0) -> tuple[Any, int]:
     """Next-token loss of a causal LM on a batch (input_ids, attention_mask, labels): (loss, labelled tokens)."""
+    from backends.finetune.memory import compute_device
+
     lm = causal_lm(model)
-    device = lm.get_input_embeddings().weight.device
+    device = compute_device(lm)
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
@@ -67,4 +74,6 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], *, chunked: bool = True,
     decoder = getattr(lm, lm.base_model_prefix)
     hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    return chunked_cross_entropy(hidden, lm.get_output_embeddings(), labels, chunk=chunk, softcap=softcap)
+    head = lm.get_output_embeddings()
+    chunk = chunk or chunk_for(head.weight.shape[0])
+    return chunked_cross_entropy(hidden, head, labels, chunk=chunk, softcap=softcap)

@@ -1,9 +1,15 @@
 """The QLoRA recipe: base model (nf4 double quant on CUDA, fp32 on CPU), LoRA via PEFT's PeftModel API, memory
 savers, optimizer and schedule.
 
-Precision policy (never a silent fp32 on a GPU): on CUDA the base is nf4 with double quantisation, LoRA weights
-are fp32 and compute runs under bf16 autocast where the card has bf16, else fp16 autocast with a gradient scaler.
-On the CPU everything is fp32 and the log says so. (PeftModel, not transformers' `add_adapter`: transformers 5.24's
+Precision policy (never a silent fp32 on a GPU): on CUDA the base is nf4 with double quantisation computing in bf16
+(fp16 on cards without bf16); LoRA weights are fp32. Below LONG_FROM_TOKENS the small LoRA matmuls run in fp32 too
+(measured on an H200: bf16 autocast's extra cast kernels cost 13% of a launch-bound 2048-token step); from
+LONG_FROM_TOKENS on everything runs under bf16 autocast (fp16 + gradient scaler without bf16), so no fp32 copies
+of long activations exist. On the CPU everything is fp32 and the log says so.
+
+Memory policy by length (measured, studio/bench/results/finetune-h200.md): below LONG_FROM_TOKENS decoder layers
+are checkpointed on the GPU; from it on their inputs go to pinned RAM, the input-embedding table stays in RAM
+(its CPU lookup cost 10% at 2048 tokens, nothing that matters at 32k), and the MLP runs in tiles. (PeftModel, not transformers' `add_adapter`: transformers 5.24's
 adapter integration refuses the pinned peft 0.21.)
 """
 
@@ -16,19 +22,22 @@ from typing import Any
 from backends.finetune.types import FinetuneError, LoraOptions, TrainOptions
 
 log = logging.getLogger(__name__)
-OFFLOAD_FROM_TOKENS = 4096  # "auto" offloads decoder-layer inputs to RAM from this length on
+LONG_FROM_TOKENS = 4096  # the long-sequence policy (autocast, offload, embeddings in RAM) from this length on
 
 
-def precision(device: str, opts: TrainOptions) -> tuple[str | None, str]:
+def precision(device: str, opts: TrainOptions, max_length: int) -> tuple[str | None, str]:
     """(autocast dtype for StepLoop, a sentence for the log and the UI)."""
     if not device.startswith("cuda") or opts.precision == "fp32":
         why = "on the CPU" if not device.startswith("cuda") else "as requested"
         return None, f"fp32 ({why}: expected, slower)"
     import torch
 
-    if torch.cuda.is_bf16_supported():
-        return "bf16", "nf4 base, bf16 compute, fp32 LoRA weights"
-    return "fp16", "nf4 base, fp16 compute with a gradient scaler (this card has no bf16), fp32 LoRA weights"
+    half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    note = "" if half == "bf16" else " (this card has no bf16)"
+    if max_length < LONG_FROM_TOKENS:
+        return None, f"nf4 base computing in {half}{note}; LoRA fp32"
+    scaler = " with a gradient scaler" if half == "fp16" else ""
+    return half, f"nf4 base, {half} autocast{scaler}{note}, fp32 LoRA weights"
 
 
 def load_base(folder: Path, device: str, opts: TrainOptions) -> Any:
@@ -60,17 +69,20 @@ def attach_lora(model: Any, lora: LoraOptions) -> Any:
 
 def apply_memory_savers(model: Any, opts: TrainOptions, device: str, max_length: int) -> list[str]:
     """Checkpointing (offloaded to pinned RAM when asked or long), tiled MLP for long sequences. Returns notes."""
-    from backends.finetune.memory import checkpoint_layers, tile_mlp
+    from backends.finetune.memory import checkpoint_layers, embeddings_to_ram, tile_mlp
 
     notes = []
+    long = max_length >= LONG_FROM_TOKENS
+    if opts.embeddings_in_ram and long and device.startswith("cuda") and embeddings_to_ram(model):
+        notes.append("input embeddings in RAM")
     if opts.gradient_checkpointing:
         offload = opts.offload_activations == "on" or (
-            opts.offload_activations == "auto" and device.startswith("cuda") and max_length >= OFFLOAD_FROM_TOKENS
+            opts.offload_activations == "auto" and device.startswith("cuda") and long
         )
         n = checkpoint_layers(model, offload=offload)
         notes.append(f"checkpointing {n} layers" + (", inputs offloaded to pinned RAM" if offload else ""))
-    if max_length > OFFLOAD_FROM_TOKENS:
-        notes.append(f"tiled MLP on {tile_mlp(model, OFFLOAD_FROM_TOKENS)} layers")
+    if max_length > LONG_FROM_TOKENS:
+        notes.append(f"tiled MLP on {tile_mlp(model, LONG_FROM_TOKENS)} layers")
     if opts.chunked_loss:
         notes.append("chunked cross-entropy (no full-vocabulary logits)")
     return notes

@@ -87,6 +87,7 @@ class TrainOptions:
     gradient_checkpointing: bool = True
     chunked_loss: bool = True  # never materialise full-vocabulary logits
     offload_activations: str = "auto"  # "auto" (CUDA and length >= 4096), "on", "off"
+    embeddings_in_ram: bool = True  # CUDA: a frozen untied input-embedding table stays in RAM (lookup on the CPU)
     precision: str = "auto"  # "auto": nf4 base + bf16 (fp16 without bf16) on CUDA, fp32 on CPU
 
     def __post_init__(self) -> None:
