@@ -1,6 +1,6 @@
 """Audio tab: transcribe a recording (upload or microphone), label speakers, post-edit with the chat model, export.
 
-UI only: the work is in backends.asr / backends.diarize / backends.postedit / backends.subtitles. Segments stream in
+UI only: the work is in backends.audio.asr / backends.audio.diarize / backends.audio.postedit / backends.audio.subtitles. Segments stream in
 as each speech window is transcribed; Stop ends the run at the next window and keeps what is done.
 """
 
@@ -45,9 +45,9 @@ def _model_choices(asr) -> list[tuple[str, str]]:
 
 
 def build(ctx: StudioContext) -> None:
-    from backends.asr import whisper_languages
+    from backends.audio import whisper_languages
 
-    asr = ctx.backends.get("asr")
+    asr = ctx.backends.asr
     stops: dict[str, threading.Event] = {}  # one cooperative stop flag per browser session
     gr.Markdown(
         "## Audio\nTranscribe meetings and lectures: any audio or video file, or the microphone. Long files are "
@@ -95,7 +95,7 @@ def build(ctx: StudioContext) -> None:
 
     def transcribe(audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
                    trust_v, request: gr.Request):  # fmt: skip
-        from backends.asr import Transcript
+        from backends.audio import Transcript
 
         path = _input_path(ctx, audio_v, video_v)
         opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v)
@@ -122,7 +122,7 @@ def build(ctx: StudioContext) -> None:
         return "Stopping after the current window…"
 
     def post_edit(tr, glossary_v, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
-        from backends.postedit import PostEditOptions, postedit
+        from backends.audio import PostEditOptions, postedit
 
         if tr is None or not tr.segments:
             raise gr.Error("Nothing to edit yet: transcribe something first.")
@@ -131,7 +131,7 @@ def build(ctx: StudioContext) -> None:
         stop_flag.clear()
         try:
             report = postedit(
-                ctx.backends.get("llm"), tr.segments, PostEditOptions(glossary=terms), should_stop=stop_flag.is_set,
+                ctx.backends.llm, tr.segments, PostEditOptions(glossary=terms), should_stop=stop_flag.is_set,
                 on_chunk=lambda done, total: progress((done, total), desc="post-editing", unit="chunks"),
             )  # fmt: skip
         except Exception as e:
@@ -141,7 +141,7 @@ def build(ctx: StudioContext) -> None:
         return tr, _lines(tr.segments), report.spans
 
     def export(tr, formats_v):
-        from backends.subtitles import export as write
+        from backends.audio import export_transcript as write
 
         if tr is None:
             raise gr.Error("Nothing to export yet: transcribe something first.")
@@ -176,8 +176,7 @@ def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
 
 
 def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v):
-    from backends.asr import TranscribeOptions
-    from backends.diarize import DiarizeOptions
+    from backends.audio import DiarizeOptions, TranscribeOptions
 
     try:
         opts = TranscribeOptions(
@@ -207,8 +206,7 @@ def _final_status(tr, started: float) -> str:
 
 def _message(e: Exception) -> str:
     """Backend errors carry their own fix; anything else is named so the log can be searched."""
-    from backends.asr_models import ModelMissing
-    from backends.audio_io import AudioInputError
+    from backends.audio import AudioInputError, ModelMissing
 
     if isinstance(e, AudioInputError | ModelMissing | ValueError | PermissionError | FileNotFoundError):
         return str(e)

@@ -65,7 +65,7 @@ def export_conversation(ctx: StudioContext, history: list[dict[str, str]], fmt: 
 def build(ctx: StudioContext) -> None:
     import gradio as gr
 
-    backend = ctx.backends.get("llm")
+    backend = ctx.backends.llm
     cfg = backend.config
     cancel_flags: dict[str, threading.Event] = {}  # per browser session
 

@@ -1,6 +1,6 @@
 """Image tab: Stable Diffusion 1.5 / SDXL generation (txt2img, img2img, inpainting, LoRAs), gallery, LoRA training.
 
-UI only: the work is in backends.diffusion and backends.sd_lora (training lives in tabs/image_train.py). Offline, the
+UI only: the work is in backends.image.diffusion and backends.image.lora_train (training lives in tabs/image_train.py). Offline, the
 only model is an untrained demo pipeline; every result made with it says "untrained demo model".
 """
 
@@ -33,18 +33,18 @@ def _message(e: Exception) -> str:
 
 
 def _lora_choices(ctx: StudioContext) -> list[str]:
-    return [str(p) for p in ctx.backends.get("sd_lora").list_loras()]
+    return [str(p) for p in ctx.backends.sd_lora.list_loras()]
 
 
 def _gallery_items(ctx: StudioContext) -> list[tuple[str, str]]:
-    return [(str(it.path), it.caption) for it in ctx.backends.get("diffusion").gallery(60)]
+    return [(str(it.path), it.caption) for it in ctx.backends.diffusion.gallery(60)]
 
 
 def build(ctx: StudioContext) -> None:
-    from backends.diffusion import SCHEDULERS
+    from backends.image import SCHEDULERS
     from tabs.image_train import build_training
 
-    diffusion = ctx.backends.get("diffusion")
+    diffusion = ctx.backends.diffusion
     stops: dict[str, threading.Event] = {}
     gr.Markdown(
         "## Image\nStable Diffusion 1.5 and SDXL: text to image, image to image and inpainting, with LoRAs. The "
@@ -98,7 +98,7 @@ def build(ctx: StudioContext) -> None:
     def generate(model_v, custom_v, prompt_v, neg_v, w, h, steps_v, cfg_v, seed_v, batch_v, sched_v, init_v, mask_v,
                  strength_v, l1, s1, l2, s2, l3, s3, request: gr.Request,
                  progress=gr.Progress()):  # noqa: B008  # fmt: skip
-        from backends.diffusion import GenerateRequest, GenerationCancelled, LoraChoice
+        from backends.image import GenerateRequest, GenerationCancelled, LoraChoice
 
         flag = stops.setdefault(request.session_hash or "-", threading.Event())
         flag.clear()
@@ -145,7 +145,7 @@ def build(ctx: StudioContext) -> None:
         return [gr.update(choices=choices, value=str(target) if i == 0 else None) for i in range(LORA_SLOTS)]
 
     def show_params(evt: gr.SelectData) -> dict[str, Any]:
-        from backends.diffusion_png import read_png_params
+        from backends.image import read_png_params
 
         items = diffusion.gallery(60)
         return read_png_params(items[evt.index].path) if evt.index < len(items) else {}

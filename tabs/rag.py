@@ -129,7 +129,7 @@ def ask_stream(backend: Any, kb_v: str | None, q: str, mode_v: str, k: float, ll
 def build(ctx: StudioContext) -> None:
     import gradio as gr
 
-    backend = ctx.backends.get("rag")
+    backend = ctx.backends.rag
     names = backend.knowledge_bases()
     rerank_line = (
         "Reranking: the **ms-marco-MiniLM-L-6-v2 cross-encoder** reorders the best 20 candidates."

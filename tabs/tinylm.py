@@ -17,7 +17,7 @@ def build(ctx: StudioContext) -> None:
 
     from backends.tinylm import TrainOptions, available_works
 
-    backend = ctx.backends.get("tinylm")
+    backend = ctx.backends.tinylm
     gr.Markdown(
         "## Tiny LM lab\nTrain a small GPT (nanoGPT-style, character level) **from scratch** on Shakespeare's plays, "
         "shipped offline. Loss starts near ln(vocabulary) ≈ 4.2 and falls as it learns spelling, then words, then "

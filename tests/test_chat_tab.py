@@ -35,7 +35,7 @@ def test_tab_builds_without_loading_a_model(ctx):
 
 
 def test_model_choices_mark_missing_models(ctx):
-    choices = dict((v, k) for k, v in chat.model_choices(ctx.backends.get("llm")))
+    choices = dict((v, k) for k, v in chat.model_choices(ctx.backends.llm))
     assert "not on this machine" not in choices["smollm2-135m"]
     assert "not on this machine" in choices["llama-3.1-8b-instruct"]
 
@@ -58,7 +58,7 @@ def test_export_markdown_and_json(ctx):
 
 
 def test_stats_line():
-    from backends.llm import GenerationStats
+    from backends.llm.backend import GenerationStats
 
     line = chat.stats_line(GenerationStats(new_tokens=12, decode_tokens_per_s=20.5, ttft_s=0.3, decoder="eager",
                                            finish_reason="eos"))  # fmt: skip
