@@ -90,7 +90,7 @@ def export_merged(base_folder: Path, adapter_folder: Path, target: Path, *, dtyp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from backends.llm_models import load_tokenizer
+    from backends.llm import load_tokenizer
 
     tokenizer = load_tokenizer(base_folder)
     family = check_template(tokenizer)

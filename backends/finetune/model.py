@@ -41,7 +41,7 @@ def precision(device: str, opts: TrainOptions, max_length: int) -> tuple[str | N
 
 
 def load_base(folder: Path, device: str, opts: TrainOptions) -> Any:
-    from backends.llm_models import check_model_folder, load_causal_lm
+    from backends.llm import check_model_folder, load_causal_lm
 
     params = check_model_folder(folder)
     nf4 = device.startswith("cuda") and opts.precision == "auto"

@@ -99,7 +99,9 @@ class StepRecord:
     peak_bytes: int | None  # CUDA peak allocated since the run started
 
 
-class _NullLease:
+class NullLease:
+    """What a trainer gets where there is no residency lease (CPU, tests): no pauses."""
+
     paused_s = 0.0
     pauses = 0
 
@@ -116,7 +118,7 @@ class LoopHooks:
     on_step: Callable[[StepRecord], None] = lambda r: None
     evaluate: Callable[[int], dict[str, float]] | None = None
     export: Callable[[Path, int], None] | None = None  # write more files into a checkpoint folder being built
-    lease: Callable[[], contextlib.AbstractContextManager] = lambda: contextlib.nullcontext(_NullLease())
+    lease: Callable[[], contextlib.AbstractContextManager] = lambda: contextlib.nullcontext(NullLease())
 
 
 @dataclass

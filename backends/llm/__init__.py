@@ -9,10 +9,19 @@ weights), adapters (PEFT adapters in place), remote (the OpenAI-compatible clien
 from backends.llm.adapters import AdapterError
 from backends.llm.backend import ChatUpdate, LLMBackend, LLMConfig, create
 from backends.llm.generate import GenerationOptions, GenerationStats, PromptTooLong
-from backends.llm.models import ModelNotAvailable
+from backends.llm.models import (
+    ModelNotAvailable,
+    ModelSource,
+    check_model_folder,
+    ensure_converted,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_source,
+)
 from backends.llm.remote import EngineError
 
 __all__ = [
     "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "PromptTooLong", "create",
+    "ModelNotAvailable", "ModelSource", "PromptTooLong", "check_model_folder", "create", "ensure_converted",
+    "load_causal_lm", "load_tokenizer", "resolve_source",
 ]  # fmt: skip

@@ -23,19 +23,14 @@ first-step loss of both (equal weights and data, so the losses must agree).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
-import math
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from studio.bench.llm import LLAMA_8B, build_nf4_llama
+from studio.bench.llm_models import LLAMA_8B, build_nf4_llama
 
 GIB = 2**30
 PLAIN_LENGTHS = (512, 1024, 2048, 4096)
@@ -242,7 +237,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def smollm2_folder(work: Path) -> Path:
-    from backends.llm_models import ensure_converted
+    from backends.llm import ensure_converted
     from studio.catalog import Catalog
 
     catalog = Catalog(work / "models")
@@ -326,14 +321,6 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> str:
-    from studio.runs import package_versions
-
-    v = package_versions(("torch", "transformers", "peft", "bitsandbytes"))
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})"
-    return f"{dev}; " + ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft", "bitsandbytes"))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="SmolLM2-135M on the CPU")
@@ -351,17 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.quick
     args.steps = args.steps if args.steps is not None else (2 if gpu else 1)
     result = run_gpu(args) if gpu else run_cpu(args)
-    result.update(machine=machine(), date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                  command="python -m studio.bench.finetune " + " ".join(sys.argv[1:] if argv is None else argv))  # fmt: skip
+    from studio.bench.common import describe_machine, machine_info, write_results
+
+    info = machine_info("torch", "transformers", "peft", "bitsandbytes")
+    result.update(machine=describe_machine(info), date=info["date"], command=info["command"], versions=info["versions"])
     result["targets"] = targets(result) if gpu else []
     md = markdown(result)
     print(md, flush=True)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"finetune-{'h200' if gpu else 'cpu-quick'}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=lambda o: None if
-                                                        isinstance(o, float) and math.isnan(o) else str(o)))  # fmt: skip
-        stem.with_suffix(".md").write_text(md)
+        write_results(args.out, "finetune", result, md)
     return 0
 
 
