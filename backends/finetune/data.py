@@ -206,10 +206,11 @@ def load_conversations(
         if isinstance(rec, Problem):
             report.problems.append(rec)
             continue
-        if report.format == "auto":
-            report.format = detect_format(rec) or "auto"
+        kind = fmt if fmt != "auto" else (detect_format(rec) or "?")  # auto: each record by its keys
+        if report.format == "auto" and kind != "?":
+            report.format = kind
         try:
-            conv = to_conversation(rec, report.format if report.format != "auto" else (detect_format(rec) or "?"))
+            conv = to_conversation(rec, kind)
         except ValueError as e:
             report.problems.append(Problem(where, str(e)))
             continue
