@@ -203,3 +203,15 @@ class FinetuneResult:
     adapter: Path | None
     message: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def config_from_dict(d: dict[str, Any]) -> FinetuneConfig:
+    """The inverse of `dataclasses.asdict(FinetuneConfig)` (for run records and `launch --config`)."""
+    lora = dict(d.get("lora") or {})
+    if "targets" in lora:
+        lora["targets"] = tuple(lora["targets"])
+    rest = {k: v for k, v in d.items() if k not in ("data", "lora", "train")}
+    if "eval_prompts" in rest:
+        rest["eval_prompts"] = tuple(rest["eval_prompts"])
+    return FinetuneConfig(data=DataOptions(**d["data"]), lora=LoraOptions(**lora), train=TrainOptions(**d.get("train", {})),
+                          **rest)  # fmt: skip
