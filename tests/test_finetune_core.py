@@ -150,3 +150,18 @@ def test_disk_full_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no half-written temp folder left
     fresh = _loop(tmp_path, 8)
     assert fresh.resume(tmp_path / "checkpoint") == 2
+
+
+def test_out_of_memory_in_a_step_keeps_the_checkpoint(tmp_path):
+    loop = _loop(tmp_path, 8)
+    real = loop.loss_fn
+
+    def loss(m, b):
+        if loop.step >= 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(m, b)
+
+    loop.loss_fn = loss
+    result = loop.run()
+    assert result.status == "failed" and result.last_checkpoint_step == 2 and result.steps_done == 3
+    assert "out of GPU memory at step 4" in result.message and "Lower the max length" in result.message

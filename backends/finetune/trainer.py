@@ -14,6 +14,7 @@ Invariants:
 - One optimizer step = `grad_accum` micro-batches; the loss is the token-weighted mean over all of them.
 - A non-finite loss or gradient norm stops the run BEFORE the optimizer step: weights stay as at the last good
   step and the last checkpoint is kept (status "stopped"). With fp16 the gradient scaler's skipped steps are normal.
+- An out-of-memory step ends the run as "failed" with the checkpoint kept and a message saying what to lower.
 - Checkpoints (`checkpoint/`: trainable.safetensors, state.pt with optimizer, scheduler, scaler and RNG states,
   meta.json) are written through `studio.safety.atomic_folder`: a failed save (disk full) leaves the previous
   checkpoint intact and stops the run with status "failed" and a message saying so.
@@ -172,8 +173,11 @@ class StepLoop:
             if self.hooks.should_stop():
                 return self._end("cancelled", f"cancelled at step {self.step}")
             t0 = time.perf_counter()
-            with lease.step():
-                loss, tokens, finite = self._optimizer_step()
+            try:
+                with lease.step():
+                    loss, tokens, finite = self._optimizer_step()
+            except torch.OutOfMemoryError as e:
+                return self._out_of_memory(e)
             if not finite:
                 kept = f"checkpoint of step {self.saved_step} kept" if self.saved_step else "no checkpoint yet"
                 msg = f"non-finite loss or gradient at step {self.step + 1} (loss {loss}); stopped, {kept}"
@@ -193,6 +197,17 @@ class StepLoop:
                 if failed:
                     return failed
         return self._end("done", f"{self.step} steps")
+
+    def _out_of_memory(self, e: Exception) -> LoopResult:
+        """A step ran out of GPU memory: drop the gradients, keep the last checkpoint, say what to change."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        kept = f"checkpoint of step {self.saved_step} kept" if self.saved_step else "no checkpoint yet"
+        msg = (f"out of GPU memory at step {self.step + 1} ({str(e).splitlines()[0][:160]}); {kept}. "
+               "Lower the max length or the batch size, or turn activation offload on.")  # fmt: skip
+        log.error(msg)
+        return LoopResult("failed", self.step, self.saved_step, msg)
 
     def _end(self, status: str, message: str) -> LoopResult:
         if self.step > 0 and self.saved_step != self.step:
