@@ -49,7 +49,7 @@ def _set(panel, label: str, value: str) -> None:
 
 
 def test_jsonl_to_an_adapter_answering_in_chat(tmp_path: Path) -> None:
-    data = write_task(tmp_path / "my-questions.jsonl", count=80, seed=5)
+    data = write_task(tmp_path / "my-questions.jsonl", count=40, seed=5)
     with running_studio(tmp_path / "studio") as studio, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -61,22 +61,22 @@ def test_jsonl_to_an_adapter_answering_in_chat(tmp_path: Path) -> None:
         chat = _tab(page, "Chat")
         chat.get_by_text("Generation", exact=True).first.click()
         _slider(chat, "Temperature (0 = greedy)", "0")
-        _slider(chat, "Max new tokens", "16")
+        _slider(chat, "Max new tokens", "12")
         base_answer = _ask(chat)
 
         ft = _tab(page, "Fine-tune")
         ft.locator("input[type=file]").first.set_input_files(str(data))
         ft.get_by_text("my-questions.jsonl").first.wait_for()
-        _set(ft, "Max length (tokens)", "96")
+        _set(ft, "Max length (tokens)", "80")
         ft.get_by_text("Training", exact=True).click()
-        _set(ft, "Steps", "16")
-        _set(ft, "Batch", "4")
+        _set(ft, "Steps", "10")
+        _set(ft, "Batch", "2")
         _set(ft, "Learning rate", "0.002")
         _set(ft, "Adapter name", "e2e-adapter")
         ft.get_by_role("button", name="Check dataset").click()
-        ft.get_by_text(re.compile(r"\d+ of 80 records usable")).first.wait_for()
+        ft.get_by_text(re.compile(r"\d+ of 40 records usable")).first.wait_for()
         ft.get_by_role("button", name="Start fine-tune").click()
-        ft.get_by_text(re.compile(r"done\*?\*? after 16 steps")).first.wait_for(timeout=1_200_000)
+        ft.get_by_text(re.compile(r"done\*?\*? after 10 steps")).first.wait_for(timeout=1_200_000)
         ft.locator("path[aria-roledescription='line mark']").first.wait_for()
         ft.get_by_text("dev loss").first.wait_for()
 

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_learns_the_shakespeare_task(llm_ctx):
-    data = write_task(llm_ctx.settings.data_dir / "uploads" / "shakespeare-120.jsonl", count=120, seed=3)
+    data = write_task(llm_ctx.settings.data_dir / "uploads" / "shakespeare-60.jsonl", count=60, seed=3)
     cfg = FinetuneConfig(
         model="smollm2-135m",
-        data=DataOptions(str(data), max_length=96, dev_fraction=0.15),
+        data=DataOptions(str(data), max_length=80, dev_fraction=0.2),
         lora=LoraOptions(rank=8, alpha=16),
-        train=TrainOptions(max_steps=30, batch_size=4, grad_accum=1, learning_rate=1e-3, warmup_steps=3, save_every=10),
-        output_name="shakespeare-smol", eval_max_new_tokens=12,
+        train=TrainOptions(max_steps=12, batch_size=2, grad_accum=1, learning_rate=2e-3, warmup_steps=2, save_every=6),
+        output_name="shakespeare-smol", eval_max_new_tokens=8,
     )  # fmt: skip
     job = llm_ctx.backends.finetune.submit(cfg)
     assert job.wait(1500), job.logs[-10:]
