@@ -132,7 +132,11 @@ def embeddings_to_ram(model: Any) -> bool:
     device = emb.weight.device
     if device.type == "cpu":
         return False
-    emb.to("cpu")
+    # A plain CPU tensor, no longer a parameter: neither `.to()` nor the residency manager's training lease (which
+    # places a trainer's host-memory parameters on the device) moves it back to the GPU.
+    weight = emb.weight.detach().to("cpu")
+    del emb._parameters["weight"]
+    emb.weight = weight
 
     def before(module: Any, args: tuple) -> tuple:
         return (args[0].to("cpu"), *args[1:])
