@@ -44,10 +44,19 @@ def test_assistant_turns_only_carry_labels(smol_folder):
     assert list(everything.labels) == list(everything.input_ids)
 
 
-def test_a_run_writes_an_adapter_the_chat_tab_attaches(llm_ctx, tiny):
+def test_a_run_writes_an_adapter_the_chat_tab_attaches(llm_ctx, tiny, monkeypatch):
+    leases = []
+    real_training = llm_ctx.residency.training
+
+    def training(key, **kw):
+        leases.append(real_training(key, **kw))
+        return leases[-1]
+
+    monkeypatch.setattr(llm_ctx.residency, "training", training)
     ft = llm_ctx.backends.finetune
     job = ft.submit(config(tiny))
     assert job.wait(300), job
+    assert len(leases) == 1 and leases[0].steps == 4 and leases[0].label == "Fine-tune"  # every step on the lease
     result = job.result
     assert job.status == "done", (job.error, job.logs[-20:])
     assert result.status == "done" and result.steps_done == 4
@@ -74,6 +83,10 @@ def test_a_run_writes_an_adapter_the_chat_tab_attaches(llm_ctx, tiny):
 def test_cancel_keeps_the_last_checkpoint(llm_ctx, tiny):
     ft = llm_ctx.backends.finetune
     job = ft.submit(config(tiny, max_steps=500, save_every=1))
+    from backends.finetune import FinetuneError
+
+    with pytest.raises(FinetuneError, match="already"):  # a double click queues nothing more
+        ft.submit(config(tiny, max_steps=500, save_every=1))
     deadline = time.monotonic() + 240
     while len(ft.live(job.id).get("history", [])) < 2 and time.monotonic() < deadline and not job.is_finished:
         time.sleep(0.2)

@@ -70,6 +70,7 @@ class FinetuneBackend:
         """Check the data now (errors raise here, before any GPU work), then queue the run as a GPU job."""
         from studio.runs import hash_dataset
 
+        self._refuse_duplicate(cfg)
         split_dataset(cfg.data)
         folder = self.base_folder(cfg.model)
         if cfg.resume_from:
@@ -77,7 +78,7 @@ class FinetuneBackend:
         digest = hash_dataset(Path(cfg.data.path))
         run = self.s.runs.create(RUN_KIND, asdict(cfg), seed=cfg.train.seed, dataset_hash=digest)
         estimate = self.estimate(cfg)
-        live: dict[str, Any] = {"run_id": run.id, "estimate": estimate, "history": []}
+        live: dict[str, Any] = {"run_id": run.id, "estimate": estimate, "history": [], "name": cfg.output_name}
 
         def work(job: Any) -> Any:
             from backends.finetune.job import FinetuneJob
@@ -94,6 +95,15 @@ class FinetuneBackend:
             self._live[job.id] = live
         log.info("fine-tune %s queued as %s (run %s)", cfg.output_name, job.id, run.id)
         return job
+
+    def _refuse_duplicate(self, cfg: FinetuneConfig) -> None:
+        """A double click (or a second browser tab) must not queue the same run twice."""
+        with self._lock:
+            for job_id, live in self._live.items():
+                job = self.s.jobs.get(job_id)
+                if job is not None and not job.is_finished and live.get("name") == cfg.output_name:
+                    raise FinetuneError(f"A fine-tune named {cfg.output_name!r} is already {job.status} ({job_id}): "
+                                        "wait for it, cancel it, or choose another adapter name.")  # fmt: skip
 
     def live(self, job_id: str) -> dict[str, Any]:
         """The job's live state: run_id, estimate, history (StepRecord dicts), report, precision, result."""

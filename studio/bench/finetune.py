@@ -261,7 +261,8 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
         for recipe in ("plain", "ours"):
             rows.append(measure(model, recipe, seq, vocab, "cpu", args.steps))
             print(_row_line(rows[-1]), flush=True)
-    name = "SmolLM2-135M-Instruct (real weights, fp32 on CPU)" if args.model_dir is None else str(args.model_dir)
+    real = args.model_dir is None or "smollm2" in str(args.model_dir).lower()
+    name = "SmolLM2-135M-Instruct (real weights, fp32 on CPU)" if real else str(args.model_dir)
     return {"model": name, "rows": rows, "search": None, "loss_check": check}
 
 
