@@ -87,7 +87,9 @@ def test_jsonl_to_an_adapter_answering_in_chat(tmp_path: Path) -> None:
         folder.click()
         page.get_by_role("option", name=re.compile("e2e-adapter")).first.click()
         chat.get_by_role("button", name="Attach", exact=True).click()
-        chat.get_by_text("Attached adapter").first.wait_for()
+        chat.get_by_text(
+            re.compile(r"Attached adapter|Active: e2e-adapter")
+        ).first.wait_for()  # the switch note follows
         chat.get_by_role("button", name="Clear", exact=True).click()
         adapter_answer = _ask(chat)
         browser.close()
