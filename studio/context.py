@@ -15,6 +15,7 @@ from studio.services import Services
 
 if TYPE_CHECKING:
     from backends.audio import AsrBackend, WhisperTuner
+    from backends.finetune import FinetuneBackend
     from backends.image import DiffusionBackend, SdLoraBackend
     from backends.llm import LLMBackend
     from backends.rag import RAGBackend
@@ -85,6 +86,12 @@ class Backends:
         from backends import tinylm
 
         return self._once("tinylm", lambda: tinylm.create(self._services))
+
+    @property
+    def finetune(self) -> FinetuneBackend:
+        from backends import finetune
+
+        return self._once("finetune", lambda: finetune.create(self._services, llm=lambda: self.llm))
 
     @property
     def rag(self) -> RAGBackend:

@@ -22,7 +22,15 @@ from backends.llm.adapters import (
 )
 from backends.llm.backend import ChatUpdate, LLMBackend, LLMConfig, check_messages, create, eos_ids, kv_cache_bytes
 from backends.llm.generate import GenerationOptions, GenerationStats, PromptTooLong, StopTextTracker, stream_tokens
-from backends.llm.models import ModelNotAvailable
+from backends.llm.models import (
+    ModelNotAvailable,
+    ModelSource,
+    check_model_folder,
+    ensure_converted,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_source,
+)
 from backends.llm.remote import EngineError
 from backends.llm.tools import ToolCall, ToolError, ToolsNotSupported, ToolStream, parse_tool_calls
 
@@ -36,6 +44,7 @@ __all__ = [  # the last group: building blocks the VLM package reuses (decoders,
     "LLMBackend",
     "LLMConfig",
     "ModelNotAvailable",
+    "ModelSource",
     "PromptTooLong",
     "StopTextTracker",
     "ToolCall",
@@ -45,14 +54,19 @@ __all__ = [  # the last group: building blocks the VLM package reuses (decoders,
     "activate",
     "check_adapter_folder",
     "check_messages",
+    "check_model_folder",
     "create",
     "decoder_for",
     "delete_from",
+    "ensure_converted",
     "eos_ids",
     "kv_cache_bytes",
+    "load_causal_lm",
     "load_into",
+    "load_tokenizer",
     "loaded_adapters",
     "parse_tool_calls",
+    "resolve_source",
     "stream_tokens",
 ]  # fmt: skip
 
