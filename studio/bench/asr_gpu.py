@@ -118,11 +118,13 @@ def time_pipeline(folder: Path, clips, tokens: int, *, dtype=None, batch: int | 
     call = {"generate_kwargs": {"min_new_tokens": tokens, "max_new_tokens": tokens, "language": "en"}}
     if batch:
         call["batch_size"] = batch
-    inputs = [{"raw": c, "sampling_rate": 16000} for c in clips]
-    asr(inputs[: batch or 1], **call)  # warm-up
+    def inputs(n: int | None = None) -> list[dict]:  # fresh dicts each call: the pipeline pops "raw" out of them
+        return [{"raw": c, "sampling_rate": 16000} for c in clips[:n]]
+
+    asr(inputs(batch or 1), **call)  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    asr(inputs, **call)
+    asr(inputs(), **call)
     torch.cuda.synchronize()
     took = time.perf_counter() - t0
     del asr
