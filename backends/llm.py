@@ -11,13 +11,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from backends.llm_adapters import AdapterError, AdapterState, check_adapter_folder, delete_from, find_adapters
-from backends.llm_generate import GenerationOptions, GenerationStats, build_prompt, stream_tokens
+from backends.llm_generate import (
+    GenerationOptions,
+    GenerationStats,
+    build_prompt,
+    options_for_size,
+    params_from_name,
+    stream_tokens,
+)
 from backends.llm_models import (
     ModelNotAvailable,
     ModelSource,
@@ -38,7 +46,7 @@ ROLES = ("system", "user", "assistant")
 PRECISIONS = ("auto", "nf4", "16bit")
 __all__ = [
     "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "WeightsError", "create",
+    "ModelNotAvailable", "WeightsError", "create", "options_for_size",
 ]  # fmt: skip
 
 
@@ -73,8 +81,11 @@ class ChatUpdate:
     stats: GenerationStats | None = None
 
 
-def check_messages(messages: list[dict[str, str]]) -> None:
-    """Refuse malformed conversations with a message that names the bad value."""
+def check_messages(messages: list[dict[str, str]], *, continuing: bool = False) -> None:
+    """Refuse malformed conversations with a message that names the bad value.
+
+    `continuing`: the last message is the assistant's unfinished reply, to be continued.
+    """
     if not isinstance(messages, list) or not messages:
         raise ValueError("No messages: type a message first.")
     for i, m in enumerate(messages):
@@ -82,6 +93,10 @@ def check_messages(messages: list[dict[str, str]]) -> None:
             raise ValueError(f"Message {i} is malformed ({m!r}): expected {{'role': one of {ROLES}, 'content': str}}.")
         if "\x00" in m["content"]:
             raise ValueError(f"Message {i} contains a null byte (\\x00); remove it and send again.")
+    if continuing:
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise ValueError("Nothing to continue: the last message is not a reply from the assistant.")
+        return
     if messages[-1]["role"] != "user":
         raise ValueError("The last message must be from the user.")
     if not messages[-1]["content"].strip():
@@ -109,6 +124,30 @@ class LLMBackend:
     def configure(self, **changes: Any) -> LLMConfig:
         self._config = replace(self._config, **changes)
         return self._config
+
+    def recommended_options(self, model_id: str | None = None, **overrides: Any) -> GenerationOptions:
+        """Sampling defaults for the model's size (small models: low temperature, repetition penalty, short max)."""
+        model_id = model_id or self._config.model_id
+        try:
+            name = f"{model_id} {self.ctx.catalog.get(model_id).title}"
+        except KeyError:
+            name = model_id
+        return options_for_size(params_from_name(name), **overrides)
+
+    def load_note(self, model_id: str | None = None) -> str:
+        """'' when the model is loaded; else what the first reply waits for ('first time: converting, ~30 s')."""
+        if self._config.engine == "openai":
+            return ""
+        try:
+            src = self._source(model_id or self._config.model_id)
+        except (ValueError, OSError):
+            return ""  # chat() raises the clear message
+        loaded = {m.key for m in self.ctx.residency.snapshot().models if m.tier != "disk"}
+        if src.key in loaded:
+            return ""
+        if src.is_gguf and not converted_dir(self.ctx.settings.cache_dir, src.key).joinpath("config.json").is_file():
+            return f"Loading {src.title} (first time: converting the GGUF file to safetensors, ~30 s)…"
+        return f"Loading {src.title}…"
 
     def chat_models(self) -> list[tuple[Any, bool]]:
         """(ModelSpec, present on this machine) for every chat model of the catalog."""
@@ -159,16 +198,23 @@ class LLMBackend:
         options: GenerationOptions | None = None,
         *,
         cancel: threading.Event | None = None,
+        continuing: bool = False,
     ) -> Iterator[ChatUpdate]:
-        """Stream the assistant's reply to `messages` (the last one from the user)."""
+        """Stream the assistant's reply to `messages` (the last one from the user).
+
+        `continuing`: the last message is an assistant reply; generation goes on from its end (Continue), and
+        every update's text includes it.
+        """
         opts = options or GenerationOptions()
-        check_messages(messages)
+        check_messages(messages, continuing=continuing)
         if opts.system_prompt.strip() and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": opts.system_prompt}, *messages]
         if self._config.engine == "openai":
+            if continuing:
+                raise ValueError("Continue works with the in-process engine only; send a message instead.")
             yield from self._chat_remote(messages, opts, cancel)
         else:
-            yield from self._chat_local(messages, opts, cancel)
+            yield from self._chat_local(messages, opts, cancel, continuing)
 
     def complete(self, messages: list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.0) -> str:
         opts = GenerationOptions(temperature=temperature, max_new_tokens=max_new_tokens)
@@ -191,23 +237,28 @@ class LLMBackend:
         self.last_decoder = stats.decoder
         yield ChatUpdate(text, done=True, stats=stats)
 
-    def _chat_local(self, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
+    def _chat_local(self, messages: list, opts: GenerationOptions, cancel: threading.Event | None, continuing: bool):
+        t0 = time.perf_counter()
+        prefix = messages[-1]["content"] if continuing else ""
+        messages = messages[:-1] if continuing else messages
         src = self._source(self._config.model_id)
         tok = self._tokenizer(src)
         working = kv_cache_bytes(self.model_folder(src), self._config.max_context_tokens)
         with self._generation_slot(), self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
             limit = min(self._config.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
-            ids, note = build_prompt(tok, messages, budget=limit - opts.max_new_tokens)
+            prefix_ids = tok(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+            ids, note = build_prompt(tok, messages, budget=limit - opts.max_new_tokens - len(prefix_ids))
+            ids = ids + prefix_ids
             if note:
-                yield ChatUpdate("", note=note)
+                yield ChatUpdate(prefix, note=note)
             decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit)
-            stats = GenerationStats(notes=[note] if note else [])
-            text = ""
+            stats = GenerationStats(notes=[note] if note else [], load_s=time.perf_counter() - t0)
+            text = prefix
             try:
                 for piece in stream_tokens(decoder, tok, ids, opts, eos_ids=eos_ids(tok, model), cancel=cancel,
                                            stats=stats):  # fmt: skip
-                    text = piece.text
+                    text = prefix + piece.text
                     yield ChatUpdate(text, piece.delta)
             except RuntimeError as e:
                 if "out of memory" in str(e).lower():

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from studio.residency import ResidencyManager
     from studio.runs import RunStore
     from studio.settings import Settings
+    from studio.waiting import WorkQueues
 
 # Backend name -> module; each module exposes `create(ctx: StudioContext) -> backend`.
 BACKEND_MODULES: dict[str, str] = {
@@ -53,9 +54,13 @@ class StudioContext:
     jobs: JobRunner
     runs: RunStore
     backends: Backends = field(init=False)
+    queues: WorkQueues = field(init=False)  # queue ids for device-bound events, and who holds each one
 
     def __post_init__(self) -> None:
+        from studio.waiting import WorkQueues
+
         self.backends = Backends(self)
+        self.queues = WorkQueues(has_gpu=getattr(self.residency, "device", "cpu") == "cuda")
 
 
 @dataclass(frozen=True)

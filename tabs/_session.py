@@ -1,0 +1,41 @@
+"""Small helpers the tabs share: per-session stop flags kept in gr.State, and handlers bound to their backend.
+
+Per-session state lives in `gr.State` (Gradio drops it when the browser tab goes away), never in module dicts
+keyed by session hash that grow forever.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class StopFlag(threading.Event):
+    """A cooperative stop flag that can be the initial value of a gr.State (Gradio deep-copies that per session)."""
+
+    def __deepcopy__(self, memo: dict) -> StopFlag:
+        return StopFlag()
+
+
+def bind(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
+    """functools.partial that keeps the handler's name (tests and logs find it), not its full signature."""
+    bound = functools.partial(fn, *args)
+    bound.__name__ = fn.__name__  # type: ignore[attr-defined]
+    return bound
+
+
+def stop_flag_state() -> Any:
+    import gradio as gr
+
+    return gr.State(StopFlag())
+
+
+def on_page_load(fn: Callable[..., Any], inputs: Any = None, outputs: Any = None, **kwargs: Any) -> None:
+    """Run `fn` every time a browser opens or reloads the page (the root Blocks' load event)."""
+    import gradio as gr
+
+    root = gr.context.Context.root_block
+    if root is not None:
+        root.load(fn, inputs, outputs, **kwargs)
