@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from backends.rag_answer import AnswerUpdate, Passage, SearchResult, build_messages, check_question, cited_numbers
+from backends.rag_answer import (
+    AnswerUpdate,
+    Passage,
+    SearchResult,
+    build_messages,
+    check_question,
+    cited_numbers,
+    cut_repetition,
+)
 from backends.rag_chunk import ChunkOptions
 from backends.rag_indexer import Indexer, IngestReport
 from backends.rag_ingest import resolve_folder
@@ -318,12 +326,15 @@ class RAGBackend:
         yield AnswerUpdate("", result, note=note or "retrieved; the chat model is writing the answer ...")
         text = ""
         try:
-            from backends.llm_generate import GenerationOptions
-
             llm = self.ctx.backends.get("llm")
-            opts = GenerationOptions(temperature=0.0, max_new_tokens=max_new_tokens)
+            # greedy, with the model's size-based repetition penalty; a sentence that comes back ends the answer
+            opts = llm.recommended_options(temperature=0.0, max_new_tokens=max_new_tokens)
             for update in llm.chat(messages, opts, cancel=cancel):
                 text = update.text
+                cut = cut_repetition(text)
+                if cut is not None:
+                    text = cut
+                    break
                 yield AnswerUpdate(text, result, note=note, cited=cited_numbers(text, used), llm_used=True)
         except Exception as e:  # any LLM failure falls back to the passages, with the reason shown
             log.warning("rag answer: chat model failed (%s: %s)", type(e).__name__, e)
