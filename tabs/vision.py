@@ -63,6 +63,27 @@ def _class_update(det: Any, model_id: str, keep: list[str] | None = None):
     return gr.update(choices=names, value=[c for c in keep or [] if c in names])
 
 
+def result_summary(det: Any, model_id: str, res: Any) -> str:
+    """Counts per class, timing, and which classes this model knows (the default one finds people only)."""
+    from collections import Counter
+
+    counts = Counter(b.name for b in res.boxes)
+    found = ", ".join(f"{n} {name}" for name, n in counts.most_common()) or "nothing"
+    names = list(det.class_names(model_id).values())
+    known = ", ".join(names[:12]) + (f" … ({len(names)} classes)" if len(names) > 12 else "")
+    note = "  \n⚠️ Untrained model: its boxes are random." if det.get_model(model_id).untrained else ""
+    if set(names) == {"Normal", "Fall"}:
+        note += (
+            "  \nThis model detects **people** only, as *Normal* (standing, sitting) or *Fall* (lying): it was "
+            "fine-tuned from YOLOv8s for fall detection, so buses, cars or dogs are not found. Train your own "
+            "classes in the Train tab, or download a COCO model in the Models tab."
+        )
+    return (
+        f"**Found {found}** in {res.inference_ms:.0f} ms on {res.width}x{res.height} · "
+        f"classes of this model: {known}{note}"
+    )
+
+
 def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any) -> None:
     import gradio as gr
 
@@ -82,8 +103,7 @@ def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
             res = det.detect(model_id, img, _options(c, i, cls, size, det.class_names(model_id)))
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
-        note = " (untrained model: boxes are random)" if det.get_model(model_id).untrained else ""
-        text = f"{len(res.boxes)} objects in {res.inference_ms:.0f} ms on {res.width}x{res.height}{note}"
+        text = result_summary(det, model_id, res)
         return res.image, text, res.rows(), str(det.save_json(res, "image"))
 
     detect.click(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.context import StudioContext
+from tabs._session import job_status, newest_first
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
 LOSSES = ("box_loss", "cls_loss", "dfl_loss")
@@ -27,14 +28,19 @@ def _source(zip_path: str | None, folder: str | None) -> Path:
 
 
 def _plots(ctx: StudioContext, det: Any, job_id: str | None):
+    """(loss frame, mAP frame) with float columns, or None while empty (the plot keeps the axis types it first
+    sees, and an empty object column makes the y-axis categorical)."""
     import pandas as pd
 
     run_id = det.job_runs.get(job_id) if job_id else None
     rows = ctx.runs.get(run_id).metrics() if run_id else []
-    loss = [{"epoch": r["step"], "value": r[k], "series": k} for r in rows for k in LOSSES if r.get(k) is not None]
-    maps = [{"epoch": r["step"], "value": r[k], "series": k} for r in rows for k in MAPS if r.get(k) is not None]
-    cols = ["epoch", "value", "series"]
-    return pd.DataFrame(loss, columns=cols), pd.DataFrame(maps, columns=cols)
+    frames = []
+    for keys in (LOSSES, MAPS):
+        long = [{"epoch": float(r["step"]), "value": float(r[k]), "series": k} for r in rows for k in keys
+                if isinstance(r.get(k), int | float)]  # fmt: skip
+        frame = pd.DataFrame(long, columns=["epoch", "value", "series"])
+        frames.append(None if frame.empty else frame.astype({"epoch": "float64", "value": "float64"}))
+    return frames[0], frames[1]
 
 
 def _start(det: Any, source: Path, values: dict[str, Any]):
@@ -71,7 +77,9 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
     with gr.Row():
         zip_file = gr.File(file_types=[".zip"], type="filepath", label="Dataset .zip")
         folder = gr.Textbox(label="…or a dataset folder on this computer")
-    check = gr.Button("Validate dataset")
+    with gr.Row():
+        check = gr.Button("Validate dataset")
+        sample = gr.Button("Use a sample dataset (synthetic shapes, 60 images)")
     report_md = gr.Markdown()
     n_images = gr.State(0)
     bases = [(m.title, m.id) for m in det.models() if m.kind in ("shipped", "untrained", "hub")]
@@ -93,9 +101,9 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
     job_id = gr.State(None)
     status = gr.Markdown("No training yet.")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Training loss", height=240)
-        map_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Validation mAP", height=240)
-    logs = gr.Textbox(label="Log", lines=6, max_lines=6, autoscroll=True)
+        loss_plot = gr.LinePlot(None, x="epoch", y="value", color="series", title="Training loss", height=240)
+        map_plot = gr.LinePlot(None, x="epoch", y="value", color="series", title="Validation mAP", height=240)
+    logs = gr.Textbox(label="Log (newest first)", lines=6, max_lines=6)
 
     def validate(zp, fd):
         try:
@@ -116,13 +124,20 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
         job = ctx.jobs.get(jid) if jid else None
         if job is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        text = f"**{job.status}** · {job.progress:.0%} · {job.message or ''}" + (
-            f"\n\n{job.error}" if job.error else ""
-        )
         loss, maps = _plots(ctx, det, jid)
-        return text, loss, maps, "\n".join(job.logs[-50:])
+        return job_status(job), loss, maps, newest_first(job.logs)
+
+    def use_sample():
+        root = det.make_sample_dataset()
+        report = det.check_dataset(root)
+        note = (
+            "\n\nSample: circles, squares and triangles with exact labels. Try *Start from* an untrained "
+            "YOLOv8n, 30 epochs, image size 160, batch 8: a few minutes on a CPU."
+        )
+        return None, str(root), report.markdown() + note, sum(s.images for s in report.splits.values()), 30, 160, 8
 
     check.click(validate, [zip_file, folder], [report_md, n_images], api_name="vision_validate")
+    sample.click(use_sample, None, [zip_file, folder, report_md, n_images, epochs, imgsz, batch])
     suggest.click(suggest_fn, [n_images, base], [epochs, imgsz, batch, suggestion])
     train.click(
         start,
