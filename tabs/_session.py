@@ -39,3 +39,26 @@ def on_page_load(fn: Callable[..., Any], inputs: Any = None, outputs: Any = None
     root = gr.context.Context.root_block
     if root is not None:
         root.load(fn, inputs, outputs, **kwargs)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def job_status(job: Any) -> str:
+    """'**running** · 37% · step 370/1000 · 45 s elapsed · ~1 min 17 s left' for a background job."""
+    text = f"**{job.status}** · {job.progress:.0%}" + (f" · {job.message}" if job.message else "")
+    if job.status == "queued":
+        text += " · waiting for the GPU job ahead of it"
+    elif job.status == "running":
+        ran = job.elapsed()
+        text += f" · {_clock(ran)} elapsed"
+        if 0.01 <= job.progress < 1.0 and ran > 2:
+            text += f" · ~{_clock(ran * (1 - job.progress) / job.progress)} left"
+    return text + (f"\n\n**Error:** {job.error}" if job.error else "")
+
+
+def newest_first(lines: list[str], n: int = 50) -> str:
+    """Log lines for a Textbox, newest on top (the box shows its beginning)."""
+    return "\n".join(reversed(lines[-n:]))
