@@ -6,14 +6,16 @@ as each speech window is transcribed; Stop ends the run at the next window and k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from studio.context import StudioContext, Tab
+from tabs._session import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,46 @@ def _status(update, started: float) -> str:
     return f"{bar} {update.fraction:.0%} · {_clock(done)}{total} of audio · {time.time() - started:.0f} s{lang}"
 
 
+SEGMENT_HEADERS = ["#", "start", "end", "speaker", "text"]
+
+
+def segment_rows(segments) -> list[list[Any]]:
+    return [[i, _clock(s.start), _clock(s.end), s.speaker or "", s.text] for i, s in enumerate(segments)]
+
+
+def speaker_rows(segments) -> list[list[str]]:
+    labels = sorted({s.speaker for s in segments if s.speaker})
+    return [[label, label] for label in labels]
+
+
+def rename_speakers(tr, table: Any):
+    """Apply the 'name' column of the speakers table to every segment (and the exports that follow)."""
+    if tr is None or not tr.segments:
+        raise gr.Error("Nothing to rename yet: transcribe with 'Label speakers' on first.")
+    rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+    names = {str(old): " ".join(str(new or "").split()) for old, new, *_ in rows if old}
+    if any(not n for n in names.values()):
+        raise gr.Error("A speaker name is empty: type a name for every speaker (or keep the label).")
+    tr.segments = [dataclasses.replace(s, speaker=names.get(s.speaker, s.speaker)) for s in tr.segments]
+    tr.speakers = [dataclasses.replace(t, speaker=names.get(t.speaker, t.speaker)) for t in tr.speakers]
+    return tr, _lines(tr.segments), segment_rows(tr.segments), speaker_rows(tr.segments)
+
+
+def play_segment(tr, path: str | None, evt: gr.SelectData):
+    """Click a row: the player plays that segment (from its start, with half a second of context around it)."""
+    from backends.audio_io import SAMPLE_RATE, load_pcm
+
+    row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
+    if tr is None or not path or row is None or not 0 <= row < len(tr.segments):
+        return gr.skip(), gr.skip()
+    seg = tr.segments[row]
+    start = max(0.0, seg.start - 0.25)
+    pcm = load_pcm(path, max_s=seg.end + 0.5)
+    clip = pcm[int(start * SAMPLE_RATE) :]
+    head = f"▶ segment {row} from {_clock(seg.start)}{' · ' + seg.speaker if seg.speaker else ''}: {seg.text[:80]}"
+    return (SAMPLE_RATE, clip), head
+
+
 def _model_choices(asr) -> list[tuple[str, str]]:
     return [(title if present else f"{title} (not downloaded)", mid) for mid, title, present in asr.models()]
 
@@ -48,14 +90,13 @@ def build(ctx: StudioContext) -> None:
     from backends.asr import whisper_languages
 
     asr = ctx.backends.get("asr")
-    stops: dict[str, threading.Event] = {}  # one cooperative stop flag per browser session
     gr.Markdown(
         "## Audio\nTranscribe meetings and lectures: any audio or video file, or the microphone. Long files are "
         "decoded and transcribed as a stream; segments appear as they are made. Offline models: Whisper tiny.en "
         "(English) and base (multilingual). Speaker labels come from an offline engine (Silero VAD + Resemblyzer "
         "voice embeddings) or a pyannote pipeline you have downloaded."
     )
-    transcript_state = gr.State(None)
+    transcript_state, flag, source = gr.State(None), gr.State(StopFlag()), gr.State(None)
     with gr.Row():
         with gr.Column(scale=1):
             audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio (upload or record)")
@@ -79,7 +120,16 @@ def build(ctx: StudioContext) -> None:
                 stop = gr.Button("Stop (keeps what is done)")
         with gr.Column(scale=2):
             status = gr.Markdown("Choose a file or record, then press Transcribe.")
-            text = gr.Textbox(label="Transcript", lines=18, max_lines=30, autoscroll=True)
+            text = gr.Textbox(label="Transcript", lines=14, max_lines=30, autoscroll=True)
+            with gr.Accordion("Segments: click a row to play it · rename speakers", open=True):
+                seg_table = gr.Dataframe(headers=SEGMENT_HEADERS, interactive=False, wrap=True, max_height=260,
+                                         column_widths=["6%", "10%", "10%", "14%", "60%"])  # fmt: skip
+                playing = gr.Markdown("")
+                player = gr.Audio(label="Segment player", autoplay=True, interactive=False, type="numpy")
+                with gr.Row():
+                    speakers = gr.Dataframe(headers=["speaker", "name"], interactive=True, column_count=(2, "fixed"),
+                                            label="Speakers (type a name in the second column)", scale=3)  # fmt: skip
+                    rename_btn = gr.Button("Apply names", scale=1)
             with gr.Accordion("Post-edit with the chat model", open=False):
                 gr.Markdown(
                     "Fixes punctuation and casing and spells glossary terms as given. Any other word change the "
@@ -94,40 +144,40 @@ def build(ctx: StudioContext) -> None:
             files = gr.File(label="Exported files", file_count="multiple", interactive=False)
 
     def transcribe(audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
-                   trust_v, request: gr.Request):  # fmt: skip
+                   trust_v, stop_flag):  # fmt: skip
         from backends.asr import Transcript
 
         path = _input_path(ctx, audio_v, video_v)
         opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v)
-        stop_flag = stops.setdefault(request.session_hash or "-", threading.Event())
         stop_flag.clear()
         started, segments = time.time(), []
-        yield "Loading the model…", "", None
+        yield "Loading the model…", "", None, str(path), gr.skip(), gr.skip()
         try:
-            for update in asr.stream(path, opts, should_stop=stop_flag.is_set, diarize=dopts):
-                segments.extend(update.new_segments)
-                tr = update.transcript
-                partial = tr or Transcript(list(segments), update.language, update.position_s, opts.model_id)
-                head = _status(update, started) + (f" · {update.message}" if update.message else "")
-                if tr is not None:
-                    head = _final_status(tr, started)
-                yield head, _lines(partial.segments), partial
+            with ctx.queues.hold(ctx.queues.queue_id("Audio"), "transcription (Audio)"):
+                for update in asr.stream(path, opts, should_stop=stop_flag.is_set, diarize=dopts):
+                    segments.extend(update.new_segments)
+                    tr = update.transcript
+                    partial = tr or Transcript(list(segments), update.language, update.position_s, opts.model_id)
+                    head = _status(update, started) + (f" · {update.message}" if update.message else "")
+                    if tr is not None:
+                        head = _final_status(tr, started)
+                        rows, spk = segment_rows(tr.segments), speaker_rows(tr.segments)
+                        yield head, _lines(partial.segments), partial, gr.skip(), rows, spk
+                    else:
+                        yield head, _lines(partial.segments), partial, gr.skip(), gr.skip(), gr.skip()
         except Exception as e:
             raise gr.Error(_message(e)) from None
 
-    def request_stop(request: gr.Request):
-        flag = stops.get(request.session_hash or "-")
-        if flag is not None:
-            flag.set()
+    def request_stop(stop_flag):
+        stop_flag.set()
         return "Stopping after the current window…"
 
-    def post_edit(tr, glossary_v, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+    def post_edit(tr, glossary_v, stop_flag, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
         from backends.postedit import PostEditOptions, postedit
 
         if tr is None or not tr.segments:
             raise gr.Error("Nothing to edit yet: transcribe something first.")
         terms = tuple(t.strip() for t in (glossary_v or "").replace(",", "\n").splitlines() if t.strip())
-        stop_flag = stops.setdefault(request.session_hash or "-", threading.Event())
         stop_flag.clear()
         try:
             report = postedit(
@@ -151,13 +201,13 @@ def build(ctx: StudioContext) -> None:
         stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
         return [str(p) for p in write(tr, out_dir, stem, tuple(formats_v)).values()]
 
-    inputs = [audio, video, model, language, vad, words, batched, diar, n_speakers, engine, pyannote_src, trust]
-    go.click(transcribe, inputs, [status, text, transcript_state], concurrency_id="gpu", concurrency_limit=1)
-    stop.click(request_stop, None, status)
-    edit_btn.click(
-        post_edit, [transcript_state, glossary], [transcript_state, text, diff], concurrency_id="gpu",
-        concurrency_limit=1,
-    )  # fmt: skip
+    inputs = [audio, video, model, language, vad, words, batched, diar, n_speakers, engine, pyannote_src, trust, flag]
+    queue = ctx.queues.event_kwargs("Audio")
+    go.click(transcribe, inputs, [status, text, transcript_state, source, seg_table, speakers], **queue)
+    stop.click(request_stop, flag, status, queue=False)
+    edit_btn.click(post_edit, [transcript_state, glossary, flag], [transcript_state, text, diff], **queue)
+    seg_table.select(play_segment, [transcript_state, source], [player, playing], queue=False)
+    rename_btn.click(rename_speakers, [transcript_state, speakers], [transcript_state, text, seg_table, speakers])
     export_btn.click(export, [transcript_state, formats], files)
 
 
