@@ -64,8 +64,8 @@ def options_for_size(params_b: float | None, **overrides: Any) -> GenerationOpti
     """Recommended GenerationOptions for a model of `params_b` billion parameters (None: the middle preset)."""
     size = 2.0 if params_b is None else params_b
     _, temp, top_p, rep, max_new = next(p for p in SIZE_PRESETS if size <= p[0])
-    return GenerationOptions(temperature=temp, top_p=top_p, repetition_penalty=rep, max_new_tokens=max_new,
-                             **overrides)  # fmt: skip
+    values = {"temperature": temp, "top_p": top_p, "repetition_penalty": rep, "max_new_tokens": max_new}
+    return GenerationOptions(**(values | overrides))
 
 
 def params_from_name(name: str) -> float | None:
