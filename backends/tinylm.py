@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,9 @@ from torch.nn import functional as F
 
 from studio.catalog import package_dir
 from studio.safety import atomic_write_json, contained_path, load_safetensors, save_safetensors
+
+if TYPE_CHECKING:
+    from studio.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +236,7 @@ class _TinyLMLoader:
 
 
 class TinyLMBackend:
-    def __init__(self, ctx) -> None:
+    def __init__(self, ctx: Services) -> None:
         self.ctx = ctx
 
     # -- checkpoints are runs of kind "tinylm" with model.safetensors + tinylm.json
@@ -354,5 +357,5 @@ class TinyLMBackend:
         return tok.decode(out[0].tolist())
 
 
-def create(ctx) -> TinyLMBackend:
+def create(ctx: Services) -> TinyLMBackend:
     return TinyLMBackend(ctx)

@@ -1,58 +1,94 @@
-"""What a tab or a backend may touch: one StudioContext, built once by studio.app; nothing global."""
+"""What a tab may touch: one StudioContext, built once by studio.app; nothing global.
+
+Composition module: it is allowed to import the capability packages (lazily, so start-up imports no model code).
+Each backend is one typed property, built on first use with the core `Services` and the other backends it needs.
+"""
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from studio.services import Services
 
 if TYPE_CHECKING:
-    from studio.catalog import Catalog
-    from studio.jobs import JobRunner
-    from studio.residency import ResidencyManager
-    from studio.runs import RunStore
-    from studio.settings import Settings
+    from backends.audio import AsrBackend
+    from backends.image import DiffusionBackend, SdLoraBackend
+    from backends.llm import LLMBackend
+    from backends.rag import RAGBackend
+    from backends.tinylm import TinyLMBackend
+    from backends.vision import DetectionBackend
     from studio.waiting import WorkQueues
 
-# Backend name -> module; each module exposes `create(ctx: StudioContext) -> backend`.
-BACKEND_MODULES: dict[str, str] = {
-    "llm": "backends.llm",
-    "asr": "backends.asr",
-    "detection": "backends.detection",
-    "diffusion": "backends.diffusion",
-    "sd_lora": "backends.sd_lora",
-    "tinylm": "backends.tinylm",
-    "rag": "backends.rag",
-}
+T = TypeVar("T")
 
 
 class Backends:
-    """Builds each backend on first use, so start-up imports no torch model code."""
+    """Builds each backend on first use (thread-safe, once)."""
 
-    def __init__(self, ctx: StudioContext) -> None:
-        self._ctx = ctx
+    def __init__(self, services: Services) -> None:
+        self._services = services.core()
         self._built: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: building one backend may build the ones it depends on
 
-    def get(self, name: str) -> Any:
+    def _once(self, name: str, build: Callable[[], T]) -> T:
         with self._lock:
             if name not in self._built:
-                if name not in BACKEND_MODULES:
-                    raise KeyError(f"unknown backend {name!r}; known: {sorted(BACKEND_MODULES)}")
-                module = importlib.import_module(BACKEND_MODULES[name])
-                self._built[name] = module.create(self._ctx)
+                self._built[name] = build()
             return self._built[name]
+
+    def built(self) -> dict[str, Any]:
+        """The backends built so far (for shutdown and the GPU tab); builds nothing."""
+        with self._lock:
+            return dict(self._built)
+
+    @property
+    def llm(self) -> LLMBackend:
+        from backends import llm
+
+        return self._once("llm", lambda: llm.create(self._services))
+
+    @property
+    def asr(self) -> AsrBackend:
+        from backends import audio
+
+        return self._once("asr", lambda: audio.create(self._services))
+
+    @property
+    def detection(self) -> DetectionBackend:
+        from backends import vision
+
+        return self._once("detection", lambda: vision.create(self._services))
+
+    @property
+    def diffusion(self) -> DiffusionBackend:
+        from backends import image
+
+        return self._once("diffusion", lambda: image.create(self._services))
+
+    @property
+    def sd_lora(self) -> SdLoraBackend:
+        from backends import image
+
+        return self._once("sd_lora", lambda: image.create_lora_trainer(self._services, diffusion=self.diffusion))
+
+    @property
+    def tinylm(self) -> TinyLMBackend:
+        from backends import tinylm
+
+        return self._once("tinylm", lambda: tinylm.create(self._services))
+
+    @property
+    def rag(self) -> RAGBackend:
+        from backends import rag
+
+        return self._once("rag", lambda: rag.create(self._services, llm=lambda: self.llm))
 
 
 @dataclass
-class StudioContext:
-    settings: Settings
-    residency: ResidencyManager
-    catalog: Catalog
-    jobs: JobRunner
-    runs: RunStore
+class StudioContext(Services):
     backends: Backends = field(init=False)
     queues: WorkQueues = field(init=False)  # queue ids for device-bound events, and who holds each one
 

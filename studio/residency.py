@@ -37,9 +37,9 @@ from studio.residency_state import (
     Snapshot,
     TimelinePoint,
     WaitingView,
-    fmt_bytes,
     model_view,
 )
+from studio.units import fmt_bytes
 
 __all__ = ["Loader", "ResidencyError", "ResidencyManager", "Snapshot"]
 

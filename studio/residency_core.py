@@ -19,8 +19,9 @@ from typing import Any
 
 from studio.accel import is_oom_error
 from studio.eviction import DISK_BW_GUESS, RAM_BW_GUESS, choose_victims
-from studio.gpu import CardReading, GiB
-from studio.residency_state import DISK, GPU, RAM, Event, Lease, ModelRecord, TimelinePoint, WaitingView, fmt_bytes
+from studio.gpu import CardReading
+from studio.residency_state import DISK, GPU, RAM, Event, Lease, ModelRecord, TimelinePoint, WaitingView
+from studio.units import fmt_bytes
 
 log = logging.getLogger("studio.residency")
 
@@ -52,10 +53,9 @@ class _Plan:
 
 def _default_ram_cap(has_gpu: bool) -> int:
     """A quarter of physical RAM for parked models on a GPU machine; half of it when the CPU is the only tier."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 * GiB
+    import psutil  # os.sysconf has no SC_PHYS_PAGES on Windows
+
+    total = psutil.virtual_memory().total
     return total // 4 if has_gpu else total // 2
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from studio.pinned import device_bytes, is_torch_model, move_down, move_up, tensor_slots
 from studio.residency_core import ResidencyError, _oom, _Plan, _tried_bytes
-from studio.residency_state import DISK, GPU, RAM, ModelRecord, fmt_bytes
+from studio.residency_state import DISK, GPU, RAM, ModelRecord
+from studio.units import fmt_bytes
 
 log = logging.getLogger("studio.residency")
 

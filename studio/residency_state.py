@@ -12,18 +12,10 @@ from typing import Any
 from studio.eviction import Candidate, decayed
 from studio.gpu import CardReading
 from studio.pinned import PinnedPool
+from studio.units import quantile
 
 GPU, RAM, DISK = "gpu", "ram", "disk"
 MiB = 2**20
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass
@@ -111,11 +103,6 @@ class SwitchStats:
     mean_s: float
 
 
-def _quantile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else 0.0
-
-
 COUNTERS = (
     "hits",
     "misses",
@@ -150,7 +137,7 @@ class Metrics:
     def view(self) -> MetricsView:
         with self._lock:
             stats = tuple(
-                SwitchStats(k, len(v), _quantile(list(v), 0.5), _quantile(list(v), 0.95), sum(v) / len(v))
+                SwitchStats(k, len(v), quantile(list(v), 0.5), quantile(list(v), 0.95), sum(v) / len(v))
                 for k, v in sorted(self.switches.items())
                 if v
             )

@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,27 +116,23 @@ def check_weights_file(path: Path) -> None:
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse a safetensors header and verify the file is as long as the header says (catches truncation)."""
+    """A safetensors file's tensors ({name: {"dtype", "shape"}}, plus "__metadata__"), read with safetensors' own
+    parser, which also checks that the file holds every byte the header promises (catches truncation)."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     check_weights_file(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{path} is truncated (no safetensors header); download or convert it again.")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or 8 + n > size:
-            raise WeightsError(f"{path} is truncated or not safetensors (header of {n} bytes in {size}).")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise WeightsError(f"{path} has a corrupt safetensors header; download or convert it again.") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
+    try:
+        with safe_open(str(path), framework="np") as f:
+            header: dict[str, Any] = {
+                name: {"dtype": f.get_slice(name).get_dtype(), "shape": f.get_slice(name).get_shape()}
+                for name in f.keys()  # noqa: SIM118 (safe_open is not a mapping)
+            }
+            header["__metadata__"] = f.metadata() or {}
+    except SafetensorError as e:
         raise WeightsError(
-            f"{path} is truncated: the header needs {8 + n + end} bytes but the file has {size}. "
-            "Download or convert it again."
-        )
+            f"{path} is truncated or not a safetensors file ({e}); download or convert it again."
+        ) from None
     return header
 
 

@@ -1,6 +1,6 @@
 """Audio tab: transcribe a recording (upload or microphone), label speakers, post-edit with the chat model, export.
 
-UI only: the work is in backends.asr / backends.diarize / backends.postedit / backends.subtitles. Segments stream in
+UI only: the work is in backends.audio (asr, diarize, postedit, subtitles). Segments stream in
 as each speech window is transcribed; Stop ends the run at the next window and keeps what is done.
 """
 
@@ -69,7 +69,7 @@ def rename_speakers(tr, table: Any):
 
 def play_segment(tr, path: str | None, evt: gr.SelectData):
     """Click a row: the player plays that segment (from its start, with half a second of context around it)."""
-    from backends.audio_io import SAMPLE_RATE, load_pcm
+    from backends.audio import SAMPLE_RATE, load_pcm
 
     row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
     if tr is None or not path or row is None or not 0 <= row < len(tr.segments):
@@ -87,9 +87,9 @@ def _model_choices(asr) -> list[tuple[str, str]]:
 
 
 def build(ctx: StudioContext) -> None:
-    from backends.asr import whisper_languages
+    from backends.audio import whisper_languages
 
-    asr = ctx.backends.get("asr")
+    asr = ctx.backends.asr
     gr.Markdown(
         "## Audio\nTranscribe meetings and lectures: any audio or video file, or the microphone. Long files are "
         "decoded and transcribed as a stream; segments appear as they are made. Offline models: Whisper tiny.en "
@@ -145,7 +145,7 @@ def build(ctx: StudioContext) -> None:
 
     def transcribe(audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
                    trust_v, stop_flag):  # fmt: skip
-        from backends.asr import Transcript
+        from backends.audio import Transcript
 
         path = _input_path(ctx, audio_v, video_v)
         opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v)
@@ -173,7 +173,7 @@ def build(ctx: StudioContext) -> None:
         return "Stopping after the current window…"
 
     def post_edit(tr, glossary_v, stop_flag, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
-        from backends.postedit import PostEditOptions, postedit
+        from backends.audio import PostEditOptions, postedit
 
         if tr is None or not tr.segments:
             raise gr.Error("Nothing to edit yet: transcribe something first.")
@@ -181,7 +181,7 @@ def build(ctx: StudioContext) -> None:
         stop_flag.clear()
         try:
             report = postedit(
-                ctx.backends.get("llm"), tr.segments, PostEditOptions(glossary=terms), should_stop=stop_flag.is_set,
+                ctx.backends.llm, tr.segments, PostEditOptions(glossary=terms), should_stop=stop_flag.is_set,
                 on_chunk=lambda done, total: progress((done, total), desc="post-editing", unit="chunks"),
             )  # fmt: skip
         except Exception as e:
@@ -191,7 +191,7 @@ def build(ctx: StudioContext) -> None:
         return tr, _lines(tr.segments), report.spans
 
     def export(tr, formats_v):
-        from backends.subtitles import export as write
+        from backends.audio import export_transcript as write
 
         if tr is None:
             raise gr.Error("Nothing to export yet: transcribe something first.")
@@ -226,8 +226,7 @@ def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
 
 
 def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v):
-    from backends.asr import TranscribeOptions
-    from backends.diarize import DiarizeOptions
+    from backends.audio import DiarizeOptions, TranscribeOptions
 
     try:
         opts = TranscribeOptions(
@@ -257,8 +256,7 @@ def _final_status(tr, started: float) -> str:
 
 def _message(e: Exception) -> str:
     """Backend errors carry their own fix; anything else is named so the log can be searched."""
-    from backends.asr_models import ModelMissing
-    from backends.audio_io import AudioInputError
+    from backends.audio import AudioInputError, ModelMissing
 
     if isinstance(e, AudioInputError | ModelMissing | ValueError | PermissionError | FileNotFoundError):
         return str(e)

@@ -327,7 +327,7 @@ def autosave(ctx: StudioContext, bid, cid, hist):
 
 
 def build(ctx: StudioContext) -> None:
-    backend = ctx.backends.get("llm")
+    backend = ctx.backends.llm
     gr.Markdown(
         "## Chat\nThe offline default is the real **SmolLM2-135M-Instruct** (shipped by a pip package). Bigger models "
         "come from the Models tab (4-bit on the GPU above ~3B parameters), or point the engine at an Ollama / "

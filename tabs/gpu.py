@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from studio.context import StudioContext, Tab
+from studio.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,6 @@ MODEL_HEADERS += ["RAM pool", "pool reuses"]
 PROCESS_HEADERS = ["pid", "program", "GPU memory"]
 SWITCH_HEADERS = ["move", "count", "p50", "p95", "mean"]
 EVENT_HEADERS = ["time", "event", "model", "bytes", "seconds", "detail"]
-
-
-def _gb(n: float | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / GB:.2f} GB" if abs(n) >= 0.1 * GB else f"{n / 2**20:.0f} MB"
 
 
 def _secs(s: float | None) -> str:
@@ -53,21 +48,21 @@ def card_markdown(snap: Any) -> str:
     if card is None and snap.accelerator == "cpu":
         return (
             "### No GPU\nThis machine has no CUDA GPU (or torch was built without CUDA): the CPU is the only tier "
-            f"and every model runs there. Parked models may use up to {_gb(snap.ram_cap_bytes)} of RAM "
-            f"({_gb(snap.ram_used_bytes)} now)."
+            f"and every model runs there. Parked models may use up to {fmt_bytes(snap.ram_cap_bytes)} of RAM "
+            f"({fmt_bytes(snap.ram_used_bytes)} now)."
         )
-    cap = _gb(snap.vram_cap_bytes) if snap.vram_cap_bytes else "none (whatever is free)"
+    cap = fmt_bytes(snap.vram_cap_bytes) if snap.vram_cap_bytes else "none (whatever is free)"
     head = f"### {card.name}" if card else "### GPU (no live readings: budgeting from the caps)"
     lines = [head]
     if card:
         lines.append(
-            f"**{_gb(card.used_bytes)} used / {_gb(card.total_bytes)}**, {_gb(card.free_bytes)} free · "
-            f"other programs {_gb(snap.others_bytes)}"
+            f"**{fmt_bytes(card.used_bytes)} used / {fmt_bytes(card.total_bytes)}**, {fmt_bytes(card.free_bytes)} free · "
+            f"other programs {fmt_bytes(snap.others_bytes)}"
         )
     lines.append(
-        f"Studio budget **{_gb(snap.capacity_bytes)}** (cap {cap}, reserve {_gb(snap.reserve_bytes)}) · "
-        f"models + working memory on the GPU **{_gb(snap.in_use_bytes)}** · parked in RAM "
-        f"{_gb(snap.ram_used_bytes)} of {_gb(snap.ram_cap_bytes)} · readings from {snap.probe}, policy {snap.policy}"
+        f"Studio budget **{fmt_bytes(snap.capacity_bytes)}** (cap {cap}, reserve {fmt_bytes(snap.reserve_bytes)}) · "
+        f"models + working memory on the GPU **{fmt_bytes(snap.in_use_bytes)}** · parked in RAM "
+        f"{fmt_bytes(snap.ram_used_bytes)} of {fmt_bytes(snap.ram_cap_bytes)} · readings from {snap.probe}, policy {snap.policy}"
     )
     return "\n\n".join(lines)
 
@@ -88,14 +83,14 @@ def model_rows(snap: Any, now: float) -> list[list[str]]:
                 m.key,
                 tier,
                 m.state,
-                _gb(m.bytes) if m.bytes else f"~{_gb(m.estimate_bytes)} (estimate)",
-                _gb(m.working_peak) if m.working_peak is not None else "-",
+                fmt_bytes(m.bytes) if m.bytes else f"~{fmt_bytes(m.estimate_bytes)} (estimate)",
+                fmt_bytes(m.working_peak) if m.working_peak is not None else "-",
                 str(m.leases),
                 str(m.uses),
                 _ago(m.last_use, now),
                 _secs(m.swap_in_s),
                 _secs(m.load_s),
-                (_gb(m.pool_bytes) + ("" if m.pinned_bytes else " (pageable)")) if m.pool_bytes else "-",
+                (fmt_bytes(m.pool_bytes) + ("" if m.pinned_bytes else " (pageable)")) if m.pool_bytes else "-",
                 str(m.pool_reuses),
             ]
         )
@@ -105,7 +100,7 @@ def model_rows(snap: Any, now: float) -> list[list[str]]:
 def process_rows(snap: Any) -> list[list[str]]:
     if snap.card is None:
         return []
-    return [[str(p.pid), p.name, _gb(p.used_bytes)] for p in snap.card.processes]
+    return [[str(p.pid), p.name, fmt_bytes(p.used_bytes)] for p in snap.card.processes]
 
 
 def switch_rows(snap: Any) -> list[list[str]]:
@@ -116,8 +111,8 @@ def stats_markdown(snap: Any) -> str:
     c = snap.metrics.counters
     return (
         f"hit rate **{snap.metrics.hit_rate:.0%}** ({c['hits']} hits, {c['misses']} misses) · loads {c['loads']} · "
-        f"evictions {c['evictions']} · released to disk {c['releases']} · moved up {_gb(c['bytes_up'])}, "
-        f"down {_gb(c['bytes_down'])} · OOM retries {c['oom_retries']} (failed {c['oom_failures']}) · "
+        f"evictions {c['evictions']} · released to disk {c['releases']} · moved up {fmt_bytes(c['bytes_up'])}, "
+        f"down {fmt_bytes(c['bytes_down'])} · OOM retries {c['oom_retries']} (failed {c['oom_failures']}) · "
         f"waits {c['waits']}, timeouts {c['timeouts']}, busy {c['busy']} · CPU fallbacks {c['cpu_fallbacks']}"
     )
 
@@ -127,7 +122,14 @@ def event_rows(snap: Any, limit: int = 40) -> list[list[str]]:
     for e in reversed(snap.events[-limit:]):
         when = datetime.fromtimestamp(e.time).strftime("%H:%M:%S")
         rows.append(
-            [when, e.kind, e.key, _gb(e.bytes) if e.bytes else "", _secs(e.seconds) if e.seconds else "", e.detail]
+            [
+                when,
+                e.kind,
+                e.key,
+                fmt_bytes(e.bytes) if e.bytes else "",
+                _secs(e.seconds) if e.seconds else "",
+                e.detail,
+            ]
         )
     return rows
 
@@ -170,7 +172,7 @@ def host_reading() -> dict[str, float]:
 
 def host_markdown(r: dict[str, float]) -> str:
     return (
-        f"**RAM {_gb(r['ram_used'])} used / {_gb(r['ram_total'])}** · the studio process {_gb(r['studio_rss'])} · "
+        f"**RAM {fmt_bytes(r['ram_used'])} used / {fmt_bytes(r['ram_total'])}** · the studio process {fmt_bytes(r['studio_rss'])} · "
         f"CPU {r['cpu_percent']:.0f}% of {r['cpus']:.0f} cores"
     )
 

@@ -1,6 +1,6 @@
 """Image tab: Stable Diffusion 1.5 / SDXL generation (txt2img, img2img, inpainting, LoRAs), gallery, LoRA training.
 
-UI only: the work is in backends.diffusion and backends.sd_lora (training lives in tabs/image_train.py). Offline, the
+UI only: the work is in backends.image.diffusion and backends.image.lora_train (training lives in tabs/image_train.py). Offline, the
 only model is an untrained demo pipeline; every result made with it says "untrained demo model".
 """
 
@@ -33,11 +33,11 @@ def _message(e: Exception) -> str:
 
 
 def _lora_choices(ctx: StudioContext) -> list[str]:
-    return [str(p) for p in ctx.backends.get("sd_lora").list_loras()]
+    return [str(p) for p in ctx.backends.sd_lora.list_loras()]
 
 
 def _gallery_items(ctx: StudioContext) -> list[tuple[str, str]]:
-    return [(str(it.path), it.caption) for it in ctx.backends.get("diffusion").gallery(60)]
+    return [(str(it.path), it.caption) for it in ctx.backends.diffusion.gallery(60)]
 
 
 PARAM_FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "seed", "scheduler")
@@ -65,7 +65,7 @@ def png_info(path: str | None) -> tuple[dict[str, Any], str]:
     """(the studio's parameters, the A1111-style 'parameters' text) of any PNG; explains when there are none."""
     from PIL import Image, UnidentifiedImageError
 
-    from backends.diffusion_png import read_png_params
+    from backends.image import read_png_params
 
     if not path:
         return {}, ""
@@ -117,7 +117,7 @@ def send_to_img2img(picked, images):
 
 
 def reuse_seed(picked, images):
-    from backends.diffusion_png import read_png_params
+    from backends.image import read_png_params
 
     seed = read_png_params(Path(selected_or_first(picked, images))).get("seed")
     if seed is None:
@@ -127,9 +127,9 @@ def reuse_seed(picked, images):
 
 def generate(ctx, model_v, custom_v, prompt_v, neg_v, w, h, steps_v, cfg_v, seed_v, batch_v, sched_v, editor_v,
              strength_v, l1, s1, l2, s2, l3, s3, flag, progress=gr.Progress()):  # noqa: B008  # fmt: skip
-    from backends.diffusion import GenerateRequest, GenerationCancelled, LoraChoice
+    from backends.image import GenerateRequest, GenerationCancelled, LoraChoice
 
-    diffusion = ctx.backends.get("diffusion")
+    diffusion = ctx.backends.diffusion
     flag.clear()
     try:
         init, mask = editor_images(editor_v)
@@ -175,14 +175,14 @@ def add_lora(ctx, file_v):
 
 
 def show_params(ctx, index: int) -> dict[str, Any]:
-    from backends.diffusion_png import read_png_params
+    from backends.image import read_png_params
 
-    items = ctx.backends.get("diffusion").gallery(60)
+    items = ctx.backends.diffusion.gallery(60)
     return read_png_params(items[index].path) if index < len(items) else {}
 
 
 def _build_form(ctx: StudioContext, diffusion: Any) -> dict[str, Any]:
-    from backends.diffusion import SCHEDULERS
+    from backends.image import SCHEDULERS
 
     model = gr.Dropdown(diffusion.model_choices(), value=diffusion.config.default_model, label="Model")
     custom = gr.Textbox("", label="…or a diffusers folder, a .safetensors checkpoint, or a Hub id in the cache")
@@ -235,7 +235,7 @@ def _build_result() -> dict[str, Any]:
 def build(ctx: StudioContext) -> None:
     from tabs.image_train import build_training
 
-    diffusion = ctx.backends.get("diffusion")
+    diffusion = ctx.backends.diffusion
     gr.Markdown(
         "## Image\nStable Diffusion 1.5 and SDXL: text to image, image to image and inpainting, with LoRAs. The "
         "text encoders, UNet and VAE are managed separately, so on a small card the UNet stays on the GPU while the "

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def build_training(ctx: StudioContext, diffusion: Any) -> None:
-    lora = ctx.backends.get("sd_lora")
+    lora = ctx.backends.sd_lora
     gr.Markdown(
         "Teach a model a subject or a style from 20-150 images. Give each image a caption in a `.txt` file with the "
         "same name, or one instance prompt for all (e.g. `a photo of sks dog`). The result is one `.safetensors` "
@@ -51,7 +51,7 @@ def build_training(ctx: StudioContext, diffusion: Any) -> None:
 
     def start_job(files_v, base_v, instance_v, name_v, rank_v, steps_v, lr_v, res_v, prior_v, cprompt_v, cfiles_v,
                   n_class_v, every_v, sprompt_v):  # fmt: skip
-        from backends.sd_lora import LoraTrainConfig
+        from backends.image import LoraTrainConfig
 
         try:
             cfg = LoraTrainConfig(

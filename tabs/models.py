@@ -13,17 +13,12 @@ from typing import Any
 
 from studio.catalog import ModelSpec
 from studio.context import StudioContext, Tab
+from studio.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
 HEADERS = ["capability", "key", "status", "size", "on disk", "licence", "source", "title", "notes"]
 DEMO_LABEL = "untrained demo model"
-
-
-def _gb(n: int | float) -> str:
-    if n <= 0:
-        return "-"
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def offline_reason(ctx: StudioContext) -> str | None:
@@ -53,8 +48,8 @@ def catalog_rows(ctx: StudioContext) -> list[list[str]]:
                 spec.capability,
                 spec.key,
                 st,
-                _gb(spec.expected_bytes),
-                _gb(ctx.catalog.disk_bytes(spec)) if st == "present" else "-",
+                fmt_bytes(spec.expected_bytes or None, missing="-"),
+                fmt_bytes(ctx.catalog.disk_bytes(spec)) if st == "present" else "-",
                 spec.licence,
                 spec.source,
                 spec.title,
@@ -71,8 +66,8 @@ def disk_summary(ctx: StudioContext) -> str:
     models_dir = ctx.settings.models_dir
     free = shutil.disk_usage(models_dir if models_dir.exists() else models_dir.parent).free
     return (
-        f"**Disk used:** downloaded models {_gb(downloaded)} in `{models_dir}`; "
-        f"models shipped by Python packages {_gb(packaged)}; free space {_gb(free)}."
+        f"**Disk used:** downloaded models {fmt_bytes(downloaded)} in `{models_dir}`; "
+        f"models shipped by Python packages {fmt_bytes(packaged)}; free space {fmt_bytes(free)}."
     )
 
 
@@ -108,7 +103,7 @@ def job_progress_bar(job):
         def update(self, n: float | None = 1) -> bool | None:
             out = super().update(n)
             if self._bytes and self.total:
-                job.set_progress(min(self.n / self.total, 0.99), f"{_gb(self.n)} of {_gb(self.total)}")
+                job.set_progress(min(self.n / self.total, 0.99), f"{fmt_bytes(self.n)} of {fmt_bytes(self.total)}")
             elif self.unit != "B" and self.total:
                 job.log(f"{self.n}/{self.total} files")
             return out
@@ -146,7 +141,7 @@ def delete_model(ctx: StudioContext, key: str | None) -> str:
     if ctx.catalog.local_path(spec) is None:
         raise ValueError(f"{spec.title} is not downloaded; nothing to delete.")
     ctx.catalog.delete(spec)
-    return f"Deleted {spec.title} ({_gb(size)} freed)."
+    return f"Deleted {spec.title} ({fmt_bytes(size)} freed)."
 
 
 def build(ctx: StudioContext) -> None:

@@ -230,7 +230,7 @@ def _build_question() -> dict[str, Any]:
 def build(ctx: StudioContext) -> None:
     import gradio as gr
 
-    backend = ctx.backends.get("rag")
+    backend = ctx.backends.rag
     rerank_line = (
         "Reranking: the **ms-marco-MiniLM-L-6-v2 cross-encoder** reorders the best 20 candidates."
         if backend.reranker_available()

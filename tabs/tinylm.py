@@ -121,7 +121,7 @@ def _build_sample(backend: Any) -> dict[str, Any]:
 def build(ctx: StudioContext) -> None:
     import gradio as gr
 
-    backend = ctx.backends.get("tinylm")
+    backend = ctx.backends.tinylm
     gr.Markdown(
         "## Tiny LM lab\nTrain a small GPT (nanoGPT-style, character level) **from scratch** on Shakespeare's plays, "
         "shipped offline. Loss starts near ln(vocabulary) ≈ 4.2 and falls as it learns spelling, then words, then "

@@ -1,6 +1,6 @@
 """Vision tab: YOLO detection on images, videos and the webcam; training on your own data; ONNX export + latency.
 
-UI only: every model call goes through `ctx.backends.get("detection")`; no torch import here.
+UI only: every model call goes through `ctx.backends.detection`; no torch import here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _model_choices(det: Any, *, with_weights: bool = False) -> list[tuple[str, s
 
 
 def _options(conf: float, iou: float, classes: list[str] | None, imgsz: int, names: dict[int, str]) -> Any:
-    from backends.detection import DetectOptions
+    from backends.vision import DetectOptions
 
     ids = tuple(sorted(k for k, v in names.items() if v in (classes or []))) or None
     return DetectOptions(conf=float(conf), iou=float(iou), classes=ids, imgsz=int(imgsz))
@@ -28,7 +28,7 @@ def _options(conf: float, iou: float, classes: list[str] | None, imgsz: int, nam
 def _build_models(ctx: StudioContext, det: Any) -> Any:
     import gradio as gr
 
-    from backends.detection import TRUST_WARNING
+    from backends.vision import TRUST_WARNING
 
     with gr.Row():
         model = gr.Dropdown(_model_choices(det), value="yolov8s-person", label="Model", scale=4)
@@ -173,7 +173,7 @@ def build(ctx: StudioContext) -> None:
 
     from tabs.vision_train import build_export, build_train
 
-    det = ctx.backends.get("detection")
+    det = ctx.backends.detection
     gr.Markdown(
         "## Vision — YOLO object detection\nThe offline default is a real YOLOv8s fine-tuned on people "
         "(classes *Normal* / *Fall*). Train on your own YOLO-format data below; untrained models are for "

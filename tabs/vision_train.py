@@ -46,7 +46,7 @@ def _plots(ctx: StudioContext, det: Any, job_id: str | None):
 def _start(det: Any, source: Path, values: dict[str, Any]):
     import gradio as gr
 
-    from backends.yolo_train import TrainOptions
+    from backends.vision import TrainOptions
 
     try:
         opts = TrainOptions(
@@ -152,7 +152,7 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
 def build_export(ctx: StudioContext, det: Any, model: Any) -> None:
     import gradio as gr
 
-    from backends.yolo_export import tensorrt_available
+    from backends.vision import tensorrt_available
 
     trt = (
         "TensorRT is installed, but engine export is not wired into the studio yet: ONNX only."

@@ -25,7 +25,7 @@ def llm_ctx(shared_cache_dir: Path):
 @pytest.fixture(scope="session")
 def llm(llm_ctx):
     """The LLM backend with the offline SmolLM2 loaded (first use converts the GGUF, ~20 s)."""
-    backend = llm_ctx.backends.get("llm")
+    backend = llm_ctx.backends.llm
     backend.complete([{"role": "user", "content": "Hi"}], max_new_tokens=1)
     return backend
 

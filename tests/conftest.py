@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 
 from studio.settings import Settings  # noqa: E402
 
+pytest_plugins = ["tests.ci_skips"]
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
@@ -47,7 +49,7 @@ def diffusion_ctx(tmp_path_factory, shared_cache_dir):
     """One studio context per module with the tiny demo pipelines (built once per session, copied in)."""
     import shutil
 
-    from backends.diffusion_tiny import ensure_tiny_pipeline
+    from backends.image.tiny import ensure_tiny_pipeline
     from studio.app import build_context
 
     root = tmp_path_factory.mktemp("diffusion")

@@ -6,9 +6,9 @@ import jiwer
 import numpy as np
 import pytest
 
-from backends.asr import AsrBackend, TranscribeOptions
-from backends.asr_models import ModelMissing, WhisperLoader
-from backends.audio_io import SAMPLE_RATE, AudioInputError, write_wav
+from backends.audio.asr import AsrBackend, TranscribeOptions
+from backends.audio.models import ModelMissing, WhisperLoader
+from backends.audio.pcm import SAMPLE_RATE, AudioInputError, write_wav
 from studio.bench.asr_data import SENTENCES, espeak_available, synthesize, write_media, write_video_only
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing (apt-get install -y espeak-ng)")
@@ -33,7 +33,7 @@ def actx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def asr(actx) -> AsrBackend:
-    return actx.backends.get("asr")
+    return actx.backends.asr
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_cpu_loader_moves_are_no_ops(actx):
 
 
 def test_whisper_base_is_assembled_once_and_multilingual(asr, actx, tmp_path):
-    from backends.asr_models import _base_parts, assemble_whisper_base
+    from backends.audio.models import _base_parts, assemble_whisper_base
 
     folder = assemble_whisper_base(actx.settings.cache_dir)
     expected = sum(p.stat().st_size for p in _base_parts())
@@ -151,7 +151,7 @@ def test_whisper_base_is_assembled_once_and_multilingual(asr, actx, tmp_path):
 
 
 def test_interrupted_assembly_is_redone(tmp_path):
-    from backends.asr_models import _base_parts, assemble_whisper_base
+    from backends.audio.models import _base_parts, assemble_whisper_base
 
     folder = assemble_whisper_base(tmp_path)
     with (folder / "model.bin").open("r+b") as f:

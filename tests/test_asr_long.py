@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import pytest
 
-from backends.asr import TranscribeOptions
+from backends.audio.asr import TranscribeOptions
 from studio.bench.asr_data import SENTENCES, espeak_available, synthesize
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing (apt-get install -y espeak-ng)")
@@ -37,7 +37,7 @@ def run_long(ctx, tmp_path, minutes: int, offsets: list[int]):
     """Transcribe a long file; return the transcript and (audio position, RSS in MB) after every update."""
     speech = {at: synthesize(SENTENCES[i % len(SENTENCES)]) for i, at in enumerate(offsets)}
     path = write_long_wav(tmp_path / "long.wav", minutes * 60, speech)
-    asr = ctx.backends.get("asr")
+    asr = ctx.backends.asr
     asr.transcribe(write_long_wav(tmp_path / "warm.wav", 60, {5: speech[offsets[0]]}))  # model + VAD loaded first
     proc, trace, tr = psutil.Process(), [], None
     for update in asr.stream(path, TranscribeOptions()):

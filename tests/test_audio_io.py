@@ -8,7 +8,16 @@ import struct
 import numpy as np
 import pytest
 
-from backends.audio_io import SAMPLE_RATE, AudioInputError, DecodeStats, iter_pcm, load_pcm, mark_last, probe, write_wav
+from backends.audio.pcm import (
+    SAMPLE_RATE,
+    AudioInputError,
+    DecodeStats,
+    iter_pcm,
+    load_pcm,
+    mark_last,
+    probe,
+    write_wav,
+)
 from studio.bench.asr_data import write_media, write_video_only
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backends.asr import Segment
-from backends.postedit import CASE_PUNCT, GLOSSARY, REJECTED, PostEditOptions, guard, postedit
+from backends.audio.asr import Segment
+from backends.audio.postedit import CASE_PUNCT, GLOSSARY, REJECTED, PostEditOptions, guard, postedit
 
 GLOSSARY_TERMS = ("Kubernetes", "Dr. Okafor")
 
@@ -91,7 +91,7 @@ def test_real_chat_backend_post_edit(ctx):
         Segment(0.0, 3.0, "the meeting will start at nine on monday morning"),
         Segment(3.0, 5.0, "ask doctor okafor"),
     ]
-    report = postedit(ctx.backends.get("llm"), segs, PostEditOptions(glossary=("Dr. Okafor",)))
+    report = postedit(ctx.backends.llm, segs, PostEditOptions(glossary=("Dr. Okafor",)))
     original = [w for s in segs for w in s.text.split()]
     edited = [w.lower().strip(".,!?;:") for s in report.segments for w in s.text.split()]
     assert edited == original or "dr" in edited, (edited, report.rejected)

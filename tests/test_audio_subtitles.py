@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from backends.asr import Segment, Transcript, Word
-from backends.diarize import SpeakerTurn
-from backends.subtitles import LINE_CHARS, export, timestamp, to_json, to_srt, to_txt, to_vtt
+from backends.audio.asr import Segment, Transcript, Word
+from backends.audio.diarize import SpeakerTurn
+from backends.audio.subtitles import LINE_CHARS, export, timestamp, to_json, to_srt, to_txt, to_vtt
 
 
 def transcript(with_words: bool = True) -> Transcript:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tabs.audio as audio_tab
-from backends.audio_io import write_wav
+from backends.audio import write_wav
 from studio.bench.asr_data import SENTENCES, espeak_available, synthesize
 from tabs._session import StopFlag
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.vad import FRAME, SR, FixedWindows, SpeechRegions, SpeechWindows, VadConfig, load_silero_session
+from backends.audio.vad import FRAME, SR, FixedWindows, SpeechRegions, SpeechWindows, VadConfig, load_silero_session
 from studio.bench.asr_data import SENTENCES, espeak_available, make_dialogue
 
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing (apt-get install -y espeak-ng)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -35,7 +34,7 @@ def test_tab_builds_without_loading_a_model(ctx):
 
 
 def test_model_choices_mark_missing_models(ctx):
-    choices = dict((v, k) for k, v in chat.model_choices(ctx.backends.get("llm")))
+    choices = dict((v, k) for k, v in chat.model_choices(ctx.backends.llm))
     assert "not on this machine" not in choices["smollm2-135m"]
     assert "not on this machine" in choices["llama-3.1-8b-instruct"]
 
@@ -58,7 +57,7 @@ def test_export_markdown_and_json(ctx):
 
 
 def test_stats_line():
-    from backends.llm import GenerationStats
+    from backends.llm.backend import GenerationStats
 
     stats = GenerationStats(new_tokens=12, decode_tokens_per_s=20.5, ttft_s=0.3, decoder="eager", finish_reason="eos")
     line = chat.stats_line(stats)
@@ -149,7 +148,7 @@ def test_saved_conversations_roundtrip(tmp_path):
 
 
 def test_size_presets_and_names():
-    from backends.llm_generate import options_for_size, params_from_name
+    from backends.llm.generate import options_for_size, params_from_name
 
     assert params_from_name("SmolLM2-135M-Instruct") == 0.135 and params_from_name("Llama-3.1-8B") == 8.0
     small, big = options_for_size(0.135), options_for_size(8.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.detection import TRUST_WARNING, DetectionError, DetectOptions
+from backends.vision.detection import TRUST_WARNING, DetectionError, DetectOptions
 
 ASSETS = Path(__import__("importlib").util.find_spec("ultralytics").origin).parent / "assets"
 BUS = ASSETS / "bus.jpg"
@@ -17,7 +17,7 @@ BUS = ASSETS / "bus.jpg"
 
 @pytest.fixture
 def det(ctx):
-    return ctx.backends.get("detection")
+    return ctx.backends.detection
 
 
 def test_catalog_models_are_listed(det):
@@ -154,7 +154,7 @@ def test_ultralytics_does_not_break_pil_errors_for_other_tabs(settings, tmp_path
     in the studio into ModuleNotFoundError. After prepare_ultralytics PIL raises its own error again."""
     from PIL import Image, UnidentifiedImageError
 
-    from backends.detection import prepare_ultralytics
+    from backends.vision.detection import prepare_ultralytics
 
     prepare_ultralytics(settings)
     from ultralytics import YOLO  # noqa: F401  (the full import must not re-apply the patch)

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backends.detection import DetectionError, model_device
-from backends.yolo_export import compare_boxes, letterboxed_input, onnx_session, summarize
+from backends.vision.detection import DetectionError, model_device
+from backends.vision.export import compare_boxes, letterboxed_input, onnx_session, summarize
 
 BUS = Path(__import__("importlib").util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
 
 
 @pytest.fixture
 def det(ctx):
-    return ctx.backends.get("detection")
+    return ctx.backends.detection
 
 
 def test_onnx_gives_the_same_boxes_as_pytorch(det):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -10,14 +9,6 @@ import pytest
 
 BUS = Path(__import__("importlib").util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.mark.parametrize("module", ["tabs/vision.py", "tabs/vision_train.py"])
-def test_tab_modules_import_no_torch(module):
-    tree = ast.parse((ROOT / module).read_text())
-    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert not names & {"torch", "ultralytics", "cv2"}, names
 
 
 @pytest.fixture
@@ -40,7 +31,7 @@ def client(ctx):
 def test_detect_validate_and_errors_through_the_ui(client, ctx, tmp_path):
     from gradio_client.exceptions import AppError
 
-    from backends.yolo_synth import make_synthetic_dataset
+    from backends.vision.synth import make_synthetic_dataset
 
     c, handle_file = client
     img, summary, table, json_file = c.predict(
@@ -72,12 +63,13 @@ def test_detect_validate_and_errors_through_the_ui(client, ctx, tmp_path):
 def test_labels_stay_inside_the_image_and_the_sample_dataset_is_valid(ctx):
     import numpy as np
 
-    from backends.detection import Box, draw_boxes
+    from backends.vision import Box
+    from backends.vision.detection import draw_boxes
 
     img = draw_boxes(np.zeros((100, 200, 3), np.uint8), [Box(0, "Normal", 0.9, 150, 0, 199, 60)])
     top_right = img[:10, 120:200].reshape(-1, 3)
     assert (top_right == (255, 56, 56)).all(axis=1).any()  # the label box is drawn, inside the frame
-    det = ctx.backends.get("detection")
+    det = ctx.backends.detection
     root = det.make_sample_dataset(n_train=6, n_val=2)
     report = det.check_dataset(root)
     assert "— valid" in report.markdown() and det.make_sample_dataset() == root  # made once, reused

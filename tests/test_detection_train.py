@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from backends.detection import DetectionError
-from backends.yolo_data import DatasetError, validate_dataset
-from backends.yolo_synth import make_synthetic_dataset
-from backends.yolo_train import TrainOptions, evaluate, suggest_settings
+from backends.vision.data import DatasetError, validate_dataset
+from backends.vision.detection import DetectionError
+from backends.vision.synth import make_synthetic_dataset
+from backends.vision.train import TrainOptions, evaluate, suggest_settings
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture
 def det(ctx):
-    return ctx.backends.get("detection")
+    return ctx.backends.detection
 
 
 def _train(det, ctx, root, **kw):

@@ -14,10 +14,10 @@ def _pixels(result, i: int = 0) -> np.ndarray:
 
 
 def test_same_seed_same_image_of_requested_size(diffusion_ctx):
-    from backends.diffusion import GenerateRequest
-    from backends.diffusion_png import read_png_params
+    from backends.image.diffusion import GenerateRequest
+    from backends.image.png import read_png_params
 
-    diffusion = diffusion_ctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.diffusion
     a = diffusion.generate(GenerateRequest("a red lighthouse", seed=7, **FAST))
     b = diffusion.generate(GenerateRequest("a red lighthouse", seed=7, **FAST))
     c = diffusion.generate(GenerateRequest("a red lighthouse", seed=8, **FAST))
@@ -32,9 +32,9 @@ def test_same_seed_same_image_of_requested_size(diffusion_ctx):
 
 
 def test_sdxl_architecture_txt2img_img2img_inpaint_and_gallery(diffusion_ctx):
-    from backends.diffusion import GenerateRequest
+    from backends.image.diffusion import GenerateRequest
 
-    diffusion = diffusion_ctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.diffusion
     base = diffusion.generate(GenerateRequest("a boat", model="tiny-sdxl-demo", seed=1, batch=2, **FAST))
     assert [im.seed for im in base.images] == [1, 2] and base.mode == "txt2img"
     init = base.images[0].path
@@ -70,16 +70,16 @@ def test_sdxl_architecture_txt2img_img2img_inpaint_and_gallery(diffusion_ctx):
     ],
 )
 def test_bad_requests_are_refused_with_the_fix(kwargs, expected):
-    from backends.diffusion import GenerateRequest, RequestError
+    from backends.image.diffusion import GenerateRequest, RequestError
 
     with pytest.raises(RequestError, match=expected):
         GenerateRequest(**kwargs)
 
 
 def test_corrupt_init_image_and_unknown_models_give_clear_messages(diffusion_ctx, tmp_path):
-    from backends.diffusion import GenerateRequest, ModelNotAvailable, RequestError
+    from backends.image.diffusion import GenerateRequest, ModelNotAvailable, RequestError
 
-    diffusion = diffusion_ctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.diffusion
     bad = tmp_path / "photo.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # PNG signature, truncated body
     with pytest.raises(RequestError, match=r"init image \(photo.png\) is not a readable image"):
@@ -105,9 +105,9 @@ def test_corrupt_init_image_and_unknown_models_give_clear_messages(diffusion_ctx
 
 
 def test_cancel_stops_generation_and_saves_nothing(diffusion_ctx):
-    from backends.diffusion import GenerateRequest, GenerationCancelled
+    from backends.image.diffusion import GenerateRequest, GenerationCancelled
 
-    diffusion = diffusion_ctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.diffusion
     before = len(diffusion.gallery(1000))
     seen: list[str] = []
     with pytest.raises(GenerationCancelled, match="nothing was saved"):
@@ -120,7 +120,7 @@ def test_cancel_stops_generation_and_saves_nothing(diffusion_ctx):
 
 
 def test_memory_plan_degrades_in_order():
-    from backends.diffusion_memory import plan_memory
+    from backends.image.memory import plan_memory
 
     sdxl = {"text_encoder": 246_000_000, "text_encoder_2": 1_390_000_000, "unet": 5_140_000_000, "vae": 335_000_000}
     common = {"width": 1024, "height": 1024, "batch": 1, "cfg": True, "dtype_bytes": 2, "vae_dtype_bytes": 4}
@@ -139,7 +139,7 @@ def test_memory_plan_degrades_in_order():
 def test_out_of_memory_in_decode_falls_back_to_tiles():
     import torch
 
-    from backends.diffusion_memory import MemoryPlan, decode_latents
+    from backends.image.memory import MemoryPlan, decode_latents
 
     class FakeVae:
         """Decodes by 8x upsampling; runs out of memory on anything bigger than a tile unless tiling is on."""
@@ -167,9 +167,9 @@ def test_out_of_memory_in_decode_falls_back_to_tiles():
 
 
 def test_generation_is_refused_while_the_model_is_being_trained(diffusion_ctx):
-    from backends.diffusion import DiffusionBusy, GenerateRequest
+    from backends.image.diffusion import DiffusionBusy, GenerateRequest
 
-    diffusion = diffusion_ctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.diffusion
     rec = diffusion.prepare("tiny-sd-demo")
     with diffusion.training(rec), pytest.raises(DiffusionBusy, match="being trained"):
         diffusion.generate(GenerateRequest("a cat", **FAST))

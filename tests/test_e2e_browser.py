@@ -21,7 +21,7 @@ if not CHROMIUM.exists():
     pytest.skip(
         "Debian's chromium is not installed (/usr/bin/chromium); apt-get install chromium", allow_module_level=True
     )
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+from playwright import sync_api  # noqa: E402 (pinned; after the chromium check)
 
 CHROMIUM_ARGS = [
     "--headless",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.llm import AdapterError, LLMBackend, LLMConfig
+from backends.llm.backend import AdapterError, LLMBackend, LLMConfig
 from tests import _llm_support
 
 llm_ctx, llm, smol_folder = _llm_support.llm_ctx, _llm_support.llm, _llm_support.smol_folder  # session fixtures
@@ -81,5 +81,5 @@ def test_wrong_adapters_are_refused_and_leave_the_model_working(llm_ctx, tiny, t
 
 
 def test_available_adapters_are_listed(llm_ctx, tiny):
-    found = llm_ctx.backends.get("llm").available_adapters()
+    found = llm_ctx.backends.llm.available_adapters()
     assert {p.name for p in found} >= {"a1", "a2", "for-another-model"}

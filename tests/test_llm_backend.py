@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from backends.llm import GenerationOptions, LLMBackend, LLMConfig, ModelNotAvailable
+from backends.llm.backend import GenerationOptions, LLMBackend, LLMConfig, ModelNotAvailable
 from studio.safety import UnsafePathError, WeightsError
 from tests import _llm_support
 
@@ -24,7 +24,7 @@ def test_real_model_answers_the_capital_of_france(llm):
 
 
 def test_conversion_is_cached_and_reloads_fast(smol_folder):
-    from backends.llm_models import check_model_folder, load_causal_lm
+    from backends.llm.models import check_model_folder, load_causal_lm
 
     assert (smol_folder / ".converted").is_file() and (smol_folder / "model.safetensors").is_file()
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def test_overlong_history_is_trimmed_with_a_note(llm_ctx, llm):
 
 
 def test_overlong_single_message_keeps_its_end(llm):
-    from backends.llm_generate import PromptTooLong, build_prompt
+    from backends.llm.generate import PromptTooLong, build_prompt
 
     tok = llm._tokenizer(llm._source("smollm2-135m"))
     long_message = "blah " * 2000 + "\nNow answer: what is the capital of France?"
@@ -163,8 +163,8 @@ def test_static_cache_decoder_matches_generate_greedy(llm_ctx, llm):
     """The GPU fast path without the graph: static cache + in-place position buffers, token for token on CPU."""
     import torch
 
-    from backends.llm_fastdecode import EagerDecoder, StaticDecoder
-    from backends.llm_generate import render_ids, stream_tokens
+    from backends.llm.fastdecode import EagerDecoder, StaticDecoder
+    from backends.llm.generate import render_ids, stream_tokens
 
     tok = llm._tokenizer(llm._source("smollm2-135m"))
     ids = render_ids(tok, [{"role": "user", "content": "Write a haiku about rain."}])

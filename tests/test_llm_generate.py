@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.llm_generate import GenerationOptions, StopTextTracker, pick_token
+from backends.llm.generate import GenerationOptions, StopTextTracker, pick_token
 
 
 class CharTokenizer:

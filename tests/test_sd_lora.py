@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backends.diffusion_tiny import ensure_tiny_pipeline
+from backends.image.tiny import ensure_tiny_pipeline
 
 GEN = {"width": 64, "height": 64, "steps": 3, "seed": 5}
 
@@ -27,11 +27,11 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(diffusion_ctx, images):
     """A rank-4 LoRA trained for a few steps through the real job runner."""
-    from backends.sd_lora import LoraTrainConfig
+    from backends.image.lora_train import LoraTrainConfig
 
     cfg = LoraTrainConfig(dataset=(str(images),), instance_prompt="a photo of sks square", output_name="squares",
                           rank=4, steps=6, learning_rate=1e-2, resolution=64)  # fmt: skip
-    job = diffusion_ctx.backends.get("sd_lora").submit(cfg)
+    job = diffusion_ctx.backends.sd_lora.submit(cfg)
     assert job.wait(timeout=240), "training did not finish"
     assert job.status == "done", (job.status, job.error, job.logs[-5:])
     return job.result
@@ -54,9 +54,9 @@ class StopAfter:
 
 
 def test_lora_changes_the_output_and_is_recorded(diffusion_ctx, trained):
-    from backends.diffusion import GenerateRequest, LoraChoice
+    from backends.image.diffusion import GenerateRequest, LoraChoice
 
-    diffusion = diffusion_ctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.diffusion
     plain = diffusion.generate(GenerateRequest("a photo of sks square", **GEN))
     with_lora = diffusion.generate(
         GenerateRequest("a photo of sks square", loras=(LoraChoice(str(trained.path)),), **GEN)
@@ -74,11 +74,11 @@ def test_lora_changes_the_output_and_is_recorded(diffusion_ctx, trained):
 def test_several_loras_with_scales_add_up(diffusion_ctx, trained, tmp_path):
     """Two copies of one LoRA at 0.5 each must give the same image as the LoRA once at 1.0 (LoRAs are additive)."""
 
-    from backends.diffusion import GenerateRequest, LoraChoice
+    from backends.image.diffusion import GenerateRequest, LoraChoice
 
     copy = tmp_path / "squares-copy.safetensors"
     shutil.copyfile(trained.path, copy)
-    diffusion = diffusion_ctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.diffusion
     once = diffusion.generate(
         GenerateRequest("a photo of sks square", loras=(LoraChoice(str(trained.path), 1.0),), **GEN)
     )
@@ -130,10 +130,10 @@ def test_lora_file_uses_kohya_keys_and_loads_in_diffusers_as_trained(diffusion_c
 def test_lora_for_another_architecture_is_refused(diffusion_ctx, trained, tmp_path):
     import torch
 
-    from backends.diffusion import GenerateRequest, LoraChoice, LoraError
+    from backends.image.diffusion import GenerateRequest, LoraChoice, LoraError
     from studio.safety import save_safetensors
 
-    diffusion = diffusion_ctx.backends.get("diffusion")
+    diffusion = diffusion_ctx.backends.diffusion
     with pytest.raises(LoraError, match=r"text width 32.*text width 64"):
         diffusion.generate(
             GenerateRequest("a cat", model="tiny-sdxl-demo", loras=(LoraChoice(str(trained.path)),), **GEN)
@@ -153,25 +153,25 @@ def test_lora_for_another_architecture_is_refused(diffusion_ctx, trained, tmp_pa
 def test_cancel_saves_what_was_learnt(diffusion_ctx, images):
     from safetensors import safe_open
 
-    from backends.sd_lora import LoraTrainConfig
+    from backends.image.lora_train import LoraTrainConfig
 
     cfg = LoraTrainConfig(dataset=(str(images),), instance_prompt="a photo of sks square", output_name="cancelled",
                           rank=4, steps=50, resolution=64)  # fmt: skip
-    result = diffusion_ctx.backends.get("sd_lora").train(cfg, StopAfter(2))
+    result = diffusion_ctx.backends.sd_lora.train(cfg, StopAfter(2))
     assert result.status == "cancelled" and result.steps_done == 2
     with safe_open(str(result.path), "pt") as f:
         assert f.metadata()["ss_steps"] == "2"
     assert diffusion_ctx.runs.get(result.run_id).status == "cancelled"
-    rec = diffusion_ctx.backends.get("diffusion").prepare("tiny-sd-demo")
+    rec = diffusion_ctx.backends.diffusion.prepare("tiny-sd-demo")
     with diffusion_ctx.residency.use(rec.key("unet")) as unet:  # the shared UNet is left without the training adapter
         assert "onecard_train" not in (getattr(unet, "peft_config", None) or {})
         assert not any(p.requires_grad for p in unet.parameters())
 
 
 def test_training_data_and_settings_are_checked_before_the_job(diffusion_ctx, images, tmp_path):
-    from backends.sd_lora import LoraTrainConfig, TrainingDataError, collect_items, load_pixels
+    from backends.image.lora_train import LoraTrainConfig, TrainingDataError, collect_items, load_pixels
 
-    lora = diffusion_ctx.backends.get("sd_lora")
+    lora = diffusion_ctx.backends.sd_lora
     with pytest.raises(TrainingDataError, match=r"No caption for img1.png, img2.png, img3.png"):
         lora.check(LoraTrainConfig(dataset=(str(images),)))
     with pytest.raises(ValueError, match="rank 32"):

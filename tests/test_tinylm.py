@@ -39,7 +39,7 @@ def test_unknown_work_and_characters_are_refused():
 
 
 def test_training_learns_and_sampling_uses_the_checkpoint(ctx):
-    backend = ctx.backends.get("tinylm")
+    backend = ctx.backends.tinylm
     opts = TrainOptions(works=("macbeth",), steps=150, batch_size=12, lr=5e-3, eval_every=50, eval_batches=4)
     job = backend.start_training(SMALL, opts)
     assert job.wait(timeout=240), "training did not finish"
@@ -58,7 +58,7 @@ def test_training_learns_and_sampling_uses_the_checkpoint(ctx):
 
 
 def test_cancel_keeps_a_checkpoint(ctx):
-    backend = ctx.backends.get("tinylm")
+    backend = ctx.backends.tinylm
     opts = TrainOptions(works=("sonnets",), steps=100_000, batch_size=4, eval_every=5, eval_batches=1)
     job = backend.start_training(SMALL, opts)
     for _ in range(600):

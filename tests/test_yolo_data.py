@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from backends.yolo_data import (
+from backends.vision.data import (
     DatasetError,
     ZipLimits,
     label_path_for,
@@ -21,7 +21,7 @@ from backends.yolo_data import (
     validate_dataset,
     write_training_yaml,
 )
-from backends.yolo_synth import make_synthetic_dataset
+from backends.vision.synth import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

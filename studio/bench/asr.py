@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from studio.bench.asr_data import SENTENCES, VOICES, Dialogue, espeak_available, make_dialogue, synthesize
+from studio.bench.common import describe_machine, machine_info
 
 ROOT = Path(__file__).resolve().parents[2]
 PAIRS = (("en-us", "en-us+f3"), ("en-us+m7", "en-029+f4"), ("en-gb-scotland+klatt", "en-gb-x-rp+f2"))
@@ -68,10 +68,10 @@ def _wer(refs: list[str], hyps: list[str]) -> float:
 
 
 def wer_section(ctx, tmp: Path, voices, sentences, models) -> list[dict]:
-    from backends.asr import TranscribeOptions
-    from backends.audio_io import write_wav
+    from backends.audio.asr import TranscribeOptions
+    from backends.audio.pcm import write_wav
 
-    asr = ctx.backends.get("asr")
+    asr = ctx.backends.asr
     clips = {(v, s): write_wav(tmp / f"{v}-{i}.wav", synthesize(s, v)) for v in voices for i, s in enumerate(sentences)}
     rows = []
     for model in models:
@@ -89,7 +89,7 @@ def wer_section(ctx, tmp: Path, voices, sentences, models) -> list[dict]:
 
 
 def _reference(d: Dialogue):
-    from backends.diarize import SpeakerTurn
+    from backends.audio.diarize import SpeakerTurn
 
     return [SpeakerTurn(t.start, t.end, t.speaker) for t in d.turns]
 
@@ -103,21 +103,18 @@ def _overlap_share(turns) -> float:
 
 
 def der_section(ctx, tmp: Path, pairs, lines_per_dialogue: int) -> list[dict]:
-    from backends.audio_io import write_wav
-    from backends.diarize import DiarizeOptions, SpeakerTurn, diarization_error_rate
+    from backends.audio.diarize import DiarizeOptions, diarization_error_rate, read_rttm
+    from backends.audio.pcm import write_wav
     from studio.catalog import package_dir
 
-    engine = ctx.backends.get("asr").diarizer
+    engine = ctx.backends.asr.diarizer
     cases = []
     for a, b in pairs:
         lines = [("A" if i % 2 == 0 else "B", a if i % 2 == 0 else b, SENTENCES[i]) for i in range(lines_per_dialogue)]
         d = make_dialogue(lines, GAPS[: lines_per_dialogue - 1])
         cases.append((f"espeak {a} / {b}", write_wav(tmp / f"dlg-{a}-{b}.wav", d.pcm), _reference(d), d.duration_s))
     sample = package_dir("pyannote.audio") / "sample"
-    ref = []
-    for line in (sample / "sample.rttm").read_text().splitlines():
-        f = line.split()
-        ref.append(SpeakerTurn(float(f[3]), float(f[3]) + float(f[4]), f[7]))
+    ref = read_rttm(sample / "sample.rttm")
     cases.append(("pyannote sample.wav (real speech)", sample / "sample.wav", ref, 30.0))
     rows = []
     for name, path, ref, duration in cases:
@@ -157,10 +154,10 @@ def rtf_section(ctx, tmp: Path, pairs, lines_per_dialogue: int, models) -> dict:
     from transformers import GenerationConfig, WhisperFeatureExtractor
     from transformers.generation.utils import GenerationMixin
 
-    from backends.asr import TranscribeOptions
-    from backends.asr_models import whisper_dir
-    from backends.audio_io import load_pcm, write_wav
-    from backends.vad import SpeechWindows, VadConfig, load_silero_session
+    from backends.audio.asr import TranscribeOptions
+    from backends.audio.models import whisper_dir
+    from backends.audio.pcm import load_pcm, write_wav
+    from backends.audio.vad import SpeechWindows, VadConfig, load_silero_session
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -173,9 +170,9 @@ def rtf_section(ctx, tmp: Path, pairs, lines_per_dialogue: int, models) -> dict:
     end_to_end = {}
     for model in models:
         opts = TranscribeOptions(model_id=model, language="en")
-        ctx.backends.get("asr").transcribe(path, opts)  # warm: model loaded, caches filled
+        ctx.backends.asr.transcribe(path, opts)  # warm: model loaded, caches filled
         t0 = time.perf_counter()
-        ctx.backends.get("asr").transcribe(path, opts)
+        ctx.backends.asr.transcribe(path, opts)
         end_to_end[model] = (time.perf_counter() - t0) / duration
         print(f"  RTF studio end to end {model}: {end_to_end[model]:.3f}", flush=True)
 
@@ -209,29 +206,11 @@ def rtf_section(ctx, tmp: Path, pairs, lines_per_dialogue: int, models) -> dict:
     }  # fmt: skip
 
 
-def machine() -> dict:
-    import ctranslate2
-    import faster_whisper
-    import torch
-    import transformers
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
-        "faster_whisper": faster_whisper.__version__, "ctranslate2": ctranslate2.__version__,
-        "torch": torch.__version__, "transformers": transformers.__version__,
-    }  # fmt: skip
-
-
 def render(result: dict) -> str:
     m = result["machine"]
     out = [
         f"# ASR benchmark, CPU ({result['date']})", "",
-        f"Machine: {m['cores']} cores ({m['cpu']}), {m['os']}, Python {m['python']}, faster-whisper "
-        f"{m['faster_whisper']} / CTranslate2 {m['ctranslate2']}, torch {m['torch']}, transformers "
-        f"{m['transformers']}. 1-min load average before/after: {result['load_before']:.2f} / "
+        f"Machine: {describe_machine(m)}. 1-min load average before/after: {result['load_before']:.2f} / "
         f"{result['load_after']:.2f} (other work on the machine slows every timing).",
         f"Command: `{result['command']}`", "",
         "## WER (espeak-ng speech, 8 sentences per voice, language given as en; lower-cased, no punctuation, "
@@ -280,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     models = ("whisper-tiny.en", "whisper-base")
     result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "load_before": os.getloadavg()[0],
               "command": "python -m studio.bench.asr " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine()}  # fmt: skip
+              "machine": machine_info("faster-whisper", "ctranslate2", "torch", "transformers")}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         ctx = _context(tmp)

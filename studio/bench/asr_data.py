@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.audio_io import SAMPLE_RATE, load_pcm
+from backends.audio.pcm import SAMPLE_RATE, load_pcm
 
 # Voices that differ audibly (accent, pitch variant); "+f3"/"+m3" are espeak-ng voice variants.
 VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-029+m3")

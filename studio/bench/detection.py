@@ -23,21 +23,12 @@ import platform
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from studio.bench.common import versions
+
 GiB = 2**30
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "ultralytics", "onnxruntime", "onnx", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _context(data_dir: Path, cap_gb: float) -> Any:
@@ -76,8 +67,8 @@ def _forward_rows(det: Any, entry: Any, onnx_path: Path, args: argparse.Namespac
     import torch
     from ultralytics import YOLO
 
-    from backends.yolo_export import letterboxed_input, onnx_forward_times, onnx_session, summarize
-    from backends.yolo_export import torch_forward_times as tft
+    from backends.vision.export import letterboxed_input, onnx_forward_times, onnx_session, summarize
+    from backends.vision.export import torch_forward_times as tft
 
     x = letterboxed_input(args.imgsz)
     n, w = args.runs, args.warmup
@@ -111,8 +102,8 @@ def _end_to_end_rows(det: Any, entry: Any, onnx_path: Path, args: argparse.Names
     from ultralytics import YOLO
     from ultralytics.utils import ASSETS
 
-    from backends.detection import DetectOptions, model_device
-    from backends.yolo_export import summarize, time_calls
+    from backends.vision.detection import DetectOptions, model_device
+    from backends.vision.export import summarize, time_calls
 
     bus, n, w = str(ASSETS / "bus.jpg"), args.runs, args.warmup
     cuda = torch.cuda.is_available()
@@ -177,7 +168,7 @@ def run(args: argparse.Namespace) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="bench-detection-"))
     ctx = _context(work / "data", args.vram_cap_gb)
-    det = ctx.backends.get("detection")
+    det = ctx.backends.detection
     entry, model_desc = _model_entry(det, args.weights, work)
     t = time.perf_counter()
     onnx_path = det.export_onnx(entry.id, args.imgsz)
@@ -206,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
         "command": "python -m studio.bench.detection " + " ".join(sys.argv[1:]),
         "model": model_desc,
         "imgsz": args.imgsz,
-        "versions": _versions(),
+        "versions": versions("torch", "ultralytics", "onnxruntime", "onnx", "numpy"),
         "forward": forward,
         "end_to_end": e2e,
         "notes": notes,

@@ -1,7 +1,7 @@
 """Image generation and LoRA training benchmark: the studio's diffusion backend vs diffusers' defaults.
 
 Full run (GPU): SD1.5- and SDXL-architecture pipelines with random fp16 weights built from the real configs
-(backends/diffusion_tiny.py; speed and memory do not depend on the weight values), under a 12 GB cap (studio VRAM
+(backends/image/tiny.py; speed and memory do not depend on the weight values), under a 12 GB cap (studio VRAM
 cap + torch's per-process memory fraction). Side by side in one process:
 - generation: it/s (steady-state denoising steps), seconds per image and peak VRAM at 512x512 (SD1.5) and
   1024x1024 (SDXL), for diffusers' default use (`pipe.to("cuda")`, `pipe(prompt)`), for diffusers'
@@ -101,14 +101,14 @@ class RandomComponentLoader:
     configs: dict[str, Any]
 
     def estimate_bytes(self) -> int:
-        from backends.diffusion_tiny import build_component
+        from backends.image.tiny import build_component
 
         with torch.device("meta"):
             model = build_component(self.configs, self.component, torch.float32, "meta")
         return sum(p.numel() for p in model.parameters()) * self.dtype.itemsize
 
     def load(self, device: str) -> Any:
-        from backends.diffusion_tiny import build_component
+        from backends.image.tiny import build_component
 
         return build_component(self.configs, self.component, self.dtype, device)
 
@@ -152,10 +152,10 @@ def make_ctx(data_dir: Path, vram_cap_gb: float | None) -> Any:
 
 
 def prepare_model(ctx: Any, configs: dict[str, Any], root: Path) -> Any:
-    from backends.diffusion_tiny import write_skeleton
+    from backends.image.tiny import write_skeleton
 
     write_skeleton(root, configs)
-    backend = ctx.backends.get("diffusion")
+    backend = ctx.backends.diffusion
     backend.loader_factory = lambda key, r, comp, dtype: RandomComponentLoader(key, r, comp, dtype, configs)
     return backend, backend.prepare(str(root))
 
@@ -169,7 +169,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def bench_ours(backend: Any, rec: Any, size: int, steps: int, runs: int = 3) -> dict[str, Any]:
-    from backends.diffusion import GenerateRequest
+    from backends.image.diffusion import GenerateRequest
 
     req = GenerateRequest("a lighthouse on a cliff at dusk, oil painting", model=str(rec.source.root), width=size,
                           height=size, steps=steps, seed=1, scheduler="Default")  # fmt: skip
@@ -188,7 +188,7 @@ def bench_ours(backend: Any, rec: Any, size: int, steps: int, runs: int = 3) -> 
 
 def bench_diffusers(configs: dict, size: int, steps: int, device: str, offload: bool = False, runs: int = 3) -> Any:
     """diffusers used as its docs show: build the pipeline, `.to(device)` (or model CPU offload), call it."""
-    from backends.diffusion_tiny import assemble_pipeline, build_components
+    from backends.image.tiny import assemble_pipeline, build_components
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = assemble_pipeline(configs["arch"], build_components(configs, dtype=dtype, device=device))
@@ -232,7 +232,7 @@ def switch_diffusers(pipe: Any, llm_bytes: int, size: int, steps: int, warm_s: f
 
 def switch_ours(ctx: Any, backend: Any, rec: Any, llm_bytes: int, size: int, steps: int, warm_s: float) -> dict:
     """LLM used, then an image asked for; twice (the first time the manager also allocates its pinned pools)."""
-    from backends.diffusion import GenerateRequest
+    from backends.image.diffusion import GenerateRequest
 
     res = ctx.residency
     res.register(DummyLLMLoader("llm:dummy-6.8gb", llm_bytes))
@@ -270,7 +270,7 @@ def bench_lora(ctx: Any, root: Path, data_dir: Path, resolution: int, steps: int
     import numpy as np
     from PIL import Image
 
-    from backends.sd_lora import LoraTrainConfig
+    from backends.image.lora_train import LoraTrainConfig
 
     images = data_dir / "lora-images"
     images.mkdir(parents=True, exist_ok=True)
@@ -282,7 +282,7 @@ def bench_lora(ctx: Any, root: Path, data_dir: Path, resolution: int, steps: int
     job = _StandInJob()
     with PeakVram() as peak:
         t0 = time.perf_counter()
-        result = ctx.backends.get("sd_lora").train(cfg, job)
+        result = ctx.backends.sd_lora.train(cfg, job)
         _sync()
         seconds = time.perf_counter() - t0
     times = [row["time"] for row in ctx.runs.get(result.run_id).metrics()]
@@ -362,14 +362,14 @@ def studio_section(name: str, configs: dict, size: int, steps: int, data: Path, 
                 ctx.residency.unregister(view.key)
         with contextlib.suppress(Exception):
             ctx.residency.close()
-        ctx.backends._built.clear()
+        ctx.backends = type(ctx.backends)(ctx)
         del ctx
         _free()
     return entry
 
 
 def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:
-    from backends.diffusion_tiny import SD15_CONFIGS, SDXL_CONFIGS, TINY_SD15_CONFIGS, TINY_SDXL_CONFIGS
+    from backends.image.tiny import SD15_CONFIGS, SDXL_CONFIGS, TINY_SD15_CONFIGS, TINY_SDXL_CONFIGS
 
     cuda = torch.cuda.is_available() and not args.quick
     device = "cuda" if cuda else "cpu"

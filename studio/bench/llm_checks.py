@@ -2,7 +2,7 @@
 
 - `teacher_forced`: the same tokens fed to each decoder; logits compared with one full forward pass.
 - `fp32_exactness`: in fp32 the static-cache and CUDA-graph decoders must reproduce plain `generate` token for token.
-- `product_check`: the studio's own path (backends.llm, residency manager, precision policy) on this device.
+- `product_check`: the studio's own path (backends.llm.backend, residency manager, precision policy) on this device.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from studio.bench.llm import TINY, build_fp32_llama, first_mismatch, run_generate, run_ours
+from studio.bench.llm_models import TINY, build_fp32_llama, first_mismatch, run_generate, run_ours
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def teacher_forced(model: Any, decoders: dict[str, Any], ids: torch.Tensor, forc
 
 def fp32_exactness(device: str, new: int = 128) -> dict:
     """fp32 (no bf16 rounding): greedy tokens of plain generate, static no-graph and CUDA graph must be equal."""
-    from backends.llm_fastdecode import StaticDecoder
+    from backends.llm.fastdecode import StaticDecoder
 
     model = build_fp32_llama(dict(TINY, hidden_size=512, num_attention_heads=8, intermediate_size=1376)).to(device)
     ids = torch.randint(3, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1)).to(device)
@@ -61,11 +61,11 @@ def fp32_exactness(device: str, new: int = 128) -> dict:
 
 
 def product_check(tokenizer_dir: Path, work: Path, new: int = 64) -> dict:
-    """The studio's own path on this device: save a small random Llama, load it through backends.llm (residency
+    """The studio's own path on this device: save a small random Llama, load it through backends.llm.backend (residency
     manager, precision policy) and chat greedily with and without the fast decoder; the texts must agree."""
     from transformers import AutoTokenizer
 
-    from backends.llm import GenerationOptions, LLMBackend, LLMConfig
+    from backends.llm.backend import GenerationOptions, LLMBackend, LLMConfig
     from studio.catalog import Catalog
     from studio.context import StudioContext
     from studio.settings import Settings

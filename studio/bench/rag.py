@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -27,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.rag_search import random_recall_at_k
+from backends.rag.search import random_recall_at_k
+from studio.bench.common import describe_machine, machine_info
 from studio.catalog import package_dir
 
 WORKS = ("hamlet", "macbeth", "romeo_and_juliet", "julius_caesar", "tempest", "merchant_of_venice")
@@ -191,7 +191,7 @@ def run(quick: bool, data_dir: Path) -> dict[str, Any]:
 
     ctx = build_context(Settings(data_dir=data_dir / "data", models_dir=data_dir / "models", open_browser=False))
     try:
-        rag = ctx.backends.get("rag")
+        rag = ctx.backends.rag
         windows = SUBSET_WINDOWS if quick else None
         corpus = "shakespeare-quick" if quick else "shakespeare"
         offsets = prepare_corpus(data_dir / corpus, windows)
@@ -230,7 +230,7 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
     )
     return (
         f"# RAG retrieval on Shakespeare ({res['questions']} questions, {res['chunks']} chunks)\n\n"
-        f"Machine: {res['machine']}; date {res['date']}; device {res['device']}.  \nCommand: `{command}`  \n"
+        f"Machine: {describe_machine(res['machine'])}; date {res['date']}; device {res['device']}.  \nCommand: `{command}`  \n"
         f"Corpus: {res['corpus']}. Ingest: {res['ingest_s']} s ({res['chunks_per_s']} chunks/s).  \n"
         f"Random baseline recall@5: {res['random_recall@5']:.3f}. Reranker: {res['reranker']}.  \n"
         f"1-minute load average at start/end: {res['load_average_1min']} (on 2 cores; above 2, other work shared "
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="rag-bench-") as tmp:
             res = run(args.quick, Path(tmp))
-    res["machine"] = f"{platform.node() or 'unknown'} ({platform.machine()}, {os.cpu_count()} CPU cores, no GPU used)"
+    res["machine"] = machine_info("sentence-transformers", "chromadb", "torch")
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
     command = "python -m studio.bench.rag" + (" --quick" if args.quick else "")
     res["command"] = command

@@ -101,11 +101,6 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _quantile(xs: list[float], q: float) -> float | None:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else None
-
-
 # ---- (a) swap-in bandwidth -------------------------------------------------------------------------------------
 def raw_bandwidth(env: Env, nbytes: int) -> dict:
     m = env.manager()

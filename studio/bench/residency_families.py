@@ -101,7 +101,7 @@ class SDModel(torch.nn.Module):
 
 # ---- builders: each returns (model on `device`, request function, working hint) -----------------------------------
 def build_llm(device: str, quick: bool) -> tuple[Any, Callable, int]:
-    from studio.bench.llm import LLAMA_8B, TINY, build_nf4_llama
+    from studio.bench.llm_models import LLAMA_8B, TINY, build_nf4_llama
 
     cfg = {**TINY, "intermediate_size": 768} if quick else LLAMA_8B  # bnb's CPU kernels need multiples of 32
     model = build_nf4_llama(cfg, device)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from studio.units import fmt_bytes
+
 GiB = 2**30
 TARGETS = "targets: swap-in >= 80% of raw pinned bandwidth; 0 OOM; total >= 3x better than unload-after-use; "
 TARGETS += "swaps >= 5x faster than naive .to()"
@@ -13,10 +15,6 @@ def _s(x: float | None) -> str:
     if x is None:
         return "-"
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def _gb(n: float | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GB"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -69,8 +67,8 @@ def markdown(r: dict) -> str:
     lines = [
         "# Residency benchmark",
         "",
-        f"Machine: {m.get('machine')}; date {m.get('date')}; cap {_gb(m.get('cap_bytes'))}, reserve "
-        f"{_gb(m.get('reserve_bytes'))}; torch {m.get('versions', {}).get('torch')}.",
+        f"Machine: {m.get('machine')}; date {m.get('date')}; cap {fmt_bytes(m.get('cap_bytes'), missing='-')}, reserve "
+        f"{fmt_bytes(m.get('reserve_bytes'), missing='-')}; torch {m.get('versions', {}).get('torch')}.",
         f"Command: `{m.get('command')}`",
         "",
     ]
@@ -84,16 +82,16 @@ def markdown(r: dict) -> str:
                   "| swap-out, unchanged | naive .to(cpu) | naive .to(cuda) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for x in r["swap_in"]:
             if "error" in x:
-                lines.append(f"| {_gb(x['bytes'])} | error: {x['error']} |||||||| ")
+                lines.append(f"| {fmt_bytes(x['bytes'])} | error: {x['error']} |||||||| ")
                 continue
             lines.append(
-                f"| {_gb(x['bytes'])} | {_s(x['swap_in_s'])} | {x['gbps']:.1f} | {x['fraction_of_raw']:.0%} | "
+                f"| {fmt_bytes(x['bytes'])} | {_s(x['swap_in_s'])} | {x['gbps']:.1f} | {x['fraction_of_raw']:.0%} | "
                 f"{_s(x['first_swap_out_s'])} | {_s(x['dirty_swap_out_s'])} | {_s(x['clean_swap_out_s'])} | "
                 f"{_s(x.get('naive_to_cpu_s'))} | {_s(x.get('naive_to_gpu_s'))} |"
             )
         lines.append("")
     if r.get("families"):
-        fam = ", ".join(f"{k} {_gb(v)}" for k, v in r["families"].items())
+        fam = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r["families"].items())
         lines += [f"Families (weights): {fam}. Trace: {r.get('trace')}.", ""]
     if r.get("check"):
         lines += [f"Outputs identical after disk load / pinned swap / clean swap: {r['check']}", ""]

@@ -17,14 +17,10 @@ import torch
 from studio.accel import is_oom_error
 from studio.pinned import naive_move
 from studio.residency import ResidencyError, ResidencyManager
+from studio.units import quantile
 
 log = logging.getLogger("studio.bench.residency")
 UNLOAD_SAMPLES = 4  # requests per family timed under unload-after-use; its total is projected from them
-
-
-def _quantile(xs: list[float], q: float) -> float | None:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else None
 
 
 NEIGHBOUR = """
@@ -259,10 +255,10 @@ def _summary(rows: list[dict], trace: list[str], families: dict, failures: list[
     swaps = [r["switch_s"] for r in rows if r["switch_s"] is not None and r["from"] == "ram"]
     return {
         "requests_done": len(rows), "requests": len(trace), "complete": complete, "total_s": total,
-        "projected_total_s": projected, "switch_p50_s": _quantile(switches, 0.5), "switch_p95_s": _quantile(switches, 0.95),
+        "projected_total_s": projected, "switch_p50_s": quantile(switches, 0.5), "switch_p95_s": quantile(switches, 0.95),
         "moves": len(moves), "move_mean_s": statistics.mean(moves) if moves else None,
-        "move_p50_s": _quantile(moves, 0.5), "move_p95_s": _quantile(moves, 0.95),
+        "move_p50_s": quantile(moves, 0.5), "move_p95_s": quantile(moves, 0.95),
         "swaps_from_ram": len(swaps), "swap_mean_s": statistics.mean(swaps) if swaps else None,
-        "swap_p50_s": _quantile(swaps, 0.5), "swap_p95_s": _quantile(swaps, 0.95),
+        "swap_p50_s": quantile(swaps, 0.5), "swap_p95_s": quantile(swaps, 0.95),
         "failures": failures, "per_family": per_family, "rows": rows,
     }  # fmt: skip

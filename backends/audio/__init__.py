@@ -1,0 +1,21 @@
+"""Speech: transcription (faster-whisper with VAD windows), speaker labels (offline or pyannote), subtitles and an
+LLM post-editor.
+
+Modules: asr (AsrBackend: the transcription stream), types (Segment, Word, Transcript, SpeakerTurn, DiarizeOptions),
+pcm (decoding any audio to 16 kHz PCM), vad (speech windows), diarize / diarize_pyannote (who spoke when),
+models (Whisper and VAD weights), subtitles (SRT/VTT/JSON/TXT), postedit (punctuation and names by the LLM).
+"""
+
+from backends.audio.asr import AsrBackend, AsrUpdate, TranscribeOptions, create, whisper_languages
+from backends.audio.diarize import diarization_error_rate, read_rttm
+from backends.audio.models import ModelMissing
+from backends.audio.pcm import SAMPLE_RATE, AudioInputError, load_pcm, write_wav
+from backends.audio.postedit import PostEditOptions, postedit
+from backends.audio.subtitles import export as export_transcript
+from backends.audio.types import DiarizeOptions, Segment, SpeakerTurn, Transcript, Word
+
+__all__ = [
+    "SAMPLE_RATE", "AsrBackend", "AsrUpdate", "AudioInputError", "DiarizeOptions", "ModelMissing", "PostEditOptions",
+    "Segment", "SpeakerTurn", "TranscribeOptions", "Transcript", "Word", "create", "diarization_error_rate",
+    "export_transcript", "load_pcm", "postedit", "read_rttm", "whisper_languages", "write_wav",
+]  # fmt: skip

@@ -1,0 +1,104 @@
+"""Options, results and model records of the vision package (shared by detection, training, export and video)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RUN_KIND = "detection-train"
+
+
+TRUST_WARNING = (
+    "Ultralytics .pt files are Python pickles: loading one can run any code its author put in it. "
+    "Only load files you trained yourself or got from a source you trust."
+)
+
+
+class DetectionError(ValueError):
+    """A user mistake (bad image, model, option): the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    conf: float = 0.25  # Ultralytics' default; below ~0.1 the table fills with noise
+    iou: float = 0.7  # NMS overlap threshold
+    classes: tuple[int, ...] | None = None  # keep only these class ids
+    imgsz: int = 640
+    max_det: int = 300
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.conf <= 1.0:
+            raise DetectionError(f"confidence must be between 0 and 1, got {self.conf}")
+        if not 0.0 < self.iou <= 1.0:
+            raise DetectionError(f"IoU threshold must be in (0, 1], got {self.iou}")
+        if not 32 <= self.imgsz <= 4096 or self.imgsz % 32:
+            raise DetectionError(f"image size must be a multiple of 32 between 32 and 4096, got {self.imgsz}")
+        if self.max_det < 1:
+            raise DetectionError(f"max detections must be at least 1, got {self.max_det}")
+        if self.classes is not None and any(c < 0 for c in self.classes):
+            raise DetectionError(f"class ids must be >= 0, got {self.classes}")
+
+
+@dataclass(frozen=True)
+class Box:
+    class_id: int
+    name: str
+    confidence: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass
+class DetectionResult:
+    boxes: list[Box]
+    image: np.ndarray  # annotated, RGB uint8 (H, W, 3)
+    width: int
+    height: int
+    model_id: str
+    inference_ms: float
+
+    def rows(self) -> list[list[Any]]:
+        return [[b.name, round(b.confidence, 3), *(round(v, 1) for v in (b.x1, b.y1, b.x2, b.y2))] for b in self.boxes]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "width": self.width,
+            "height": self.height,
+            "inference_ms": round(self.inference_ms, 2),
+            "boxes": [asdict(b) for b in self.boxes],
+        }
+
+
+@dataclass(frozen=True)
+class DetectorModel:
+    id: str
+    title: str
+    kind: str  # "shipped" | "untrained" | "hub" | "trained" | "trusted"
+    path: Path | None = None  # weights file, None for yaml-built models
+    yaml: str | None = None
+    vram_bytes: int = 200 * 2**20
+
+    @property
+    def key(self) -> str:
+        return f"detection:{self.id}"
+
+    @property
+    def untrained(self) -> bool:
+        return self.kind == "untrained"
+
+
+@dataclass
+class VideoProgress:
+    frames_read: int
+    frames_total: int
+    frames_detected: int
+    boxes: int
+    output: Path | None = None  # set on the last update
+    json_path: Path | None = None
+    per_frame: list[dict[str, Any]] = field(default_factory=list)
