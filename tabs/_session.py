@@ -62,3 +62,12 @@ def job_status(job: Any) -> str:
 def newest_first(lines: list[str], n: int = 50) -> str:
     """Log lines for a Textbox, newest on top (the box shows its beginning)."""
     return "\n".join(reversed(lines[-n:]))
+
+
+def waiting_note(ctx: Any, tab: str) -> Any:
+    """For a queue=False listener next to a queued event: what the request waits for, or no change when free."""
+    import gradio as gr
+
+    from studio.waiting import explain_wait
+
+    return explain_wait(ctx, ctx.queues.queue_id(tab)) or gr.skip()

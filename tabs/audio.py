@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 
 from studio.context import StudioContext, Tab
-from tabs._session import StopFlag, bind
+from tabs._session import StopFlag, bind, waiting_note
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,7 @@ def build(ctx: StudioContext) -> None:
     inputs = [i[k] for k in keys] + [flag]
     queue = ctx.queues.event_kwargs("Audio")
     outputs = [r["status"], r["text"], transcript_state, source, r["seg_table"], r["speakers"]]
+    i["go"].click(bind(waiting_note, ctx, "Audio"), None, r["status"], queue=False)  # says why, if it must wait
     i["go"].click(bind(transcribe, ctx), inputs, outputs, **queue)
     i["stop"].click(request_stop, flag, r["status"], queue=False)
     edit_out = [transcript_state, r["text"], r["diff"]]

@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 
 from studio.context import StudioContext, Tab
-from tabs._session import StopFlag, bind
+from tabs._session import StopFlag, bind, waiting_note
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,7 @@ def build(ctx: StudioContext) -> None:
     inputs = [f[k] for k in ("model", "custom", "prompt", "negative", "width", "height", "steps", "guidance", "seed",
                              "batch", "scheduler", "editor", "strength")]  # fmt: skip
     inputs += [c for row in lora_rows for c in row] + [flag]
+    f["go"].click(bind(waiting_note, ctx, "Image"), None, r["status"], queue=False)  # says why, if it must wait
     f["go"].click(bind(generate, ctx), inputs, [r["images"], r["status"], past, demo_note],
                   **ctx.queues.event_kwargs("Image"))  # fmt: skip
     f["stop"].click(request_stop, flag, r["status"], queue=False)

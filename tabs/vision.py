@@ -11,7 +11,6 @@ from studio.context import StudioContext, Tab
 
 IMG_SIZES = [320, 416, 480, 640, 800, 960, 1280]
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
-GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 
 
 def _model_choices(det: Any, *, with_weights: bool = False) -> list[tuple[str, str]]:
@@ -84,7 +83,7 @@ def result_summary(det: Any, model_id: str, res: Any) -> str:
     )
 
 
-def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any) -> None:
+def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any, queue: dict) -> None:
     import gradio as gr
 
     with gr.Row():
@@ -111,11 +110,11 @@ def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
         [model, image, conf, iou, classes, imgsz],
         [annotated, summary, table, json_file],
         api_name="vision_detect",
-        **GPU,
+        **queue,
     )
 
 
-def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any) -> None:
+def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any, queue: dict) -> None:
     import gradio as gr
 
     with gr.Row():
@@ -144,12 +143,16 @@ def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
             raise gr.Error(str(e)) from None
 
     event = start.click(
-        run, [model, video, conf, iou, classes, imgsz, stride], [status, out, json_file], api_name="vision_video", **GPU
+        run,
+        [model, video, conf, iou, classes, imgsz, stride],
+        [status, out, json_file],
+        api_name="vision_video",
+        **queue,
     )
     stop.click(None, None, None, cancels=[event])
 
 
-def _build_webcam(det: Any, model: Any, conf: Any, iou: Any, classes: Any) -> None:
+def _build_webcam(det: Any, model: Any, conf: Any, iou: Any, classes: Any, queue: dict) -> None:
     import gradio as gr
 
     gr.Markdown("Frames are sent about every 0.3 s and detected at 320 px to keep up; the browser asks for the camera.")
@@ -165,7 +168,7 @@ def _build_webcam(det: Any, model: Any, conf: Any, iou: Any, classes: Any) -> No
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
 
-    cam.stream(frame, [model, cam, conf, iou, classes], out, stream_every=0.3, time_limit=600, **GPU)
+    cam.stream(frame, [model, cam, conf, iou, classes], out, stream_every=0.3, time_limit=600, **queue)
 
 
 def build(ctx: StudioContext) -> None:
@@ -180,6 +183,7 @@ def build(ctx: StudioContext) -> None:
         "training from scratch and their boxes are random."
     )
     model = _build_models(ctx, det)
+    queue = ctx.queues.event_kwargs("Vision")  # the shared GPU queue, or this tab's own on a machine without one
     with gr.Row():
         conf = gr.Slider(0.01, 1.0, value=0.25, step=0.01, label="Confidence")
         iou = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="IoU (NMS overlap)")
@@ -188,11 +192,11 @@ def build(ctx: StudioContext) -> None:
     model.change(lambda m: _class_update(det, m), model, classes)
     classes.focus(lambda m, keep: _class_update(det, m, keep), [model, classes], classes)
     with gr.Tab("Image"):
-        _build_image(det, model, conf, iou, classes, imgsz)
+        _build_image(det, model, conf, iou, classes, imgsz, queue)
     with gr.Tab("Video"):
-        _build_video(det, model, conf, iou, classes, imgsz)
+        _build_video(det, model, conf, iou, classes, imgsz, queue)
     with gr.Tab("Webcam"):
-        _build_webcam(det, model, conf, iou, classes)
+        _build_webcam(det, model, conf, iou, classes, queue)
     with gr.Tab("Train"):
         build_train(ctx, det, model)
     with gr.Tab("Export"):

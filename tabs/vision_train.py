@@ -183,6 +183,5 @@ def build_export(ctx: StudioContext, det: Any, model: Any) -> None:
         [model, size, runs],
         [onnx_file, table],
         api_name="vision_export",
-        concurrency_id="gpu",
-        concurrency_limit=1,
+        **ctx.queues.event_kwargs("Vision"),
     )

@@ -166,3 +166,15 @@ def test_waiting_explains_who_holds_the_queue():
     with q.hold("gpu", "transcription (Audio)"):
         assert "s left" in q.why_wait("gpu", now=q.holders("gpu")[0].since) or "running" in q.why_wait("gpu")
     assert WorkQueues(has_gpu=False).event_kwargs("Chat")["concurrency_id"] == "cpu-chat"
+
+
+def test_waiting_note_names_the_holder_from_another_tab(ctx):
+    import gradio as gr
+
+    from tabs._session import waiting_note
+
+    q = ctx.queues.queue_id("Audio")
+    assert isinstance(waiting_note(ctx, "Audio"), type(gr.skip()))  # free: the status is left alone
+    with ctx.queues.hold(ctx.queues.queue_id("Chat"), "a chat reply (Chat)"), ctx.queues.hold(q, "transcription"):
+        note = waiting_note(ctx, "Audio")
+    assert "transcription" in note and ("the GPU" in note or "CPU slot" in note)
