@@ -257,7 +257,7 @@ def test_chat_answers_paris_on_the_defaults(page, tmp_path):
     _visible(panel.get_by_text(re.compile("Loading .*first time: converting|Loading SmolLM2"))).wait_for()
     bot = panel.get_by_test_id("bot")
     sync_api.expect(bot.first).to_contain_text("Paris", timeout=MODEL_WAIT_MS)
-    _visible(panel.get_by_text(re.compile(r"tokens · .*finished: (eos|length)"))).wait_for(timeout=120_000)
+    _visible(panel.get_by_text(re.compile(r"tokens · .*finished: (eos|length)"))).wait_for(timeout=MODEL_WAIT_MS)
     _visible(panel.get_by_text(re.compile(r"Context .* tokens"))).wait_for()
     _tab_shot(page, "chat", tmp_path)
     assert page.errors == [], page.errors

@@ -149,7 +149,7 @@ class LLMBackend:
         if src.key in loaded:
             return ""
         if src.is_gguf and not converted_dir(self.ctx.settings.cache_dir, src.key).joinpath("config.json").is_file():
-            return f"Loading {src.title} (first time: converting the GGUF file to safetensors, ~30 s)…"
+            return f"Loading {src.title} (first time: converting the GGUF file to safetensors, ~30 s, longer on a busy CPU)…"
         return f"Loading {src.title}…"
 
     def chat_models(self) -> list[tuple[Any, bool]]:
