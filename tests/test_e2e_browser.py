@@ -198,6 +198,7 @@ def _png_small(png: bytes, limit: int) -> bytes:
     from PIL import Image
 
     img = Image.open(io.BytesIO(png)).convert("RGB")
+    img = img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.LANCZOS)  # README thumbnails
     for colors in (128, 64, 32):
         buf = io.BytesIO()
         img.quantize(colors=colors).save(buf, format="PNG", optimize=True)
@@ -206,8 +207,11 @@ def _png_small(png: bytes, limit: int) -> bytes:
     return buf.getvalue()
 
 
-def _tab_shot(page, name: str, tmp_path) -> None:
-    """A small screenshot of the page; with STUDIO_UPDATE_SCREENSHOT=1 it replaces assets/tab-<name>.png."""
+def _tab_shot(page, name: str, tmp_path, show=None) -> None:
+    """A small screenshot of the page around `show`; with STUDIO_UPDATE_SCREENSHOT=1 it replaces
+    assets/tab-<name>.png."""
+    if show is not None:
+        show.evaluate("el => el.scrollIntoView({block: 'center'})")
     png = _png_small(page.screenshot(full_page=False), TAB_SHOT_MAX_BYTES)
     assert 5_000 < len(png) < TAB_SHOT_MAX_BYTES
     folder = REPO / "assets" if os.environ.get("STUDIO_UPDATE_SCREENSHOT") == "1" else tmp_path
@@ -259,7 +263,7 @@ def test_chat_answers_paris_on_the_defaults(page, tmp_path):
     sync_api.expect(bot.first).to_contain_text("Paris", timeout=MODEL_WAIT_MS)
     _visible(panel.get_by_text(re.compile(r"tokens · .*finished: (eos|length)"))).wait_for(timeout=MODEL_WAIT_MS)
     _visible(panel.get_by_text(re.compile(r"Context .* tokens"))).wait_for()
-    _tab_shot(page, "chat", tmp_path)
+    _tab_shot(page, "chat", tmp_path, bot.first)
     assert page.errors == [], page.errors
 
 
@@ -275,7 +279,7 @@ def test_rag_answer_cites_the_right_file_and_line(page, tmp_path):
     sync_api.expect(cited).to_contain_text("sourdough.md", timeout=MODEL_WAIT_MS)
     spans = [tuple(map(int, m)) for m in re.findall(r"sourdough\.md:(\d+)-(\d+)", cited.inner_text())]
     assert any(a <= 11 <= b for a, b in spans), spans  # "350 g water" is line 11
-    _tab_shot(page, "rag", tmp_path)
+    _tab_shot(page, "rag", tmp_path, cited)
     assert page.errors == [], page.errors
 
 
@@ -293,7 +297,7 @@ def test_image_png_carries_its_parameters(page, studio, tmp_path):
     panel.get_by_label("Seed (-1 = random)").fill("42")
     panel.get_by_role("button", name="Generate", exact=True).click()
     _visible(panel.get_by_text(re.compile("seeds 42"))).wait_for(timeout=MODEL_WAIT_MS)
-    src = _visible(panel.get_by_label("Result").locator("img")).get_attribute("src")
+    src = _visible(panel.locator("img[src*='file=']")).get_attribute("src")  # the result gallery's image
     url = src if src.startswith("http") else studio.url + src
     with urllib.request.urlopen(url, timeout=30) as r:
         img = Image.open(io.BytesIO(r.read()))
@@ -314,7 +318,7 @@ def test_vision_finds_the_people_in_bus_jpg(page, tmp_path):
     found.wait_for(timeout=MODEL_WAIT_MS)
     assert int(re.search(r"Found (\d+) Normal", found.inner_text()).group(1)) >= 3
     _visible(panel.get_by_text(re.compile("detects \\*\\*people\\*\\* only|people"))).wait_for()
-    _tab_shot(page, "vision", tmp_path)
+    _tab_shot(page, "vision", tmp_path, found)
     assert page.errors == [], page.errors
 
 
@@ -328,5 +332,5 @@ def test_audio_sample_transcribed_with_two_speakers(page, tmp_path):
     _visible(panel.get_by_text(re.compile(r"\*?Done"))).wait_for(timeout=MODEL_WAIT_MS)
     text = panel.get_by_label("Transcript").input_value()
     assert "SPEAKER_1:" in text and "SPEAKER_2:" in text, text
-    _tab_shot(page, "audio", tmp_path)
+    _tab_shot(page, "audio", tmp_path, panel.get_by_label("Transcript"))
     assert page.errors == [], page.errors

@@ -110,7 +110,10 @@ class LLMBackend:
     def __init__(self, ctx: Services, config: LLMConfig | None = None) -> None:
         self.ctx = ctx
         self._config = config or LLMConfig()
-        self._lock = threading.RLock()  # one in-process generation at a time (static buffers are shared)
+        # One in-process generation at a time (static buffers are shared). A semaphore, not a lock: a streamed reply
+        # holds it across yields and Gradio resumes (or closes) the generator on any worker thread, so the release
+        # can come from another thread than the acquire (an RLock raised "cannot release un-acquired lock" there).
+        self._lock = threading.BoundedSemaphore(1)
         self._tokenizers: dict[str, Any] = {}
         self._sources: dict[str, ModelSource] = {}
         self._adapters: dict[str, AdapterState] = {}
