@@ -265,15 +265,23 @@ class TinyLMBackend:
         atomic_write_json(run.dir / "tinylm.json", {"config": asdict(cfg), "chars": tok.chars})
         key = self._register(run.id, cfg, opts.seed)
         working = 4 * opts.batch_size * cfg.block_size * cfg.n_embd * cfg.n_layer * 24
-        with self.ctx.residency.use(key, working_bytes=working) as model:
-            result = self._loop(job, model, opts, train_data, val_data, run)
+        with self.ctx.residency.use(key, working_bytes=0) as model:  # the training lease sets `working` aside
+            result = self._loop(job, model, opts, train_data, val_data, run, key, working)
         run.finish("done" if result.stopped == "finished" else result.stopped, best_val_loss=result.best_val_loss)
         return result
 
-    def _loop(self, job, model: TinyGPT, opts: TrainOptions, train_data, val_data, run) -> TrainResult:
-        device = next(model.parameters()).device
-        gen = torch.Generator().manual_seed(opts.seed)
+    def _loop(self, job, model: TinyGPT, opts: TrainOptions, train_data, val_data, run, key, working) -> TrainResult:
         optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.1, betas=(0.9, 0.95))
+        lease = self.ctx.residency.training(key, modules=[model], optimizers=[optim], working_bytes=working,
+                                            label="Tiny LM")  # fmt: skip
+        with lease:  # preemptible: an interactive request that needs the card gets it at the next step boundary
+            result = self._steps(job, model, opts, train_data, val_data, run, lease, optim)
+        if lease.pauses:
+            job.log(f"paused {lease.pauses}x for interactive requests, {lease.paused_s:.1f} s in all")
+        return result
+
+    def _steps(self, job, model: TinyGPT, opts: TrainOptions, train_data, val_data, run, lease, optim) -> TrainResult:
+        gen = torch.Generator().manual_seed(opts.seed)
         result = TrainResult(run.id, 0, float("inf"), "finished")
         t0 = time.perf_counter()
         for step in range(opts.steps):
@@ -282,22 +290,27 @@ class TinyLMBackend:
                 break
             for group in optim.param_groups:
                 group["lr"] = _lr_at(step, opts)
-            x, y = _batch(train_data, model.cfg.block_size, opts.batch_size, gen, device)
-            _, loss = model(x, y)
+            with lease.step():
+                device = next(model.parameters()).device
+                x, y = _batch(train_data, model.cfg.block_size, opts.batch_size, gen, device)
+                _, loss = model(x, y)
+                if torch.isfinite(loss):
+                    optim.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optim.step()
             if not torch.isfinite(loss):
                 job.log(f"step {step}: loss is {loss.item()}; stopping and keeping the last good checkpoint")
                 result.stopped = "nan"
                 break
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
+            lease.report(step=step + 1, loss=loss.item())
             result.steps_done = step + 1
             if (step + 1) % opts.eval_every and step + 1 != opts.steps:
-                if step % 5 == 0:  # the step count moves between evaluations (no loss.item(): no GPU sync)
+                if step % 5 == 0:  # the step count moves between evaluations
                     job.set_progress((step + 1) / opts.steps, f"step {step + 1}/{opts.steps}")
                 continue
-            val = self._evaluate(model, val_data, opts, gen, device)
+            with lease.step():
+                val = self._evaluate(model, val_data, opts, gen, device)
             point = {"step": step + 1, "train_loss": loss.item(), "val_loss": val, "lr": _lr_at(step, opts)}
             result.history.append(point)
             run.log_metrics(step + 1, train_loss=point["train_loss"], val_loss=val, lr=point["lr"])

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = frozenset({DONE, FAILED, CANCELLED})
 MAX_LOG_LINES = 1000
+_current = threading.local()
+
+
+def current_job() -> Job | None:
+    """The job whose function runs on this thread (None outside a job): how a training lease finds its job."""
+    return getattr(_current, "job", None)
 
 
 class Job:
@@ -48,6 +54,11 @@ class Job:
         self.created = time.time()
         self.started: float | None = None
         self.finished: float | None = None
+        self.paused_for: str | None = None  # set by a training lease while it gives way to an interactive request
+        self.paused_s = 0.0
+        self.pauses = 0
+        self._message_before_pause = ""
+        self._paused_since = 0.0
         self._logs: deque[str] = deque(maxlen=max_logs)
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -67,6 +78,28 @@ class Job:
 
     def should_stop(self) -> bool:
         return self._stop.is_set()
+
+    def note_pause(self, reason: str | None, paused_s: float) -> None:
+        """Called by the job's training lease: `reason` ("Chat") while it has given way, None when it resumed."""
+        if reason is not None:
+            self._message_before_pause, self.paused_for = self.message, reason
+            self._paused_since = time.monotonic()
+            self.message = f"paused for {reason}"
+            self.log(f"paused for {reason} (an interactive request needs the GPU)")
+            return
+        if self.paused_for is not None:
+            self.pauses += 1
+            spent, self.paused_s = paused_s - self.paused_s, paused_s
+            self.log(f"resumed after {spent:.1f} s paused for {self.paused_for}")
+            self.message = self._message_before_pause
+        self.paused_for = None
+
+    @property
+    def pause_text(self) -> str:
+        """ "paused for Chat, 3 s" while paused; "paused 2x for 3 s in all" after; "" when it never paused."""
+        if self.paused_for is not None:
+            return f"paused for {self.paused_for}, {time.monotonic() - self._paused_since:.0f} s"
+        return f"paused {self.pauses}x, {self.paused_s:.0f} s in all" if self.pauses else ""
 
     # ---- read by anyone ------------------------------------------------------------------------------
     @property
@@ -99,6 +132,7 @@ class Job:
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
+            "paused": self.pause_text,
         }
 
     def __repr__(self) -> str:
@@ -209,6 +243,7 @@ class JobRunner:
         t.start()
 
     def _run(self, job: Job) -> None:
+        _current.job = job
         try:
             job.result = job.fn(job)
             status = CANCELLED if job.should_stop() else DONE

@@ -68,9 +68,12 @@ def card_markdown(snap: Any) -> str:
 
 
 def waiting_markdown(snap: Any, now: float) -> str:
-    if not snap.waiting:
-        return ""
+    """Requests waiting for GPU memory and training runs (running or "paused for Chat, N s")."""
     items = [f"**waiting for GPU: {w.key}** ({now - w.since:.0f} s; {w.reason})" for w in snap.waiting]
+    for t in getattr(snap, "trainings", []):
+        loss = t.metrics.get("loss")
+        tail = f", step {t.steps}" + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
+        items.append(f"**training: {t.label}** ({t.status}{tail}; {fmt_bytes(t.gpu_bytes)} on the GPU)")
     return "\n\n".join(items)
 
 

@@ -17,7 +17,7 @@ MiB = 2**20
 
 
 def test_nvml_probe_reads_the_card_and_sees_our_allocation():
-    from studio.gpu import NvmlProbe
+    from studio.residency.probes import NvmlProbe
 
     probe = NvmlProbe(0)
     before = probe.read()
@@ -32,7 +32,7 @@ def test_nvml_probe_reads_the_card_and_sees_our_allocation():
 
 
 def test_accelerator_pins_host_buffers_and_moves_at_pinned_speed():
-    from studio.accel import CudaAccelerator
+    from studio.residency.accel import CudaAccelerator
 
     accel = CudaAccelerator(0)
     host = accel.host_buffer(256 * MiB)

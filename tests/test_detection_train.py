@@ -102,8 +102,10 @@ def test_longer_training_gets_high_map(det, ctx, tmp_path):
 def test_suggestions_follow_the_vram_budget(det, capacity_gb, imgsz, batch):
     from types import SimpleNamespace
 
-    snap = SimpleNamespace(capacity_bytes=int(capacity_gb * 2**30))
-    fake = SimpleNamespace(residency=SimpleNamespace(device="cuda", snapshot=lambda: snap), settings=det.ctx.settings)
+    budget = int(capacity_gb * 2**30)
+    fake = SimpleNamespace(
+        residency=SimpleNamespace(device="cuda", capacity_bytes=lambda: budget), settings=det.ctx.settings
+    )
     s = suggest_settings(fake, 500, det.get_model("yolov8s-person"))
     assert (s["imgsz"], s["batch"], s["epochs"]) == (imgsz, batch, 60), s
     assert f"{capacity_gb:.1f} GB" in s["reason"]

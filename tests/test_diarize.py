@@ -65,7 +65,7 @@ def test_front_end_matches_resemblyzer():
     import resemblyzer.hparams as hp
     from resemblyzer.audio import normalize_volume, wav_to_mel_spectrogram
 
-    from backends import diarize
+    from backends.audio import diarize
 
     assert (
         hp.mel_n_channels, hp.model_hidden_size, hp.model_num_layers, hp.model_embedding_size, hp.audio_norm_target_dBFS

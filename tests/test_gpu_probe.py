@@ -8,8 +8,9 @@ import types
 
 import pytest
 
-from studio import gpu
-from studio.gpu import FakeProbe, NoGpuProbe, NvmlProbe, detect_probe
+from studio.residency import probes as gpu
+from studio.residency.probes import NoGpuProbe, NvmlProbe, detect_probe
+from studio.residency.simulated import FakeProbe
 
 GiB = 2**30
 
@@ -60,7 +61,7 @@ def test_nvml_without_per_process_memory_says_so(monkeypatch):
 def test_nvml_library_missing_falls_back(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(missing_library=True))
     monkeypatch.setattr(gpu, "TorchProbe", _raising_torch_probe)
-    with caplog.at_level("INFO", logger="studio.gpu"):
+    with caplog.at_level("INFO", logger="studio.residency.probes"):
         probe = detect_probe()
     assert isinstance(probe, NoGpuProbe) and probe.read() is None
     assert "NVMLError_LibraryNotFound" in caplog.text

@@ -189,3 +189,34 @@ def _token_ids(decoder, tok, ids, n, stream_tokens):
     for _ in stream_tokens(decoder, rec, ids, GenerationOptions(temperature=0.0, max_new_tokens=n), eos_ids=set()):
         pass
     return rec.ids
+
+
+def test_chat_stepped_on_two_threads_and_closed_from_a_third_frees_the_slot(llm):
+    """Gradio steps a generator on any worker thread and closes it on the event loop (Stop): the generation slot
+    must be freed by whichever thread ends it, or every later reply waits 300 s and fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    opts = GenerationOptions(temperature=0.0, max_new_tokens=60)
+    a, b, c = (ThreadPoolExecutor(1) for _ in range(3))
+    try:
+        stream = llm.chat([{"role": "user", "content": "Count from one to fifty."}], opts)
+        first = a.submit(next, stream).result(60)
+        second = b.submit(next, stream).result(60)
+        assert first.text or first.note is not None or second.text
+        c.submit(stream.close).result(60)  # the event loop's thread, not a stepping one
+        assert not llm._lock.busy
+        t0 = time.monotonic()
+        assert llm.complete([{"role": "user", "content": "Hi"}], max_new_tokens=2) is not None
+        assert time.monotonic() - t0 < 30
+
+        # close() while another thread is in the middle of stepping: the step ends within a token, no error
+        stream = llm.chat([{"role": "user", "content": "Write a long story about a dragon."}], opts)
+        next(stream)
+        stepping = a.submit(lambda: [u for u in stream])
+        time.sleep(0.05)
+        c.submit(stream.close).result(60)
+        updates = stepping.result(60)
+        assert len(updates) < 60 and not llm._lock.busy
+    finally:
+        for pool in (a, b, c):
+            pool.shutdown()

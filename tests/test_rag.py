@@ -238,10 +238,10 @@ def test_answer_without_llm_and_with_a_broken_llm(rag, rag_ctx, notes_kb, monkey
     assert len(updates) == 1 and updates[0].done and updates[0].text == "" and not updates[0].llm_used
     assert updates[0].search.passages[0].display == "notes/sourdough.md"
 
-    def broken(name: str):
+    def broken():
         raise RuntimeError("no chat model on this machine")
 
-    monkeypatch.setattr(rag_ctx.backends, "get", broken)
+    monkeypatch.setattr(rag, "_llm", broken)
     updates = list(rag.answer(notes_kb, "How long do I bake the bread?", top_k=3))
     assert updates[-1].done and "unavailable" in updates[-1].note and "no chat model" in updates[-1].note
     assert updates[-1].search.passages

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,8 +61,44 @@ def test_quick_run_end_to_end(tmp_path):
 
     code = main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work"), "--requests", "16",
                  "--strategies", "ours,naive,unload"])  # fmt: skip
-    result = json.loads((tmp_path / "residency-quick.json").read_text())
+    result = json.loads((tmp_path / "residency-quick-cpu.json").read_text())
     assert code == 0 and not result["errors"]
     assert all(all(v for v in c.values()) for c in result["check"].values())
     assert {"ours", "naive", "unload"} == set(result["strategies"])
-    assert result["strategies"]["ours"]["complete"] and (tmp_path / "residency-quick.md").exists()
+    assert result["strategies"]["ours"]["complete"] and (tmp_path / "residency-quick-cpu.md").exists()
+
+
+def test_stress_tape_replays_the_same_random_inputs_on_any_thread():
+    import threading
+
+    import torch
+
+    from studio.bench.residency_stress import Tape, capture
+
+    fam = SimpleNamespace(request=lambda m: m(torch.randn(2, 4) + torch.randint(5, (2, 1), dtype=torch.float32)))
+    model = torch.nn.Linear(4, 3)
+    tape = {"recording": True, "items": [], "i": 0}
+    Tape.install()
+    try:
+        first = capture(fam, model, tape)
+        tape["recording"] = False
+        out = []
+        t = threading.Thread(target=lambda: out.append(capture(fam, model, dict(tape, i=0))))
+        t.start()
+        torch.randn(10)  # another thread's draws do not disturb the replay
+        t.join()
+        assert torch.equal(out[0], first) and len(tape["items"]) == 2
+    finally:
+        Tape.uninstall()
+    assert torch.randn.__name__ == "randn"  # the real function is back
+
+
+@pytest.mark.slow
+def test_stress_quick_run_end_to_end(tmp_path):
+    from studio.bench.residency_stress import main
+
+    main(["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    result = json.loads(next(tmp_path.glob("residency-stress-quick-*.json")).read_text())  # named after the device
+    by_name = {t["name"]: t for t in result["targets"]}
+    assert by_name["failed requests"]["value"] == 0 and by_name["wrong outputs"]["value"] == 0
+    assert result["stress"]["training"]["pauses"] >= 1 and len(result["targets"]) == 5

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from studio.accel import SimulatedAccelerator
-from studio.gpu import FakeProbe
-from studio.pinned import move_down, move_up, tensor_slots
+from studio.residency.pinned import move_down, move_up, tensor_slots
+from studio.residency.simulated import FakeProbe, SimulatedAccelerator
 from tests.test_residency_support import MiB, Net, NetLoader, on_device, sim_manager, tiers
 
 X = torch.ones(2, 256)

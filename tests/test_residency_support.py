@@ -7,9 +7,8 @@ import threading
 import torch
 from torch import nn
 
-from studio.accel import SimulatedAccelerator
-from studio.gpu import FakeProbe
 from studio.residency import ResidencyManager
+from studio.residency.simulated import FakeProbe, SimulatedAccelerator
 
 MiB = 2**20
 

@@ -8,7 +8,7 @@ import time
 import gradio as gr
 import pytest
 
-from studio.residency_state import WaitingView
+from studio.residency.state import WaitingView
 from tabs import gpu as gpu_tab
 from tests.test_residency_support import MiB, NetLoader, sim_manager
 
@@ -35,13 +35,13 @@ def test_tables_show_tiers_processes_switches_and_events(busy_manager):
     rows = {r[0]: r for r in gpu_tab.model_rows(snap, now)}
     assert set(rows) == {"llm:a", "asr:b", "detection:c"}
     assert sorted(r[1] for r in rows.values()) == ["GPU", "GPU", "RAM"]
-    assert rows["llm:a"][3] == "30 MB" and rows["llm:a"][6] == "2" and rows["llm:a"][7].endswith("s ago")
-    assert ["77", "game.exe", "5 MB"] in gpu_tab.process_rows(snap)
+    assert rows["llm:a"][3] == "30.00 MB" and rows["llm:a"][6] == "2" and rows["llm:a"][7].endswith("s ago")
+    assert ["77", "game.exe", "5.00 MB"] in gpu_tab.process_rows(snap)
     kinds = {r[0] for r in gpu_tab.switch_rows(snap)}
     assert {"disk->gpu", "gpu->ram", "ram->gpu"} <= kinds
     assert any(r[1] == "evict" for r in gpu_tab.event_rows(snap))
     text = gpu_tab.card_markdown(snap)
-    assert "Fake 12 GB card" in text and "other programs 5 MB" in text and "Studio budget" in text
+    assert "Fake 12 GB card" in text and "other programs 5.00 MB" in text and "Studio budget" in text
     assert "hit rate **0%** (0 hits, 4 misses)" in gpu_tab.stats_markdown(snap)  # 3 x 30 MiB + pads > 90 MiB
 
 
@@ -94,3 +94,12 @@ def test_without_a_gpu_the_tab_shows_ram_and_cpu(ctx):
     assert host.startswith("**RAM ") and "CPU" in host and "cores" in host
     assert len(points) == 2 and set(frame["series"]) == {"RAM used (all programs)", "the studio"}
     assert frame["GB"].dtype == "float64" and (frame["GB"] > 0).all()  # not a flat 0 GB VRAM line
+
+
+def test_training_runs_are_shown_with_their_pause():
+    from studio.residency.state import TrainingView
+
+    snap, now = sim_manager(100)[0].snapshot(), time.time()
+    paused = TrainingView("t", "SD LoRA", "paused", "paused for Chat, 4 s", 0, 0, 12, 1, 0.0, {"loss": 0.25})
+    text = gpu_tab.waiting_markdown(dataclasses.replace(snap, trainings=[paused]), now)
+    assert "training: SD LoRA** (paused for Chat, 4 s, step 12, loss 0.2500" in text

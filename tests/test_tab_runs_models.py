@@ -133,12 +133,12 @@ def test_delete_a_downloaded_model_frees_its_folder(ctx):
     spec = ctx.catalog.get("reranker:ms-marco-minilm-l6")
     folder = ctx.catalog.hub_dir(spec)
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"w" * 5_000_000)
+    (folder / "model.safetensors").write_bytes(b"w" * 5 * 2**20)
     (folder / ".complete").touch()
     assert spec.key in models_tab.deletable(ctx)
     rows = {r[1]: r for r in models_tab.catalog_rows(ctx)}
-    assert rows[spec.key][2] == "present" and rows[spec.key][4] == "5 MB"
-    assert "5 MB freed" in models_tab.delete_model(ctx, spec.key)
+    assert rows[spec.key][2] == "present" and rows[spec.key][4] == "5.00 MB"
+    assert "5.00 MB freed" in models_tab.delete_model(ctx, spec.key)
     assert not folder.exists() and spec.key not in models_tab.deletable(ctx)
     with pytest.raises(ValueError, match="nothing to delete"):
         models_tab.delete_model(ctx, spec.key)
@@ -152,9 +152,9 @@ def test_progress_bar_reports_bytes_into_the_job(ctx):
         written = bar_cls(total=0, unit="B", unit_scale=True, desc="Reconstructing", name="hf")
         transfer = bar_cls(total=0, unit="B", desc="Downloading bytes")
         files = bar_cls(total=2, desc="Fetching 2 files")
-        written.total = 4_000_000
+        written.total = 4 * 2**20
         for _ in range(3):
-            written.update(1_000_000)
+            written.update(2**20)
             transfer.update(10)
         seen = job.progress
         files.update(1)
@@ -163,7 +163,7 @@ def test_progress_bar_reports_bytes_into_the_job(ctx):
     job = ctx.jobs.submit("fake download", work, gpu=False)
     assert job.wait(5), job.error
     assert job.result == pytest.approx(0.75)
-    assert "3 MB of 4 MB" in job.message
+    assert "3.00 MB of 4.00 MB" in job.message
     assert any("1/2 files" in line for line in job.logs)
 
 

@@ -63,7 +63,7 @@ class LoraTrainer:
         data = {"items": items, "latents": self._encode_images(pixels), "embeds": embeds}
         if class_pixels is not None:
             data.update(class_items=class_items, class_latents=self._encode_images(class_pixels))
-        with self.ctx.residency.use(self.rec.key("unet")) as unet:
+        with self.ctx.residency.use(self.rec.key("unet"), working_bytes=0) as unet:  # the training lease counts it
             return self._train(unet, data)
 
     def _class_items(self) -> list[TrainItem]:
@@ -169,36 +169,51 @@ class LoraTrainer:
         gen = torch.Generator().manual_seed(cfg.seed)
         ckpt_every = max(25, cfg.steps // 5)
         status, loss_value, step = "done", None, 0
-        for step in range(1, cfg.steps + 1):
-            if job.should_stop():
-                status, step = "cancelled", step - 1
-                break
-            batch = self._batch(data, gen, sched)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                pred = unet(
-                    batch["noisy"].to(device, rec.dtype),
-                    batch["t"].to(device),
-                    encoder_hidden_states=batch["enc"].to(device, rec.dtype),
-                    added_cond_kwargs=_to(batch.get("added"), device, rec.dtype),
-                ).sample
-            loss = self._loss(pred.float(), batch["target"].to(device), batch["n_instance"])
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                job.log(
-                    f"loss is {loss_value} at step {step}: stopping, keeping the checkpoint of step {self.saved_step}"
-                )
-                return self._finish(None, step - 1, None, f"stopped: NaN loss at step {step}")
-            self._backward(loss, opt, scaler, params)
-            self.run_record.log_metrics(step, loss=loss_value, lr=cfg.learning_rate)
-            job.set_progress(0.05 + 0.93 * step / cfg.steps, f"step {step}/{cfg.steps} · loss {loss_value:.4f}")
-            if step % ckpt_every == 0 and step < cfg.steps:
-                self._save(unet, step)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                self._sample(unet, step, data)
+        lease = self.ctx.residency.training(rec.key("unet"), modules=[unet], optimizers=[opt], label="SD LoRA")
+        with lease:  # preemptible: gives the card to an interactive request at a step boundary, then resumes
+            for step in range(1, cfg.steps + 1):
+                if job.should_stop():
+                    status, step = "cancelled", step - 1
+                    break
+                batch = self._batch(data, gen, sched)
+                with lease.step():
+                    loss = self._step(unet, batch, opt, scaler, params, amp)
+                loss_value = float(loss)
+                if not math.isfinite(loss_value):
+                    job.log(
+                        f"loss is {loss_value} at step {step}: stopping, keeping the checkpoint of step {self.saved_step}"
+                    )
+                    return self._finish(None, step - 1, None, f"stopped: NaN loss at step {step}")
+                lease.report(step=step, loss=loss_value)
+                self.run_record.log_metrics(step, loss=loss_value, lr=cfg.learning_rate)
+                job.set_progress(0.05 + 0.93 * step / cfg.steps, f"step {step}/{cfg.steps} · loss {loss_value:.4f}")
+                if step % ckpt_every == 0 and step < cfg.steps:
+                    self._save(unet, step)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    self._sample(unet, step, data)
+        if lease.pauses:
+            job.log(f"paused {lease.pauses}x for interactive requests, {lease.paused_s:.1f} s in all")
         path = self._save(unet, step) if step > 0 else None
         if status == "cancelled":
             job.log(f"cancelled at step {step}: saved what was learnt so far" if path else "cancelled before step 1")
         return self._finish(path, step, loss_value, status)
+
+    def _step(self, unet: Any, batch: dict[str, Any], opt: Any, scaler: Any, params: list[Any], amp: Any) -> Any:
+        """Forward, loss and (when the loss is finite) the optimizer step; returns the detached loss."""
+        import torch
+
+        rec, device = self.rec, unet.device
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            pred = unet(
+                batch["noisy"].to(device, rec.dtype),
+                batch["t"].to(device),
+                encoder_hidden_states=batch["enc"].to(device, rec.dtype),
+                added_cond_kwargs=_to(batch.get("added"), device, rec.dtype),
+            ).sample
+        loss = self._loss(pred.float(), batch["target"].to(device), batch["n_instance"])
+        if math.isfinite(float(loss.detach())):
+            self._backward(loss, opt, scaler, params)
+        return loss.detach()
 
     def _batch(self, data: dict[str, Any], gen: Any, sched: Any) -> dict[str, Any]:
         """One batch on the CPU: instance images (+ as many class images for prior preservation)."""

@@ -37,6 +37,7 @@ from backends.llm.models import (
     resolve_source,
 )
 from backends.llm.remote import EngineError, OpenAIChatClient, OpenAIEngineConfig
+from studio.concurrency import OwnedSlot, SafeStream
 from studio.safety import WeightsError, contained_path, safe_filename
 
 if TYPE_CHECKING:
@@ -110,10 +111,7 @@ class LLMBackend:
     def __init__(self, ctx: Services, config: LLMConfig | None = None) -> None:
         self.ctx = ctx
         self._config = config or LLMConfig()
-        # One in-process generation at a time (static buffers are shared). A semaphore, not a lock: a streamed reply
-        # holds it across yields and Gradio resumes (or closes) the generator on any worker thread, so the release
-        # can come from another thread than the acquire (an RLock raised "cannot release un-acquired lock" there).
-        self._lock = threading.BoundedSemaphore(1)
+        self._lock = OwnedSlot()  # one in-process generation at a time (static buffers are shared); any thread frees it
         self._tokenizers: dict[str, Any] = {}
         self._sources: dict[str, ModelSource] = {}
         self._adapters: dict[str, AdapterState] = {}
@@ -206,11 +204,15 @@ class LLMBackend:
         cancel: threading.Event | None = None,
         continuing: bool = False,
     ) -> Iterator[ChatUpdate]:
-        """Stream the assistant's reply to `messages` (the last one from the user).
+        """Stream the assistant's reply to `messages` (the last one from the user). The stream may be stepped on any
+        thread and closed from another one (Gradio's Stop): closing stops the running step within a token.
 
         `continuing`: the last message is an assistant reply; generation goes on from its end (Continue), and
         every update's text includes it.
         """
+        return SafeStream(lambda stop: self._chat(messages, options, stop, continuing), cancel)
+
+    def _chat(self, messages: list[dict[str, str]], options: GenerationOptions | None, cancel: Any, continuing: bool):
         opts = options or GenerationOptions()
         check_messages(messages, continuing=continuing)
         if opts.system_prompt.strip() and messages[0]["role"] != "system":
@@ -284,12 +286,13 @@ class LLMBackend:
     @contextlib.contextmanager
     def _generation_slot(self, timeout_s: float = 300.0) -> Iterator[None]:
         """One in-process generation at a time; a stuck one yields a clear error instead of a silent hang."""
-        if not self._lock.acquire(timeout=timeout_s):
+        token = self._lock.acquire(timeout=timeout_s)
+        if token is None:
             raise RuntimeError(f"Another reply has been generating for over {timeout_s:.0f} s; press Stop and retry.")
         try:
             yield
         finally:
-            self._lock.release()
+            self._lock.release(token)
 
     def _get_decoder(self, key: str, model: Any, needed: int, limit: int) -> Any:
         from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device

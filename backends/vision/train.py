@@ -4,7 +4,10 @@ Flow: the dataset (zip or folder) is validated first (`yolo_data.validate_datase
 into the run folder; Ultralytics trains with callbacks that report progress per batch, log loss and mAP per epoch
 into the run's metrics.jsonl, and turn a cancel into `trainer.stop = True`. Ultralytics then finishes the current
 epoch's validation and writes last.pt (and best.pt), so a cancelled run keeps its last checkpoint.
-On CUDA, idle models are first moved off the GPU (`residency.offload()`); the trainer then owns its own copy.
+Training runs under a preemptible training lease (`ctx.residency.training`): Ultralytics' on_train_batch_end is the
+step boundary where it gives the card to an interactive request and comes back (trainer.model, trainer.ema and
+trainer.optimizer move with it). On CUDA, idle models on the GPU are first moved off (the trainer builds its model
+before the lease can make room).
 """
 
 from __future__ import annotations
@@ -218,6 +221,37 @@ class _Reporter:
         )
 
 
+class _LeaseCallbacks:
+    """Ultralytics callbacks -> one preemptible training lease: opened once the trainer has its model, EMA and
+    optimizer (on_pretrain_routine_end), a step boundary per batch (on_train_batch_end), closed at the end."""
+
+    def __init__(self, residency: Any, key: str, label: str = "YOLO training") -> None:
+        self.residency, self.key, self.label = residency, key, label
+        self.lease: Any = None
+
+    def attach(self, model: Any) -> None:
+        model.add_callback("on_pretrain_routine_end", self.start)
+        model.add_callback("on_train_batch_end", self.batch_end)
+        model.add_callback("on_train_end", self.close)
+
+    def start(self, trainer: Any) -> None:
+        ema = getattr(getattr(trainer, "ema", None), "ema", None)
+        modules = [m for m in (trainer.model, ema) if m is not None]
+        optimizers = [trainer.optimizer] if getattr(trainer, "optimizer", None) is not None else []
+        self.lease = self.residency.training(self.key, modules=modules, optimizers=optimizers, label=self.label)
+        self.lease.__enter__()
+        self.lease.boundary()
+
+    def batch_end(self, trainer: Any) -> None:
+        if self.lease is not None:
+            self.lease.report(epoch=trainer.epoch + 1, loss=_total_loss(trainer.tloss))
+            self.lease.boundary()
+
+    def close(self, trainer: Any = None) -> None:
+        if self.lease is not None:
+            self.lease.__exit__(None, None, None)
+
+
 def train_detector(
     backend: Any, job: Any, report: DatasetReport, base: DetectorModel, opts: TrainOptions
 ) -> TrainResult:
@@ -233,18 +267,24 @@ def train_detector(
     data_yaml = write_training_yaml(report, run.dir / "data.yaml")
     device = str(ctx.residency.device)
     if device.startswith("cuda"):
-        ctx.residency.offload()  # idle inference models leave the GPU to the trainer
+        ctx.residency.offload(tiers=("gpu",))  # the trainer builds its model before its lease can make room
     model = YOLO(str(base.path), task="detect") if base.path else YOLO(base.yaml, task="detect")
     reporter = _Reporter(job, run, opts.epochs)
     model.add_callback("on_train_epoch_start", reporter.epoch_start)
     model.add_callback("on_train_batch_end", reporter.batch_end)
     model.add_callback("on_fit_epoch_end", reporter.fit_epoch_end)
+    lease = _LeaseCallbacks(ctx.residency, f"train:yolo:{run.id}")
+    lease.attach(model)
     t = time.perf_counter()
     try:
         model.train(data=str(data_yaml), project=str(run.dir), name="ultralytics", **_train_kwargs(opts, device))
     except BaseException as e:
         run.finish("failed", error=f"{type(e).__name__}: {e}", epochs_done=len(reporter.rows))
         raise
+    finally:
+        lease.close()
+    if lease.lease is not None and lease.lease.pauses:
+        job.log(f"paused {lease.lease.pauses}x for interactive requests, {lease.lease.paused_s:.1f} s in all")
     return _finish(run, job, reporter, time.perf_counter() - t)
 
 

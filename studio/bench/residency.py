@@ -33,16 +33,18 @@ from typing import Any
 
 import torch
 
-from studio.accel import SimulatedAccelerator
+from studio.bench.common import device_tag
 from studio.bench.residency_families import prepare
 from studio.bench.residency_trace import Neighbour, make_trace, run_managed, run_naive
-from studio.gpu import CardReading, FakeProbe, detect_probe
 from studio.offline import OFFLINE_ENV, QUIET_ENV
-from studio.pinned import naive_move, tensor_slots
 from studio.residency import ResidencyManager
+from studio.residency.pinned import naive_move, tensor_slots
+from studio.residency.probes import CardReading, detect_probe
+from studio.residency.simulated import FakeProbe, SimulatedAccelerator
 
 log = logging.getLogger("studio.bench.residency")
 GiB, MiB = 2**30, 2**20
+REPS = 3  # timed repetitions of every move, ours and the naive baseline alike (medians reported)
 
 
 # ---- environment ------------------------------------------------------------------------------------------------
@@ -155,31 +157,23 @@ def swap_in_sizes(env: Env, sizes: list[int], chunk: int, raw_gbps: float, naive
             m.offload(loader.key)  # first swap-down: pins the pool, copies
             first_out = time.perf_counter() - t0
             ins, clean_outs, dirty_outs = [], [], []
-            for rep in range(3):
+            for rep in range(2 * REPS):  # REPS clean round trips, then REPS where a weight changed
                 t0 = time.perf_counter()
                 with m.use(loader.key, working_bytes=0) as model:
                     ins.append(time.perf_counter() - t0)
-                    if rep == 2:
+                    if rep >= REPS:
                         with torch.no_grad():
                             model[0].add_(0)  # a weight changed: the next swap-down must copy (into the same pool)
                 t0 = time.perf_counter()
                 m.offload(loader.key)
-                (dirty_outs if rep == 2 else clean_outs).append(time.perf_counter() - t0)
+                (dirty_outs if rep >= REPS else clean_outs).append(time.perf_counter() - t0)
             size = m.snapshot().models[0].bytes
             row = {"bytes": size, "swap_in_s": _median(ins), "swap_in_all_s": ins, "first_swap_out_s": first_out,
                    "clean_swap_out_s": _median(clean_outs), "dirty_swap_out_s": _median(dirty_outs)}  # fmt: skip
             row["gbps"] = size / row["swap_in_s"] / 1e9
             row["fraction_of_raw"] = row["gbps"] / raw_gbps if raw_gbps else None
             if nbytes <= naive_max:
-                obj = loader.load(env.device)
-                env.sync()
-                t0 = time.perf_counter()
-                naive_move(obj, "cpu")
-                t1 = time.perf_counter()
-                naive_move(obj, env.device)
-                env.sync()
-                row.update(naive_to_cpu_s=t1 - t0, naive_to_gpu_s=time.perf_counter() - t1)
-                del obj
+                row.update(naive_round_trips(env, loader, reps=REPS))  # as many as our dirty round trips
             rows.append(row)
             log.info("swap-in %.2f GB: %.3f s = %.1f GB/s", size / GiB, row["swap_in_s"], row["gbps"])
         except Exception as e:
@@ -190,6 +184,27 @@ def swap_in_sizes(env: Env, sizes: list[int], chunk: int, raw_gbps: float, naive
             if env.cuda:
                 torch.cuda.empty_cache()
     return rows
+
+
+def naive_round_trips(env: Env, loader: SizedLoader, reps: int) -> dict:
+    """The naive baseline timed like ours: warm (one untimed round trip first), `reps` repetitions, medians."""
+    obj = loader.load(env.device)
+    naive_move(obj, "cpu")
+    naive_move(obj, env.device)  # warm-up: the allocator and the copy kernels are ready, as for our swaps
+    env.sync()
+    outs, ins = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        naive_move(obj, "cpu")
+        env.sync()
+        t1 = time.perf_counter()
+        naive_move(obj, env.device)
+        env.sync()
+        outs.append(t1 - t0)
+        ins.append(time.perf_counter() - t1)
+    del obj
+    return {"naive_to_cpu_s": _median(outs), "naive_to_gpu_s": _median(ins), "naive_reps": reps,
+            "naive_to_cpu_all_s": outs, "naive_to_gpu_all_s": ins}  # fmt: skip
 
 
 # ---- correctness of moves on the real families ------------------------------------------------------------------
@@ -340,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)  # before ultralytics/transformers are imported: nothing may touch the network
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     env = Env(args)
-    tag = args.tag or ("quick" if env.quick else "h200" if "H200" in torch.cuda.get_device_name(0) else "gpu")
+    tag = args.tag or ("quick-cpu" if env.quick else device_tag())  # named after the GPU it ran on
     args.out.mkdir(parents=True, exist_ok=True)
     result = bench(env, args, args.out, tag)
     return 0 if not result["errors"] else 1

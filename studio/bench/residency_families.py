@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from studio.accel import CudaAccelerator
-from studio.pinned import model_modules, move_down, tensor_slots
+from studio.residency.accel import CudaAccelerator
+from studio.residency.pinned import model_modules, move_down, tensor_slots
 
 log = logging.getLogger(__name__)
 GiB = 2**30
@@ -120,7 +120,7 @@ def build_llm(device: str, quick: bool) -> tuple[Any, Callable, int]:
 
 
 def build_sd(device: str, quick: bool) -> tuple[Any, Callable, int]:
-    from backends import diffusion_tiny as tiny
+    from backends.image import tiny
 
     if quick:
         configs = tiny.TINY_CONFIGS[sorted(tiny.TINY_CONFIGS)[0]]

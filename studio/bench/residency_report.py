@@ -89,7 +89,9 @@ def markdown(r: dict) -> str:
                 f"{_s(x['first_swap_out_s'])} | {_s(x['dirty_swap_out_s'])} | {_s(x['clean_swap_out_s'])} | "
                 f"{_s(x.get('naive_to_cpu_s'))} | {_s(x.get('naive_to_gpu_s'))} |"
             )
-        lines.append("")
+        lines += ["", "Every move is the median of 3 warm repetitions, ours and naive alike. The round-trip ratio is like for "
+                  "like: naive `.to(cpu)` + `.to(cuda)` against our swap-out with a weight changed (every byte copied) + "
+                  "swap-in; the unchanged swap-out (no copy) is not used in any ratio.", ""]  # fmt: skip
     if r.get("families"):
         fam = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in r["families"].items())
         lines += [f"Families (weights): {fam}. Trace: {r.get('trace')}.", ""]

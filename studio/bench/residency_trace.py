@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from studio.accel import is_oom_error
-from studio.pinned import naive_move
 from studio.residency import ResidencyError, ResidencyManager
+from studio.residency.accel import is_oom_error
+from studio.residency.pinned import naive_move
 from studio.units import quantile
 
 log = logging.getLogger("studio.bench.residency")

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from studio.accel import Accelerator, HostBuffer
+from studio.residency.accel import Accelerator, HostBuffer
 
 log = logging.getLogger(__name__)
 ALIGN = 512  # bytes; keeps every slice aligned for any dtype and for vectorised kernels
@@ -217,24 +217,25 @@ def _fixup_bnb_cpu_packing(obj: Any) -> None:
                     m.quant_state = p.quant_state
 
 
-def move_down(
-    obj: Any, pool: PinnedPool | None, accel: Accelerator, new_host: Callable[[int], HostBuffer]
+def park(
+    tensors: list[torch.Tensor],
+    pool: PinnedPool | None,
+    accel: Accelerator,
+    new_host: Callable[[int], HostBuffer],
+    dirty: list[bool] | None = None,
 ) -> MoveResult:
-    """GPU -> host pool. `new_host(nbytes)` allocates a pool buffer when there is none or the layout changed."""
-    _normalize_inference_tensors(obj)
-    tensors = [t for t in tensor_slots(obj) if accel.on_device(t)]
+    """Device tensors -> host pool, keeping each tensor's identity (only `.data` changes). `new_host(nbytes)`
+    allocates a pool buffer when there is none or the layout changed; `dirty[i]` False skips copying tensor i."""
     layout, total = plan_layout(tensors)
-    dirty = pool.dirty(tensors) if pool is not None and pool.layout == layout else [True] * len(tensors)
-    _drop_grads(tensors)
     if pool is None or pool.layout != layout:
         if pool is not None:
-            log.info("model layout changed since its last swap (%d -> %d bytes); new host pool", pool.total, total)
+            log.info("layout changed since the last swap (%d -> %d bytes); new host pool", pool.total, total)
             pool.close()
-        pool = PinnedPool(layout, total, new_host(total))
+        pool, dirty = PinnedPool(layout, total, new_host(total)), None
     else:
         pool.reuses += 1
     copied = 0
-    for t, view, slot, d in zip(tensors, pool.views, layout, dirty, strict=True):
+    for t, view, slot, d in zip(tensors, pool.views, layout, dirty or [True] * len(tensors), strict=True):
         if d:
             view.copy_(t, non_blocking=pool.pinned)
             copied += slot.nbytes
@@ -246,20 +247,24 @@ def move_down(
     return MoveResult(total, copied, pool)
 
 
-def move_up(obj: Any, pool: PinnedPool | None, accel: Accelerator, new_host: Callable[[int], HostBuffer]) -> MoveResult:
-    """Host -> GPU: adopt the host tensors into a pool if they are not in one yet, then one allocation and one copy."""
-    _fixup_bnb_cpu_packing(obj)
-    _normalize_inference_tensors(obj)
-    tensors = [t for t in tensor_slots(obj) if not accel.on_device(t) and t.device.type == "cpu"]
-    if pool is None or not pool.holds(tensors):
-        layout, total = plan_layout(tensors)
-        if pool is None or pool.layout != layout:
-            if pool is not None:
-                pool.close()
-            pool = PinnedPool(layout, total, new_host(total))
-        for t, view in zip(tensors, pool.views, strict=True):
-            view.copy_(t)
-            t.data = view
+def adopt(tensors: list[torch.Tensor], pool: PinnedPool | None, new_host: Callable[[int], HostBuffer]) -> PinnedPool:
+    """Host tensors -> views of a host pool (copied in once when they are not views of `pool` already)."""
+    if pool is not None and pool.holds(tensors):
+        return pool
+    layout, total = plan_layout(tensors)
+    if pool is None or pool.layout != layout:
+        if pool is not None:
+            pool.close()
+        pool = PinnedPool(layout, total, new_host(total))
+    for t, view in zip(tensors, pool.views, strict=True):
+        view.copy_(t)
+        t.data = view
+    return pool
+
+
+def upload(tensors: list[torch.Tensor], pool: PinnedPool, accel: Accelerator) -> MoveResult:
+    """Pool -> device: ONE allocation of the pool's size and ONE copy, then every tensor becomes a view of its slice.
+    On an allocation failure the tensors stay in the pool (the caller still owns it: nothing is orphaned)."""
     flat = accel.alloc(pool.total)
     flat.copy_(pool.host.tensor[: pool.total], non_blocking=pool.pinned)
     accel.synchronize()
@@ -267,6 +272,32 @@ def move_up(obj: Any, pool: PinnedPool | None, accel: Accelerator, new_host: Cal
         t.data = _view(flat, slot)
     pool.synced = [(id(t), t.data_ptr(), _version(t)) for t in tensors]
     return MoveResult(pool.total, pool.total, pool)
+
+
+def move_down(
+    obj: Any, pool: PinnedPool | None, accel: Accelerator, new_host: Callable[[int], HostBuffer]
+) -> MoveResult:
+    """A model's GPU tensors -> its host pool; unchanged tensors are not copied, gradients are dropped."""
+    _normalize_inference_tensors(obj)
+    tensors = [t for t in tensor_slots(obj) if accel.on_device(t)]
+    layout = plan_layout(tensors)[0]
+    dirty = pool.dirty(tensors) if pool is not None and pool.layout == layout else None
+    _drop_grads(tensors)
+    return park(tensors, pool, accel, new_host, dirty)
+
+
+def host_tensors(obj: Any, accel: Accelerator) -> list[torch.Tensor]:
+    """The model's tensors that are in host memory, ready for `adopt` + `upload`."""
+    _fixup_bnb_cpu_packing(obj)
+    _normalize_inference_tensors(obj)
+    return [t for t in tensor_slots(obj) if not accel.on_device(t) and t.device.type == "cpu"]
+
+
+def move_up(obj: Any, pool: PinnedPool | None, accel: Accelerator, new_host: Callable[[int], HostBuffer]) -> MoveResult:
+    """Host -> GPU: adopt the host tensors into a pool if they are not in one yet, then one allocation and one copy.
+    (The manager calls `adopt` and `upload` itself, so that a failed upload leaves it holding the pool.)"""
+    tensors = host_tensors(obj, accel)
+    return upload(tensors, adopt(tensors, pool, new_host), accel)
 
 
 def naive_move(obj: Any, device: str) -> None:

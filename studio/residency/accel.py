@@ -4,22 +4,16 @@
   `cudaHostRegister` (exact size; torch's pinned allocator would round 6.8 GB up to 8 GB), falling back to
   `pin_memory=True`, then to pageable memory with a warning.
 - `CpuAccelerator`: no GPU; the CPU is the only compute tier.
-- `SimulatedAccelerator`: for tests on a CPU-only machine. "Device" buffers are CPU tensors whose storages it
-  tracks (so it knows exactly which tensors are "on the GPU" and how many bytes are live), it raises
-  `torch.OutOfMemoryError` past the FakeProbe card's free memory, and it reports its use to that probe.
+The simulated card for tests (a pretend GPU on the CPU) is in studio/residency/simulated.py.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
-
-from studio.gpu import FakeProbe
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +41,29 @@ class HostBuffer:
 
     def __del__(self) -> None:
         self.close()
+
+
+ALLOC_CONF = "expandable_segments:True"
+
+
+def configure_allocator() -> str | None:
+    """Configure PyTorch's CUDA caching allocator against fragmentation (expandable segments: freed blocks can be
+    reused for larger requests instead of sitting reserved-but-unallocated). Must run before torch initialises CUDA;
+    a setting the user made in PYTORCH_CUDA_ALLOC_CONF is kept. Returns the configuration in force (None: unknown)."""
+    import os
+    import sys
+
+    current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if current is None:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = current = ALLOC_CONF
+        torch_mod = sys.modules.get("torch")
+        if torch_mod is not None and torch_mod.cuda.is_initialized():  # too late for the variable: set it live
+            try:
+                torch_mod.cuda.memory._set_allocator_settings(ALLOC_CONF)
+            except Exception as e:  # pragma: no cover - older torch
+                log.info("could not enable expandable segments live (%s)", e)
+                return None
+    return current
 
 
 def is_oom_error(exc: BaseException) -> bool:
@@ -156,76 +173,3 @@ class CudaAccelerator:
 
     def peak(self) -> int:
         return int(torch.cuda.max_memory_allocated(self.index))
-
-
-class SimulatedAccelerator:
-    """A pretend GPU for CPU-only tests; see the module docstring. `context_bytes` plays the CUDA context."""
-
-    kind, device, load_device, has_gpu_tier = "simulated", "cpu", "cuda", True
-
-    def __init__(self, probe: FakeProbe, context_bytes: int = 0) -> None:
-        self.probe, self.context_bytes = probe, context_bytes
-        self._live: dict[int, int] = {}  # storage data_ptr -> bytes
-        self._lock = threading.Lock()
-        self._peak = 0
-        self.empty_cache_calls = 0
-        self.syncs = 0
-        self.cached_bytes = 0  # freed blocks a caching allocator would keep (tests set it; empty_cache clears it)
-        probe.attach_own(lambda: self.reserved() + self.context_bytes)
-
-    def _forget(self, ptr: int) -> None:
-        with self._lock:
-            self._live.pop(ptr, None)
-
-    def alloc(self, nbytes: int) -> torch.Tensor:
-        limit = self.probe.total_bytes - self.probe.others_bytes() - self.context_bytes - self.cached_bytes
-        with self._lock:
-            used = sum(self._live.values())
-            if used + nbytes > limit:
-                raise torch.OutOfMemoryError(
-                    f"CUDA out of memory (simulated). Tried to allocate {nbytes} bytes; {max(0, limit - used)} free."
-                )
-            t = torch.empty(max(nbytes, 1), dtype=torch.uint8)[:nbytes]
-            storage = t.untyped_storage()
-            self._live[storage.data_ptr()] = nbytes
-            self._peak = max(self._peak, used + nbytes)
-        weakref.finalize(storage, self._forget, storage.data_ptr())
-        return t
-
-    def on_device(self, t: torch.Tensor) -> bool:
-        try:
-            return t.untyped_storage().data_ptr() in self._live
-        except (RuntimeError, NotImplementedError):
-            return False
-
-    def host_buffer(self, nbytes: int) -> HostBuffer:
-        return HostBuffer(torch.empty(nbytes, dtype=torch.uint8), pinned=False)
-
-    def synchronize(self) -> None:
-        self.syncs += 1
-
-    def empty_cache(self) -> None:
-        self.empty_cache_calls += 1
-        self.cached_bytes = 0
-
-    def allocated(self) -> int:
-        with self._lock:
-            return sum(self._live.values())
-
-    def reserved(self) -> int:
-        return self.allocated() + self.cached_bytes
-
-    def total_bytes(self) -> int:
-        return self.probe.total_bytes
-
-    def reset_peak(self) -> None:
-        with self._lock:
-            self._peak = sum(self._live.values())
-
-    def peak(self) -> int:
-        with self._lock:
-            return self._peak
-
-    def working_memory(self, nbytes: int) -> Any:
-        """Allocate `nbytes` of "GPU" memory, as a model's activations would (raises OutOfMemoryError past free)."""
-        return self.alloc(nbytes)

@@ -5,7 +5,6 @@ A `MemoryProbe` answers `read() -> CardReading | None` (None: there is no GPU to
   memory of each process on the card, so other programs (a game, Ollama, a browser) are seen by name.
 - `TorchProbe`: `torch.cuda.mem_get_info`; card-wide figures only. Used when NVML is missing (no libnvidia-ml,
   e.g. some WSL and container setups).
-- `FakeProbe`: programmable card for tests: other processes come and go, our own use comes from a callback.
 - `NoGpuProbe`: a machine without a GPU.
 `detect_probe()` tries them in that order and says once which one it picked.
 """
@@ -14,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -129,46 +126,6 @@ class TorchProbe:
     def read(self) -> CardReading | None:
         free, total = self._torch.cuda.mem_get_info(self._index)
         return CardReading(self.card_name, int(total), int(total - free), int(free))
-
-
-class FakeProbe:
-    """A programmable card: `set_process(pid, name, bytes)` / `remove_process(pid)` for other programs; our own use
-    comes from `attach_own(fn)` (the simulated accelerator attaches its allocated bytes) plus `own_extra_bytes`."""
-
-    name = "fake"
-
-    def __init__(self, total_bytes: int, card_name: str = "Fake 12 GB card") -> None:
-        if total_bytes <= 0:
-            raise ValueError(f"total_bytes must be positive, got {total_bytes}")
-        self.total_bytes, self.card_name = int(total_bytes), card_name
-        self.own_extra_bytes = 0
-        self.reads = 0
-        self._others: dict[int, ProcessUse] = {}
-        self._own_fn: Callable[[], int] = lambda: 0
-        self._lock = threading.Lock()
-
-    def attach_own(self, fn: Callable[[], int]) -> None:
-        self._own_fn = fn
-
-    def set_process(self, pid: int, name: str, used_bytes: int) -> None:
-        with self._lock:
-            self._others[pid] = ProcessUse(pid, name, int(used_bytes))
-
-    def remove_process(self, pid: int) -> None:
-        with self._lock:
-            self._others.pop(pid, None)
-
-    def others_bytes(self) -> int:
-        with self._lock:
-            return sum(p.used_bytes for p in self._others.values())
-
-    def read(self) -> CardReading | None:
-        own = int(self._own_fn()) + self.own_extra_bytes
-        with self._lock:
-            self.reads += 1
-            procs = (*self._others.values(), ProcessUse(os.getpid(), "this studio", own))
-        used = min(self.total_bytes, sum(p.used_bytes for p in procs))
-        return CardReading(self.card_name, self.total_bytes, used, self.total_bytes - used, procs, True)
 
 
 def detect_probe(index: int = 0) -> MemoryProbe:

@@ -1,21 +1,62 @@
 """Bookkeeping of the residency manager: one record per model, metrics, the event log and the snapshot views
-that the GPU tab reads. No policy here (see studio/eviction.py and studio/residency.py)."""
+that the GPU tab reads. No policy here (see eviction.py and planner.py)."""
 
 from __future__ import annotations
 
+import contextvars
+import itertools
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from studio.eviction import Candidate, decayed
-from studio.gpu import CardReading
-from studio.pinned import PinnedPool
+from studio.residency.eviction import Candidate, decayed
+from studio.residency.pinned import PinnedPool
+from studio.residency.probes import CardReading
 from studio.units import quantile
 
-GPU, RAM, DISK = "gpu", "ram", "disk"
 MiB = 2**20
+
+
+class Tier(StrEnum):
+    GPU = "gpu"
+    RAM = "ram"  # pinned host memory (the only compute tier on a machine without a GPU)
+    DISK = "disk"
+
+
+class Moving(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    TO_CPU = "to cpu"
+
+
+GPU, RAM, DISK = Tier.GPU, Tier.RAM, Tier.DISK
+OOM_FLOOR_LEASES = 4  # successful measured leases after which an out-of-memory floor is forgotten
+
+# Lease ownership: a token per lease, remembered in the caller's context (not its thread: Gradio steps a generator
+# on any worker thread). A request that holds leases and asks for a model that only its own leases keep out is told
+# so at once instead of waiting for itself; any thread may end any lease.
+_tokens = itertools.count(1)
+_held: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("residency_held", default=frozenset())
+
+
+def new_token() -> int:
+    return next(_tokens)
+
+
+def held_tokens() -> frozenset[int]:
+    return _held.get()
+
+
+def hold(token: int) -> None:
+    _held.set(_held.get() | {token})
+
+
+def unhold(token: int) -> None:
+    """Forget a token in the current context (harmless where it was never held: a generator closed elsewhere)."""
+    _held.set(_held.get() - {token})
 
 
 @dataclass
@@ -25,13 +66,13 @@ class ModelRecord:
     estimate: int
     custom: bool  # the loader moves the object itself (Loader.to_device), e.g. CTranslate2
     obj: Any = None
-    tier: str = DISK
+    tier: Tier = DISK
     device: str | None = None
     bytes: int = 0  # measured footprint of the weights (0 until first loaded)
     pool: PinnedPool | None = None
     leases: int = 0
-    owners: list[int] = field(default_factory=list)  # thread ids holding leases
-    moving: str | None = None
+    owners: list[int] = field(default_factory=list)  # tokens of the leases held on it
+    moving: Moving | None = None
     uses: int = 0
     freq: float = 0.0
     last_use: float = 0.0  # monotonic
@@ -42,8 +83,10 @@ class ModelRecord:
     swap_out_s: float | None = None
     working_peaks: deque[int] = field(default_factory=lambda: deque(maxlen=8))
     oom_floor: int = 0  # working bytes a lease needed when it ran out of memory
+    oom_floor_left: int = 0  # measured leases until the floor is forgotten (it must not only ever grow)
     generation: int = 0  # bumped each time the weights move (CUDA graphs must be re-captured)
     cpu_fallback: bool = False
+    parked_by: Any = None  # the training lease that parked these weights with its own state (see preempt.py)
 
     def size(self) -> int:
         return self.bytes or self.estimate
@@ -55,6 +98,18 @@ class ModelRecord:
         if hint is None and measured is None:
             return max(32 * MiB, self.size() // 10, self.oom_floor)
         return max(hint or 0, measured or 0, self.oom_floor)
+
+    def record_peak(self, peak: int) -> None:
+        """A trustworthy working-memory peak of a finished lease; enough of them retire an out-of-memory floor."""
+        self.working_peaks.append(peak)
+        if self.oom_floor and peak < self.oom_floor:
+            self.oom_floor_left -= 1
+            if self.oom_floor_left <= 0:
+                self.oom_floor = 0
+
+    def raise_floor(self, need: int) -> None:
+        self.oom_floor = max(self.oom_floor, need)
+        self.oom_floor_left = OOM_FLOOR_LEASES
 
     def ram_bytes(self) -> int:
         if self.pool is not None:
@@ -77,8 +132,9 @@ class ModelRecord:
 class Lease:
     record: ModelRecord
     working: int
-    thread: int
-    alone: bool = False  # no other lease overlapped it: its peak measurement is trustworthy
+    token: int
+    alone: bool = False  # no other lease or move overlapped it: its peak measurement is trustworthy
+    moves_at_start: int = 0  # the manager's move counter when it was granted
     base_alloc: int = 0
     probe_base: int | None = None
     probe_max: int | None = None
@@ -117,6 +173,7 @@ COUNTERS = (
     "timeouts",
     "busy",
     "cpu_fallbacks",
+    "training_pauses",
 )
 
 
@@ -186,6 +243,27 @@ class WaitingView:
 
 
 @dataclass(frozen=True)
+class TrainingView:
+    key: str
+    label: str
+    state: str  # running, pausing, paused, resuming
+    status: str  # "running", "paused for Chat, 3 s", ...
+    gpu_bytes: int
+    working_bytes: int
+    steps: int
+    pauses: int
+    paused_s: float
+    metrics: dict[str, Any]
+
+
+def training_view(t: Any) -> TrainingView:
+    return TrainingView(
+        t.key, t.label, t.state.value, t.status(), t.gpu_bytes(), t.working, t.steps, t.pauses, t.paused_s,
+        dict(t.metrics),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class TimelinePoint:
     time: float
     gpu_bytes: dict[str, int]  # per model key
@@ -212,11 +290,15 @@ class Snapshot:
     metrics: MetricsView
     events: list[Event]
     timeline: list[TimelinePoint]
+    trainings: list[TrainingView] = field(default_factory=list)
 
 
 def model_view(r: ModelRecord) -> ModelView:
+    pool = r.pool  # read once: the manager replaces it under its lock, never clears it under a reader
     if r.moving:
         state = f"moving {r.moving}"
+    elif r.parked_by is not None:
+        state = "parked by training"
     elif r.leases:
         state = "in use"
     else:
@@ -227,9 +309,9 @@ def model_view(r: ModelRecord) -> ModelView:
         device=r.device,
         bytes=r.bytes,
         estimate_bytes=r.estimate,
-        pinned_bytes=r.pool.nbytes if r.pool is not None and r.pool.pinned else 0,
-        pool_bytes=r.pool.nbytes if r.pool is not None else 0,
-        pool_reuses=r.pool.reuses if r.pool is not None else 0,
+        pinned_bytes=pool.nbytes if pool is not None and pool.pinned else 0,
+        pool_bytes=pool.nbytes if pool is not None else 0,
+        pool_reuses=pool.reuses if pool is not None else 0,
         leases=r.leases,
         state=state,
         uses=r.uses,

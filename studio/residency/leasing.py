@@ -1,0 +1,211 @@
+"""Granting and ending interactive leases for ResidencyManager (under its lock), waiting when others hold memory.
+
+A request is decided by `planner.decide` on a fresh `World`: Hit and CpuFallback are granted at once, Place runs
+its plan through the executor (moves outside the lock), Wait queues it (bounded, shown in the snapshot as
+"waiting for GPU: <model>, held by <lease>"; training leases are asked to give way at their next step) and Refuse
+answers at once (only the request's own leases keep it out). A placement that runs out of memory while other
+leases hold some goes back to waiting until one of them ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from studio.residency import planner
+from studio.residency.execute import NeedsWait, is_oom
+from studio.residency.planner import GPU, CpuFallback, Hit, Place, Refuse, ResidencyError, Wait, tried_bytes
+from studio.residency.state import Lease, ModelRecord, WaitingView, held_tokens, new_token
+from studio.units import fmt_bytes
+
+log = logging.getLogger("studio.residency")
+
+
+@dataclass
+class _OOM:
+    message: str
+    tried: int | None
+
+
+class Leasing:
+    def __init__(self, manager: Any) -> None:  # manager: the ResidencyManager that owns this
+        self.m = manager
+
+    def acquire(self, key: str, hint: int | None) -> Lease:
+        m = self.m
+        deadline, waiter, after_oom = time.monotonic() + m.wait_timeout_s, None, None
+        try:
+            while True:
+                reading = m._read()
+                with m._cond:
+                    rec = m._records.get(key)
+                    if rec is None:
+                        raise ResidencyError(f"{key} is not registered; its backend must register a loader first")
+                    if after_oom is not None and m._releases == after_oom:
+                        decision: Any = Wait(rec.size(), self._holders(rec), tuple(m._preempt.yieldable(held_tokens())))
+                    elif rec.moving:
+                        decision = None
+                    else:
+                        decision = self._decide(rec, hint, reading)
+                    if isinstance(decision, Hit | CpuFallback):
+                        return self.grant(rec, decision.work, hit=True, cpu=isinstance(decision, CpuFallback))
+                    if isinstance(decision, Refuse):
+                        raise ResidencyError(
+                            f"{key} does not fit on the GPU while this same request holds {', '.join(decision.holders)}; "
+                            "release those leases first (a leased model is never evicted)"
+                        )
+                    if isinstance(decision, Wait) and decision.trainers:
+                        m._preempt.ask_to_yield(list(decision.trainers), key)
+                    if isinstance(decision, Place) and not m._mover_busy:
+                        plan = decision.plan
+                        m._exec.begin(plan)
+                    else:
+                        plan = None
+                        waiter = waiter or self._enqueue(rec, decision)
+                        waiter = self._refresh(waiter, rec, decision)
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            m.metrics.add("timeouts")
+                            m._event("timeout", key, waiter.need_bytes)
+                            raise ResidencyError(
+                                f"Timed out after {m.wait_timeout_s:.0f} s waiting for GPU memory for {key}: "
+                                f"{waiter.reason}. Try again when they finish, or raise the VRAM cap."
+                            )
+                        m._cond.wait(min(remaining, 0.25))
+                        continue
+                try:
+                    return m._exec.run(
+                        plan, up=True, grant=lambda r=rec, p=plan: self.grant(r, p.work, hit=False, cpu=p.cpu_fallback)
+                    )
+                except NeedsWait:
+                    with m._cond:
+                        after_oom = m._releases  # wait for another lease to end, then plan again
+        finally:
+            if waiter is not None:
+                with m._cond:
+                    m._waiting.remove(waiter)
+
+    def _decide(self, rec: ModelRecord, hint: int | None, reading: Any) -> planner.Decision:
+        m, held = self.m, held_tokens()
+        own = [t for t in m._preempt.leases if t.gpu_bytes() and t._owner in held]
+        return planner.decide(m._world(reading), rec, hint, yieldable=m._preempt.yieldable(held), own_trainers=own,
+                              held=held)  # fmt: skip
+
+    def _holders(self, rec: ModelRecord) -> tuple[ModelRecord, ...]:
+        return tuple(r for r in self.m._records.values() if r.key != rec.key and r.tier == GPU and r.leases)
+
+    def _enqueue(self, rec: ModelRecord, decision: Any) -> WaitingView:
+        m = self.m
+        if len(m._waiting) >= m.max_waiting:
+            m.metrics.add("busy")
+            m._event("busy", rec.key)
+            raise ResidencyError(
+                f"busy: {len(m._waiting)} requests are already waiting for the GPU; try {rec.key} again shortly"
+            )
+        waiter = self._view(rec, decision, time.time())
+        m._waiting.append(waiter)
+        m.metrics.add("waits")
+        log.info("waiting for GPU: %s, %s", rec.key, waiter.reason)
+        return waiter
+
+    def _refresh(self, waiter: WaitingView, rec: ModelRecord, decision: Any) -> WaitingView:
+        """Keep the waiting view's reason current (who holds the memory changes while it waits)."""
+        new = self._view(rec, decision, waiter.since)
+        if new.reason == waiter.reason:
+            return waiter
+        i = self.m._waiting.index(waiter)
+        self.m._waiting[i] = new
+        return new
+
+    def _view(self, rec: ModelRecord, decision: Any, since: float) -> WaitingView:
+        if isinstance(decision, Wait):
+            need, blockers, trainers = decision.need, decision.blockers, decision.trainers
+        else:
+            need, blockers, trainers = rec.size(), (), ()
+        held = [f"{b.key} ({fmt_bytes(b.size())})" for b in blockers]
+        held += [f"{t.label} (training, {fmt_bytes(t.gpu_bytes())}; pausing at its next step)" for t in trainers]
+        reason = f"held by {', '.join(held) or 'a model being moved'} (it needs {fmt_bytes(need)} more than is free)"
+        return WaitingView(rec.key, since, int(need), reason)
+
+    def grant(self, rec: ModelRecord, work: int, *, hit: bool, cpu: bool = False) -> Lease:
+        m = self.m
+        if cpu and not rec.cpu_fallback:
+            cap = m._budget(m._reading).capacity
+            log.warning("%s needs %s but the whole GPU budget is %s: running it on the CPU (slower)", rec.key,
+                        fmt_bytes(rec.size() + work), fmt_bytes(cap))  # fmt: skip
+            m.metrics.add("cpu_fallbacks")
+            m._event("cpu_fallback", rec.key, rec.size() + work, detail=f"budget {fmt_bytes(cap)}")
+        rec.cpu_fallback = cpu
+        token = new_token()
+        alone = not m._leases and not m._preempt.running() and not m._mover_busy
+        lease = Lease(rec, work if rec.tier == GPU else 0, token, alone=alone, moves_at_start=m._moves)
+        for other in m._leases:
+            other.alone = False
+        if lease.alone and rec.tier == GPU and not rec.custom:
+            m._accel.reset_peak()
+            lease.base_alloc = m._accel.allocated()
+        if rec.custom and rec.tier == GPU and m._reading is not None:
+            lease.probe_base = lease.probe_max = m._reading.used_bytes
+        rec.leases += 1
+        rec.owners.append(token)
+        rec.touch(m._policy.inflation)
+        m._leases.append(lease)
+        m.metrics.add("hits" if hit else "misses")
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        m, rec = self.m, lease.record
+        reading = m._read() if rec.custom else None
+        with m._cond:
+            m._leases.remove(lease)
+            rec.leases -= 1
+            rec.owners.remove(lease.token)
+            rec.last_use, rec.last_use_wall = time.monotonic(), time.time()
+            m._releases += 1
+            trusted = lease.alone and m._moves == lease.moves_at_start  # nobody else's load in its peak
+            if trusted and rec.tier == GPU:
+                if not rec.custom:
+                    rec.record_peak(max(0, m._accel.peak() - lease.base_alloc))
+                elif lease.probe_base is not None and reading is not None:
+                    top = max(lease.probe_max or 0, reading.used_bytes)
+                    rec.record_peak(max(0, top - lease.probe_base))
+            m._cond.notify_all()
+
+    def sample(self, reading: Any) -> None:
+        if reading is not None:
+            for lease in self.m._leases:
+                if lease.probe_max is not None:
+                    lease.probe_max = max(lease.probe_max, reading.used_bytes)
+
+    # ---- run() helpers -----------------------------------------------------------------------------------------
+    def try_run(self, key: str, fn, hint: int | None):
+        try:
+            with self.m.use(key, working_bytes=hint) as model:
+                return fn(model)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            message = str(e)
+        return _OOM(message, tried_bytes(message))
+
+    def wait_for_others(self, key: str) -> bool:
+        """After a second out-of-memory error: if other leases were running, wait (bounded, shown as waiting) until
+        none is, and say True (try once more); False when there was nobody to wait for."""
+        m = self.m
+        deadline = time.monotonic() + m.wait_timeout_s
+        with m._cond:
+            if not m._leases and not m._preempt.running():
+                return False
+            rec = m._records[key]
+            waiter = self._enqueue(rec, Wait(rec.size(), self._holders(rec)))
+            try:
+                while m._leases or m._preempt.running():
+                    m._preempt.ask_to_yield(m._preempt.yieldable(frozenset()), key)
+                    if time.monotonic() > deadline:
+                        return False
+                    m._cond.wait(0.25)
+            finally:
+                m._waiting.remove(waiter)
+        return True

@@ -1,0 +1,214 @@
+"""Regression tests for the residency defects of issue 11 (simulated card, CPU only); each failed before its fix."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from studio.residency import ResidencyError
+from studio.residency.accel import configure_allocator
+from tests.test_residency_support import MiB, NetLoader, sim_manager, tiers
+
+X = torch.ones(2, 256)
+
+
+class SlowLoader(NetLoader):
+    def __init__(self, key: str, mib: float, delay: float, started: threading.Event | None = None) -> None:
+        super().__init__(key, mib)
+        self.delay, self.started = delay, started
+
+    def load(self, device: str):
+        if self.started is not None:
+            self.started.set()
+        time.sleep(self.delay)
+        return super().load(device)
+
+
+def test_unregister_never_releases_a_model_whose_load_ends_in_a_lease():
+    manager, _, _ = sim_manager(100)
+    started = threading.Event()
+    loader = SlowLoader("m:a", 10, 0.3, started)
+    manager.register(loader)
+    leased, release = threading.Event(), threading.Event()
+
+    def user() -> None:
+        with manager.use("m:a", working_bytes=0):
+            leased.set()
+            release.wait(5)
+
+    t = threading.Thread(target=user)
+    t.start()
+    started.wait(5)  # the load is under way: the record is moving, its lease comes when it ends
+    with pytest.raises(ResidencyError, match="in use"):
+        manager.unregister("m:a")
+    assert leased.is_set() and loader.releases == 0 and manager.is_registered("m:a")
+    release.set()
+    t.join(5)
+    manager.unregister("m:a")
+    assert loader.releases == 1
+
+
+def test_another_models_load_is_not_recorded_as_this_models_working_peak():
+    manager, _, accel = sim_manager(100)
+    allocated = threading.Event()
+
+    class Converting(NetLoader):  # its load uses 40 MB of device memory for a moment (a conversion buffer)
+        def load(self, device: str):
+            scratch = accel.working_memory(40 * MiB)
+            del scratch
+            allocated.set()
+            time.sleep(0.3)
+            return super().load(device)
+
+    manager.register(NetLoader("m:a", 5))
+    manager.register(Converting("m:b", 10))
+    with manager.use("m:a", working_bytes=0):
+        pass
+    with manager.use("m:a", working_bytes=0):  # alone when granted; m:b's load runs meanwhile, granted after
+        t = threading.Thread(target=lambda: manager.run("m:b", lambda m: None, working_bytes=0))
+        t.start()
+        allocated.wait(5)
+    t.join(5)
+    assert manager._records["m:a"].working_need(None) < 5 * MiB  # not m:b's 40 MB
+
+
+def test_offload_keeps_the_ram_cap():
+    manager, _, _ = sim_manager(100, ram_cap_bytes=50 * MiB)
+    for key in ("m:a", "m:b"):
+        manager.register(NetLoader(key, 40))
+        with manager.use(key, working_bytes=0):
+            pass
+    manager.offload()
+    snap = manager.snapshot()
+    assert snap.ram_used_bytes <= 50 * MiB and sorted(tiers(manager).values()) == ["disk", "ram"]
+
+
+def test_greedydual_inflation_rises_with_evictions():
+    manager, _, _ = sim_manager(100)
+    for key in ("m:a", "m:b", "m:c"):
+        manager.register(NetLoader(key, 40))
+    for key in ("m:a", "m:b", "m:c", "m:a"):
+        with manager.use(key, working_bytes=0):
+            pass
+    assert manager._policy.inflation > 0  # L ages: models unused since fall behind those used after
+    assert manager._records["m:a"].base == manager._policy.inflation
+
+
+def test_a_request_on_a_thread_that_stepped_another_request_waits_instead_of_refusing():
+    """Gradio runs generator steps of different sessions on the same worker threads (anyio.to_thread.run_sync, each
+    call in a copy of the event loop's context): lease ownership is per request (token), not per thread."""
+    manager, _, _ = sim_manager(100, wait_timeout_s=5)
+    manager.register(NetLoader("m:a", 60))
+    manager.register(NetLoader("m:b", 60))
+
+    def chat():
+        with manager.use("m:a", working_bytes=0):
+            yield "a"
+
+    worker, closer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    gen = chat()
+    assert (
+        worker.submit(contextvars.copy_context().run, next, gen).result(5) == "a"
+    )  # session 1 holds m:a, its generator is suspended
+
+    def session_two() -> str:
+        with manager.use("m:b", working_bytes=0):
+            return "b"
+
+    second = worker.submit(
+        contextvars.copy_context().run, session_two
+    )  # same worker thread, another session: it must wait, not be refused
+    time.sleep(0.3)
+    closer.submit(gen.close).result(5)  # Stop from the event loop's thread ends session 1's lease
+    assert second.result(5) == "b"
+    worker.shutdown()
+    closer.shutdown()
+
+
+def test_a_failed_upload_keeps_the_pool_and_the_retry_does_not_pin_twice():
+    manager, _, accel = sim_manager(100)
+    manager.register(NetLoader("m:a", 30))
+    buffers = []
+    host_buffer = accel.host_buffer
+    accel.host_buffer = lambda n: buffers.append(n) or host_buffer(n)
+    accel.cached_bytes = 80 * MiB  # reserved-but-unused blocks: the first allocation fails until the cache is emptied
+    with manager.use("m:a", working_bytes=0) as model:
+        assert accel.on_device(model.fc.weight)
+    assert len(buffers) == 1 and manager.snapshot().ram_used_bytes <= 31 * MiB
+
+
+def test_oom_while_others_hold_memory_waits_for_them_instead_of_failing():
+    """The leased model uses more working memory than it declared: placing another one runs out of memory even
+    after emptying the cache; it waits for that lease to end and is placed then."""
+    manager, _, accel = sim_manager(100, wait_timeout_s=10)
+    manager.register(NetLoader("m:a", 40))
+    manager.register(NetLoader("m:b", 40))
+    inside = threading.Event()
+
+    def busy() -> None:
+        with manager.use("m:a", working_bytes=0):
+            scratch = accel.working_memory(30 * MiB)  # undeclared activations
+            inside.set()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not any(e.kind == "oom_wait" for e in manager.snapshot().events):
+                time.sleep(0.02)
+            del scratch
+
+    t = threading.Thread(target=busy)
+    t.start()
+    inside.wait(5)
+    with manager.use("m:b", working_bytes=0) as b:
+        assert accel.on_device(b.fc.weight)
+    t.join(5)
+    kinds = [e.kind for e in manager.snapshot().events]
+    assert "oom_wait" in kinds and manager.snapshot().metrics.counters["oom_failures"] == 0
+
+
+def test_oom_with_no_other_lease_fails_with_bytes():
+    manager, _, accel = sim_manager(100)
+    manager.register(NetLoader("m:a", 40))
+
+    def no_room(nbytes: int):  # memory the budget cannot see: the plan fits, the card does not
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {nbytes / MiB:.2f} MiB.")
+
+    accel.alloc = no_room
+    with pytest.raises(ResidencyError, match=r"Out of GPU memory placing m:a: it needs 40.00 MB .*no other lease"):
+        manager.run("m:a", lambda m: None, working_bytes=0)
+    assert manager.snapshot().metrics.counters["oom_failures"] == 1
+
+
+def test_snapshots_never_see_half_a_move():
+    manager, _, _ = sim_manager(100)
+    for key in ("m:a", "m:b", "m:c"):
+        manager.register(NetLoader(key, 30))
+    stop, errors = threading.Event(), []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                manager.snapshot()
+            except Exception as e:  # an AttributeError on a pool cleared mid-read
+                errors.append(e)
+
+    r = threading.Thread(target=reader)
+    r.start()
+    for _ in range(6):
+        for key in ("m:a", "m:b", "m:c"):
+            with manager.use(key, working_bytes=0):
+                pass
+        manager.offload(to="disk")
+    stop.set()
+    r.join(5)
+    assert not errors
+
+
+def test_allocator_is_configured_against_fragmentation(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert configure_allocator() == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert configure_allocator() == "max_split_size_mb:128"  # the user's own setting is kept
