@@ -252,7 +252,10 @@ class TinyLMBackend:
         text = load_corpus(list(opts.works))
         tok = CharTokenizer.from_text(text)
         cfg = TinyLMConfig(vocab_size=len(tok.chars), **cfg_overrides)
-        return self.ctx.jobs.submit(f"Tiny LM: {', '.join(opts.works)}", lambda job: self.train(job, cfg, opts, text))
+        unique = f"tinylm:{cfg!r}:{opts!r}"  # the same settings twice (a double click) make one run
+        return self.ctx.jobs.submit(
+            f"Tiny LM: {', '.join(opts.works)}", lambda job: self.train(job, cfg, opts, text), unique=unique
+        )
 
     def train(self, job, cfg: TinyLMConfig, opts: TrainOptions, text: str) -> TrainResult:
         tok = CharTokenizer.from_text(text)

@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from studio.context import StudioContext, Tab
+from studio.safety import unguessable_stamp
 from tabs._session import StopFlag, bind, waiting_note
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,11 @@ def _model_choices(asr) -> list[tuple[str, str]]:
 
 
 def transcribe(ctx, audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
-              trust_v, stop_flag):  # fmt: skip
+              stop_flag):  # fmt: skip
     from backends.audio import Transcript
 
     path = _input_path(ctx, audio_v, video_v)
-    opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v)
+    opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v)
     stop_flag.clear()
     started, segments = time.time(), []
     yield "Loading the model…", "", None, str(path), gr.skip(), gr.skip()
@@ -144,7 +145,7 @@ def export(ctx, tr, formats_v):
     if not formats_v:
         raise gr.Error("Tick at least one export format (txt, srt, vtt or json).")
     out_dir = ctx.settings.outputs_dir / "audio"
-    stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"transcript-{unguessable_stamp()}"
     return [str(p) for p in write(tr, out_dir, stem, tuple(formats_v)).values()]
 
 
@@ -165,9 +166,9 @@ def _build_inputs(ctx: StudioContext) -> dict[str, Any]:
         n_speakers = gr.Number(0, precision=0, minimum=0, maximum=20, label="Number of speakers (0 = auto)")
         engine = gr.Radio(["offline", "pyannote"], value="offline", label="Engine")
         pyannote_src = gr.Textbox(
-            "", label="pyannote pipeline (catalog id or folder with config.yaml)", placeholder="pyannote-…"
-        )
-        trust = gr.Checkbox(False, label="I trust this pyannote pipeline (it loads pickled checkpoints)")
+            "", label="pyannote pipeline (catalog id, or a folder with config.yaml in the models folder or "
+            "trusted_model_dirs: pyannote loads pickled checkpoints)", placeholder="pyannote-…"
+        )  # fmt: skip
     with gr.Row():
         go = gr.Button("Transcribe", variant="primary")
         stop = gr.Button("Stop (keeps what is done)")
@@ -203,6 +204,8 @@ def _build_results() -> dict[str, Any]:
 
 
 def build(ctx: StudioContext) -> None:
+    from tabs.audio_train import build_training
+
     gr.Markdown(
         "## Audio\nTranscribe meetings and lectures: any audio or video file, or the microphone. Long files are "
         "decoded and transcribed as a stream; segments appear as they are made. Offline models: Whisper tiny.en "
@@ -216,7 +219,7 @@ def build(ctx: StudioContext) -> None:
         with gr.Column(scale=2):
             r = _build_results()
     keys = ("audio", "video", "model", "language", "vad", "words", "batched", "diar", "n_speakers", "engine",
-            "pyannote_src", "trust")  # fmt: skip
+            "pyannote_src")  # fmt: skip
     inputs = [i[k] for k in keys] + [flag]
     queue = ctx.queues.event_kwargs("Audio")
     outputs = [r["status"], r["text"], transcript_state, source, r["seg_table"], r["speakers"]]
@@ -229,6 +232,8 @@ def build(ctx: StudioContext) -> None:
     rename_out = [transcript_state, r["text"], r["seg_table"], r["speakers"]]
     r["rename_btn"].click(rename_speakers, [transcript_state, r["speakers"]], rename_out)
     r["export_btn"].click(bind(export, ctx), [transcript_state, r["formats"]], r["files"])
+    with gr.Accordion("Fine-tune Whisper", open=False):
+        build_training(ctx, i["model"], lambda: _model_choices(ctx.backends.asr))
 
 
 def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
@@ -245,7 +250,7 @@ def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
     return path
 
 
-def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v):
+def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v):
     from backends.audio import DiarizeOptions, TranscribeOptions
 
     try:
@@ -256,9 +261,7 @@ def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, 
         dopts = None
         if diar_v:
             n = int(n_v or 0)
-            dopts = DiarizeOptions(
-                engine=engine_v, num_speakers=n or None, pyannote_source=(src_v or "").strip(), trust_pickles=trust_v
-            )
+            dopts = DiarizeOptions(engine=engine_v, num_speakers=n or None, pyannote_source=(src_v or "").strip())
     except ValueError as e:
         raise gr.Error(str(e)) from None
     return opts, dopts

@@ -9,7 +9,6 @@ Generation defaults follow the model's size (a 135M model gets a low temperature
 
 # No `from __future__ import annotations` here: Gradio finds `evt: gr.EditData` parameters through
 # typing.get_type_hints, which needs the real annotation objects.
-import datetime as dt
 import json
 import logging
 import time
@@ -52,7 +51,9 @@ def stats_line(stats: Any, wall_first_s: float | None = None) -> str:
     load_s = max(getattr(stats, "load_s", 0.0), (wall_first_s or 0.0) - (stats.ttft_s or 0.0))
     if load_s >= 1.0:
         first += f" (after {load_s:.0f} s loading the model)"
-    return f"{stats.new_tokens} tokens{speed}{first} · decoder: {stats.decoder} · finished: {stats.finish_reason}"
+    weights = f" · weights: {stats.weights}" if getattr(stats, "weights", "") else ""
+    return (f"{stats.new_tokens} tokens{speed}{first}{weights} · decoder: {stats.decoder} · "
+            f"finished: {stats.finish_reason}")  # fmt: skip
 
 
 def context_meter(used: int, limit: int) -> str:
@@ -68,11 +69,11 @@ def model_choices(backend: Any) -> list[tuple[str, str]]:
 
 def export_conversation(ctx: StudioContext, history: list[dict[str, str]], fmt: str, meta: dict[str, Any]) -> str:
     """Write the conversation under outputs/chat/ atomically; return the file path."""
-    from studio.safety import atomic_write_text
+    from studio.safety import atomic_write_text, unguessable_stamp
 
     if not history:
         raise ValueError("Nothing to export yet: the conversation is empty.")
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]  # milliseconds: two exports never collide
+    stamp = unguessable_stamp()  # random part: two exports never collide and no other user can guess the name
     path = ctx.settings.outputs_dir / "chat" / f"chat-{stamp}.{'md' if fmt == 'markdown' else 'json'}"
     atomic_write_text(path, to_markdown(history) if fmt == "markdown" else to_json(history, meta))
     return str(path)
@@ -140,11 +141,11 @@ def waiting_note(ctx: StudioContext) -> str:
 
 
 def configure(backend, model_v, engine_v, url, api_model_v, key, ctx_len):
-    changes = {"model_id": model_v, "engine": ENGINES[engine_v], "base_url": (url or "").strip(),
-               "api_model": (api_model_v or "").strip(), "api_key": key or "",
-               "max_context_tokens": int(ctx_len or 4096)}  # fmt: skip
-    if any(getattr(backend.config, k) != v for k, v in changes.items()):
-        backend.configure(**changes)
+    """This session's engine, URL, key and model, built per call from its own inputs: never shared."""
+    return backend.session_config(
+        model_id=model_v, engine=ENGINES[engine_v], base_url=(url or "").strip(),
+        api_model=(api_model_v or "").strip(), api_key=key or "", max_context_tokens=int(ctx_len or 4096),
+    )  # fmt: skip
 
 
 def _stream(ctx, backend, hist, flag, settings, *, continuing: bool):
@@ -153,16 +154,16 @@ def _stream(ctx, backend, hist, flag, settings, *, continuing: bool):
 
     model_v, engine_v, url, api_model_v, key, ctx_len, sys_v, temp, top, n, rp, stop_v = settings
     try:
-        configure(backend, model_v, engine_v, url, api_model_v, key, ctx_len)
+        session = configure(backend, model_v, engine_v, url, api_model_v, key, ctx_len)
         opts = GenerationOptions(system_prompt=sys_v or "", temperature=float(temp), top_p=float(top),
                                  max_new_tokens=int(n), repetition_penalty=float(rp), stop=parse_stop(stop_v))  # fmt: skip
-        loading = backend.load_note()
+        loading = backend.load_note(session)
         if loading:
             yield hist, hist, f"⏳ {loading}", gr.skip()
         base = hist[:-1] if continuing else hist
         shown, trim_note, t0, wall_first = list(hist), "", time.perf_counter(), None
         with ctx.queues.hold(ctx.queues.queue_id("Chat"), "a chat reply (Chat)"):
-            for update in backend.chat(hist, opts, cancel=flag, continuing=continuing):
+            for update in backend.chat(hist, opts, cancel=flag, config=session, continuing=continuing):
                 trim_note = update.note or trim_note
                 if update.delta and wall_first is None:
                     wall_first = time.perf_counter() - t0
@@ -173,7 +174,7 @@ def _stream(ctx, backend, hist, flag, settings, *, continuing: bool):
                     status = "  \n".join(x for x in (status, stats_line(update.stats, wall_first)) if x)
                     if update.stats and update.stats.prompt_tokens:
                         used = update.stats.prompt_tokens + update.stats.new_tokens
-                        meter = context_meter(used, backend.config.max_context_tokens)
+                        meter = context_meter(used, session.max_context_tokens)
                 yield shown, shown, status, meter
     except (ValueError, OSError) as e:  # user mistakes and missing/corrupt files: the message says the fix
         log.info("chat refused: %s", e)
@@ -247,24 +248,24 @@ def _build_adapters(ctx: StudioContext, backend, engine_inputs: list[Any]) -> An
         if not path_v:
             raise gr.Error("Choose an adapter folder first (Fine-tune tab outputs appear here after Refresh).")
         try:
-            configure(backend, *engine_v)
+            session = configure(backend, *engine_v)
             folder = path_v if path_v.startswith("/") else str(ctx.settings.data_dir / path_v)
-            name = backend.attach_adapter(folder)
+            name = backend.attach_adapter(folder, model_id=session.model_id)
         except (ValueError, OSError) as e:
             raise gr.Error(str(e)) from None
-        names, _ = backend.adapter_status()
+        names, _ = backend.adapter_status(session.model_id)
         return gr.update(choices=[BASE, *names], value=name), f"Attached adapter **{name}**."
 
-    def switch(name):
+    def switch(name, model_v):
         try:
-            backend.switch_adapter(None if name in (None, BASE) else name)
+            backend.switch_adapter(None if name in (None, BASE) else name, model_id=model_v)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return f"Active: **{name}**."
 
     refresh.click(refresh_adapters, None, adapter_path)
     attach.click(attach_adapter, [adapter_path, *engine_inputs], [active, note], **ctx.queues.event_kwargs("Chat"))
-    active.change(switch, active, note)
+    active.change(switch, [active, engine_inputs[0]], note)
     return note
 
 
@@ -365,11 +366,11 @@ def _wire(ctx: StudioContext, backend, c: dict[str, Any]) -> None:
     reply, more = bind(respond, ctx, backend), bind(continue_reply, ctx, backend)
     save = (bind(autosave, ctx), [c["browser"], c["conv_id"], history], c["pick"])
     wait = bind(waiting_note, ctx)
-    for trigger in (c["send"].click, c["msg"].submit):
+    for i, trigger in enumerate((c["send"].click, c["msg"].submit)):  # Send is named for scripts
         first = trigger(add_user, [c["msg"], history, flag, c["conv_id"]], [c["msg"], history, chatbot, c["conv_id"]],
-                        queue=False)  # fmt: skip
+                        queue=False, api_name=None if i else "chat_add_user")  # fmt: skip
         first.then(wait, None, note, queue=False)
-        first.then(reply, gen_in, gen_out, **queue).then(*save, queue=False)
+        first.then(reply, gen_in, gen_out, api_name=None if i else "chat_respond", **queue).then(*save, queue=False)
     for trigger in (c["regen"].click, chatbot.retry):
         trigger(drop_last_reply, [history, flag], [history, chatbot], queue=False).then(
             reply, gen_in, gen_out, **queue
@@ -385,20 +386,16 @@ def _wire(ctx: StudioContext, backend, c: dict[str, Any]) -> None:
     chatbot.clear(clear_conversation, None, clear_out, queue=False)
     c["clear"].click(clear_conversation, None, clear_out, queue=False)
     c["stop_btn"].click(stop_generation, flag, None, queue=False)
-    meta = bind(_export_meta, backend)
-    c["export_md"].click(bind(export, ctx, "markdown", meta), history, c["export_file"])
-    c["export_js"].click(bind(export, ctx, "json", meta), history, c["export_file"])
+    c["export_md"].click(bind(export, ctx, "markdown"), [history, c["model"], c["engine"]], c["export_file"])
+    c["export_js"].click(bind(export, ctx, "json"), [history, c["model"], c["engine"]], c["export_file"])
     c["model"].change(bind(apply_size_defaults, backend), c["model"],
                       [c["temperature"], c["top_p"], c["max_new"], c["rep"]], queue=False)  # fmt: skip
 
 
-def _export_meta(backend) -> dict[str, str]:
-    return {"model": backend.config.model_id, "engine": backend.config.engine}
-
-
-def export(ctx, fmt, meta, hist):
+def export(ctx, fmt, hist, model_v, engine_v):
+    """This session's conversation with this session's model and engine in its metadata."""
     try:
-        return export_conversation(ctx, hist, fmt, meta())
+        return export_conversation(ctx, hist, fmt, {"model": model_v, "engine": ENGINES.get(engine_v, engine_v)})
     except ValueError as e:
         raise gr.Error(str(e)) from None
 

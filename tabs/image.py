@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from studio.context import StudioContext, Tab
+from tabs._inputs import guard_image
 from tabs._session import StopFlag, bind, waiting_note
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,20 @@ def _message(e: Exception) -> str:
 
 def _lora_choices(ctx: StudioContext) -> list[str]:
     return [str(p) for p in ctx.backends.sd_lora.list_loras()]
+
+
+def checked_model_and_loras(ctx: StudioContext, custom: str, loras: list[str]) -> None:
+    """A request may name a server path only inside the folders the owner allows: custom models in the models
+    folder or `trusted_model_dirs`, LoRAs there or among the uploaded/trained ones (outputs/loras)."""
+    from studio.safety import allowed_path
+
+    s = ctx.settings
+    c = (custom or "").strip()
+    hub_id = c.count("/") == 1 and not c.startswith((".", "/", "~")) and not Path(c).exists()
+    if c and not hub_id:
+        allowed_path(c, s.model_dirs(), what="model path")
+    for p in loras:
+        allowed_path(p, ((s.outputs_dir / "loras").resolve(), *s.model_dirs()), what="LoRA file")
 
 
 def _gallery_items(ctx: StudioContext) -> list[tuple[str, str]]:
@@ -134,6 +149,7 @@ def generate(ctx, model_v, custom_v, prompt_v, neg_v, w, h, steps_v, cfg_v, seed
     try:
         init, mask = editor_images(editor_v)
         loras = tuple(LoraChoice(str(p), float(sc)) for p, sc in ((l1, s1), (l2, s2), (l3, s3)) if p)
+        checked_model_and_loras(ctx, custom_v, [c.path for c in loras])
         req = GenerateRequest(
             prompt_v or "", negative_prompt=neg_v or "", model=(custom_v or "").strip() or model_v,
             width=int(w), height=int(h), steps=int(steps_v), guidance=float(cfg_v),
@@ -160,16 +176,22 @@ def request_stop(flag):
 def add_lora(ctx, file_v):
     if not file_v:
         return [gr.update() for _ in range(LORA_SLOTS)]
-    from studio.safety import check_upload_size, contained_path, safe_filename
+    from studio.safety import atomic_path, check_upload_size, contained_path, safe_filename, safetensors_header
 
     src = Path(file_v)
     if src.suffix.lower() != ".safetensors":
         raise gr.Error(f"{src.name}: only .safetensors LoRAs are accepted (convert .pt/.ckpt files first).")
-    check_upload_size(src, ctx.settings.max_upload_mb * 2**20)
+    try:  # checked before it is stored: a complete safetensors file whose tensors are LoRA weights
+        check_upload_size(src, ctx.settings.max_upload_mb * 2**20)
+        keys = [k for k in safetensors_header(src) if k != "__metadata__"]
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    if not any("lora" in k.lower() for k in keys):
+        raise gr.Error(f"{src.name} holds no LoRA weights (no 'lora' tensors among {len(keys)}); pick a LoRA file.")
     folder = ctx.settings.outputs_dir / "loras"
-    folder.mkdir(parents=True, exist_ok=True)
     target = contained_path(folder, safe_filename(src.stem, "lora") + ".safetensors")
-    shutil.copyfile(src, target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(src, tmp)
     choices = _lora_choices(ctx)
     return [gr.update(choices=choices, value=str(target) if i == 0 else None) for i in range(LORA_SLOTS)]
 
@@ -199,10 +221,10 @@ def _build_form(ctx: StudioContext, diffusion: Any) -> dict[str, Any]:
         batch = gr.Slider(1, 8, 1, step=1, label="Images")
         scheduler = gr.Dropdown(list(SCHEDULERS), value="Euler a", label="Scheduler")
     with gr.Accordion("Image to image / inpainting", open=False) as init_box:
-        editor = gr.ImageEditor(
+        editor = guard_image(gr.ImageEditor(
             type="pil", label="Init image (img2img); paint over what to repaint (inpainting)",
             brush=gr.Brush(colors=["#ffffff"], default_size=32, color_mode="fixed"), transforms=(), height=380,
-        )  # fmt: skip
+        ))  # fmt: skip
         strength = gr.Slider(0.05, 1.0, 0.75, step=0.05, label="Strength (how much to change)")
     with gr.Accordion("LoRAs", open=False):
         lora_upload = gr.File(label="Add a LoRA (.safetensors)", file_types=[".safetensors"])
@@ -225,7 +247,7 @@ def _build_result() -> dict[str, Any]:
         to_img2img = gr.Button("Send to img2img", size="sm")
         seed_btn = gr.Button("Reuse seed", size="sm")
     with gr.Accordion("PNG info: read the parameters of any PNG", open=False):
-        png_file = gr.Image(type="filepath", label="PNG made by the studio or AUTOMATIC1111", format="png")
+        png_file = guard_image(gr.Image(type="filepath", label="PNG made by the studio or AUTOMATIC1111", format="png"))
         png_text = gr.Textbox(label="Parameters (AUTOMATIC1111 format)", lines=4)
         png_params = gr.JSON(label="Studio parameters")
         png_to_form = gr.Button("Send parameters to the form", size="sm")

@@ -95,7 +95,7 @@ def ingest_stream(backend: Any, kb_v: str | None, new_v: str, folder_v: str, fil
 
     name = (new_v or "").strip() or kb_v or "notes"  # a typed new name wins over the selected base
     try:
-        target = backend.save_uploads(name, files) if files else folder_v
+        target = backend.save_uploads(name, files) if files else backend.check_ingest_folder(folder_v)
         job = backend.start_ingest(name, target)
     except ValueError as e:
         raise gr.Error(str(e)) from None
@@ -197,7 +197,11 @@ def _build_library(backend: Any) -> dict[str, Any]:
         new_name = gr.Textbox(label="New knowledge base", placeholder="my-notes", scale=3)
         create_btn = gr.Button("Create", scale=1)
     kb_info = gr.Markdown(kb_markdown(backend, names[0] if names else None))
-    folder = gr.Textbox(str(SAMPLE_NOTES), label="Folder to ingest (on this computer)")
+    folders = backend.ingest_choices()
+    folder = gr.Dropdown(
+        folders, value=folders[0] if folders else None, label="Folder to ingest (on the studio's computer: "
+        "data/ingest, the sample notes, or the settings' ingest_roots)",
+    )  # fmt: skip
     uploads = gr.File(label="... or upload files", file_count="multiple", type="filepath")
     with gr.Row():
         ingest_btn = gr.Button("Ingest", variant="primary")
@@ -259,20 +263,23 @@ def build(ctx: StudioContext) -> None:
     on_page_load(bind(kb_choices, backend), kb, [kb, lib["kb_info"]], queue=False)
     lib["create_btn"].click(bind(create, backend), lib["new_name"], [kb, lib["kb_info"], lib["new_name"]])
     kb.change(lambda v: kb_markdown(backend, v), kb, lib["kb_info"])
+    folder = lib["folder"]
+    folder.focus(lambda v: gr.update(choices=backend.ingest_choices(), value=v), folder, folder)
     lib["ingest_btn"].click(
-        bind(ingest, backend), [kb, lib["new_name"], lib["folder"], lib["uploads"]],
+        bind(ingest, backend), [kb, lib["new_name"], folder, lib["uploads"]],
         [job_id, kb, lib["ingest_status"], lib["ingest_notes"], lib["kb_info"]], concurrency_limit=None,
+        api_name="rag_ingest",
     )  # fmt: skip
     lib["cancel_btn"].click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
     lib["delete_btn"].click(bind(delete, backend), kb, [kb, lib["kb_info"]])
     inputs = [busy, kb, q["question"], q["mode"], q["top_k"], q["use_llm"], q["max_tokens"]]
     outputs = [q["ranking"], q["answer"], q["cited"], passages]
     events = []
-    for trigger in (q["ask_btn"].click, q["question"].submit):
+    for i, trigger in enumerate((q["ask_btn"].click, q["question"].submit)):
         trigger(bind(ask_pressed, ctx), busy, q["ranking"], queue=False)
         # always_last: pressed while an answer streams, the newest question runs next (not silently dropped)
         events.append(trigger(bind(ask, ctx, backend), inputs, outputs, trigger_mode="always_last",
-                              **ctx.queues.event_kwargs("RAG")))  # fmt: skip
+                              api_name=None if i else "rag_ask", **ctx.queues.event_kwargs("RAG")))  # fmt: skip
     q["stop_btn"].click(None, None, None, cancels=events)
 
 

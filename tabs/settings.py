@@ -1,4 +1,5 @@
-"""Settings tab: every setting with its description, editable; saved to studio.toml atomically.
+"""Settings tab: every setting with its description, editable, saved to studio.toml atomically; and the /v1 API's
+address, auth and queue.
 
 Changes are checked by the same validation as studio.toml (unknown keys and bad values refused with the same
 messages). The VRAM and RAM caps apply at once; everything else is saved and flagged "needs a restart". When the
@@ -8,6 +9,7 @@ studio is exposed (share, or a non-loopback host) the tab is read-only: a remote
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,35 @@ from tabs._session import bind
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = Path("studio.toml")  # the file `launch.py` reads by default, in the folder it starts from
+
+REFRESH_S = 2.0
+REQUEST_HEADERS = ["time", "route", "model", "status", "wait", "run", "tokens/items", "detail"]
+
+
+def _secs(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
+
+
+def api_markdown(snap: dict[str, Any]) -> str:
+    """Address, auth and queue lengths of the OpenAI-compatible API (keys are never shown)."""
+    if not snap["enabled"]:
+        reason = snap["closed_reason"] or "turned off (api_enabled = false)"
+        return f"### OpenAI-compatible API\n**Closed:** {reason}"
+    queues = " · ".join(f"{n}: {q['running']} running, {q['waiting']} waiting" for n, q in snap["queues"].items())
+    address = snap["address"] or "(starts with the server)"
+    return (
+        f"### OpenAI-compatible API\nBase URL **`{address}`** · API key: **{snap['auth']}** · queue bound "
+        f"{snap['max_waiting']} waiting per kind\n\n{queues}"
+    )
+
+
+def request_rows(snap: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for r in snap["recent"]:
+        when = time.strftime("%H:%M:%S", time.localtime(r["arrived"]))
+        rows.append([when, r["route"], r["model"], r["status"], _secs(r["wait_s"]), _secs(r["run_s"]),
+                     str(r["tokens"]), r["detail"]])  # fmt: skip
+    return rows
 
 
 def _text(value: Any) -> str:
@@ -81,6 +112,16 @@ def build(ctx: StudioContext, config_file: Path = CONFIG_FILE) -> None:
     report = gr.Markdown("")
     if editable:
         save.click(bind(save_settings, ctx, config_file), boxes, report)
+    snap = ctx.api.snapshot()
+    api_md = gr.Markdown(api_markdown(snap))
+    gr.Markdown("Recent API requests (newest first): time waiting in the queue and running.")
+    requests = gr.Dataframe(request_rows(snap), headers=REQUEST_HEADERS, interactive=False, wrap=True)
+
+    def tick():
+        snap = ctx.api.snapshot()
+        return api_markdown(snap), request_rows(snap)
+
+    gr.Timer(REFRESH_S).tick(tick, outputs=[api_md, requests], show_progress="hidden", queue=False)
 
 
 TAB = Tab("Settings", build)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from studio.context import StudioContext, Tab
+from tabs._inputs import guard_image
 
 IMG_SIZES = [320, 416, 480, 640, 800, 960, 1280]
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
@@ -33,21 +34,27 @@ def _build_models(ctx: StudioContext, det: Any) -> Any:
         model = gr.Dropdown(_model_choices(det), value="yolov8s-person", label="Model", scale=4)
         refresh = gr.Button("Refresh list", size="sm", scale=1)
     with gr.Accordion("Load your own .pt weights", open=False):
-        gr.Markdown(f"⚠️ {TRUST_WARNING} The studio loads your own trainings (below) without asking.")
+        gr.Markdown(
+            f"⚠️ {TRUST_WARNING} Put the file in one of those folders on the studio's computer, then pick it here. "
+            "The studio loads your own trainings (below) without asking."
+        )
         with gr.Row():
-            path = gr.Textbox(label="Path to a .pt file on this computer", scale=4)
-            trusted = gr.Checkbox(label="I trust this file", value=False, scale=1)
+            path = gr.Dropdown([], label=".pt file in a trusted folder", scale=4)
+            find = gr.Button("Find files", scale=1)
             add = gr.Button("Add", scale=1)
 
-    def add_file(p: str, ok: bool):
+    def add_file(p: str | None):
+        if not p:
+            raise gr.Error("Choose a .pt file first (press 'Find files' to list the trusted folders).")
         try:
-            entry = det.add_trusted_weights(p.strip(), trusted=ok)
+            entry = det.add_trusted_weights(p)
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
         return gr.update(choices=_model_choices(det), value=entry.id)
 
+    find.click(lambda: gr.update(choices=[str(f) for f in det.trusted_files()], value=None), None, path)
     refresh.click(lambda: gr.update(choices=_model_choices(det)), None, model)
-    add.click(add_file, [path, trusted], model)
+    add.click(add_file, path, model, api_name="vision_add_weights")
     return model
 
 
@@ -88,7 +95,7 @@ def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
 
     with gr.Row():
         # a file path, so a truncated upload reaches our decoder and its clear message (Gradio's would be generic)
-        image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
+        image = guard_image(gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"]))
         annotated = gr.Image(type="numpy", label="Detections", interactive=False)
     detect = gr.Button("Detect", variant="primary")
     summary = gr.Markdown()

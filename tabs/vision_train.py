@@ -17,13 +17,16 @@ LOSSES = ("box_loss", "cls_loss", "dfl_loss")
 MAPS = ("map50", "map50_95")
 
 
-def _source(zip_path: str | None, folder: str | None) -> Path:
+def _source(det: Any, zip_path: str | None, folder: str | None) -> Path:
     import gradio as gr
 
     if zip_path:
         return Path(zip_path)
     if folder and folder.strip():
-        return Path(folder.strip()).expanduser()
+        try:
+            return det.check_dataset_folder(folder)  # only folders the owner's settings allow
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
     raise gr.Error("Give the dataset: upload a .zip or type a folder path.")
 
 
@@ -69,7 +72,7 @@ def validate(det: Any, zp, fd):
     import gradio as gr
 
     try:
-        report = det.check_dataset(_source(zp, fd))
+        report = det.check_dataset(_source(det, zp, fd))
     except USER_ERRORS as e:
         raise gr.Error(str(e)) from None
     return report.markdown(), sum(s.images for s in report.splits.values())
@@ -82,7 +85,7 @@ def suggest_fn(det: Any, n, base_id):
 
 def start(det: Any, zp, fd, *vals):
     keys = ("base", "epochs", "imgsz", "batch", "patience", "seed", "augment", "amp")
-    return _start(det, _source(zp, fd), dict(zip(keys, vals, strict=True)))
+    return _start(det, _source(det, zp, fd), dict(zip(keys, vals, strict=True)))
 
 
 def poll(ctx: StudioContext, det: Any, jid):
@@ -118,7 +121,7 @@ def _build_dataset() -> dict[str, Any]:
     )
     with gr.Row():
         zip_file = gr.File(file_types=[".zip"], type="filepath", label="Dataset .zip")
-        folder = gr.Textbox(label="…or a dataset folder on this computer")
+        folder = gr.Textbox(label="…or a dataset folder on the studio's computer (under data/ingest or ingest_roots)")
     with gr.Row():
         check = gr.Button("Validate dataset")
         sample = gr.Button("Use a sample dataset (synthetic shapes, 60 images)")

@@ -38,7 +38,7 @@ def handlers(ctx):
 
 def call_transcribe(fns, audio=None, video=None, session="s1", **kw):
     args = dict(model_v="whisper-tiny.en", lang_v="auto", vad_v=True, words_v=False, batched_v=False, diar_v=False,
-                n_v=0, engine_v="offline", src_v="", trust_v=False)  # fmt: skip
+                n_v=0, engine_v="offline", src_v="")  # fmt: skip
     args.update(kw)
     from tabs._session import StopFlag
 
