@@ -90,7 +90,8 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["test"]:
         cmd = [str(venv_python()), "-m", "pytest", *argv[1:]]
         return subprocess.call(cmd, cwd=ROOT, env=child_env(offline=True))
-    offline = "--offline" in argv or os.environ.get("HF_HUB_OFFLINE") == "1"
+    # --help prints usage at once: no network probe (and nothing else) before it
+    offline = "--offline" in argv or os.environ.get("HF_HUB_OFFLINE") == "1" or bool({"-h", "--help"} & set(argv))
     if not offline and not hub_reachable():
         say("the Hugging Face Hub is unreachable: starting offline with the models already on this machine")
         offline = True

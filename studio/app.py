@@ -126,8 +126,32 @@ def load_tabs(modules: tuple[str, ...] = TAB_MODULES) -> list[Tab | tuple[str, E
     return tabs
 
 
+def quiet_user_errors() -> None:
+    """A gr.Error is a user mistake whose message says the fix: log it as one line, without a traceback.
+
+    Gradio prints the full traceback of every gr.Error unless it was raised with print_exception=False; the tabs
+    raise plenty of them ("Choose a knowledge base first"), so the default flips here, once, for the whole app.
+    Real failures are not gr.Error and keep their tracebacks (the tabs also log them with log.exception).
+    """
+    import gradio.exceptions as gx
+
+    init = gx.Error.__init__
+    if getattr(init, "_studio_quiet", False):
+        return
+
+    def __init__(self, message="Error raised.", duration=10, visible=True, title="Error", print_exception=False):
+        init(self, message, duration, visible, title, print_exception)
+        if not print_exception:
+            logging.getLogger("studio.user").info("refused: %s", " ".join(str(message).split())[:300])
+
+    __init__._studio_quiet = True  # type: ignore[attr-defined]
+    gx.Error.__init__ = __init__
+
+
 def build_app(ctx: StudioContext) -> gr.Blocks:
     import gradio as gr
+
+    quiet_user_errors()
 
     with gr.Blocks(title="OneCard Studio", analytics_enabled=False) as demo:
         gr.Markdown("# OneCard Studio\nOne GPU, every local AI tool. Models load and unload themselves.")
@@ -192,7 +216,11 @@ def _term_as_interrupt(signum: int, frame: object) -> None:
 
 
 def parse_args(argv: list[str]) -> dict:
-    p = argparse.ArgumentParser(prog="launch.py", description="Start OneCard Studio.")
+    p = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Start OneCard Studio.",
+        epilog="python launch.py test [pytest args] runs the tests. Settings: studio.toml < STUDIO_* env < flags.",
+    )
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--share", action="store_true", default=None, help="public share link (needs --auth-file)")
@@ -210,7 +238,9 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from studio.logs import setup_logging
+
+    setup_logging()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config = args.pop("config")
     try:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from backends.tinylm import TinyLMBackend
     from backends.vision import DetectionBackend
     from backends.vlm import VLMBackend
+    from studio.waiting import WorkQueues
 
 T = TypeVar("T")
 
@@ -109,10 +110,14 @@ class Backends:
 @dataclass
 class StudioContext(Services):
     backends: Backends = field(init=False)
+    queues: WorkQueues = field(init=False)  # queue ids for device-bound events, and who holds each one
     _api: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
+        from studio.waiting import WorkQueues
+
         self.backends = Backends(self)
+        self.queues = WorkQueues(has_gpu=getattr(self.residency, "device", "cpu") == "cuda")
 
     @property
     def api(self) -> Any:

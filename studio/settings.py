@@ -217,6 +217,10 @@ def load_settings(
             raise SettingsError(f"Unknown setting '{key}'.{_suggest(key)}")
         if value is not None:
             values[key] = value
+    return _validated(values)
+
+
+def _validated(values: dict[str, Any]) -> Settings:
     try:
         return Settings(**values)
     except ValidationError as e:
@@ -224,3 +228,44 @@ def load_settings(
             f"{'.'.join(str(p) for p in err['loc'])} = {err.get('input')!r}: {err['msg']}" for err in e.errors()
         )
         raise SettingsError(f"Invalid setting: {problems}") from None
+
+
+# Settings the running studio applies at once (the residency caps); every other change needs a restart.
+LIVE_KEYS = frozenset({"vram_cap_gb", "ram_cap_gb"})
+
+
+def with_changes(current: Settings, changes: dict[str, Any]) -> Settings:
+    """`current` with `changes` applied, refused with the same messages as studio.toml ('' means unset)."""
+    for key in changes:
+        if key not in Settings.model_fields:
+            raise SettingsError(f"Unknown setting '{key}'.{_suggest(key)}")
+    values = current.model_dump()
+    values.update({k: (None if v == "" else v) for k, v in changes.items()})
+    return _validated(values)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if any(ord(ch) < 32 for ch in str(v)):
+        raise SettingsError(f"{str(v)!r}: control characters (newlines, tabs) are not allowed in a setting.")
+    text = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def save_toml(path: Path, settings: Settings, keys: list[str]) -> None:
+    """Write `keys` of `settings` into the TOML file (other keys in it kept), atomically; None removes a key."""
+    from studio.safety import atomic_write_text
+
+    values = _toml_values(path) if path.is_file() else {}
+    for key in keys:
+        value = getattr(settings, key)
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+    lines = ["# OneCard Studio settings (edited in the Settings tab; STUDIO_* variables and flags still win)"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    atomic_write_text(path, "\n".join(lines) + "\n")

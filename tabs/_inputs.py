@@ -16,14 +16,24 @@ def guard_image(component: Any) -> Any:
     original = component.preprocess
 
     def preprocess(payload: Any) -> Any:
-        path = getattr(payload, "path", None)
-        if path and not str(getattr(payload, "url", "") or "").startswith("data:"):
-            try:
-                check_image_file(path)
-            except ValueError as e:
-                shown = getattr(payload, "orig_name", None) or Path(path).name
-                raise gr.Error(str(e).replace(Path(path).name, shown)) from None
+        for item in _files(payload):
+            path = getattr(item, "path", None)
+            if path and not str(getattr(item, "url", "") or "").startswith("data:"):
+                try:
+                    check_image_file(path)
+                except ValueError as e:
+                    shown = getattr(item, "orig_name", None) or Path(path).name
+                    raise gr.Error(str(e).replace(Path(path).name, shown)) from None
         return original(payload)
 
     component.preprocess = preprocess
     return component
+
+
+def _files(payload: Any) -> list[Any]:
+    """The uploaded files of an Image payload (itself) or an ImageEditor payload (background, layers, composite)."""
+    if payload is None:
+        return []
+    if hasattr(payload, "background"):  # gr.ImageEditor's EditorData
+        return [payload.background, *(getattr(payload, "layers", None) or []), getattr(payload, "composite", None)]
+    return [payload]

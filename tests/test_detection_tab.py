@@ -40,7 +40,8 @@ def test_detect_validate_and_errors_through_the_ui(client, ctx, tmp_path):
     from PIL import Image
 
     assert Image.open(img).size == (810, 1080)  # the annotated image came back
-    assert summary.startswith(f"{len(table['data'])} objects") and len(table["data"]) >= 3
+    assert summary.startswith(f"**Found {len(table['data'])} Normal**") and len(table["data"]) >= 3
+    assert "classes of this model: Normal, Fall" in summary and "people" in summary  # not COCO: said with the result
     assert {row[0] for row in table["data"]} == {"Normal"}
     assert len(json.loads(Path(json_file).read_text())["boxes"]) == len(table["data"])
 
@@ -60,3 +61,19 @@ def test_detect_validate_and_errors_through_the_ui(client, ctx, tmp_path):
         c.predict(None, str(ds), "yolov8s-person", 1, 64, 2, 1, 0, True, False, api_name="/vision_train")
     with pytest.raises(AppError, match=r"not allowed|outside the folders"):
         c.predict(None, str(tmp_path), api_name="/vision_validate")  # any other server folder is refused
+
+
+def test_labels_stay_inside_the_image_and_the_sample_dataset_is_valid(ctx):
+    import numpy as np
+
+    from backends.vision import Box
+    from backends.vision.detection import draw_boxes
+
+    img = draw_boxes(np.zeros((100, 200, 3), np.uint8), [Box(0, "Normal", 0.9, 150, 0, 199, 60)])
+    top_right = img[:10, 120:200].reshape(-1, 3)
+    assert (top_right == (255, 56, 56)).all(axis=1).any()  # the label box is drawn, inside the frame
+    det = ctx.backends.detection
+    root = det.make_sample_dataset(n_train=6, n_val=2)
+    report = det.check_dataset(root)
+    assert "— valid" in report.markdown() and det.make_sample_dataset() == root  # made once, reused
+    assert det.check_dataset_folder(root) == root.resolve()  # the Train button accepts the sample's folder

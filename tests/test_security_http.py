@@ -444,8 +444,13 @@ def test_rag_ingests_only_allowed_folders(exposed):
 def test_one_sessions_engine_is_its_own(exposed):
     """Alice's engine settings serve only Alice's requests (the shared default stays the in-process model)."""
     alice = exposed.cookies["alice"]
-    assert gradio_call(exposed.port, "chat_add_user", ["secret plan", None], cookie=alice, session="A")[0] == "ok"
-    args = [None, "smollm2-135m", "OpenAI-compatible server", exposed.stub.url, "m", "sk-alice", 4096, "", 0.7, 0.95,
+    # wire inputs: chat_add_user (message, history, stop flag, conversation id); chat_respond (history, stop flag,
+    # then the 12 engine and generation settings); the gr.State ones are sent as None, the session holds them
+    assert (
+        gradio_call(exposed.port, "chat_add_user", ["secret plan", None, None, None], cookie=alice, session="A")[0]
+        == "ok"
+    )
+    args = [None, None, "smollm2-135m", "OpenAI-compatible server", exposed.stub.url, "m", "sk-alice", 4096, "", 0.7, 0.95,
             16, 1.0, ""]  # fmt: skip
     result, out = gradio_call(exposed.port, "chat_respond", args, cookie=alice, session="A")
     assert result == "ok" and "stub says hi" in json.dumps(out), out
@@ -456,8 +461,11 @@ def test_one_sessions_engine_is_its_own(exposed):
 def test_another_sessions_rag_answer_does_not_reach_the_first_sessions_engine(exposed):
     alice, bob = exposed.cookies["alice"], exposed.cookies["bob"]
     # Alice chats through her own OpenAI-compatible server with her key ...
-    assert gradio_call(exposed.port, "chat_add_user", ["secret plan", None], cookie=alice, session="A")[0] == "ok"
-    args = [None, "smollm2-135m", "OpenAI-compatible server", exposed.stub.url, "m", "sk-alice", 4096, "", 0.7, 0.95,
+    assert (
+        gradio_call(exposed.port, "chat_add_user", ["secret plan", None, None, None], cookie=alice, session="A")[0]
+        == "ok"
+    )
+    args = [None, None, "smollm2-135m", "OpenAI-compatible server", exposed.stub.url, "m", "sk-alice", 4096, "", 0.7, 0.95,
             16, 1.0, ""]  # fmt: skip
     result, out = gradio_call(exposed.port, "chat_respond", args, cookie=alice, session="A")
     assert result == "ok" and "stub says hi" in json.dumps(out), out
@@ -469,7 +477,7 @@ def test_another_sessions_rag_answer_does_not_reach_the_first_sessions_engine(ex
     result, out = gradio_call(exposed.port, "rag_ingest", [None, "bobs", str(SAMPLE_NOTES.resolve()), None], cookie=bob,
                               session="B")  # fmt: skip
     assert result == "ok" and "done" in json.dumps(out), out
-    result, out = gradio_call(exposed.port, "rag_ask", ["bobs", "How much water goes into the dough?",
+    result, out = gradio_call(exposed.port, "rag_ask", [None, "bobs", "How much water goes into the dough?",
                               "hybrid (vector + BM25)", 2, True, 16], cookie=bob, session="B")  # fmt: skip
     assert result == "ok", out
     assert len(exposed.stub.calls) == n and "dough" not in json.dumps(exposed.stub.calls)
@@ -477,8 +485,8 @@ def test_another_sessions_rag_answer_does_not_reach_the_first_sessions_engine(ex
 
 def test_offline_no_chat_request_leaves_the_machine(exposed):
     cookie = exposed.cookies["alice"]
-    assert gradio_call(exposed.port, "chat_add_user", ["hi", None], cookie=cookie, session="C")[0] == "ok"
-    args = [None, "smollm2-135m", "OpenAI-compatible server", "http://10.255.255.1:8000/v1", "m", "k", 4096, "", 0.7,
+    assert gradio_call(exposed.port, "chat_add_user", ["hi", None, None, None], cookie=cookie, session="C")[0] == "ok"
+    args = [None, None, "smollm2-135m", "OpenAI-compatible server", "http://10.255.255.1:8000/v1", "m", "k", 4096, "", 0.7,
             0.95, 16, 1.0, ""]  # fmt: skip
     result, detail = gradio_call(exposed.port, "chat_respond", args, cookie=cookie, session="C", timeout=30)
     assert result == "error" and "no request leaves" in detail, detail

@@ -252,9 +252,11 @@ class _Run:
         return dict(
             language=self.language,
             beam_size=self.opts.beam_size,
-            # Without VAD a window can open on long silence, and Whisper's segment times are then coarse (the
-            # first one snaps to 0); word alignment fixes them, so it runs even when words are not asked for.
-            word_timestamps=self.opts.word_timestamps or not self.opts.vad,
+            # Word alignment always runs: without VAD a window can open on long silence and Whisper's segment
+            # times are then coarse (the first one snaps to 0), and the words' probabilities give each segment its
+            # own confidence (Whisper's avg_logprob / no_speech_prob are per 30-s decoding window, so every
+            # segment of one window had the same values). Words are kept only when asked for.
+            word_timestamps=True,
             condition_on_previous_text=False,  # windows are independent: no runaway repetition across them
             vad_filter=False,  # the windows are already VAD-cut (or deliberately not)
         )
@@ -313,9 +315,21 @@ def _segment(seg: Any, offset: float, keep_words: bool) -> Segment:
         end=round(seg.end + offset, 3),
         text=seg.text.strip(),
         words=words,
-        avg_logprob=float(seg.avg_logprob),
+        avg_logprob=segment_logprob(seg),
         no_speech_prob=float(seg.no_speech_prob),
     )
+
+
+def segment_logprob(seg: Any) -> float:
+    """Mean log-probability of this segment's own words; the window's avg_logprob when there are no words.
+
+    faster-whisper reports `avg_logprob` once per 30-s decoding window (the sum over all its tokens), so every
+    segment of that window shares it; the aligned words' probabilities are per segment.
+    """
+    probs = [float(w.probability) for w in (seg.words or ()) if w.probability is not None]
+    if not probs:
+        return round(float(seg.avg_logprob), 4)
+    return round(float(np.mean(np.log(np.clip(probs, 1e-6, 1.0)))), 4)
 
 
 class _lease:

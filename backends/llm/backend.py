@@ -14,13 +14,21 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.llm.adapters import AdapterError, AdapterState, check_adapter_folder, delete_from, find_adapters
-from backends.llm.generate import GenerationOptions, GenerationStats, build_prompt, stream_tokens
+from backends.llm.generate import (
+    GenerationOptions,
+    GenerationStats,
+    build_prompt,
+    options_for_size,
+    params_from_name,
+    stream_tokens,
+)
 from backends.llm.models import (
     ModelNotAvailable,
     ModelSource,
@@ -59,7 +67,7 @@ PRECISIONS = ("auto", "int4", "nf4", "16bit")
 __all__ = [
     "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
     "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "check_messages", "create",
-    "parse_tool_calls",
+    "options_for_size", "parse_tool_calls",
 ]  # fmt: skip
 
 
@@ -95,11 +103,12 @@ class ChatUpdate:
     tool_calls: tuple[ToolCall, ...] = ()  # on the last update, when the model called tools
 
 
-def check_messages(messages: list[dict[str, Any]]) -> None:
+def check_messages(messages: list[dict[str, Any]], *, continuing: bool = False) -> None:
     """Refuse malformed conversations with a message that names the bad value.
 
     Besides system/user/assistant text turns, an assistant turn may carry `tool_calls` (content then may be None)
-    and a `tool` turn gives a call's result; the conversation ends with the user or a tool result."""
+    and a `tool` turn gives a call's result; the conversation ends with the user or a tool result, or with
+    `continuing`, with the assistant's unfinished reply, to be continued."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("No messages: type a message first.")
     for i, m in enumerate(messages):
@@ -109,6 +118,10 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
             raise ValueError(f"Message {i} is malformed ({m!r}): expected {{'role': one of {ROLES}, 'content': str}}.")
         if "\x00" in (m["content"] or ""):
             raise ValueError(f"Message {i} contains a null byte (\\x00); remove it and send again.")
+    if continuing:
+        if messages[-1]["role"] != "assistant" or not isinstance(messages[-1]["content"], str) or len(messages) < 2:
+            raise ValueError("Nothing to continue: the last message is not a reply from the assistant.")
+        return
     if messages[-1]["role"] not in ("user", "tool"):
         raise ValueError("The last message must be from the user (or a tool result).")
     if messages[-1]["role"] == "user" and not messages[-1]["content"].strip():
@@ -162,6 +175,32 @@ class LLMBackend:
                 f"The engine host {host!r} is not allowed; the studio's owner can add it to remote_engine_hosts "
                 f"(allowed now: {', '.join(s.remote_engine_hosts) or 'none'})."
             )
+
+    def recommended_options(self, model_id: str | None = None, **overrides: Any) -> GenerationOptions:
+        """Sampling defaults for the model's size (small models: low temperature, repetition penalty, short max)."""
+        model_id = model_id or self._config.model_id
+        try:
+            name = f"{model_id} {self.ctx.catalog.get(model_id).title}"
+        except KeyError:
+            name = model_id
+        return options_for_size(params_from_name(name), **overrides)
+
+    def load_note(self, config: LLMConfig | None = None) -> str:
+        """'' when `config`'s model (default: the backend's) is loaded; else what the first reply waits for
+        ('first time: converting, ~30 s')."""
+        c = config or self._config
+        if c.engine == "openai":
+            return ""
+        try:
+            src = self._source(c.model_id, c.precision)
+        except (ValueError, OSError):
+            return ""  # chat() raises the clear message
+        loaded = {m.key for m in self.ctx.residency.snapshot().models if m.tier != "disk"}
+        if src.key in loaded:
+            return ""
+        if src.is_gguf and not converted_dir(self.ctx.settings.cache_dir, src.key).joinpath("config.json").is_file():
+            return f"Loading {src.title} (first time: converting the GGUF file to safetensors, ~30 s, longer on a busy CPU)…"
+        return f"Loading {src.title}…"
 
     def chat_models(self) -> list[tuple[Any, bool]]:
         """(ModelSpec, present on this machine) for every chat model of the catalog."""
@@ -217,28 +256,40 @@ class LLMBackend:
         tool_choice: Any = "auto",
         model: str | None = None,
         reply_prefix: str = "",
+        continuing: bool = False,
     ) -> Iterator[ChatUpdate]:
         """Stream the assistant's reply to `messages` (the last one from the user or a tool), with `config` (one
         session's engine, URL, key and model) or the backend's default; no call changes what another call uses.
 
         `tools` (OpenAI JSON-schema dicts) go to the model's chat template; the last update then carries the parsed
         `tool_calls` (finish_reason "tool_calls"). `model` picks another chat model than the configured one for
-        this reply; `reply_prefix` is prefilled as the start of the reply (and is part of its text). The stream may
-        be stepped on any thread and closed from another one (Gradio's Stop): closing stops the running step within
-        a token."""
+        this reply; `reply_prefix` is prefilled as the start of the reply (and is part of its text). `continuing`:
+        the last message is an assistant reply; generation goes on from its end (Continue: it becomes the
+        reply_prefix), and every update's text includes it. The stream may be stepped on any thread and closed
+        from another one (Gradio's Stop): closing stops the running step within a token."""
         return SafeStream(
-            lambda stop: self._chat(messages, options, stop, config, tools, tool_choice, model, reply_prefix), cancel
+            lambda stop: self._chat(
+                messages, options, stop, config, tools, tool_choice, model, reply_prefix, continuing
+            ),
+            cancel,
         )
 
-    def _chat(self, messages, options, cancel, config, tools, tool_choice, model, reply_prefix):
+    def _chat(self, messages, options, cancel, config, tools, tool_choice, model, reply_prefix, continuing=False):
+        t0 = time.perf_counter()
         opts = options or GenerationOptions()
         c = config or self._config
-        check_messages(messages)
+        if continuing:  # Continue: the unfinished reply is the prefix the model goes on from
+            check_messages(messages, continuing=True)
+            messages, reply_prefix = messages[:-1], messages[-1]["content"] + reply_prefix
+        else:
+            check_messages(messages)
         tools = check_tools(tools) if tools else None
         choice = check_tool_choice(tool_choice, tools) if tools else "none"
         if opts.system_prompt.strip() and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": opts.system_prompt}, *messages]
         if c.engine == "openai":
+            if continuing:
+                raise ValueError("Continue works with the in-process engine only; send a message instead.")
             if tools:
                 raise ToolsNotSupported("Tool calling goes to in-process models; the remote engine does not relay it.")
             self.check_remote(c)
@@ -261,7 +312,7 @@ class LLMBackend:
         def prompt(budget: int) -> tuple[list[int], str]:
             return build_prompt(tok, msgs, budget, tools=tools if stream else None, prefix=reply_prefix)
 
-        yield from self._generate_local(c, src, tok, prompt, opts, cancel, reply_prefix, stream)
+        yield from self._generate_local(c, src, tok, prompt, opts, cancel, reply_prefix, stream, t0)
 
     def complete_text(
         self,
@@ -314,19 +365,22 @@ class LLMBackend:
         self.last_decoder = stats.decoder
         yield ChatUpdate(text, done=True, stats=stats)
 
-    def _generate_local(self, c: LLMConfig, src, tok, prompt, opts, cancel, prefix: str, tools: ToolStream | None):
-        """Lease the model, build the prompt within its context, stream tokens; tool text goes through `tools`."""
+    def _generate_local(self, c: LLMConfig, src, tok, prompt, opts, cancel, prefix: str, tools: ToolStream | None,
+                        t0: float | None = None):  # fmt: skip
+        """Lease the model, build the prompt within its context, stream tokens; tool text goes through `tools`.
+        `t0`: when the request started (the stats' load_s counts conversion and loading from there)."""
         from backends.llm.int4 import weight_format
 
+        t0 = time.perf_counter() if t0 is None else t0
         working = kv_cache_bytes(self.model_folder(src), c.max_context_tokens)
         with self._generation_slot(), self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
             limit = min(c.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
             ids, note = prompt(limit - opts.max_new_tokens)
             if note:
-                yield ChatUpdate("", note=note)
+                yield ChatUpdate(prefix if tools is None else "", note=note)
             decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit, c.fast_decode)
-            stats = GenerationStats(notes=[note] if note else [])
+            stats = GenerationStats(notes=[note] if note else [], load_s=time.perf_counter() - t0)
             text = prefix
             if prefix and tools is None:
                 yield ChatUpdate(text, prefix)

@@ -50,6 +50,36 @@ class GenerationOptions:
             raise ValueError("The system prompt contains a null byte (\\x00); remove it.")
 
 
+# Sampling defaults by model size, like LM Studio's and text-generation-webui's presets: a model under ~1B
+# parameters drifts into another language or loops at temperature 0.7 (SmolLM2-135M: French gibberish in about half
+# the tries even at 0.2; greedy says "Paris" every time), so it decodes greedily with a repetition penalty and a
+# shorter reply; big models keep the usual creative settings.
+SIZE_PRESETS = (  # (up to this many billion parameters, temperature, top_p, repetition penalty, max new tokens)
+    (1.0, 0.0, 0.9, 1.1, 256),
+    (4.0, 0.5, 0.9, 1.1, 512),
+    (float("inf"), 0.7, 0.95, 1.05, 1024),
+)
+
+
+def options_for_size(params_b: float | None, **overrides: Any) -> GenerationOptions:
+    """Recommended GenerationOptions for a model of `params_b` billion parameters (None: the middle preset)."""
+    size = 2.0 if params_b is None else params_b
+    _, temp, top_p, rep, max_new = next(p for p in SIZE_PRESETS if size <= p[0])
+    values = {"temperature": temp, "top_p": top_p, "repetition_penalty": rep, "max_new_tokens": max_new}
+    return GenerationOptions(**(values | overrides))
+
+
+def params_from_name(name: str) -> float | None:
+    """'SmolLM2-135M-Instruct' -> 0.135, 'Llama-3.1-8B' -> 8.0 (billions); None when the name does not say."""
+    import re
+
+    found = re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)\s*([mMbB])(?![a-zA-Z])", name.replace("_", "-"))
+    if not found:
+        return None
+    value, unit = found[-1]
+    return float(value) / (1000 if unit in "mM" else 1)
+
+
 @dataclass
 class TextDelta:
     delta: str
@@ -66,6 +96,7 @@ class GenerationStats:
     total_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stop_string" | "cancelled"
     decoder: str = ""
+    load_s: float = 0.0  # before the first token could be computed: conversion, load, move to the GPU
     weights: str = ""  # the model's weight format ("int4", "nf4", "bfloat16", ...), shown in the Chat stats line
     notes: list[str] = field(default_factory=list)
 

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.rag.answer import AnswerUpdate, Passage, SearchResult, build_messages, check_question, cited_numbers
+from backends.rag.answer import (
+    AnswerUpdate,
+    Passage,
+    SearchResult,
+    build_messages,
+    check_question,
+    cited_numbers,
+    cut_repetition,
+)
 from backends.rag.chunk import ChunkOptions
 from backends.rag.indexer import Indexer, IngestReport
 from backends.rag.ingest import resolve_folder
@@ -357,14 +365,17 @@ class RAGBackend:
         yield AnswerUpdate("", result, note=note or "retrieved; the chat model is writing the answer ...")
         text = ""
         try:
-            from backends.llm import GenerationOptions
-
             if self._llm is None:
                 raise RuntimeError("no chat model is configured")
             llm = self._llm()
-            opts = GenerationOptions(temperature=0.0, max_new_tokens=max_new_tokens)
+            # greedy, with the model's size-based repetition penalty; a sentence that comes back ends the answer
+            opts = llm.recommended_options(temperature=0.0, max_new_tokens=max_new_tokens)
             for update in llm.chat(messages, opts, cancel=cancel):
                 text = update.text
+                cut = cut_repetition(text)
+                if cut is not None:
+                    text = cut
+                    break
                 yield AnswerUpdate(text, result, note=note, cited=cited_numbers(text, used), llm_used=True)
         except Exception as e:  # any LLM failure falls back to the passages, with the reason shown
             log.warning("rag answer: chat model failed (%s: %s)", type(e).__name__, e)

@@ -289,6 +289,16 @@ class DetectionBackend:
 
         return suggest_settings(self.ctx, n_images, self.get_model(base_model_id))
 
+    def make_sample_dataset(self, n_train: int = 48, n_val: int = 12) -> Path:
+        """A synthetic circles/squares/triangles dataset (exact labels) to try training on: its folder (under
+        data/ingest, so the dataset-folder check of `check_dataset_folder` accepts it)."""
+        from backends.vision.synth import make_synthetic_dataset
+
+        root = self.ctx.settings.data_dir / "ingest" / "vision-sample-shapes"
+        if not (root / "data.yaml").is_file():
+            make_synthetic_dataset(root, n_train=n_train, n_val=n_val, imgsz=160, seed=0)
+        return root
+
     def check_dataset_folder(self, folder: str | Path) -> Path:
         """A dataset folder a request named, if the settings' data roots hold it (never models, cache, config)."""
         s = self.ctx.settings
@@ -330,9 +340,40 @@ def _result(res: Any, model_id: str, ms: float) -> DetectionResult:
         cls = res.boxes.cls.cpu().numpy().astype(int)
         for (x1, y1, x2, y2), c, k in zip(xyxy, conf, cls, strict=True):
             boxes.append(Box(int(k), str(names[int(k)]), float(c), float(x1), float(y1), float(x2), float(y2)))
-    annotated = np.ascontiguousarray(res.plot()[..., ::-1])  # plot() draws on BGR
+    annotated = draw_boxes(np.ascontiguousarray(res.orig_img[..., ::-1]), boxes)  # orig_img is BGR
     h, w = res.orig_shape
     return DetectionResult(boxes, annotated, int(w), int(h), model_id, ms)
+
+
+PALETTE = ((255, 56, 56), (56, 56, 255), (255, 157, 151), (255, 112, 31), (72, 249, 10), (0, 194, 255))
+
+
+def draw_boxes(rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """Boxes with 'class 0.87' labels kept inside the image: above the box when there is room, else inside it,
+    and shifted left at the right edge (Ultralytics' plot() cuts them off at the border)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    size = max(12, round(min(img.size) / 40))
+    try:
+        import matplotlib
+
+        font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        font = ImageFont.load_default()
+    line = max(2, size // 6)
+    for b in boxes:
+        colour = PALETTE[b.class_id % len(PALETTE)]
+        draw.rectangle((b.x1, b.y1, b.x2, b.y2), outline=colour, width=line)
+        text = f"{b.name} {b.confidence:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 6, bottom - top + 6
+        x = min(max(0.0, b.x1), max(0.0, img.width - tw))
+        y = b.y1 - th if b.y1 - th >= 0 else min(b.y1, img.height - th)
+        draw.rectangle((x, y, x + tw, y + th), fill=colour)
+        draw.text((x + 3, y + 3 - top), text, fill=(255, 255, 255), font=font)
+    return np.asarray(img)
 
 
 def result_json(result: DetectionResult) -> str:
