@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,15 +90,39 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["test"]:
         cmd = [str(venv_python()), "-m", "pytest", *argv[1:]]
         return subprocess.call(cmd, cwd=ROOT, env=child_env(offline=True))
-    offline = "--offline" in argv or os.environ.get("HF_HUB_OFFLINE") == "1"
+    # --help prints usage at once: no network probe (and nothing else) before it
+    offline = "--offline" in argv or os.environ.get("HF_HUB_OFFLINE") == "1" or bool({"-h", "--help"} & set(argv))
     if not offline and not hub_reachable():
         say("the Hugging Face Hub is unreachable: starting offline with the models already on this machine")
         offline = True
     cmd = [str(venv_python()), "-m", "studio.app", *argv]
+    return run_forwarding_signals(cmd, cwd=ROOT, env=child_env(offline))
+
+
+def run_forwarding_signals(cmd: list[str], **popen: object) -> int:
+    """Run the studio as a child and pass Ctrl+C / SIGTERM / SIGHUP on to it exactly once each, then wait for it
+    to save and exit: the child has its own session, so a terminal's Ctrl+C reaches it only through us."""
+    if os.name != "nt":
+        popen["start_new_session"] = True
+    proc = subprocess.Popen(cmd, **popen)  # type: ignore[call-overload]
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    wanted = [getattr(signal, n) for n in names if hasattr(signal, n)]
+
+    def forward(signum: int, frame: object) -> None:
+        if proc.poll() is None:
+            say(f"passing {signal.Signals(signum).name} to the studio; waiting for it to save and exit")
+            proc.send_signal(signal.SIGINT if signum == getattr(signal, "SIGHUP", None) else signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in wanted}
     try:
-        return subprocess.call(cmd, cwd=ROOT, env=child_env(offline))
-    except KeyboardInterrupt:
-        return 130
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # Windows: the console's Ctrl+C reached the child as well
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -252,7 +252,10 @@ class TinyLMBackend:
         text = load_corpus(list(opts.works))
         tok = CharTokenizer.from_text(text)
         cfg = TinyLMConfig(vocab_size=len(tok.chars), **cfg_overrides)
-        return self.ctx.jobs.submit(f"Tiny LM: {', '.join(opts.works)}", lambda job: self.train(job, cfg, opts, text))
+        unique = f"tinylm:{cfg!r}:{opts!r}"  # the same settings twice (a double click) make one run
+        return self.ctx.jobs.submit(
+            f"Tiny LM: {', '.join(opts.works)}", lambda job: self.train(job, cfg, opts, text), unique=unique
+        )
 
     def train(self, job, cfg: TinyLMConfig, opts: TrainOptions, text: str) -> TrainResult:
         tok = CharTokenizer.from_text(text)
@@ -305,17 +308,20 @@ class TinyLMBackend:
                 break
             lease.report(step=step + 1, loss=loss.item())
             result.steps_done = step + 1
-            if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
-                with lease.step():
-                    val = self._evaluate(model, val_data, opts, gen, device)
-                point = {"step": step + 1, "train_loss": loss.item(), "val_loss": val, "lr": _lr_at(step, opts)}
-                result.history.append(point)
-                run.log_metrics(step + 1, train_loss=point["train_loss"], val_loss=val, lr=point["lr"])
-                result.best_val_loss = min(result.best_val_loss, val)
-                save_safetensors(model.checkpoint_state(), run.dir / "model.safetensors")
-                rate = (step + 1) / (time.perf_counter() - t0)
-                job.set_progress((step + 1) / opts.steps, f"step {step + 1}/{opts.steps}, val loss {val:.3f}")
-                job.log(f"step {step + 1}: train {point['train_loss']:.3f} val {val:.3f} ({rate:.1f} steps/s)")
+            if (step + 1) % opts.eval_every and step + 1 != opts.steps:
+                if step % 5 == 0:  # the step count moves between evaluations
+                    job.set_progress((step + 1) / opts.steps, f"step {step + 1}/{opts.steps}")
+                continue
+            with lease.step():
+                val = self._evaluate(model, val_data, opts, gen, device)
+            point = {"step": step + 1, "train_loss": loss.item(), "val_loss": val, "lr": _lr_at(step, opts)}
+            result.history.append(point)
+            run.log_metrics(step + 1, train_loss=point["train_loss"], val_loss=val, lr=point["lr"])
+            result.best_val_loss = min(result.best_val_loss, val)
+            save_safetensors(model.checkpoint_state(), run.dir / "model.safetensors")
+            rate = (step + 1) / (time.perf_counter() - t0)
+            job.set_progress((step + 1) / opts.steps, f"step {step + 1}/{opts.steps}, val loss {val:.3f}")
+            job.log(f"step {step + 1}: train {point['train_loss']:.3f} val {val:.3f} ({rate:.1f} steps/s)")
         if result.stopped == "cancelled" and result.steps_done:
             save_safetensors(
                 model.checkpoint_state(), run.dir / "model.safetensors"

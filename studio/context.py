@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from studio.services import Services
 
 if TYPE_CHECKING:
-    from backends.audio import AsrBackend
+    from backends.audio import AsrBackend, WhisperTuner
     from backends.finetune import FinetuneBackend
     from backends.image import DiffusionBackend, SdLoraBackend
     from backends.llm import LLMBackend
     from backends.rag import RAGBackend
     from backends.tinylm import TinyLMBackend
     from backends.vision import DetectionBackend
+    from backends.vlm import VLMBackend
+    from studio.waiting import WorkQueues
 
 T = TypeVar("T")
 
@@ -55,6 +57,12 @@ class Backends:
         from backends import audio
 
         return self._once("asr", lambda: audio.create(self._services))
+
+    @property
+    def whisper_tuner(self) -> WhisperTuner:
+        from backends import audio
+
+        return self._once("whisper_tuner", lambda: audio.create_whisper_tuner(self._services))
 
     @property
     def detection(self) -> DetectionBackend:
@@ -92,13 +100,33 @@ class Backends:
 
         return self._once("rag", lambda: rag.create(self._services, llm=lambda: self.llm))
 
+    @property
+    def vlm(self) -> VLMBackend:
+        from backends import vlm
+
+        return self._once("vlm", lambda: vlm.create(self._services))
+
 
 @dataclass
 class StudioContext(Services):
     backends: Backends = field(init=False)
+    queues: WorkQueues = field(init=False)  # queue ids for device-bound events, and who holds each one
+    _api: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
+        from studio.waiting import WorkQueues
+
         self.backends = Backends(self)
+        self.queues = WorkQueues(has_gpu=getattr(self.residency, "device", "cpu") == "cuda")
+
+    @property
+    def api(self) -> Any:
+        """The /v1 API's queues, keys and recent requests (studio.api.ApiState), built on first use."""
+        if self._api is None:
+            from studio.api.state import ApiState
+
+            self._api = ApiState(self.settings)
+        return self._api
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ def current_job() -> Job | None:
     return getattr(_current, "job", None)
 
 
+class JobBusy(ValueError):
+    """A job of the same kind is already queued or running."""
+
+
 class Job:
     """One unit of background work; its fields are read by the UI while the worker thread updates them."""
 
@@ -47,6 +51,7 @@ class Job:
         self.gpu = gpu
         self.fn = fn
         self.status = QUEUED
+        self.unique: str | None = None  # JobRunner.submit(unique=...): one such job at a time
         self.progress = 0.0
         self.message = ""
         self.result: Any = None
@@ -164,12 +169,17 @@ class JobRunner:
         ref = weakref.ref(self)
         atexit.register(lambda: (r := ref()) is not None and r.shutdown(r._exit_timeout))
 
-    def submit(self, name: str, fn: Callable[[Job], Any], *, gpu: bool = True) -> Job:
-        """Queue `fn` to run in the background; returns its Job at once."""
+    def submit(self, name: str, fn: Callable[[Job], Any], *, gpu: bool = True, unique: str | None = None) -> Job:
+        """Queue `fn` to run in the background; returns its Job at once. With `unique`, a second job of that key is
+        refused while one is queued or running (a double-clicked Train makes one run, not two)."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("The job runner is shut down; no new jobs are accepted.")
+            busy = next((j for j in self._jobs.values() if unique and j.unique == unique and not j.is_finished), None)
+            if busy is not None:
+                raise JobBusy(f"{busy.name} is already {busy.status} ({busy.id}): wait for it or stop it first.")
             job = Job(f"job-{next(self._ids):04d}", name, fn, gpu)
+            job.unique = unique
             self._jobs[job.id] = job
             self._prune()
             if gpu:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import secrets
 import shutil
@@ -49,7 +50,8 @@ TRACKED_PACKAGES = (
     "numpy",
     "safetensors",
 )
-RUN_STATUSES = ("running", "done", "failed", "cancelled")
+RUN_STATUSES = ("running", "done", "failed", "cancelled", "interrupted")  # interrupted: the process died
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 
 def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str | None]:
@@ -245,6 +247,7 @@ class RunStore:
             "dataset_hash": dataset_hash,
             "versions": package_versions(),
             "status": "running",
+            "pid": os.getpid(),  # a record left "running" by a dead process is marked interrupted at start-up
             "started": time.time(),
             "finished": None,
             "summary": {},
@@ -285,3 +288,38 @@ class RunStore:
 
     def metrics(self, run_id: str) -> list[dict[str, Any]]:
         return self.get(run_id).metrics()
+
+    def mark_interrupted(self) -> list[Run]:
+        """Runs still "running" whose process is gone (a crash or a kill): mark them "interrupted", with the time
+        of their last metrics row and their newest checkpoint file, so the Runs tab never shows them running."""
+        marked = []
+        for run in self.list():
+            pid = run.record.get("pid")
+            if run.status != "running" or (pid not in (None, os.getpid()) and _alive(pid)):
+                continue
+            last = last_checkpoint(run.dir)
+            ended = run.last_metrics().get("time") or (run.dir / METRICS).stat().st_mtime
+            with run._lock:
+                run.record["status"], run.record["finished"] = "interrupted", ended
+                run.record["summary"]["last_checkpoint"] = last.relative_to(run.dir).as_posix() if last else None
+                run.record["summary"]["note"] = "the studio stopped during this run; resume from the last checkpoint"
+                run._save()
+            marked.append(run)
+        return marked
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint file of a run (temp files of interrupted saves are ignored)."""
+    files = [
+        p for p in Path(run_dir).rglob("*")
+        if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and not p.name.startswith(".")
+    ]  # fmt: skip
+    return max(files, key=lambda p: p.stat().st_mtime, default=None)

@@ -1,19 +1,22 @@
 """Audio tab: transcribe a recording (upload or microphone), label speakers, post-edit with the chat model, export.
 
-UI only: the work is in backends.audio.asr / backends.audio.diarize / backends.audio.postedit / backends.audio.subtitles. Segments stream in
+UI only: the work is in backends.audio (asr, diarize, postedit, subtitles). Segments stream in
 as each speech window is transcribed; Stop ends the run at the next window and keeps what is done.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
 from studio.context import StudioContext, Tab
+from studio.safety import unguessable_stamp
+from tabs._session import StopFlag, bind, waiting_note
 
 log = logging.getLogger(__name__)
 
@@ -40,125 +43,197 @@ def _status(update, started: float) -> str:
     return f"{bar} {update.fraction:.0%} · {_clock(done)}{total} of audio · {time.time() - started:.0f} s{lang}"
 
 
+SEGMENT_HEADERS = ["#", "start", "end", "speaker", "text"]
+
+
+def segment_rows(segments) -> list[list[Any]]:
+    return [[i, _clock(s.start), _clock(s.end), s.speaker or "", s.text] for i, s in enumerate(segments)]
+
+
+def speaker_rows(segments) -> list[list[str]]:
+    labels = sorted({s.speaker for s in segments if s.speaker})
+    return [[label, label] for label in labels]
+
+
+def rename_speakers(tr, table: Any):
+    """Apply the 'name' column of the speakers table to every segment (and the exports that follow)."""
+    if tr is None or not tr.segments:
+        raise gr.Error("Nothing to rename yet: transcribe with 'Label speakers' on first.")
+    rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+    names = {str(old): " ".join(str(new or "").split()) for old, new, *_ in rows if old}
+    if any(not n for n in names.values()):
+        raise gr.Error("A speaker name is empty: type a name for every speaker (or keep the label).")
+    tr.segments = [dataclasses.replace(s, speaker=names.get(s.speaker, s.speaker)) for s in tr.segments]
+    tr.speakers = [dataclasses.replace(t, speaker=names.get(t.speaker, t.speaker)) for t in tr.speakers]
+    return tr, _lines(tr.segments), segment_rows(tr.segments), speaker_rows(tr.segments)
+
+
+def play_segment(tr, path: str | None, evt: gr.SelectData):
+    """Click a row: the player plays that segment (from its start, with half a second of context around it)."""
+    from backends.audio import SAMPLE_RATE, load_pcm
+
+    row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
+    if tr is None or not path or row is None or not 0 <= row < len(tr.segments):
+        return gr.skip(), gr.skip()
+    seg = tr.segments[row]
+    start = max(0.0, seg.start - 0.25)
+    pcm = load_pcm(path, max_s=seg.end + 0.5)
+    clip = pcm[int(start * SAMPLE_RATE) :]
+    head = f"▶ segment {row} from {_clock(seg.start)}{' · ' + seg.speaker if seg.speaker else ''}: {seg.text[:80]}"
+    return (SAMPLE_RATE, clip), head
+
+
 def _model_choices(asr) -> list[tuple[str, str]]:
     return [(title if present else f"{title} (not downloaded)", mid) for mid, title, present in asr.models()]
 
 
-def build(ctx: StudioContext) -> None:
-    from backends.audio import whisper_languages
+def transcribe(ctx, audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
+              stop_flag):  # fmt: skip
+    from backends.audio import Transcript
 
-    asr = ctx.backends.asr
-    stops: dict[str, threading.Event] = {}  # one cooperative stop flag per browser session
-    gr.Markdown(
-        "## Audio\nTranscribe meetings and lectures: any audio or video file, or the microphone. Long files are "
-        "decoded and transcribed as a stream; segments appear as they are made. Offline models: Whisper tiny.en "
-        "(English) and base (multilingual). Speaker labels come from an offline engine (Silero VAD + Resemblyzer "
-        "voice embeddings) or a pyannote pipeline you have downloaded."
-    )
-    transcript_state = gr.State(None)
-    with gr.Row():
-        with gr.Column(scale=1):
-            audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio (upload or record)")
-            video = gr.File(label="…or any audio/video file (mp4, mkv, webm, m4a, …)", file_count="single")
-            model = gr.Dropdown(_model_choices(asr), value="whisper-tiny.en", label="Whisper model")
-            language = gr.Dropdown(["auto", *whisper_languages()], value="auto", label="Language")
-            with gr.Row():
-                vad = gr.Checkbox(True, label="Skip silence (VAD)")
-                words = gr.Checkbox(False, label="Word timestamps")
-                batched = gr.Checkbox(ctx.residency.device == "cuda", label="Batched decoding (GPU)")
-            with gr.Accordion("Speakers", open=False):
-                diar = gr.Checkbox(False, label="Label speakers (diarization)")
-                n_speakers = gr.Number(0, precision=0, minimum=0, maximum=20, label="Number of speakers (0 = auto)")
-                engine = gr.Radio(["offline", "pyannote"], value="offline", label="Engine")
-                pyannote_src = gr.Textbox(
-                    "", label="pyannote pipeline (catalog id or folder with config.yaml)", placeholder="pyannote-…"
-                )
-                trust = gr.Checkbox(False, label="I trust this pyannote pipeline (it loads pickled checkpoints)")
-            with gr.Row():
-                go = gr.Button("Transcribe", variant="primary")
-                stop = gr.Button("Stop (keeps what is done)")
-        with gr.Column(scale=2):
-            status = gr.Markdown("Choose a file or record, then press Transcribe.")
-            text = gr.Textbox(label="Transcript", lines=18, max_lines=30, autoscroll=True)
-            with gr.Accordion("Post-edit with the chat model", open=False):
-                gr.Markdown(
-                    "Fixes punctuation and casing and spells glossary terms as given. Any other word change the "
-                    "model proposes is rejected (shown in red), so the words stay what was said."
-                )
-                glossary = gr.Textbox(label="Glossary (one name or term per line)", lines=3)
-                edit_btn = gr.Button("Post-edit")
-                diff = gr.HighlightedText(label="Changes", color_map=DIFF_COLOURS, combine_adjacent=False)
-            with gr.Row():
-                formats = gr.CheckboxGroup(["txt", "srt", "vtt", "json"], value=["txt", "srt"], label="Export as")
-                export_btn = gr.Button("Export")
-            files = gr.File(label="Exported files", file_count="multiple", interactive=False)
-
-    def transcribe(audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
-                   trust_v, request: gr.Request):  # fmt: skip
-        from backends.audio import Transcript
-
-        path = _input_path(ctx, audio_v, video_v)
-        opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v)
-        stop_flag = stops.setdefault(request.session_hash or "-", threading.Event())
-        stop_flag.clear()
-        started, segments = time.time(), []
-        yield "Loading the model…", "", None
-        try:
-            for update in asr.stream(path, opts, should_stop=stop_flag.is_set, diarize=dopts):
+    path = _input_path(ctx, audio_v, video_v)
+    opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v)
+    stop_flag.clear()
+    started, segments = time.time(), []
+    yield "Loading the model…", "", None, str(path), gr.skip(), gr.skip()
+    try:
+        with ctx.queues.hold(ctx.queues.queue_id("Audio"), "transcription (Audio)"):
+            for update in ctx.backends.asr.stream(path, opts, should_stop=stop_flag.is_set, diarize=dopts):
                 segments.extend(update.new_segments)
                 tr = update.transcript
                 partial = tr or Transcript(list(segments), update.language, update.position_s, opts.model_id)
                 head = _status(update, started) + (f" · {update.message}" if update.message else "")
                 if tr is not None:
                     head = _final_status(tr, started)
-                yield head, _lines(partial.segments), partial
-        except Exception as e:
-            raise gr.Error(_message(e)) from None
+                    rows, spk = segment_rows(tr.segments), speaker_rows(tr.segments)
+                    yield head, _lines(partial.segments), partial, gr.skip(), rows, spk
+                else:
+                    yield head, _lines(partial.segments), partial, gr.skip(), gr.skip(), gr.skip()
+    except Exception as e:
+        raise gr.Error(_message(e)) from None
 
-    def request_stop(request: gr.Request):
-        flag = stops.get(request.session_hash or "-")
-        if flag is not None:
-            flag.set()
-        return "Stopping after the current window…"
 
-    def post_edit(tr, glossary_v, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
-        from backends.audio import PostEditOptions, postedit
+def request_stop(stop_flag):
+    stop_flag.set()
+    return "Stopping after the current window…"
 
-        if tr is None or not tr.segments:
-            raise gr.Error("Nothing to edit yet: transcribe something first.")
-        terms = tuple(t.strip() for t in (glossary_v or "").replace(",", "\n").splitlines() if t.strip())
-        stop_flag = stops.setdefault(request.session_hash or "-", threading.Event())
-        stop_flag.clear()
-        try:
-            report = postedit(
-                ctx.backends.llm, tr.segments, PostEditOptions(glossary=terms), should_stop=stop_flag.is_set,
-                on_chunk=lambda done, total: progress((done, total), desc="post-editing", unit="chunks"),
-            )  # fmt: skip
-        except Exception as e:
-            raise gr.Error(f"Post-edit failed: {_message(e)}") from None
-        tr.segments = report.segments
-        tr.notes.append(f"post-edited: {report.accepted_changes} change(s) kept, {len(report.rejected)} rejected")
-        return tr, _lines(tr.segments), report.spans
 
-    def export(tr, formats_v):
-        from backends.audio import export_transcript as write
+def post_edit(ctx, tr, glossary_v, stop_flag, progress=gr.Progress()):  # noqa: B008 (Gradio injects it)
+    from backends.audio import PostEditOptions, postedit
 
-        if tr is None:
-            raise gr.Error("Nothing to export yet: transcribe something first.")
-        if not formats_v:
-            raise gr.Error("Tick at least one export format (txt, srt, vtt or json).")
-        out_dir = ctx.settings.outputs_dir / "audio"
-        stem = f"transcript-{time.strftime('%Y%m%d-%H%M%S')}"
-        return [str(p) for p in write(tr, out_dir, stem, tuple(formats_v)).values()]
+    if tr is None or not tr.segments:
+        raise gr.Error("Nothing to edit yet: transcribe something first.")
+    terms = tuple(t.strip() for t in (glossary_v or "").replace(",", "\n").splitlines() if t.strip())
+    stop_flag.clear()
+    try:
+        report = postedit(
+            ctx.backends.llm, tr.segments, PostEditOptions(glossary=terms), should_stop=stop_flag.is_set,
+            on_chunk=lambda done, total: progress((done, total), desc="post-editing", unit="chunks"),
+        )  # fmt: skip
+    except Exception as e:
+        raise gr.Error(f"Post-edit failed: {_message(e)}") from None
+    tr.segments = report.segments
+    tr.notes.append(f"post-edited: {report.accepted_changes} change(s) kept, {len(report.rejected)} rejected")
+    return tr, _lines(tr.segments), report.spans
 
-    inputs = [audio, video, model, language, vad, words, batched, diar, n_speakers, engine, pyannote_src, trust]
-    go.click(transcribe, inputs, [status, text, transcript_state], concurrency_id="gpu", concurrency_limit=1)
-    stop.click(request_stop, None, status)
-    edit_btn.click(
-        post_edit, [transcript_state, glossary], [transcript_state, text, diff], concurrency_id="gpu",
-        concurrency_limit=1,
-    )  # fmt: skip
-    export_btn.click(export, [transcript_state, formats], files)
+
+def export(ctx, tr, formats_v):
+    from backends.audio import export_transcript as write
+
+    if tr is None:
+        raise gr.Error("Nothing to export yet: transcribe something first.")
+    if not formats_v:
+        raise gr.Error("Tick at least one export format (txt, srt, vtt or json).")
+    out_dir = ctx.settings.outputs_dir / "audio"
+    stem = f"transcript-{unguessable_stamp()}"
+    return [str(p) for p in write(tr, out_dir, stem, tuple(formats_v)).values()]
+
+
+def _build_inputs(ctx: StudioContext) -> dict[str, Any]:
+    from backends.audio import whisper_languages
+
+    asr = ctx.backends.asr
+    audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio (upload or record)")
+    video = gr.File(label="…or any audio/video file (mp4, mkv, webm, m4a, …)", file_count="single")
+    model = gr.Dropdown(_model_choices(asr), value="whisper-tiny.en", label="Whisper model")
+    language = gr.Dropdown(["auto", *whisper_languages()], value="auto", label="Language")
+    with gr.Row():
+        vad = gr.Checkbox(True, label="Skip silence (VAD)")
+        words = gr.Checkbox(False, label="Word timestamps")
+        batched = gr.Checkbox(ctx.residency.device == "cuda", label="Batched decoding (GPU)")
+    with gr.Accordion("Speakers", open=False):
+        diar = gr.Checkbox(False, label="Label speakers (diarization)")
+        n_speakers = gr.Number(0, precision=0, minimum=0, maximum=20, label="Number of speakers (0 = auto)")
+        engine = gr.Radio(["offline", "pyannote"], value="offline", label="Engine")
+        pyannote_src = gr.Textbox(
+            "", label="pyannote pipeline (catalog id, or a folder with config.yaml in the models folder or "
+            "trusted_model_dirs: pyannote loads pickled checkpoints)", placeholder="pyannote-…"
+        )  # fmt: skip
+    with gr.Row():
+        go = gr.Button("Transcribe", variant="primary")
+        stop = gr.Button("Stop (keeps what is done)")
+    return locals()
+
+
+def _build_results() -> dict[str, Any]:
+    status = gr.Markdown("Choose a file or record, then press Transcribe.")
+    text = gr.Textbox(label="Transcript", lines=14, max_lines=30, autoscroll=True)
+    with gr.Accordion("Segments: click a row to play it · rename speakers", open=True):
+        seg_table = gr.Dataframe(headers=SEGMENT_HEADERS, interactive=False, wrap=True, max_height=260,
+                                 column_widths=["6%", "10%", "10%", "14%", "60%"])  # fmt: skip
+        playing = gr.Markdown("")
+        player = gr.Audio(label="Segment player", autoplay=True, interactive=False, type="numpy")
+        with gr.Row():
+            speakers = gr.Dataframe(headers=["speaker", "name"], interactive=True, column_count=(2, "fixed"),
+                                    label="Speakers (type a name in the second column)", scale=3)  # fmt: skip
+            rename_btn = gr.Button("Apply names", scale=1)
+    with gr.Accordion("Post-edit with the chat model", open=False):
+        gr.Markdown(
+            "Fixes punctuation and casing and spells glossary terms as given. Any other word change the "
+            "model proposes is rejected (shown in red), so the words stay what was said."
+        )
+        glossary = gr.Textbox(label="Glossary (one name or term per line)", lines=3)
+        edit_btn = gr.Button("Post-edit")
+        diff = gr.HighlightedText(label="Changes", color_map=DIFF_COLOURS, combine_adjacent=False)
+    with gr.Row():
+        formats = gr.CheckboxGroup(["txt", "srt", "vtt", "json"], value=["txt", "srt"], label="Export as")
+        export_btn = gr.Button("Export")
+    files = gr.File(label="Exported files", file_count="multiple", interactive=False)
+
+    return locals()
+
+
+def build(ctx: StudioContext) -> None:
+    from tabs.audio_train import build_training
+
+    gr.Markdown(
+        "## Audio\nTranscribe meetings and lectures: any audio or video file, or the microphone. Long files are "
+        "decoded and transcribed as a stream; segments appear as they are made. Offline models: Whisper tiny.en "
+        "(English) and base (multilingual). Speaker labels come from an offline engine (Silero VAD + Resemblyzer "
+        "voice embeddings) or a pyannote pipeline you have downloaded."
+    )
+    transcript_state, flag, source = gr.State(None), gr.State(StopFlag()), gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            i = _build_inputs(ctx)
+        with gr.Column(scale=2):
+            r = _build_results()
+    keys = ("audio", "video", "model", "language", "vad", "words", "batched", "diar", "n_speakers", "engine",
+            "pyannote_src")  # fmt: skip
+    inputs = [i[k] for k in keys] + [flag]
+    queue = ctx.queues.event_kwargs("Audio")
+    outputs = [r["status"], r["text"], transcript_state, source, r["seg_table"], r["speakers"]]
+    i["go"].click(bind(waiting_note, ctx, "Audio"), None, r["status"], queue=False)  # says why, if it must wait
+    i["go"].click(bind(transcribe, ctx), inputs, outputs, **queue)
+    i["stop"].click(request_stop, flag, r["status"], queue=False)
+    edit_out = [transcript_state, r["text"], r["diff"]]
+    r["edit_btn"].click(bind(post_edit, ctx), [transcript_state, r["glossary"], flag], edit_out, **queue)
+    r["seg_table"].select(play_segment, [transcript_state, source], [r["player"], r["playing"]], queue=False)
+    rename_out = [transcript_state, r["text"], r["seg_table"], r["speakers"]]
+    r["rename_btn"].click(rename_speakers, [transcript_state, r["speakers"]], rename_out)
+    r["export_btn"].click(bind(export, ctx), [transcript_state, r["formats"]], r["files"])
+    with gr.Accordion("Fine-tune Whisper", open=False):
+        build_training(ctx, i["model"], lambda: _model_choices(ctx.backends.asr))
 
 
 def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
@@ -175,7 +250,7 @@ def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
     return path
 
 
-def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, trust_v):
+def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v):
     from backends.audio import DiarizeOptions, TranscribeOptions
 
     try:
@@ -186,9 +261,7 @@ def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, 
         dopts = None
         if diar_v:
             n = int(n_v or 0)
-            dopts = DiarizeOptions(
-                engine=engine_v, num_speakers=n or None, pyannote_source=(src_v or "").strip(), trust_pickles=trust_v
-            )
+            dopts = DiarizeOptions(engine=engine_v, num_speakers=n or None, pyannote_source=(src_v or "").strip())
     except ValueError as e:
         raise gr.Error(str(e)) from None
     return opts, dopts

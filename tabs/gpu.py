@@ -152,6 +152,47 @@ def timeline_frame(snap: Any, now: float):
     return frame.astype({"seconds": "float64", "GB": "float64", "series": "str"})
 
 
+def has_gpu(snap: Any) -> bool:
+    return not (snap.card is None and snap.accelerator == "cpu")
+
+
+def host_reading() -> dict[str, float]:
+    """This machine's RAM and CPU now (psutil), and the studio process' own memory."""
+    import os
+
+    import psutil
+
+    vm = psutil.virtual_memory()
+    proc = psutil.Process(os.getpid())
+    return {
+        "ram_used": float(vm.total - vm.available),
+        "ram_total": float(vm.total),
+        "studio_rss": float(proc.memory_info().rss),
+        "cpu_percent": float(psutil.cpu_percent(interval=None)),
+        "cpus": float(psutil.cpu_count() or 1),
+    }
+
+
+def host_markdown(r: dict[str, float]) -> str:
+    return (
+        f"**RAM {fmt_bytes(r['ram_used'])} used / {fmt_bytes(r['ram_total'])}** · the studio process {fmt_bytes(r['studio_rss'])} · "
+        f"CPU {r['cpu_percent']:.0f}% of {r['cpus']:.0f} cores"
+    )
+
+
+def host_frame(points: list[tuple[float, float, float]], now: float):
+    """(seconds ago, GB, series) for the RAM plot that replaces the GPU memory plot on a machine without a GPU."""
+    import pandas as pd
+
+    rows = []
+    for t, used, rss in points:
+        if now - t <= TIMELINE_S:
+            rows += [{"seconds": round(t - now, 1), "GB": used / GB, "series": "RAM used (all programs)"},
+                     {"seconds": round(t - now, 1), "GB": rss / GB, "series": "the studio"}]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["seconds", "GB", "series"])
+    return frame.astype({"seconds": "float64", "GB": "float64", "series": "str"})
+
+
 def apply_vram_cap(ctx: StudioContext, cap_gb: float | None, no_cap: bool) -> str:
     """Set the live VRAM cap; returns a status line. Refuses caps that leave nothing after the reserve."""
     manager = ctx.residency
@@ -186,57 +227,83 @@ def move_all_down(ctx: StudioContext) -> str:
     return f"Moved {len(moved)} idle model(s) one tier down: {', '.join(moved)}." if moved else "No idle model to move."
 
 
-def build(ctx: StudioContext) -> None:
-    snap, now = ctx.residency.snapshot(), time.time()
-    gr.Markdown(
-        "## GPU\nThe residency manager keeps models on the GPU, in pinned RAM (fast to bring back) or on disk. "
-        "A model in use is never moved; the others make room as needed, cheapest to bring back first."
-    )
-    card = gr.Markdown(card_markdown(snap))
-    waiting = gr.Markdown("")
+def _build_models(snap: Any, now: float) -> dict[str, Any]:
     models = gr.Dataframe(model_rows(snap, now), headers=MODEL_HEADERS, interactive=False, label="Models")
     with gr.Row():
         pick = gr.Dropdown(choices=[m.key for m in snap.models], label="Model", scale=2, allow_custom_value=False)
         down = gr.Button("Move down one tier", scale=1)
         to_disk = gr.Button("Release to disk", scale=1)
         all_down = gr.Button("Move all idle models down", scale=1)
-    with gr.Row():
+    return locals()
+
+
+def _build_cap(snap: Any, gpu: bool) -> dict[str, Any]:
+    """The VRAM cap (only with a GPU: without one there is nothing to cap) and the memory plot."""
+    with gr.Row(visible=gpu):
         top = max(1.0, round(snap.card.total_bytes / GB if snap.card else 48.0, 1))
         cap_now = min(top, snap.vram_cap_bytes / GB if snap.vram_cap_bytes else top)
         cap = gr.Slider(0.5, top, value=cap_now, step=0.1, label="VRAM cap (GB)", scale=3)
         no_cap = gr.Checkbox(value=snap.vram_cap_bytes is None, label="no cap", scale=1)
         apply = gr.Button("Apply cap", variant="primary", scale=1)
+    host = gr.Markdown("", visible=not gpu)
+    label = "GPU memory (last 5 minutes)" if gpu else "RAM (last 5 minutes): this machine has no GPU"
+    plot = gr.LinePlot(None, x="seconds", y="GB", color="series", label=label, height=260)
+    return locals()
+
+
+def tick(ctx: StudioContext, current: str | None, points: list):
+    s, now = ctx.residency.snapshot(), time.time()
+    keys = [m.key for m in s.models]
+    if has_gpu(s):
+        host, frame = gr.skip(), timeline_frame(s, now)
+    else:
+        r = host_reading()
+        points = [*[p for p in points if now - p[0] <= TIMELINE_S], (now, r["ram_used"], r["studio_rss"])]
+        host, frame = host_markdown(r), host_frame(points, now)
+    return (
+        card_markdown(s),
+        waiting_markdown(s, now),
+        model_rows(s, now),
+        gr.update(choices=keys, value=current if current in keys else None),
+        host,
+        None if frame.empty else frame,
+        stats_markdown(s),
+        switch_rows(s),
+        process_rows(s),
+        event_rows(s),
+        points,
+    )
+
+
+def build(ctx: StudioContext) -> None:
+    snap, now = ctx.residency.snapshot(), time.time()
+    gpu = has_gpu(snap)
+    gr.Markdown(
+        "## GPU\nThe residency manager keeps models on the GPU, in pinned RAM (fast to bring back) or on disk. "
+        "A model in use is never moved; the others make room as needed, cheapest to bring back first."
+        + ("" if gpu else " **No GPU here:** models run on the CPU; RAM and CPU use are shown instead.")
+    )
+    card = gr.Markdown(card_markdown(snap))
+    waiting = gr.Markdown("")
+    m = _build_models(snap, now)
+    c = _build_cap(snap, gpu)
     status = gr.Markdown("")
-    plot = gr.LinePlot(None, x="seconds", y="GB", color="series", label="GPU memory (last 5 minutes)", height=260)
     stats = gr.Markdown("")
     with gr.Row():
         switches = gr.Dataframe(headers=SWITCH_HEADERS, interactive=False, label="Switch times", scale=1)
-        processes = gr.Dataframe(headers=PROCESS_HEADERS, interactive=False, label="Programs on the card", scale=1)
+        processes = gr.Dataframe(headers=PROCESS_HEADERS, interactive=False, label="Programs on the card", scale=1,
+                                 visible=gpu)  # fmt: skip
     events = gr.Dataframe(headers=EVENT_HEADERS, interactive=False, label="Recent events")
+    points = gr.State([])  # RAM readings of this page (no GPU), bounded to the plotted window
 
-    def tick(current: str | None):
-        s, now = ctx.residency.snapshot(), time.time()
-        keys = [m.key for m in s.models]
-        frame = timeline_frame(s, now)
-        return (
-            card_markdown(s),
-            waiting_markdown(s, now),
-            model_rows(s, now),
-            gr.update(choices=keys, value=current if current in keys else None),
-            None if frame.empty else frame,
-            stats_markdown(s),
-            switch_rows(s),
-            process_rows(s),
-            event_rows(s),
-        )
-
-    outputs = [card, waiting, models, pick, plot, stats, switches, processes, events]
+    pick = m["pick"]
+    outputs = [card, waiting, m["models"], pick, c["host"], c["plot"], stats, switches, processes, events, points]
     timer = gr.Timer(REFRESH_S)
-    timer.tick(tick, pick, outputs, show_progress="hidden", queue=False)
-    down.click(lambda k: move_down(ctx, k), pick, status)
-    to_disk.click(lambda k: move_down(ctx, k, to_disk=True), pick, status)
-    all_down.click(lambda: move_all_down(ctx), None, status)
-    apply.click(lambda gb, nc: apply_vram_cap(ctx, gb, nc), [cap, no_cap], status)
+    timer.tick(lambda cur, pts: tick(ctx, cur, pts), [pick, points], outputs, show_progress="hidden", queue=False)
+    m["down"].click(lambda k: move_down(ctx, k), pick, status)
+    m["to_disk"].click(lambda k: move_down(ctx, k, to_disk=True), pick, status)
+    m["all_down"].click(lambda: move_all_down(ctx), None, status)
+    c["apply"].click(lambda gb, nc: apply_vram_cap(ctx, gb, nc), [c["cap"], c["no_cap"]], status)
 
 
 TAB = Tab("GPU", build)

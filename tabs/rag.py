@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.context import StudioContext, Tab
+from tabs._session import StopFlag, bind, on_page_load
 
 SAMPLE_NOTES = Path(__file__).resolve().parent.parent / "assets" / "notes"
 PASSAGE_COLUMNS = ["#", "source", "heading", "vector", "BM25", "fused", "rerank", "text"]
@@ -94,7 +95,7 @@ def ingest_stream(backend: Any, kb_v: str | None, new_v: str, folder_v: str, fil
 
     name = (new_v or "").strip() or kb_v or "notes"  # a typed new name wins over the selected base
     try:
-        target = backend.save_uploads(name, files) if files else folder_v
+        target = backend.save_uploads(name, files) if files else backend.check_ingest_folder(folder_v)
         job = backend.start_ingest(name, target)
     except ValueError as e:
         raise gr.Error(str(e)) from None
@@ -106,6 +107,13 @@ def ingest_stream(backend: Any, kb_v: str | None, new_v: str, folder_v: str, fil
     notes = "\n".join(report.notes) if report else "\n".join(job.logs[-200:])
     status = f"**{job.status}** · {report.summary()}" if report else job_markdown(job)
     yield None, gr.skip(), status, notes, kb_markdown(backend, name)
+
+
+# Passage blocks wrap instead of running off the right edge; the passage table scrolls inside its own box.
+PASSAGE_CSS = """<style>
+.rag-cited pre, .rag-cited code { white-space: pre-wrap !important; overflow-wrap: anywhere; word-break: break-word; }
+.rag-cited pre { max-width: 100%; overflow-x: auto; }
+</style>"""
 
 
 def ask_stream(backend: Any, kb_v: str | None, q: str, mode_v: str, k: float, llm_v: bool, tokens: float):
@@ -126,11 +134,107 @@ def ask_stream(backend: Any, kb_v: str | None, q: str, mode_v: str, k: float, ll
         raise gr.Error(str(e)) from None
 
 
+def kb_choices(backend: Any, current: str | None):
+    """On page load: the knowledge bases that exist now (another tab or a restart may have changed them)."""
+    import gradio as gr
+
+    names = backend.knowledge_bases()
+    value = current if current in names else (names[0] if names else None)
+    return gr.update(choices=names, value=value), kb_markdown(backend, value)
+
+
+def create(backend: Any, name: str):
+    import gradio as gr
+
+    try:
+        info = backend.create_kb(name)
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    return gr.update(choices=backend.knowledge_bases(), value=info.name), kb_markdown(backend, info.name), ""
+
+
+def delete(backend: Any, kb_v: str | None):
+    import gradio as gr
+
+    if not kb_v:
+        raise gr.Error("Choose the knowledge base to delete first.")
+    try:
+        backend.delete_kb(kb_v)
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    left = backend.knowledge_bases()
+    return gr.update(choices=left, value=left[0] if left else None), kb_markdown(backend, left[0] if left else None)
+
+
+def ingest(backend: Any, kb_v: str | None, new_v: str, folder_v: str, files: list[str] | None):
+    yield from ingest_stream(backend, kb_v, new_v, folder_v, files)
+
+
+def ask(ctx: StudioContext, backend: Any, busy: StopFlag, kb_v, q, mode_v, k, llm_v, tokens):
+    busy.set()
+    try:
+        with ctx.queues.hold(ctx.queues.queue_id("RAG"), "a RAG answer (RAG)"):
+            yield from ask_stream(backend, kb_v, q, mode_v, k, llm_v, tokens)
+    finally:
+        busy.clear()
+
+
+def ask_pressed(ctx: StudioContext, busy: StopFlag) -> str:
+    """Shown at once: a question asked while another streams is queued (the latest one wins), never ignored."""
+    from studio.waiting import explain_wait
+
+    if busy.is_set():
+        return "⏳ *Queued: your new question starts when the current answer ends (press Stop to end it now).*"
+    return explain_wait(ctx, ctx.queues.queue_id("RAG")) or "*Searching…*"
+
+
+def _build_library(backend: Any) -> dict[str, Any]:
+    import gradio as gr
+
+    names = backend.knowledge_bases()
+    kb = gr.Dropdown(names, value=names[0] if names else None, label="Knowledge base", interactive=True)
+    with gr.Row():
+        new_name = gr.Textbox(label="New knowledge base", placeholder="my-notes", scale=3)
+        create_btn = gr.Button("Create", scale=1)
+    kb_info = gr.Markdown(kb_markdown(backend, names[0] if names else None))
+    folders = backend.ingest_choices()
+    folder = gr.Dropdown(
+        folders, value=folders[0] if folders else None, label="Folder to ingest (on the studio's computer: "
+        "data/ingest, the sample notes, or the settings' ingest_roots)",
+    )  # fmt: skip
+    uploads = gr.File(label="... or upload files", file_count="multiple", type="filepath")
+    with gr.Row():
+        ingest_btn = gr.Button("Ingest", variant="primary")
+        cancel_btn = gr.Button("Cancel ingest")
+        delete_btn = gr.Button("Delete knowledge base", variant="stop")
+    ingest_status = gr.Markdown()
+    ingest_notes = gr.Textbox(label="Skipped files and notes", lines=5, max_lines=12)
+    return locals()
+
+
+def _build_question() -> dict[str, Any]:
+    import gradio as gr
+
+    question = gr.Textbox(label="Question", lines=2, placeholder="How much water goes into the sourdough?")
+    with gr.Row():
+        mode = gr.Radio(list(MODE_LABELS), value=next(iter(MODE_LABELS)), label="Retrieval")
+        top_k = gr.Slider(1, 20, value=5, step=1, label="Passages")
+    with gr.Row():
+        use_llm = gr.Checkbox(True, label="Write an answer with the chat model")
+        max_tokens = gr.Slider(16, 1024, value=200, step=16, label="Answer length (tokens)")
+    with gr.Row():
+        ask_btn = gr.Button("Ask", variant="primary")
+        stop_btn = gr.Button("Stop")
+    ranking = gr.Markdown()
+    answer = gr.Markdown(label="Answer")
+    cited = gr.Markdown(elem_classes=["rag-cited"])
+    return locals()
+
+
 def build(ctx: StudioContext) -> None:
     import gradio as gr
 
     backend = ctx.backends.rag
-    names = backend.knowledge_bases()
     rerank_line = (
         "Reranking: the **ms-marco-MiniLM-L-6-v2 cross-encoder** reorders the best 20 candidates."
         if backend.reranker_available()
@@ -144,81 +248,39 @@ def build(ctx: StudioContext) -> None:
         f"file and lines. {rerank_line} The offline chat model (SmolLM2-135M) is small: judge the passages, "
         "and treat its answer as a draft."
     )
-    job_id = gr.State(None)
+    gr.HTML(PASSAGE_CSS, padding=False)
+    job_id, busy = gr.State(None), gr.State(StopFlag())
     with gr.Row():
         with gr.Column(scale=2):
-            kb = gr.Dropdown(names, value=names[0] if names else None, label="Knowledge base", interactive=True)
-            with gr.Row():
-                new_name = gr.Textbox(label="New knowledge base", placeholder="my-notes", scale=3)
-                create_btn = gr.Button("Create", scale=1)
-            kb_info = gr.Markdown(kb_markdown(backend, names[0] if names else None))
-            folder = gr.Textbox(str(SAMPLE_NOTES), label="Folder to ingest (on this computer)")
-            uploads = gr.File(label="... or upload files", file_count="multiple", type="filepath")
-            with gr.Row():
-                ingest_btn = gr.Button("Ingest", variant="primary")
-                cancel_btn = gr.Button("Cancel ingest")
-                delete_btn = gr.Button("Delete knowledge base", variant="stop")
-            ingest_status = gr.Markdown()
-            ingest_notes = gr.Textbox(label="Skipped files and notes", lines=5, max_lines=12)
+            lib = _build_library(backend)
         with gr.Column(scale=3):
-            question = gr.Textbox(label="Question", lines=2, placeholder="How much water goes into the sourdough?")
-            with gr.Row():
-                mode = gr.Radio(list(MODE_LABELS), value=next(iter(MODE_LABELS)), label="Retrieval")
-                top_k = gr.Slider(1, 20, value=5, step=1, label="Passages")
-            with gr.Row():
-                use_llm = gr.Checkbox(True, label="Write an answer with the chat model")
-                max_tokens = gr.Slider(16, 1024, value=200, step=16, label="Answer length (tokens)")
-            with gr.Row():
-                ask_btn = gr.Button("Ask", variant="primary")
-                stop_btn = gr.Button("Stop")
-            ranking = gr.Markdown()
-            answer = gr.Markdown(label="Answer")
-            cited = gr.Markdown()
+            q = _build_question()
     passages = gr.Dataframe(
         headers=PASSAGE_COLUMNS, label="Retrieved passages (scores)", wrap=True, interactive=False,
         column_widths=["4%", "20%", "16%", "7%", "7%", "7%", "7%", "32%"],
     )  # fmt: skip
-
-    def create(name: str):
-        try:
-            info = backend.create_kb(name)
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
-        return gr.update(choices=backend.knowledge_bases(), value=info.name), kb_markdown(backend, info.name), ""
-
-    def ingest(kb_v: str | None, new_v: str, folder_v: str, files: list[str] | None):
-        yield from ingest_stream(backend, kb_v, new_v, folder_v, files)
-
-    def ask(kb_v: str | None, q: str, mode_v: str, k: float, llm_v: bool, tokens: float):
-        yield from ask_stream(backend, kb_v, q, mode_v, k, llm_v, tokens)
-
-    def delete(kb_v: str | None):
-        if not kb_v:
-            raise gr.Error("Choose the knowledge base to delete first.")
-        try:
-            backend.delete_kb(kb_v)
-        except ValueError as e:
-            raise gr.Error(str(e)) from None
-        left = backend.knowledge_bases()
-        return gr.update(choices=left, value=left[0] if left else None), kb_markdown(backend, left[0] if left else None)
-
-    create_btn.click(create, new_name, [kb, kb_info, new_name])
-    kb.change(lambda v: kb_markdown(backend, v), kb, kb_info)
-    ingest_btn.click(
-        ingest, [kb, new_name, folder, uploads], [job_id, kb, ingest_status, ingest_notes, kb_info],
-        concurrency_limit=None,
+    kb = lib["kb"]
+    on_page_load(bind(kb_choices, backend), kb, [kb, lib["kb_info"]], queue=False)
+    lib["create_btn"].click(bind(create, backend), lib["new_name"], [kb, lib["kb_info"], lib["new_name"]])
+    kb.change(lambda v: kb_markdown(backend, v), kb, lib["kb_info"])
+    folder = lib["folder"]
+    folder.focus(lambda v: gr.update(choices=backend.ingest_choices(), value=v), folder, folder)
+    lib["ingest_btn"].click(
+        bind(ingest, backend), [kb, lib["new_name"], folder, lib["uploads"]],
+        [job_id, kb, lib["ingest_status"], lib["ingest_notes"], lib["kb_info"]], concurrency_limit=None,
+        api_name="rag_ingest",
     )  # fmt: skip
-    cancel_btn.click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
-    delete_btn.click(delete, kb, [kb, kb_info])
-    ask_event = ask_btn.click(
-        ask, [kb, question, mode, top_k, use_llm, max_tokens], [ranking, answer, cited, passages],
-        concurrency_id="gpu", concurrency_limit=1,
-    )  # fmt: skip
-    submit_event = question.submit(
-        ask, [kb, question, mode, top_k, use_llm, max_tokens], [ranking, answer, cited, passages],
-        concurrency_id="gpu", concurrency_limit=1,
-    )  # fmt: skip
-    stop_btn.click(None, None, None, cancels=[ask_event, submit_event])
+    lib["cancel_btn"].click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
+    lib["delete_btn"].click(bind(delete, backend), kb, [kb, lib["kb_info"]])
+    inputs = [busy, kb, q["question"], q["mode"], q["top_k"], q["use_llm"], q["max_tokens"]]
+    outputs = [q["ranking"], q["answer"], q["cited"], passages]
+    events = []
+    for i, trigger in enumerate((q["ask_btn"].click, q["question"].submit)):
+        trigger(bind(ask_pressed, ctx), busy, q["ranking"], queue=False)
+        # always_last: pressed while an answer streams, the newest question runs next (not silently dropped)
+        events.append(trigger(bind(ask, ctx, backend), inputs, outputs, trigger_mode="always_last",
+                              api_name=None if i else "rag_ask", **ctx.queues.event_kwargs("RAG")))  # fmt: skip
+    q["stop_btn"].click(None, None, None, cancels=events)
 
 
 TAB = Tab("RAG", build)

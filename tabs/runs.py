@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 RUN_HEADERS = ["id", "kind", "status", "started", "duration", "key metrics"]
 JOB_HEADERS = ["id", "name", "device", "status", "progress", "message", "elapsed"]
 ARTIFACT_HEADERS = ["name", "path", "size"]
+WEIGHT_SUFFIXES = (".pt", ".safetensors", ".onnx", ".bin", ".gguf", ".json", ".yaml", ".csv", ".png", ".jsonl")
+LR_KEYS = ("lr", "learning_rate")
 JOBS_REFRESH_S = 2.0
 
 
@@ -72,45 +75,93 @@ def runs_rows(ctx: StudioContext) -> list[list[str]]:
     return rows
 
 
-def metrics_frame(rows: list[dict[str, Any]]):
-    """Long format (step, value, metric) for gr.LinePlot; non-numeric and missing values are dropped."""
+def metrics_frame(rows: list[dict[str, Any]], keys: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()):
+    """Long format (step, value, metric) for gr.LinePlot; non-numeric and missing values are dropped.
+
+    `keys` keeps only those metrics, `exclude` drops some: the learning rate (1e-4) gets its own plot instead of
+    flattening the losses on a shared axis.
+    """
     import pandas as pd
 
     long = [
         {"step": r["step"], "value": float(v), "metric": k}
         for r in rows
         for k, v in r.items()
-        if k not in {"step", "time"} and isinstance(v, int | float) and not isinstance(v, bool)
-    ]
+        if k not in {"step", "time", *exclude} and (keys is None or k in keys)
+        and isinstance(v, int | float) and not isinstance(v, bool)
+    ]  # fmt: skip
     frame = pd.DataFrame(long, columns=["step", "value", "metric"])
     # typed even when empty: the plot fixes its axis types from the first value it gets
     return frame.astype({"step": "int64", "value": "float64", "metric": "str"})
 
 
+def artifact_files(run: Any, limit: int = 200) -> list[Any]:
+    """Every file the run wrote (best.pt, last.pt, model.safetensors, results.csv, ...), registered or not."""
+    files = {Path(a["path"]).resolve() for a in run.artifacts if Path(a["path"]).is_file()}
+    files |= {p.resolve() for p in Path(run.dir).rglob("*") if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES}
+    return sorted(files, key=lambda p: (p.suffix not in (".pt", ".safetensors", ".onnx"), str(p)))[:limit]
+
+
 def run_details(ctx: StudioContext, run_id: str | None):
-    """(record without artifacts, metrics frame or None, artifact rows, headline) for one run.
+    """(record without artifacts, metrics frame or None, lr frame or None, artifact rows, headline) for one run.
 
     No metrics gives None, not an empty frame: a plot that once showed an empty frame draws no lines later.
     """
     if not run_id:
-        return {}, None, [], "Select a run in the table above."
+        return {}, None, None, [], "Select a run in the table above."
     try:
         run = ctx.runs.get(run_id)
     except KeyError as e:
-        return {}, None, [], f"**{e.args[0]}**"
+        return {}, None, None, [], f"**{e.args[0]}**"
     rec = {k: v for k, v in run.record.items() if k != "artifacts"}
-    artifacts = [[a["name"], a["path"], _size(a.get("bytes", 0))] for a in run.artifacts]
+    root = Path(run.dir).resolve()
+    artifacts = [[p.name, str(p.relative_to(root)) if p.is_relative_to(root) else str(p), _size(p.stat().st_size)]
+                 for p in artifact_files(run)]  # fmt: skip
     headline = f"**{run.id}** — {run.kind}, {run.status}; folder `{run.dir}`"
-    frame = metrics_frame(run.metrics())
-    return rec, (None if frame.empty else frame), artifacts, headline
+    metrics = run.metrics()
+    frame, lr = metrics_frame(metrics, exclude=LR_KEYS), metrics_frame(metrics, keys=LR_KEYS)
+    return rec, (None if frame.empty else frame), (None if lr.empty else lr), artifacts, headline
+
+
+def prepare_downloads(ctx: StudioContext, run_id: str | None) -> list[str]:
+    """Copy the run's files into outputs/runs/<id>/ (the only folder the UI serves) and list them for download."""
+    import shutil
+
+    from studio.safety import contained_path
+
+    if not run_id:
+        raise gr.Error("Select a run in the table above first.")
+    try:
+        run = ctx.runs.get(run_id)
+    except KeyError as e:
+        raise gr.Error(str(e.args[0])) from None
+    dest_root = contained_path(ctx.settings.outputs_dir / "runs", run.id)
+    out = []
+    for src in artifact_files(run):
+        dest = dest_root / src.relative_to(Path(run.dir).resolve()) if src.is_relative_to(Path(run.dir).resolve()) \
+            else dest_root / src.name  # fmt: skip
+        if (
+            not dest.is_file()
+            or dest.stat().st_size != src.stat().st_size
+            or dest.stat().st_mtime < src.stat().st_mtime
+        ):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dest)
+        out.append(str(dest))
+    if not out:
+        raise gr.Error(f"Run {run.id} has no files to download yet.")
+    return out
 
 
 def jobs_rows(ctx: StudioContext) -> list[list[str]]:
+    on_gpu = getattr(ctx.residency, "device", "cpu") == "cuda"  # a "GPU" job on a machine without one runs on the CPU
     return [
         [
             j.id,
             j.name,
-            "GPU" if j.gpu else "CPU",
+            "GPU" if j.gpu and on_gpu else "CPU",
             j.status,
             f"{j.progress * 100:.0f}%",
             j.message,
@@ -156,21 +207,23 @@ def build(ctx: StudioContext) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             plot = gr.LinePlot(None, x="step", y="value", color="metric", label="Metrics", height=300)
+            lr_plot = gr.LinePlot(None, x="step", y="value", color="metric", label="Learning rate", height=160)
         with gr.Column(scale=1):
             config = gr.JSON(label="Record (config, seed, versions, dataset hash, summary)")
-    artifacts = gr.Dataframe(headers=ARTIFACT_HEADERS, interactive=False, label="Artifacts")
+    artifacts = gr.Dataframe(headers=ARTIFACT_HEADERS, interactive=False, label="Artifacts (files in the run folder)")
+    with gr.Row():
+        download = gr.Button("Prepare downloads", size="sm", scale=0)
+        files = gr.File(label="Downloads", file_count="multiple", interactive=False, scale=3)
 
     def on_select(evt: gr.SelectData):
         row = evt.row_value or []
         return row[0] if row else ""
 
     runs_table.select(on_select, None, selected, show_progress="hidden")
-    selected.change(
-        lambda rid: run_details(ctx, rid), selected, [config, plot, artifacts, headline], show_progress="hidden"
-    )
-    refresh.click(lambda: runs_rows(ctx), None, runs_table).then(
-        lambda rid: run_details(ctx, rid), selected, [config, plot, artifacts, headline]
-    )
+    details = [config, plot, lr_plot, artifacts, headline]
+    selected.change(lambda rid: run_details(ctx, rid), selected, details, show_progress="hidden")
+    refresh.click(lambda: runs_rows(ctx), None, runs_table).then(lambda rid: run_details(ctx, rid), selected, details)
+    download.click(lambda rid: prepare_downloads(ctx, rid), selected, files)
 
     _build_jobs_panel(ctx)
 

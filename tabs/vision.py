@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from studio.context import StudioContext, Tab
+from tabs._inputs import guard_image
 
 IMG_SIZES = [320, 416, 480, 640, 800, 960, 1280]
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
-GPU = {"concurrency_id": "gpu", "concurrency_limit": 1}
 
 
 def _model_choices(det: Any, *, with_weights: bool = False) -> list[tuple[str, str]]:
@@ -34,21 +34,27 @@ def _build_models(ctx: StudioContext, det: Any) -> Any:
         model = gr.Dropdown(_model_choices(det), value="yolov8s-person", label="Model", scale=4)
         refresh = gr.Button("Refresh list", size="sm", scale=1)
     with gr.Accordion("Load your own .pt weights", open=False):
-        gr.Markdown(f"⚠️ {TRUST_WARNING} The studio loads your own trainings (below) without asking.")
+        gr.Markdown(
+            f"⚠️ {TRUST_WARNING} Put the file in one of those folders on the studio's computer, then pick it here. "
+            "The studio loads your own trainings (below) without asking."
+        )
         with gr.Row():
-            path = gr.Textbox(label="Path to a .pt file on this computer", scale=4)
-            trusted = gr.Checkbox(label="I trust this file", value=False, scale=1)
+            path = gr.Dropdown([], label=".pt file in a trusted folder", scale=4)
+            find = gr.Button("Find files", scale=1)
             add = gr.Button("Add", scale=1)
 
-    def add_file(p: str, ok: bool):
+    def add_file(p: str | None):
+        if not p:
+            raise gr.Error("Choose a .pt file first (press 'Find files' to list the trusted folders).")
         try:
-            entry = det.add_trusted_weights(p.strip(), trusted=ok)
+            entry = det.add_trusted_weights(p)
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
         return gr.update(choices=_model_choices(det), value=entry.id)
 
+    find.click(lambda: gr.update(choices=[str(f) for f in det.trusted_files()], value=None), None, path)
     refresh.click(lambda: gr.update(choices=_model_choices(det)), None, model)
-    add.click(add_file, [path, trusted], model)
+    add.click(add_file, path, model, api_name="vision_add_weights")
     return model
 
 
@@ -63,12 +69,33 @@ def _class_update(det: Any, model_id: str, keep: list[str] | None = None):
     return gr.update(choices=names, value=[c for c in keep or [] if c in names])
 
 
-def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any) -> None:
+def result_summary(det: Any, model_id: str, res: Any) -> str:
+    """Counts per class, timing, and which classes this model knows (the default one finds people only)."""
+    from collections import Counter
+
+    counts = Counter(b.name for b in res.boxes)
+    found = ", ".join(f"{n} {name}" for name, n in counts.most_common()) or "nothing"
+    names = list(det.class_names(model_id).values())
+    known = ", ".join(names[:12]) + (f" … ({len(names)} classes)" if len(names) > 12 else "")
+    note = "  \n⚠️ Untrained model: its boxes are random." if det.get_model(model_id).untrained else ""
+    if set(names) == {"Normal", "Fall"}:
+        note += (
+            "  \nThis model detects **people** only, as *Normal* (standing, sitting) or *Fall* (lying): it was "
+            "fine-tuned from YOLOv8s for fall detection, so buses, cars or dogs are not found. Train your own "
+            "classes in the Train tab, or download a COCO model in the Models tab."
+        )
+    return (
+        f"**Found {found}** in {res.inference_ms:.0f} ms on {res.width}x{res.height} · "
+        f"classes of this model: {known}{note}"
+    )
+
+
+def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any, queue: dict) -> None:
     import gradio as gr
 
     with gr.Row():
         # a file path, so a truncated upload reaches our decoder and its clear message (Gradio's would be generic)
-        image = gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"])
+        image = guard_image(gr.Image(type="filepath", image_mode=None, label="Image", sources=["upload", "clipboard"]))
         annotated = gr.Image(type="numpy", label="Detections", interactive=False)
     detect = gr.Button("Detect", variant="primary")
     summary = gr.Markdown()
@@ -82,8 +109,7 @@ def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
             res = det.detect(model_id, img, _options(c, i, cls, size, det.class_names(model_id)))
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
-        note = " (untrained model: boxes are random)" if det.get_model(model_id).untrained else ""
-        text = f"{len(res.boxes)} objects in {res.inference_ms:.0f} ms on {res.width}x{res.height}{note}"
+        text = result_summary(det, model_id, res)
         return res.image, text, res.rows(), str(det.save_json(res, "image"))
 
     detect.click(
@@ -91,11 +117,11 @@ def _build_image(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
         [model, image, conf, iou, classes, imgsz],
         [annotated, summary, table, json_file],
         api_name="vision_detect",
-        **GPU,
+        **queue,
     )
 
 
-def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any) -> None:
+def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz: Any, queue: dict) -> None:
     import gradio as gr
 
     with gr.Row():
@@ -124,12 +150,16 @@ def _build_video(det: Any, model: Any, conf: Any, iou: Any, classes: Any, imgsz:
             raise gr.Error(str(e)) from None
 
     event = start.click(
-        run, [model, video, conf, iou, classes, imgsz, stride], [status, out, json_file], api_name="vision_video", **GPU
+        run,
+        [model, video, conf, iou, classes, imgsz, stride],
+        [status, out, json_file],
+        api_name="vision_video",
+        **queue,
     )
     stop.click(None, None, None, cancels=[event])
 
 
-def _build_webcam(det: Any, model: Any, conf: Any, iou: Any, classes: Any) -> None:
+def _build_webcam(det: Any, model: Any, conf: Any, iou: Any, classes: Any, queue: dict) -> None:
     import gradio as gr
 
     gr.Markdown("Frames are sent about every 0.3 s and detected at 320 px to keep up; the browser asks for the camera.")
@@ -145,7 +175,7 @@ def _build_webcam(det: Any, model: Any, conf: Any, iou: Any, classes: Any) -> No
         except USER_ERRORS as e:
             raise gr.Error(str(e)) from None
 
-    cam.stream(frame, [model, cam, conf, iou, classes], out, stream_every=0.3, time_limit=600, **GPU)
+    cam.stream(frame, [model, cam, conf, iou, classes], out, stream_every=0.3, time_limit=600, **queue)
 
 
 def build(ctx: StudioContext) -> None:
@@ -160,6 +190,7 @@ def build(ctx: StudioContext) -> None:
         "training from scratch and their boxes are random."
     )
     model = _build_models(ctx, det)
+    queue = ctx.queues.event_kwargs("Vision")  # the shared GPU queue, or this tab's own on a machine without one
     with gr.Row():
         conf = gr.Slider(0.01, 1.0, value=0.25, step=0.01, label="Confidence")
         iou = gr.Slider(0.05, 1.0, value=0.7, step=0.05, label="IoU (NMS overlap)")
@@ -168,11 +199,11 @@ def build(ctx: StudioContext) -> None:
     model.change(lambda m: _class_update(det, m), model, classes)
     classes.focus(lambda m, keep: _class_update(det, m, keep), [model, classes], classes)
     with gr.Tab("Image"):
-        _build_image(det, model, conf, iou, classes, imgsz)
+        _build_image(det, model, conf, iou, classes, imgsz, queue)
     with gr.Tab("Video"):
-        _build_video(det, model, conf, iou, classes, imgsz)
+        _build_video(det, model, conf, iou, classes, imgsz, queue)
     with gr.Tab("Webcam"):
-        _build_webcam(det, model, conf, iou, classes)
+        _build_webcam(det, model, conf, iou, classes, queue)
     with gr.Tab("Train"):
         build_train(ctx, det, model)
     with gr.Tab("Export"):

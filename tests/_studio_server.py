@@ -123,3 +123,86 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
+
+
+# ---- a minimal Gradio client over raw HTTP (so tests control cookies, Origin and the session) ----------------
+def http_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """Raw HTTP (no client-side path normalisation); returns (status, headers, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def login(port: int, user: str, password: str) -> str:
+    """Log in through Gradio's /login form; returns the Cookie header to send afterwards."""
+    from http.cookies import SimpleCookie
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = f"username={user}&password={password}".encode()
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/login", body=body, headers=form)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"login as {user} failed: HTTP {resp.status}")
+        jar = SimpleCookie()
+        for value in resp.headers.get_all("set-cookie") or []:
+            jar.load(value)
+        return "; ".join(f"{k}={m.value}" for k, m in jar.items())
+    finally:
+        conn.close()
+
+
+def gradio_call(port: int, api_name: str, data: list, *, cookie: str = "", session: str = "s1", timeout: float = 120):
+    """Run one named event like the browser does (queue join + SSE, or /run/predict for unqueued events).
+
+    Returns ("ok", output data) or ("error", message)."""
+    import json
+
+    headers = {"Content-Type": "application/json", **({"Cookie": cookie} if cookie else {})}
+    status, _, body = http_request(port, "GET", "/config", headers=headers)
+    if status != 200:
+        raise RuntimeError(f"/config answered {status}")
+    deps = json.loads(body)["dependencies"]
+    dep = next(d for d in deps if d.get("api_name") == api_name)
+    payload = {"data": data, "fn_index": dep["id"], "session_hash": session, "event_data": None, "trigger_id": None}
+    if dep.get("queue") is False:
+        status, _, body = http_request(port, "POST", "/gradio_api/run/predict", json.dumps(payload).encode(), headers)
+        out = json.loads(body)
+        return ("ok", out["data"]) if status == 200 and "data" in out else ("error", str(out.get("error", out)))
+    status, _, body = http_request(port, "POST", "/gradio_api/queue/join", json.dumps(payload).encode(), headers)
+    if status != 200:
+        return "error", f"HTTP {status}: {body[:300]!r}"
+    return _read_events(port, session, headers, timeout)
+
+
+def _read_events(port: int, session: str, headers: dict, timeout: float):
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", f"/gradio_api/queue/data?session_hash={session}", headers=headers)
+        resp = conn.getresponse()
+        for raw in resp:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line.startswith("data:"):
+                continue
+            msg = json.loads(line[5:])
+            if msg.get("msg") == "process_completed":
+                out = msg.get("output") or {}
+                if msg.get("success") and "data" in out:
+                    return "ok", out["data"]
+                return "error", str(out.get("error") or out)
+        return "error", "the event stream ended without a result"
+    finally:
+        conn.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOTS = ("studio", "backends", "tabs")
-COMPOSITION = ("studio.app", "studio.context", "studio.bench")  # may import backends (and app: tabs)
+COMPOSITION = ("studio.app", "studio.context", "studio.api", "studio.bench")  # may import backends (and app: tabs)
 SINGLE_FILE_BACKENDS = ("backends.tinylm",)  # a capability that is one module, public as a whole
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,10 +11,17 @@ import gradio as gr
 import numpy as np
 import pytest
 
-from backends.audio.pcm import write_wav
+import tabs.audio as audio_tab
+from backends.audio import write_wav
 from studio.bench.asr_data import SENTENCES, espeak_available, synthesize
+from tabs._session import StopFlag
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tab_module_does_not_import_torch():
+    code = "import sys, tabs.audio; assert 'torch' not in sys.modules, 'tabs.audio imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 @pytest.fixture
@@ -29,9 +38,11 @@ def handlers(ctx):
 
 def call_transcribe(fns, audio=None, video=None, session="s1", **kw):
     args = dict(model_v="whisper-tiny.en", lang_v="auto", vad_v=True, words_v=False, batched_v=False, diar_v=False,
-                n_v=0, engine_v="offline", src_v="", trust_v=False)  # fmt: skip
+                n_v=0, engine_v="offline", src_v="")  # fmt: skip
     args.update(kw)
-    return list(fns["transcribe"](audio, video, *args.values(), request=SimpleNamespace(session_hash=session)))
+    from tabs._session import StopFlag
+
+    return list(fns["transcribe"](audio, video, *args.values(), StopFlag()))
 
 
 def test_errors_become_short_messages(handlers, tmp_path):
@@ -47,7 +58,7 @@ def test_errors_become_short_messages(handlers, tmp_path):
     with pytest.raises(gr.Error, match="transcribe something first"):
         handlers["export"](None, ["txt"])
     with pytest.raises(gr.Error, match="transcribe something first"):
-        handlers["post_edit"](None, "", SimpleNamespace(session_hash="s1"))
+        handlers["post_edit"](None, "", StopFlag())
 
 
 @pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing (apt-get install -y espeak-ng)")
@@ -57,9 +68,15 @@ def test_transcribe_streams_then_exports(handlers, ctx, tmp_path):
     outputs = call_transcribe(handlers, video=str(path), diar_v=True, n_v=1)  # the File input wins over Audio
     statuses = [o[0] for o in outputs]
     assert statuses[0].startswith("Loading") and "%" in statuses[1]
-    status, text, tr = outputs[-1]
+    status, text, tr, _, rows, speakers = outputs[-1]
     assert status.startswith("**Done**") and "SPEAKER_1" in text and "meeting" in text.lower()
     assert tr.segments and all(s.speaker == "SPEAKER_1" for s in tr.segments)
+    assert len(rows) == len(tr.segments) and speakers == [["SPEAKER_1", "SPEAKER_1"]]
+    assert len({s.avg_logprob for s in tr.segments}) == len(tr.segments)  # each segment its own confidence
+    tr, text, rows, speakers = audio_tab.rename_speakers(tr, [["SPEAKER_1", "Ada"]])
+    assert "Ada:" in text and rows[0][3] == "Ada" and speakers == [["Ada", "Ada"]]
+    (sr, clip), head = audio_tab.play_segment(tr, str(path), SimpleNamespace(index=[1, 0]))
+    assert sr == 16000 and 0 < clip.size / sr < tr.segments[1].end - tr.segments[1].start + 1.0 and "segment 1" in head
     files = handlers["export"](tr, ["srt", "json"])
     assert [Path(f).suffix for f in files] == [".srt", ".json"]
     assert all(Path(f).parent == (ctx.settings.outputs_dir / "audio").resolve() for f in files)
@@ -69,7 +86,9 @@ def test_transcribe_streams_then_exports(handlers, ctx, tmp_path):
 
 
 def test_stop_flag_is_per_session(handlers, tmp_path):
-    assert handlers["request_stop"](SimpleNamespace(session_hash="nobody")).startswith("Stopping")
+    from tabs._session import StopFlag
+
+    assert handlers["request_stop"](StopFlag()).startswith("Stopping")
     silence = write_wav(tmp_path / "s.wav", np.zeros(3 * 16000, np.float32))
-    status, text, tr = call_transcribe(handlers, audio=str(silence), session="s2")[-1]
+    status, text, tr, *_ = call_transcribe(handlers, audio=str(silence), session="s2")[-1]
     assert "no speech found" in status and text == "" and tr.segments == []

@@ -82,3 +82,25 @@ def test_cuda_graph_decoder_matches_generate_token_for_token():
     for _ in stream_tokens(decoder, rec, ids[0].tolist(), opts, eos_ids=set()):
         pass
     assert rec.ids == ref and "graph" in decoder.name
+
+
+def test_vlm_feature_path_with_cuda_graph_matches_plain_generate(tmp_path):
+    """The VLM tab's path (cached image features merged into the prompt embeddings, Chat's CUDA-graph decode step)
+    gives plain `generate`'s greedy tokens on a small random LLaVA in fp32, and reuses the features next turn."""
+    from transformers import LlavaForConditionalGeneration
+
+    from backends.vlm.decode import FeatureCache
+    from studio.bench.vlm import _Holder, build_llava_7b, make_inputs, ours, plain
+
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                  patch_size=14, projection_dim=32, hidden_act="quick_gelu")  # fmt: skip
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096)  # fmt: skip
+    folder = build_llava_7b(tmp_path / "llava", vision, text, "cuda")
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    inputs, digests = make_inputs(model, 2, 16)
+    cache, holder = FeatureCache(), _Holder()
+    got, timing = ours(model, cache, inputs, digests, 24, holder)
+    want, _ = plain(model, inputs, 24)
+    assert timing["decoder"] == "cuda-graph" and got == want
+    assert ours(model, cache, inputs, digests, 8, holder)[1]["images_encoded"] == 0

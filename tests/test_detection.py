@@ -82,21 +82,29 @@ def test_corrupt_and_missing_images_give_clear_messages(det, tmp_path):
         det.detect("no-such-model", BUS)
 
 
-def test_untrusted_pickles_are_refused_and_trusted_ones_load(det, tmp_path):
+def test_untrusted_pickles_are_refused_and_trusted_ones_load(det, ctx, tmp_path):
     copy = tmp_path / "someone_elses.pt"
     shutil.copyfile(det.get_model("yolov8s-person").path, copy)
-    with pytest.raises(DetectionError, match="I trust this file"):
-        det.add_trusted_weights(copy, trusted=False)
+    with pytest.raises(DetectionError, match="outside the folders this studio allows"):
+        det.add_trusted_weights(copy)  # not in a folder the settings trust: refused before anything unpickles it
     assert "pickles" in TRUST_WARNING
     with pytest.raises(DetectionError, match="Unknown detection model"):
         det.detect(str(copy), BUS)  # a path is never loaded just because it was named
-    entry = det.add_trusted_weights(copy, trusted=True)
+    trusted = ctx.settings.models_dir / "mine" / "people.pt"
+    trusted.parent.mkdir(parents=True)
+    shutil.copyfile(copy, trusted)
+    assert trusted.resolve() in det.trusted_files()
+    entry = det.add_trusted_weights(trusted)
     assert entry.kind == "trusted" and entry.id.startswith("file-")
     assert len(det.detect(entry.id, BUS).boxes) >= 3
-    pointer = tmp_path / "lfs.pt"
+    pointer = ctx.settings.models_dir / "lfs.pt"
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n")
     with pytest.raises(Exception, match="git-LFS pointer"):
-        det.add_trusted_weights(pointer, trusted=True)
+        det.add_trusted_weights(pointer)
+    link = ctx.settings.models_dir / "link.pt"
+    link.symlink_to(copy)  # a link out of the trusted folder does not make its target trusted
+    with pytest.raises(DetectionError, match="outside"):
+        det.add_trusted_weights(link)
 
 
 def test_untrained_model_runs(det):
@@ -163,3 +171,29 @@ def test_ultralytics_does_not_break_pil_errors_for_other_tabs(settings, tmp_path
     fake.write_bytes(b"PK\x03\x04" + bytes(200))
     with pytest.raises(UnidentifiedImageError):
         Image.open(fake)
+
+
+def test_ultralytics_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """last.pt / best.pt: per-epoch `write_bytes` and the final strip_optimizer both go through temp + rename."""
+    import ultralytics.engine.trainer as trainer_module
+
+    from backends.vision.train import AtomicPath, atomic_checkpoints, install_atomic_strip
+
+    trainer = type("T", (), {"last": tmp_path / "last.pt", "best": tmp_path / "best.pt"})()
+    atomic_checkpoints(trainer)
+    assert isinstance(trainer.last, AtomicPath)
+    trainer.last.write_bytes(b"epoch-1")
+    seen = []
+
+    def fake_strip(f, s="", updates=None):
+        seen.append(Path(s).name)
+        Path(s).write_bytes(b"stripped")
+        return {}
+
+    monkeypatch.setattr(trainer_module, "strip_optimizer", fake_strip)
+    install_atomic_strip()
+    trainer_module.strip_optimizer(trainer.last)
+    assert seen[0].startswith(".last.pt.") and seen[0].endswith(".tmp")  # written beside, then renamed over
+    assert (tmp_path / "last.pt").read_bytes() == b"stripped" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.pt"
+    ]

@@ -40,15 +40,17 @@ def test_detect_validate_and_errors_through_the_ui(client, ctx, tmp_path):
     from PIL import Image
 
     assert Image.open(img).size == (810, 1080)  # the annotated image came back
-    assert summary.startswith(f"{len(table['data'])} objects") and len(table["data"]) >= 3
+    assert summary.startswith(f"**Found {len(table['data'])} Normal**") and len(table["data"]) >= 3
+    assert "classes of this model: Normal, Fall" in summary and "people" in summary  # not COCO: said with the result
     assert {row[0] for row in table["data"]} == {"Normal"}
     assert len(json.loads(Path(json_file).read_text())["boxes"]) == len(table["data"])
 
-    make_synthetic_dataset(tmp_path / "ds", n_train=4, n_val=2, imgsz=64)
-    report = c.predict(None, str(tmp_path / "ds"), api_name="/vision_validate")  # (the image count is session state)
+    ds = ctx.settings.data_dir / "ingest" / "ds"  # a server folder must be under the settings' data roots
+    make_synthetic_dataset(ds, n_train=4, n_val=2, imgsz=64)
+    report = c.predict(None, str(ds), api_name="/vision_validate")  # (the image count is session state)
     assert "— valid" in report and "train: 4 images" in report
-    (tmp_path / "ds" / "labels" / "val" / "00000.txt").write_text("5 0.5 0.5 0.1 0.1\n")
-    report = c.predict(None, str(tmp_path / "ds"), api_name="/vision_validate")
+    (ds / "labels" / "val" / "00000.txt").write_text("5 0.5 0.5 0.1 0.1\n")
+    report = c.predict(None, str(ds), api_name="/vision_validate")
     assert "NOT valid" in report and "class id 5 is out of range" in report
 
     with pytest.raises(AppError, match="not a readable image"):
@@ -56,4 +58,22 @@ def test_detect_validate_and_errors_through_the_ui(client, ctx, tmp_path):
         bad.write_bytes(BUS.read_bytes()[:5000])  # header intact, pixels cut off
         c.predict("yolov8s-person", handle_file(str(bad)), 0.25, 0.7, [], 640, api_name="/vision_detect")
     with pytest.raises(AppError, match="class id 5"):
-        c.predict(None, str(tmp_path / "ds"), "yolov8s-person", 1, 64, 2, 1, 0, True, False, api_name="/vision_train")
+        c.predict(None, str(ds), "yolov8s-person", 1, 64, 2, 1, 0, True, False, api_name="/vision_train")
+    with pytest.raises(AppError, match=r"not allowed|outside the folders"):
+        c.predict(None, str(tmp_path), api_name="/vision_validate")  # any other server folder is refused
+
+
+def test_labels_stay_inside_the_image_and_the_sample_dataset_is_valid(ctx):
+    import numpy as np
+
+    from backends.vision import Box
+    from backends.vision.detection import draw_boxes
+
+    img = draw_boxes(np.zeros((100, 200, 3), np.uint8), [Box(0, "Normal", 0.9, 150, 0, 199, 60)])
+    top_right = img[:10, 120:200].reshape(-1, 3)
+    assert (top_right == (255, 56, 56)).all(axis=1).any()  # the label box is drawn, inside the frame
+    det = ctx.backends.detection
+    root = det.make_sample_dataset(n_train=6, n_val=2)
+    report = det.check_dataset(root)
+    assert "— valid" in report.markdown() and det.make_sample_dataset() == root  # made once, reused
+    assert det.check_dataset_folder(root) == root.resolve()  # the Train button accepts the sample's folder

@@ -175,3 +175,19 @@ def test_generation_is_refused_while_the_model_is_being_trained(diffusion_ctx):
         diffusion.generate(GenerateRequest("a cat", **FAST))
     with pytest.raises(DiffusionBusy, match="already being trained"), diffusion.training(rec), diffusion.training(rec):
         pass
+
+
+def test_an_init_image_over_89_megapixels_is_refused_from_its_header(tmp_path):
+    import struct
+    import zlib
+
+    from backends.image.request import RequestError, load_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    huge = tmp_path / "huge.png"  # 12000 x 12000 = 144 MP: PIL only warns below 178 MP
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0))
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IEND", b""))
+    with pytest.raises(RequestError, match="over 89 megapixels"):
+        load_image(huge, "init image", (64, 64))

@@ -2,6 +2,12 @@
 
 Opens every tab, checks that something real is visible in each and that no tab failed to load, selects a run in
 the Runs tab (its record and metrics line appear), and saves the README screenshot to assets/screenshot.png.
+
+Then each tab's main job, done the way a new user does it, checking what that user looks at: a chat answer with
+"Paris" on the default settings; a RAG answer citing the right file and line; an image whose PNG carries its
+parameters; people found in bus.jpg; the sample audio transcribed with two speakers; a Tiny LM run whose live plot
+has numeric points, listed in Runs with its artifacts. The jobs that load real models are `slow`; with
+STUDIO_UPDATE_SCREENSHOT=1 each writes its tab's screenshot to assets/tab-<name>.png (listed in the README).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TABS = TAB_TITLES
+TAB_SHOT_MAX_BYTES = 160_000
+MODEL_WAIT_MS = 600_000  # first chat converts the GGUF; this 2-core CI machine is shared
 FAILED_MARK = "This tab failed to load"
 SCREENSHOT = REPO / "assets" / "screenshot.png"
 SCREENSHOT_MAX_BYTES = 300_000
@@ -183,3 +191,146 @@ def test_jobs_panel_shows_live_progress_and_cancels(tmp_path, browser):
     finally:
         demo.close()
         ctx.jobs.shutdown(timeout=5)
+
+
+# ---- each tab's main job -----------------------------------------------------------------------------------------
+def _png_small(png: bytes, limit: int) -> bytes:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img = img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.LANCZOS)  # README thumbnails
+    for colors in (128, 64, 32):
+        buf = io.BytesIO()
+        img.quantize(colors=colors).save(buf, format="PNG", optimize=True)
+        if len(buf.getvalue()) < limit:
+            return buf.getvalue()
+    return buf.getvalue()
+
+
+def _tab_shot(page, name: str, tmp_path, show=None) -> None:
+    """A small screenshot of the page around `show`; with STUDIO_UPDATE_SCREENSHOT=1 it replaces
+    assets/tab-<name>.png."""
+    if show is not None:
+        show.evaluate("el => el.scrollIntoView({block: 'center'})")
+    png = _png_small(page.screenshot(full_page=False), TAB_SHOT_MAX_BYTES)
+    assert 5_000 < len(png) < TAB_SHOT_MAX_BYTES
+    folder = REPO / "assets" if os.environ.get("STUDIO_UPDATE_SCREENSHOT") == "1" else tmp_path
+    tmp = folder / f"tab-{name}.png.tmp"
+    tmp.write_bytes(png)
+    shutil.move(tmp, folder / f"tab-{name}.png")
+
+
+def _upload(panel, path: Path, index: int = 0) -> None:
+    panel.locator("input[type=file]").nth(index).set_input_files(str(path))
+
+
+def test_tiny_lm_run_plots_numbers_and_runs_lists_its_artifacts(page, tmp_path):
+    panel = _open(page, "Tiny LM lab")
+    panel.get_by_label("Steps").first.fill("40")
+    panel.get_by_label("Batch size").first.fill("8")
+    panel.get_by_role("button", name="Train", exact=True).click()
+    _visible(panel.get_by_text(re.compile(r"step \d+/40"))).wait_for(timeout=120_000)  # step count while it runs
+    _visible(panel.get_by_text(re.compile(r"\*?done"))).wait_for(timeout=180_000)
+    plot = _visible(panel.locator("[aria-roledescription='line mark']"))
+    plot.wait_for(timeout=30_000)
+    ticks = [t or "" for t in panel.locator("[aria-roledescription='axis'] text").all_text_contents()]
+    numbers = [t for t in ticks if re.fullmatch(r"-?\d+(\.\d+)?", t.strip().replace(",", ""))]
+    assert len(numbers) >= 4 and len(ticks) < 30, ticks  # numeric axes, not ~40 category labels
+    log_box = panel.get_by_label("Log (newest first)")
+    lines = log_box.input_value().splitlines()
+    assert lines and "step 40" in lines[0]  # newest first
+    sync_api.expect(panel.get_by_label("Trained model (run id, newest first)")).not_to_have_value("")
+    _tab_shot(page, "tinylm", tmp_path)
+
+    panel = _open(page, "Runs")
+    panel.get_by_role("button", name="Refresh runs").click()
+    _visible(panel.get_by_text("tinylm", exact=True)).click()
+    _visible(panel.get_by_text("model.safetensors")).wait_for()
+    panel.get_by_role("button", name="Prepare downloads").click()
+    _visible(panel.locator("a[download], a[href*='model.safetensors']")).wait_for()
+    _tab_shot(page, "runs", tmp_path)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow
+def test_chat_answers_paris_on_the_defaults(page, tmp_path):
+    panel = _open(page, "Chat")
+    box = panel.get_by_placeholder(re.compile("Type a message"))
+    box.fill("What is the capital of France?")
+    box.press("Enter")  # Enter sends
+    _visible(panel.get_by_text(re.compile("Loading .*first time: converting|Loading SmolLM2"))).wait_for()
+    bot = panel.get_by_test_id("bot")
+    sync_api.expect(bot.first).to_contain_text("Paris", timeout=MODEL_WAIT_MS)
+    _visible(panel.get_by_text(re.compile(r"tokens · .*finished: (eos|length)"))).wait_for(timeout=MODEL_WAIT_MS)
+    _visible(panel.get_by_text(re.compile(r"Context .* tokens"))).wait_for()
+    _tab_shot(page, "chat", tmp_path, bot.first)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow
+def test_rag_answer_cites_the_right_file_and_line(page, tmp_path):
+    panel = _open(page, "RAG")
+    panel.get_by_role("button", name="Ingest", exact=True).click()  # the sample notes folder is the default
+    _visible(panel.get_by_text(re.compile(r"\*\*done\*\*|done ·"))).wait_for(timeout=MODEL_WAIT_MS)
+    question = panel.get_by_label("Question")
+    question.fill("How much water goes into the sourdough?")
+    panel.get_by_role("button", name="Ask", exact=True).click()
+    cited = _visible(panel.locator(".rag-cited"))
+    sync_api.expect(cited).to_contain_text("sourdough.md", timeout=MODEL_WAIT_MS)
+    spans = [tuple(map(int, m)) for m in re.findall(r"sourdough\.md:(\d+)-(\d+)", cited.inner_text())]
+    assert any(a <= 11 <= b for a, b in spans), spans  # "350 g water" is line 11
+    _tab_shot(page, "rag", tmp_path, cited)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow
+def test_image_png_carries_its_parameters(page, studio, tmp_path):
+    import urllib.request
+
+    from PIL import Image
+
+    panel = _open(page, "Image")
+    panel.get_by_label("Prompt", exact=True).first.fill("a lighthouse at dusk")
+    panel.get_by_label("Width").first.fill("64")
+    panel.get_by_label("Height").first.fill("64")
+    panel.get_by_label("Steps").first.fill("2")
+    panel.get_by_label("Seed (-1 = random)").fill("42")
+    panel.get_by_role("button", name="Generate", exact=True).click()
+    _visible(panel.get_by_text(re.compile("seeds 42"))).wait_for(timeout=MODEL_WAIT_MS)
+    src = _visible(panel.locator("img[src*='file=']")).get_attribute("src")  # the result gallery's image
+    url = src if src.startswith("http") else studio.url + src
+    with urllib.request.urlopen(url, timeout=30) as r:
+        img = Image.open(io.BytesIO(r.read()))
+    assert "a lighthouse at dusk" in img.text["parameters"] and "Seed: 42" in img.text["parameters"]
+    _tab_shot(page, "image", tmp_path)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow
+def test_vision_finds_the_people_in_bus_jpg(page, tmp_path):
+    import importlib.util
+
+    bus = Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
+    panel = _open(page, "Vision")
+    _upload(panel, bus)
+    panel.get_by_role("button", name="Detect", exact=True).click()
+    found = _visible(panel.get_by_text(re.compile(r"Found \d+ Normal")))
+    found.wait_for(timeout=MODEL_WAIT_MS)
+    assert int(re.search(r"Found (\d+) Normal", found.inner_text()).group(1)) >= 3
+    _visible(panel.get_by_text(re.compile("detects \\*\\*people\\*\\* only|people"))).wait_for()
+    _tab_shot(page, "vision", tmp_path, found)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow
+def test_audio_sample_transcribed_with_two_speakers(page, tmp_path):
+    panel = _open(page, "Audio")
+    _upload(panel, REPO / "assets" / "audio" / "two-speakers.ogg")
+    panel.get_by_text("Speakers", exact=True).click()  # the accordion
+    panel.get_by_label("Label speakers (diarization)").check()
+    panel.get_by_role("button", name="Transcribe", exact=True).click()
+    _visible(panel.get_by_text(re.compile(r"\*?Done"))).wait_for(timeout=MODEL_WAIT_MS)
+    text = panel.get_by_label("Transcript").input_value()
+    assert "SPEAKER_1:" in text and "SPEAKER_2:" in text, text
+    _tab_shot(page, "audio", tmp_path, panel.get_by_label("Transcript"))
+    assert page.errors == [], page.errors

@@ -247,3 +247,20 @@ def test_process_exit_lets_a_running_job_save(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
     assert marker.read_text().startswith("saved after ")
+
+
+def test_a_double_clicked_start_makes_one_job():
+    import threading
+
+    from studio.jobs import JobBusy, JobRunner
+
+    runner, release = JobRunner(), threading.Event()
+    first = runner.submit("train", lambda job: release.wait(5), gpu=False, unique="tinylm:cfg")
+    with pytest.raises(JobBusy, match="already"):
+        runner.submit("train", lambda job: None, gpu=False, unique="tinylm:cfg")
+    other = runner.submit("train other", lambda job: None, gpu=False, unique="tinylm:other")
+    release.set()
+    assert first.wait(5) and other.wait(5)
+    again = runner.submit("train", lambda job: None, gpu=False, unique="tinylm:cfg")  # allowed once it ended
+    assert again.wait(5)
+    runner.shutdown(5)

@@ -116,3 +116,17 @@ def test_bad_engine_settings(ctx):
     with pytest.raises(ValueError, match="model is empty"):
         LLMConfig(engine="openai", base_url="http://127.0.0.1:8000/v1", api_model=" ")
     assert "sk-" not in repr(LLMConfig(engine="openai", base_url="http://x:1/v1", api_model="m", api_key="sk-secret"))
+
+
+def test_a_session_config_never_becomes_the_shared_default(ctx, monkeypatch):
+    """The Chat tab passes each session's engine, URL and key per call; the backend default (which RAG and
+    post-editing use) stays as it was, so one browser's server and key never serve another's requests."""
+
+    backend = LLMBackend(ctx)
+    session = backend.session_config(engine="openai", base_url="http://127.0.0.1:9/v1", api_model="m", api_key="sk-a")
+    with pytest.raises(EngineError):  # nothing listens on port 9: the call went where the session said
+        list(backend.chat([{"role": "user", "content": "hi"}], config=session))
+    assert backend.config.engine == "transformers" and backend.config.base_url == "" and backend.config.api_key == ""
+    far = backend.session_config(engine="openai", base_url="http://gpu-box.lan:8000/v1", api_model="m")
+    with pytest.raises(EngineError, match=r"not allowed|no request leaves"):
+        list(backend.chat([{"role": "user", "content": "hi"}], config=far))

@@ -298,7 +298,8 @@ def test_tab_streams_ingest_and_answer_and_refuses_bad_input(rag, tmp_path: Path
 
     from tabs.rag import MODE_LABELS, ask_stream, ingest_stream
 
-    notes = _copy_notes(tmp_path / "notes")
+    notes = _copy_notes(rag.ctx.settings.data_dir / "ingest" / "notes")  # only allowed folders can be named
+    assert str(notes) in rag.ingest_choices()
     updates = list(ingest_stream(rag, None, "tab-kb", str(notes), None, poll_s=0.05))
     job_id, _, status, skipped, info = updates[-1]
     assert job_id is None and status.startswith("**done**") and "4 indexed" in status and skipped == ""
@@ -311,7 +312,10 @@ def test_tab_streams_ingest_and_answer_and_refuses_bad_input(rag, tmp_path: Path
     assert rows[0][1].startswith("notes/sourdough.md:") and len(rows) == 3
     for call, match in [
         (lambda: list(ingest_stream(rag, None, "../up", str(notes), None)), "not allowed"),
-        (lambda: list(ingest_stream(rag, "tab-kb", "", str(tmp_path / "missing"), None)), "does not exist"),
+        (lambda: list(ingest_stream(rag, "tab-kb", "", str(notes / "missing"), None)), "does not exist"),
+        (lambda: list(ingest_stream(rag, "tab-kb", "", str(_copy_notes(tmp_path / "n")), None)), "outside the folders"),
+        (lambda: list(ingest_stream(rag, "tab-kb", "", "/etc", None)), "outside the folders"),
+        (lambda: list(ingest_stream(rag, "tab-kb", "", str(rag.ctx.settings.models_dir), None)), "models, cache"),
         (lambda: list(ask_stream(rag, "tab-kb", "  ", hybrid, 3, False, 64)), "empty"),
         (lambda: list(ask_stream(rag, "tab-kb", "a\x00b", hybrid, 3, False, 64)), "null byte"),
         (lambda: list(ask_stream(rag, None, "water?", hybrid, 3, False, 64)), "Choose a knowledge base"),

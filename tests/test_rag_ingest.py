@@ -313,3 +313,20 @@ def test_tab_passage_block_numbers_lines_and_survives_backticks() -> None:
     block = passage_block(p)
     assert block.startswith("````text\n") and block.endswith("\n````")
     assert "   12 | # Title\n   13 | ```py\n   14 | x = 1" in block
+
+
+def test_tab_refreshes_the_kb_list_on_load_and_says_when_a_question_queues(ctx) -> None:
+    from backends.rag.answer import cut_repetition
+    from tabs._session import StopFlag
+    from tabs.rag import ask_pressed, kb_choices
+
+    backend = ctx.backends.rag
+    backend.create_kb("made-elsewhere")  # e.g. in another browser tab, after this page was built
+    update, info = kb_choices(backend, None)
+    assert "made-elsewhere" in update["choices"] and update["value"] == "made-elsewhere" and "made-elsewhere" in info
+    busy = StopFlag()
+    assert "Queued" not in ask_pressed(ctx, busy)
+    busy.set()
+    assert "Queued" in ask_pressed(ctx, busy)
+    loop = "The plan is six days of walking. " * 6
+    assert cut_repetition(loop) == "The plan is six days of walking."

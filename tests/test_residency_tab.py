@@ -82,6 +82,20 @@ def test_tab_builds_on_this_machine(ctx):
     assert text.startswith("### No GPU") or "Studio budget" in text
 
 
+def test_without_a_gpu_the_tab_shows_ram_and_cpu(ctx):
+    import dataclasses as dc
+
+    cpu_only = dc.replace(ctx.residency.snapshot(), card=None, accelerator="cpu")
+    assert not gpu_tab.has_gpu(cpu_only)
+    ctx = dc.replace(ctx)  # a copy whose residency reports no GPU, whatever this machine has
+    ctx.residency = type("NoGpu", (), {"snapshot": lambda self: cpu_only})()
+    _, _, _, _, host, frame, *_, points = gpu_tab.tick(ctx, None, [])
+    _, _, _, _, _, frame, *_, points = gpu_tab.tick(ctx, None, points)
+    assert host.startswith("**RAM ") and "CPU" in host and "cores" in host
+    assert len(points) == 2 and set(frame["series"]) == {"RAM used (all programs)", "the studio"}
+    assert frame["GB"].dtype == "float64" and (frame["GB"] > 0).all()  # not a flat 0 GB VRAM line
+
+
 def test_training_runs_are_shown_with_their_pause():
     from studio.residency.state import TrainingView
 

@@ -107,6 +107,74 @@ def test_atomic_folder_leaves_nothing_on_error_and_can_keep_a_winner(tmp_path: P
     assert [p.name for p in target.iterdir()] == ["b"]
 
 
+def test_allowed_path_keeps_requests_inside_the_owners_folders(tmp_path):
+    from studio.safety import UnsafePathError, allowed_path
+
+    root, models = tmp_path / "ingest", tmp_path / "models"
+    (root / "notes").mkdir(parents=True)
+    models.mkdir()
+    (root / "out").symlink_to(tmp_path)
+    assert allowed_path(str(root / "notes"), (root,), (models,)) == (root / "notes").resolve()
+    for bad in (str(tmp_path), "/etc", str(root / "notes/../.."), str(root / "out"), "", "a\x00b"):
+        with pytest.raises(UnsafePathError):
+            allowed_path(bad, (root,), (models,))
+    with pytest.raises(UnsafePathError, match="models, cache or config"):
+        allowed_path(str(tmp_path), (tmp_path,), (models,))  # a root that holds the models folder is refused too
+
+
+def test_reserved_windows_names_and_unguessable_stamps():
+    from studio.safety import safe_filename, unguessable_stamp
+
+    assert (
+        safe_filename("CON") == "_CON"
+        and safe_filename("nul.txt") == "_nul.txt"
+        and safe_filename("console") == "console"
+    )
+    stamps = {unguessable_stamp() for _ in range(50)}
+    assert len(stamps) == 50 and all(len(s.split("-")[-1]) == 12 for s in stamps)
+
+
+def test_orphan_temps_are_removed_but_young_ones_and_other_files_kept(tmp_path):
+    import os
+
+    from studio.safety import atomic_write_bytes, remove_orphan_temps
+
+    old, young, mine = tmp_path / ".a.pt.Ab3_x9Zq.tmp", tmp_path / ".b.pt.Cd4_y8Wr.tmp", tmp_path / "notes.tmp"
+    folder = tmp_path / "sub" / ".pipe.Qw12_erT.tmp"
+    folder.mkdir(parents=True)
+    for p in (old, young, mine):
+        p.write_bytes(b"x")
+    for p in (old, mine, folder):
+        os.utime(p, (1_000_000, 1_000_000))
+    assert sorted(remove_orphan_temps([tmp_path])) == sorted([old, folder])
+    assert young.exists() and mine.exists()
+    atomic_write_bytes(tmp_path / "c.bin", b"ok")  # our writer's temp names match the pattern and are gone after
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".c.bin")] == []
+
+
+def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from studio.safety import atomic_path
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"good")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed mid-save")
+    assert target.read_bytes() == b"good" and list(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_kb_name_con_is_refused_with_a_usable_suggestion():
+    from backends.rag.store import KnowledgeBaseError, check_kb_name
+
+    for name in ("CON", "nul", "COM1"):
+        with pytest.raises(KnowledgeBaseError) as e:
+            check_kb_name(name)
+        assert f"'{name}-notes'" in str(e.value) or "-notes" in str(e.value)
+
+
 def test_safetensors_header_reads_shapes_and_refuses_a_cut_file(tmp_path: Path):
     path = tmp_path / "w.safetensors"
     save_safetensors({"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.float16)}, path, metadata={"k": "v"})

@@ -46,3 +46,24 @@ def test_invalid_toml_is_reported(tmp_path: Path):
 def test_every_field_has_a_description():
     for name, _value, desc in Settings().field_descriptions():
         assert desc, name
+
+
+def test_settings_tab_validates_saves_atomically_and_applies_caps_live(ctx, tmp_path):
+    import gradio as gr
+    import pytest as _pytest
+
+    from studio.settings import load_settings
+    from tabs.settings import save_settings
+
+    names = list(type(ctx.settings).model_fields)
+    texts = {n: "" if getattr(ctx.settings, n) is None else str(getattr(ctx.settings, n)) for n in names}
+    toml = tmp_path / "studio.toml"
+    assert save_settings(ctx, toml, *texts.values()) == "Nothing changed."
+    with _pytest.raises(gr.Error, match="port = 'abc'"):  # the same message as a bad studio.toml
+        save_settings(ctx, toml, *{**texts, "port": "abc"}.values())
+    assert not toml.exists()  # nothing written on a refusal
+    report = save_settings(ctx, toml, *{**texts, "vram_cap_gb": "6.5", "port": "7999"}.values())
+    assert "Applied now: vram_cap_gb" in report and "Needs a restart:** port" in report
+    assert ctx.residency.vram_cap_bytes == int(6.5 * 2**30)
+    saved = load_settings(toml, environ={})
+    assert saved.port == 7999 and saved.vram_cap_gb == 6.5

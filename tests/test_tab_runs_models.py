@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,14 +48,25 @@ def test_runs_rows_and_details(ctx):
     assert rows[0][1:3] == ["sd_lora", "running"] and "loss=0.25" in rows[0][5]
     assert rows[1][2] == "failed" and "error=boom" in rows[1][5]
 
-    rec, frame, artifacts, headline = runs_tab.run_details(ctx, run.id)
-    assert rec["config"] == {"lr": 1e-4} and rec["seed"] == 3 and "versions" in rec
-    assert set(frame["metric"]) == {"loss", "lr"} and len(frame) == 8
-    assert frame[frame.metric == "loss"]["value"].tolist() == pytest.approx([1, 0.5, 1 / 3, 0.25])
-    assert artifacts == [["lora.safetensors", "artifacts/lora.safetensors", "2.0 KB"]]
-    assert run.id in headline
+    (run.dir / "weights").mkdir()
+    (run.dir / "weights" / "best.pt").write_bytes(b"1" * 4096)  # written by the trainer, never registered
+    (run.dir / "model.safetensors").write_bytes(b"2" * 1024)
 
-    rec, frame, artifacts, headline = runs_tab.run_details(ctx, "../../etc")
+    rec, frame, lr, artifacts, headline = runs_tab.run_details(ctx, run.id)
+    assert rec["config"] == {"lr": 1e-4} and rec["seed"] == 3 and "versions" in rec
+    assert set(frame["metric"]) == {"loss"} and len(frame) == 4  # the learning rate is not on the loss axis
+    assert set(lr["metric"]) == {"lr"} and len(lr) == 4
+    assert frame[frame.metric == "loss"]["value"].tolist() == pytest.approx([1, 0.5, 1 / 3, 0.25])
+    names = [a[0] for a in artifacts]
+    assert {"lora.safetensors", "best.pt", "model.safetensors"} <= set(names)
+    assert ["best.pt", "weights/best.pt", "4.0 KB"] in artifacts
+    assert run.id in headline
+    files = runs_tab.prepare_downloads(ctx, run.id)
+    outputs = ctx.settings.outputs_dir.resolve()
+    assert all(Path(f).resolve().is_relative_to(outputs) for f in files)  # served from the outputs folder only
+    assert {Path(f).name for f in files} >= {"best.pt", "model.safetensors"}
+
+    rec, frame, lr, artifacts, headline = runs_tab.run_details(ctx, "../../etc")
     assert rec == {} and frame is None and artifacts == [] and "invalid run id" in headline
 
 
@@ -73,7 +85,8 @@ def test_jobs_panel_lists_progress_and_cancels(ctx):
     queued = ctx.jobs.submit("second", lambda j: None)
     assert started.wait(5)
     rows = {r[0]: r for r in runs_tab.jobs_rows(ctx)}
-    assert rows[job.id][1:6] == ["train lora", "GPU", "running", "50%", "epoch 1/2"]
+    device = "GPU" if ctx.residency.device == "cuda" else "CPU"  # no GPU: the job runs on the CPU and says so
+    assert rows[job.id][1:6] == ["train lora", device, "running", "50%", "epoch 1/2"]
     assert rows[queued.id][3] == "queued" and "position 1" in rows[queued.id][5]
     assert "epoch 1 done" in runs_tab.job_logs(ctx, job.id)
 

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.audio.models import ModelMissing, WhisperLoader, register_vad
+from backends.audio.models import (
+    TUNED_PREFIX,
+    ModelMissing,
+    TunedWhisperLoader,
+    WhisperLoader,
+    register_vad,
+    tuned_models,
+)
 from backends.audio.pcm import SAMPLE_RATE, DecodeStats, iter_pcm, mark_last, probe
 from backends.audio.types import DiarizeOptions, Segment, Transcript, Word
 from backends.audio.vad import FixedWindows, SpeechWindow, SpeechWindows, VadConfig
@@ -33,6 +40,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["AsrBackend", "AsrUpdate", "ModelMissing", "Segment", "TranscribeOptions", "Transcript", "Word", "create"]
 
+# Speech windows for Whisper keep 0.4 s of audio each side of the VAD's speech (the diarizer's regions keep 0.2 s):
+# with 0.2 s the pipeline lost word edges and scored WER 0.155 vs plain faster-whisper's 0.150 on tiny.en
+# (studio/bench/asr.py, 40 espeak-ng clips); with 0.4 s both score the same, for tiny.en and base.
+WHISPER_PAD_S = 0.4
 SILENCE_PEAK = 1e-3  # a window whose loudest sample is below -60 dBFS is silence: Whisper never sees it
 
 
@@ -99,9 +110,15 @@ class AsrBackend:
     def models(self) -> list[tuple[str, str, bool]]:
         """(id, title, present on this machine) for every Whisper model in the catalog."""
         cat = self.ctx.catalog
-        return [(s.id, s.title, cat.is_present(s)) for s in cat.by_capability("asr")]
+        shipped = [(s.id, s.title, cat.is_present(s)) for s in cat.by_capability("asr")]
+        return shipped + [(mid, title, True) for mid, title in tuned_models(self.ctx.settings.models_dir)]
 
     def _key(self, model_id: str) -> str:
+        if model_id.startswith(TUNED_PREFIX):
+            loader = TunedWhisperLoader(model_id, self.ctx.settings.models_dir)
+            if not self.ctx.residency.is_registered(loader.key):
+                self.ctx.residency.register(loader)
+            return loader.key
         spec = self.ctx.catalog.get(model_id)
         if spec.capability != "asr":
             raise ValueError(f"{model_id!r} is a {spec.capability} model, not a Whisper (asr) model")
@@ -145,7 +162,7 @@ class AsrBackend:
         run = _Run(self, opts, info.duration_s, should_stop)
         tracker = self._tracker(diarize)
         stats = DecodeStats()
-        windows = SpeechWindows(VadConfig()) if opts.vad else FixedWindows()
+        windows = SpeechWindows(VadConfig(pad_s=WHISPER_PAD_S)) if opts.vad else FixedWindows()
         # The speaker tracker needs speech regions: without VAD for Whisper it gets its own VAD stream.
         speech = windows if opts.vad else (SpeechWindows(VadConfig()) if tracker is not None else None)
         t0 = time.perf_counter()
@@ -170,7 +187,7 @@ class AsrBackend:
                 yield run.update((), stats.seconds)
         yield from run.flush(stats.seconds)
         transcript = run.transcript(stats)
-        if tracker is not None and transcript.segments and not transcript.cancelled:
+        if diarize is not None and transcript.segments and not transcript.cancelled:  # pyannote has no tracker
             yield run.update((), stats.seconds, message="assigning speakers...")
             self._diarize(transcript, tracker, diarize, path)
         log.info(
@@ -185,14 +202,13 @@ class AsrBackend:
         return self.diarizer.tracker()
 
     def _diarize(self, transcript: Transcript, tracker, diarize: DiarizeOptions, path: str | Path) -> None:
-        from backends.audio.diarize import assign_speakers
+        from backends.audio.diarize import assign_speakers, number_speakers
 
         if tracker is not None:
             turns = tracker.finish(diarize.num_speakers, diarize.max_speakers)
         else:
             turns = self.diarizer.diarize(path, diarize)
-        transcript.speakers = turns
-        transcript.segments = assign_speakers(transcript.segments, turns)
+        transcript.segments, transcript.speakers = number_speakers(assign_speakers(transcript.segments, turns), turns)
         n = len({t.speaker for t in turns})
         transcript.notes.append(f"diarization ({diarize.engine}): {n} speaker(s)")
 
@@ -236,9 +252,11 @@ class _Run:
         return dict(
             language=self.language,
             beam_size=self.opts.beam_size,
-            # Without VAD a window can open on long silence, and Whisper's segment times are then coarse (the
-            # first one snaps to 0); word alignment fixes them, so it runs even when words are not asked for.
-            word_timestamps=self.opts.word_timestamps or not self.opts.vad,
+            # Word alignment always runs: without VAD a window can open on long silence and Whisper's segment
+            # times are then coarse (the first one snaps to 0), and the words' probabilities give each segment its
+            # own confidence (Whisper's avg_logprob / no_speech_prob are per 30-s decoding window, so every
+            # segment of one window had the same values). Words are kept only when asked for.
+            word_timestamps=True,
             condition_on_previous_text=False,  # windows are independent: no runaway repetition across them
             vad_filter=False,  # the windows are already VAD-cut (or deliberately not)
         )
@@ -297,9 +315,21 @@ def _segment(seg: Any, offset: float, keep_words: bool) -> Segment:
         end=round(seg.end + offset, 3),
         text=seg.text.strip(),
         words=words,
-        avg_logprob=float(seg.avg_logprob),
+        avg_logprob=segment_logprob(seg),
         no_speech_prob=float(seg.no_speech_prob),
     )
+
+
+def segment_logprob(seg: Any) -> float:
+    """Mean log-probability of this segment's own words; the window's avg_logprob when there are no words.
+
+    faster-whisper reports `avg_logprob` once per 30-s decoding window (the sum over all its tokens), so every
+    segment of that window shares it; the aligned words' probabilities are per segment.
+    """
+    probs = [float(w.probability) for w in (seg.words or ()) if w.probability is not None]
+    if not probs:
+        return round(float(seg.avg_logprob), 4)
+    return round(float(np.mean(np.log(np.clip(probs, 1e-6, 1.0)))), 4)
 
 
 class _lease:

@@ -4,13 +4,21 @@ Offline engine policy:
 - speech regions come from the streaming VAD (backends.audio.vad); each region is cut into 1.6 s sub-windows (the length
   the GE2E encoder was trained on) every 0.8 s, and each sub-window gets one 256-d embedding. Only embeddings and
   times are kept, so a 3-hour file costs a few MB here.
-- clustering is spectral: cosine affinities, each row pruned to its strongest 30 %, normalised Laplacian; the number
-  of speakers is given or taken at the largest eigengap (up to `max_speakers`). Above `MAX_CLUSTER_POINTS`
-  embeddings a spread-out subset is clustered and the rest join the nearest centroid (bounded memory).
-- each sub-window speaks for the 0.8 s around its centre; a 3-tap majority filter removes one-window flicker.
+- with the speaker count given, clustering is spectral: cosine affinities, each row pruned to its strongest 30 %,
+  normalised Laplacian, k-means on the first k eigenvectors.
+- with the count automatic, it is average-linkage agglomerative clustering cut at cosine distance `AUTO_THRESHOLD`,
+  then clusters of fewer than `MIN_CLUSTER` windows (< ~2.4 s of speech: a cough, a laugh, one odd window) join the
+  nearest real cluster. The eigengap of a Laplacian over a few dozen windows is unstable: a 3-turn A-B-A dialogue
+  came out as 3-5 speakers. Within-speaker merges of GE2E windows end near 0.25, cross-speaker merges start
+  near 0.31 on espeak-ng voices and on pyannote's real sample (studio/bench/asr.py measures both).
+- above `MAX_CLUSTER_POINTS` embeddings a spread-out subset is clustered and the rest join the nearest centroid
+  (bounded memory).
+- each sub-window speaks for the 0.8 s around its centre; a 3-tap majority filter removes one-window flicker;
+  speakers are then numbered SPEAKER_1, SPEAKER_2, ... in the order they first speak.
 
-pyannote.audio pipelines load pickled checkpoints (`weights_only=False` inside pyannote), so a local folder is used
-only when the caller says it trusts it (`trust_pickles`); the studio never downloads one at run time.
+pyannote.audio pipelines load pickled checkpoints (`weights_only=False` inside pyannote), so a pipeline folder is
+used only inside the folders the owner's settings trust (the models folder and `trusted_model_dirs`); no request can
+mark one trusted, and the studio never downloads one at run time.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ log = logging.getLogger(__name__)
 WIN_FRAMES, HOP_FRAMES = 160, 80  # mel frames (10 ms): 1.6 s windows every 0.8 s
 MAX_CLUSTER_POINTS = 2000  # ~30 min of speech; a partial eigensolve of 2000x2000 takes ~2 s on 2 cores
 PRUNE = 0.3  # fraction of each affinity row kept for spectral clustering
+AUTO_THRESHOLD = 0.3  # cosine distance at which the automatic count stops merging clusters
+MIN_CLUSTER = 3  # an automatic cluster of fewer windows is not a speaker of its own
+
 
 # Resemblyzer's hyper-parameters (resemblyzer/hparams.py), restated so that embedding needs neither librosa nor
 # webrtcvad at run time (importing Resemblyzer costs ~3 s and its first mel ~2 s of JIT); a test checks they match.
@@ -154,12 +165,11 @@ def _sub_windows(mel: np.ndarray, start_s: float, end_s: float) -> Iterator[tupl
 
 
 def cluster(embs: np.ndarray, num_speakers: int | None = None, max_speakers: int = 8) -> np.ndarray:
-    """Speaker index per embedding (0 = first to speak), by spectral clustering of cosine affinities.
+    """Speaker index per embedding (0 = first to speak).
 
-    Each row of the affinity matrix keeps its top `PRUNE` fraction (the rest is zeroed), which removes the weak
-    cross-speaker links GE2E gives real voices (~0.68 across vs ~0.76 within on pyannote's sample). The number of
-    speakers, when not given, is the largest eigengap of the normalised Laplacian among the first `max_speakers`.
-    Above `MAX_CLUSTER_POINTS` embeddings a spread-out subset is clustered and every embedding joins its nearest
+    A given count: spectral clustering; each row of the affinity matrix keeps its top `PRUNE` fraction (the rest is
+    zeroed), which removes the weak cross-speaker links GE2E gives real voices (~0.68 across vs ~0.76 within on
+    pyannote's sample). An automatic count: `_automatic` (linkage cut at a distance, tiny clusters absorbed). Above `MAX_CLUSTER_POINTS` embeddings a spread-out subset is clustered and every embedding joins its nearest
     centroid, so memory stays bounded for hours of audio.
     """
     n = embs.shape[0]
@@ -167,8 +177,10 @@ def cluster(embs: np.ndarray, num_speakers: int | None = None, max_speakers: int
         return np.zeros(n, int)
     idx = np.linspace(0, n - 1, min(n, MAX_CLUSTER_POINTS)).astype(int)
     sub = embs[idx]
-    if sub.shape[0] < 4:  # too few points for a spectrum: plain linkage at a GE2E-typical distance
-        labels = _agglomerative(sub, num_speakers and min(num_speakers, sub.shape[0]), 0.3)
+    if num_speakers is None:
+        labels = _automatic(sub, max_speakers)
+    elif sub.shape[0] < 4:  # too few points for a spectrum: plain linkage
+        labels = _agglomerative(sub, min(num_speakers, sub.shape[0]), AUTO_THRESHOLD)
     else:
         labels = _spectral(sub, num_speakers, max_speakers)
     if idx.size < n:
@@ -202,6 +214,20 @@ def _spectral(x: np.ndarray, k: int | None, max_k: int) -> np.ndarray:
     return KMeans(k, n_init=10, random_state=0).fit_predict(feats)
 
 
+def _automatic(x: np.ndarray, max_k: int) -> np.ndarray:
+    """Linkage cut at `AUTO_THRESHOLD`; clusters under `MIN_CLUSTER` windows join the nearest larger centroid."""
+    labels = _agglomerative(x, None, AUTO_THRESHOLD)
+    ids, counts = np.unique(labels, return_counts=True)
+    big = ids[counts >= MIN_CLUSTER]
+    if 0 < big.size < ids.size:
+        centroids = _normed(np.stack([x[labels == b].mean(0) for b in big]))
+        small = ~np.isin(labels, big)
+        labels[small] = big[(x[small] @ centroids.T).argmax(1)]
+    if np.unique(labels).size > max_k:
+        labels = _agglomerative(x, max_k, AUTO_THRESHOLD)
+    return np.unique(labels, return_inverse=True)[1]
+
+
 def _agglomerative(x: np.ndarray, k: int | None, threshold: float) -> np.ndarray:
     from sklearn.cluster import AgglomerativeClustering
 
@@ -225,9 +251,10 @@ def _turns(spans: list[tuple[float, float, float, float]], labels: np.ndarray) -
         same_region = spans[i - 1][2:] == spans[i][2:] == spans[i + 1][2:]
         if same_region and labels[i - 1] == labels[i + 1] != labels[i]:
             labels[i] = labels[i - 1]
+    number = {lab: i + 1 for i, lab in enumerate(dict.fromkeys(labels.tolist()))}  # after smoothing: in order again
     turns: list[SpeakerTurn] = []
     for (a, b, _, _), lab in zip(spans, labels, strict=True):
-        name = f"SPEAKER_{lab + 1}"
+        name = f"SPEAKER_{number[lab]}"
         prev = turns[-1] if turns else None
         if prev is not None and prev.speaker == name and a - prev.end < 0.5:
             turns[-1] = replace(prev, end=round(b, 3))
@@ -255,6 +282,22 @@ def assign_speakers(segments: list[Segment], turns: list[SpeakerTurn]) -> list[S
             run.append(w)
         out.append(_sub_segment(seg, run))
     return out
+
+
+def number_speakers(segments: list[Segment], turns: list[SpeakerTurn]) -> tuple[list[Segment], list[SpeakerTurn]]:
+    """Rename speakers SPEAKER_1, SPEAKER_2, ... in the order they first speak in the transcript (then in the
+    turns, for a speaker no segment kept), whatever the engine called them (pyannote says SPEAKER_00, ...)."""
+    first = [s.speaker for s in sorted(segments, key=lambda s: s.start)] + [
+        w.speaker for s in segments for w in s.words
+    ]
+    first += [t.speaker for t in sorted(turns, key=lambda t: t.start)]
+    names = {old: f"SPEAKER_{i + 1}" for i, old in enumerate(dict.fromkeys(x for x in first if x is not None))}
+    new_segments = [
+        replace(s, speaker=names.get(s.speaker), words=tuple(replace(w, speaker=names.get(w.speaker)) for w in s.words))
+        if s.speaker is not None else s
+        for s in segments
+    ]  # fmt: skip
+    return new_segments, [replace(t, speaker=names[t.speaker]) for t in turns]
 
 
 def _sub_segment(seg: Segment, words: list) -> Segment:

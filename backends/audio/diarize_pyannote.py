@@ -2,7 +2,8 @@
 
 The pipeline folder comes from the Models tab (a Hub download into `<models_dir>/hub/...`, for which the user needs
 a token with the model's terms accepted) or from a folder the user names. pyannote loads its checkpoints with
-`torch.load(weights_only=False)`, i.e. as pickles that can run code, so the caller must say it trusts the folder.
+`torch.load(weights_only=False)`, i.e. as pickles that can run code, so the folder must lie in one the owner's
+settings trust (`Settings.model_dirs()`: the models folder and `trusted_model_dirs`); a request cannot widen that.
 The audio is handed over as a waveform tensor (`{"waveform", "sample_rate"}`), so torchcodec/FFmpeg libraries are
 not needed; note that pyannote needs the whole waveform in memory (about 230 MB per hour at 16 kHz float32).
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from backends.audio.pcm import SAMPLE_RATE, load_pcm
 from backends.audio.types import DiarizeOptions, SpeakerTurn
+from studio.safety import UnsafePathError, allowed_path
 
 if TYPE_CHECKING:
     from studio.services import Services
@@ -69,7 +71,13 @@ def pipeline_folder(ctx: Services, source: str) -> Path:
     folder = Path(source).expanduser()
     if not (folder / "config.yaml").is_file():
         raise FileNotFoundError(f"{source!r} is neither a downloaded pyannote model nor a folder with config.yaml")
-    return folder
+    try:
+        return allowed_path(folder, ctx.settings.model_dirs(), what="pyannote pipeline folder")
+    except UnsafePathError as e:
+        raise PermissionError(
+            f"{e} pyannote loads its checkpoints as pickles, which can run code: only folders the owner trusts are "
+            "used. Otherwise use the offline engine."
+        ) from None
 
 
 def run_pipeline(pipeline: Any, pcm: np.ndarray, num_speakers: int | None = None) -> list[SpeakerTurn]:
@@ -91,11 +99,6 @@ def run_pipeline(pipeline: Any, pcm: np.ndarray, num_speakers: int | None = None
 
 
 def diarize_with_pyannote(ctx: Services, path: str | Path, opts: DiarizeOptions) -> list[SpeakerTurn]:
-    if not opts.trust_pickles:
-        raise PermissionError(
-            "pyannote loads its checkpoints as pickles, which can run code. Tick 'I trust this pipeline' only for "
-            "models from pyannote's own Hub pages or folders you made; otherwise use the offline engine."
-        )
     folder = pipeline_folder(ctx, opts.pyannote_source)
     loader = PyannoteLoader(folder)
     if not ctx.residency.is_registered(loader.key):

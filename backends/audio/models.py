@@ -117,10 +117,13 @@ class WhisperLoader:
     def estimate_bytes(self) -> int:
         return self.spec.vram_bytes or self.spec.expected_bytes
 
+    def model_dir(self) -> Path:
+        return whisper_dir(self.spec, self._catalog, self._cache_dir)
+
     def load(self, device: str) -> Any:
         from faster_whisper import WhisperModel
 
-        path = whisper_dir(self.spec, self._catalog, self._cache_dir)
+        path = self.model_dir()
         if device == "cuda" and not cuda_usable():
             if not self._warned:
                 log.warning("CTranslate2 sees no usable CUDA device; %s runs on the CPU", self.key)
@@ -161,6 +164,51 @@ def _set_loaded(model: Any, loaded: bool, *, to_cpu: bool, key: str, timeout_s: 
                         timeout_s)  # fmt: skip
             return
         time.sleep(0.01)
+
+
+TUNED_PREFIX = "tuned:"  # model ids of fine-tuned Whisper models: "tuned:<name>"
+
+
+def tuned_root(models_dir: Path) -> Path:
+    """Where fine-tuned Whisper models live: `<models_dir>/whisper-tuned/<name>/` (CTranslate2 files, `hf/`, and
+    `tuned.json` with the base model, run id and dev-set WER before/after)."""
+    return Path(models_dir) / "whisper-tuned"
+
+
+def tuned_models(models_dir: Path) -> list[tuple[str, str]]:
+    """(model id, title) of every complete fine-tuned model, newest first."""
+    root = tuned_root(models_dir)
+    found = []
+    for info in root.glob("*/tuned.json") if root.is_dir() else ():
+        if not (info.parent / "model.bin").is_file():
+            continue
+        meta = json.loads(info.read_text(encoding="utf-8"))
+        wer = meta.get("wer_after")
+        title = f"{info.parent.name} (fine-tuned {meta.get('base', '?')}" + (f", dev WER {wer:.3f})" if wer is not None
+                                                                              else ")")  # fmt: skip
+        found.append((info.stat().st_mtime, TUNED_PREFIX + info.parent.name, title))
+    return [(mid, title) for _, mid, title in sorted(found, reverse=True)]
+
+
+class TunedWhisperLoader(WhisperLoader):
+    """Loader of a fine-tuned model folder (same tier moves as the shipped ones)."""
+
+    def __init__(self, model_id: str, models_dir: Path, cpu_threads: int = 0) -> None:
+        from studio.safety import contained_path
+
+        self.key = f"asr:{model_id}"
+        self._path = contained_path(tuned_root(models_dir), model_id.removeprefix(TUNED_PREFIX))
+        self._cpu_threads = cpu_threads
+        self._warned = False
+
+    def estimate_bytes(self) -> int:
+        return 2 * (self._path / "model.bin").stat().st_size
+
+    def model_dir(self) -> Path:
+        if not (self._path / "model.bin").is_file():
+            raise ModelMissing(f"fine-tuned model {self._path.name!r} is gone (expected {self._path}/model.bin)")
+        check_weights_file(self._path / "model.bin")
+        return self._path
 
 
 class SileroLoader:

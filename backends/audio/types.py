@@ -48,8 +48,7 @@ class DiarizeOptions:
     engine: str = "offline"
     num_speakers: int | None = None  # None: decided by clustering
     max_speakers: int = 8  # upper bound for the automatic count
-    pyannote_source: str = ""  # a local pipeline folder (with config.yaml)
-    trust_pickles: bool = False
+    pyannote_source: str = ""  # a catalog id, or a pipeline folder (with config.yaml) inside a trusted folder
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

@@ -382,7 +382,7 @@ class DiffusionBackend:
         }
         out = []
         for i, (image, seed) in enumerate(zip(images, seeds, strict=True)):
-            path = folder / f"{now:%H%M%S-%f}-{rec.source.id[:24]}-{seed}.png"
+            path = folder / f"{now:%H%M%S-%f}-{secrets.token_hex(4)}-{rec.source.id[:24]}-{seed}.png"  # unguessable
             save_png(image, path, {**params, "seed": seed, "batch_index": i})
             out.append(GeneratedImage(image, path, seed))
         return out

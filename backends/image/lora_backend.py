@@ -56,7 +56,10 @@ class SdLoraBackend:
     def submit(self, cfg: LoraTrainConfig) -> Any:
         """Check, then queue the training as a GPU job; returns the Job."""
         self.check(cfg)
-        return self._ctx.jobs.submit(f"LoRA {cfg.output_name}", lambda job: self.train(cfg, job), gpu=True)
+        unique = f"sd-lora:{cfg.output_name}"  # one training per output name: a double click makes one run
+        return self._ctx.jobs.submit(
+            f"LoRA {cfg.output_name}", lambda job: self.train(cfg, job), gpu=True, unique=unique
+        )
 
     def train(self, cfg: LoraTrainConfig, job: Any) -> LoraTrainResult:
         """The job body: prepare data, train, save; `job` has set_progress, log and should_stop."""

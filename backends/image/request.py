@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from studio.safety import MAX_IMAGE_PIXELS
+
 # UI name -> (diffusers scheduler class, extra config). "Default" keeps the model's own scheduler.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Default": ("", {}),
@@ -134,8 +136,15 @@ def load_image(value: Any, what: str, size: tuple[int, int], mode: str = "RGB") 
     else:
         try:
             with Image.open(Path(value)) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:  # PIL only warns up to twice this
+                    raise RequestError(
+                        f"The {what} ({Path(str(value)).name}) is {im.width}x{im.height}: over "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels are refused; resize it."
+                    )
                 im.load()  # decode now: a truncated file fails here, not halfway through generation
                 image = im.copy()
+        except RequestError:
+            raise
         except Image.DecompressionBombError:
             raise RequestError(f"The {what} is too large to open safely (decompression bomb?).") from None
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError):

@@ -2,22 +2,33 @@
 
 `chat()` streams `ChatUpdate`s and stops within one token of `cancel` being set; `complete()` is the blocking
 helper other capabilities use (e.g. ASR post-editing). On CUDA the decode step runs as a CUDA graph over a static
-KV cache (backends/llm/fastdecode.py), with nf4 weights for models above ~3B parameters; on CPU a plain dynamic-cache
-loop runs in fp32. Prompts longer than the context are trimmed from the oldest turns with a note (llm_generate.py).
+KV cache (backends/llm/fastdecode.py); models above ~3B parameters load as int4 where the kernel runs (sm80+,
+Llama architecture: the fused int4 decoder of backends/llm/compact.py) and as nf4 elsewhere; on CPU a plain
+dynamic-cache loop runs in fp32. The weight format is shown in the reply's stats line (`stats.weights`). Prompts
+longer than the context are trimmed from the oldest turns with a note (generate.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.llm.adapters import AdapterError, AdapterState, check_adapter_folder, delete_from, find_adapters
-from backends.llm.generate import GenerationOptions, GenerationStats, build_prompt, stream_tokens
+from backends.llm.generate import (
+    GenerationOptions,
+    GenerationStats,
+    build_prompt,
+    options_for_size,
+    params_from_name,
+    stream_tokens,
+)
 from backends.llm.models import (
     ModelNotAvailable,
     ModelSource,
@@ -29,6 +40,19 @@ from backends.llm.models import (
     resolve_source,
 )
 from backends.llm.remote import EngineError, OpenAIChatClient, OpenAIEngineConfig
+from backends.llm.tools import (
+    ToolCall,
+    ToolError,
+    ToolsNotSupported,
+    ToolStream,
+    call_prefix,
+    check_tool_choice,
+    check_tools,
+    parse_tool_calls,
+    supports_tools,
+    template_messages,
+    tool_format,
+)
 from studio.concurrency import OwnedSlot, SafeStream
 from studio.safety import WeightsError, contained_path, safe_filename
 
@@ -38,11 +62,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "openai")
-ROLES = ("system", "user", "assistant")
-PRECISIONS = ("auto", "nf4", "16bit")
+ROLES = ("system", "user", "assistant", "tool")
+PRECISIONS = ("auto", "int4", "nf4", "16bit")
 __all__ = [
     "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "WeightsError", "create",
+    "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "check_messages", "create",
+    "options_for_size", "parse_tool_calls",
 ]  # fmt: skip
 
 
@@ -55,7 +80,7 @@ class LLMConfig:
     api_key: str = field(default="", repr=False)
     max_context_tokens: int = 4096  # also bounds the KV cache, so a long chat can never run out of memory
     fast_decode: bool = True  # CUDA-graph decoding on GPU (falls back by itself when capture fails)
-    precision: str = "auto"  # "auto": nf4 above ~3B params on CUDA; "nf4" or "16bit" to force (CPU is always fp32)
+    precision: str = "auto"  # "auto": int4 (sm80+, Llama) or nf4 above ~3B params on CUDA; or force one of PRECISIONS
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -75,20 +100,31 @@ class ChatUpdate:
     note: str = ""  # e.g. what was trimmed; shown by the UI
     done: bool = False
     stats: GenerationStats | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # on the last update, when the model called tools
 
 
-def check_messages(messages: list[dict[str, str]]) -> None:
-    """Refuse malformed conversations with a message that names the bad value."""
+def check_messages(messages: list[dict[str, Any]], *, continuing: bool = False) -> None:
+    """Refuse malformed conversations with a message that names the bad value.
+
+    Besides system/user/assistant text turns, an assistant turn may carry `tool_calls` (content then may be None)
+    and a `tool` turn gives a call's result; the conversation ends with the user or a tool result, or with
+    `continuing`, with the assistant's unfinished reply, to be continued."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("No messages: type a message first.")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
+        content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str) or (calls and m["content"] is None))
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not content_ok:
             raise ValueError(f"Message {i} is malformed ({m!r}): expected {{'role': one of {ROLES}, 'content': str}}.")
-        if "\x00" in m["content"]:
+        if "\x00" in (m["content"] or ""):
             raise ValueError(f"Message {i} contains a null byte (\\x00); remove it and send again.")
-    if messages[-1]["role"] != "user":
-        raise ValueError("The last message must be from the user.")
-    if not messages[-1]["content"].strip():
+    if continuing:
+        if messages[-1]["role"] != "assistant" or not isinstance(messages[-1]["content"], str) or len(messages) < 2:
+            raise ValueError("Nothing to continue: the last message is not a reply from the assistant.")
+        return
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise ValueError("The last message must be from the user (or a tool result).")
+    if messages[-1]["role"] == "user" and not messages[-1]["content"].strip():
         raise ValueError("The message is empty: type something to send.")
 
 
@@ -111,8 +147,60 @@ class LLMBackend:
         return self._config
 
     def configure(self, **changes: Any) -> LLMConfig:
+        """Change the default configuration (scripts, RAG); the Chat tab passes its own per-session `config`."""
         self._config = replace(self._config, **changes)
         return self._config
+
+    def session_config(self, **changes: Any) -> LLMConfig:
+        """The default configuration with one session's changes, validated; the backend's own stays as it was."""
+        return replace(self._config, **changes)
+
+    def check_remote(self, config: LLMConfig) -> None:
+        """The owner decides where chat requests may go: `remote_engine_hosts`, and with offline only loopback."""
+        from urllib.parse import urlparse
+
+        from studio.settings import is_loopback_host
+
+        s = self.ctx.settings
+        host = (urlparse(config.base_url).hostname or "").lower()
+        offline = s.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
+        if offline and not is_loopback_host(host):
+            raise EngineError(f"{host!r} is not this machine and the studio runs offline: no request leaves it.")
+        if (
+            "*" not in s.remote_engine_hosts
+            and host not in s.remote_engine_hosts
+            and not (is_loopback_host(host) and any(is_loopback_host(h) for h in s.remote_engine_hosts))
+        ):
+            raise EngineError(
+                f"The engine host {host!r} is not allowed; the studio's owner can add it to remote_engine_hosts "
+                f"(allowed now: {', '.join(s.remote_engine_hosts) or 'none'})."
+            )
+
+    def recommended_options(self, model_id: str | None = None, **overrides: Any) -> GenerationOptions:
+        """Sampling defaults for the model's size (small models: low temperature, repetition penalty, short max)."""
+        model_id = model_id or self._config.model_id
+        try:
+            name = f"{model_id} {self.ctx.catalog.get(model_id).title}"
+        except KeyError:
+            name = model_id
+        return options_for_size(params_from_name(name), **overrides)
+
+    def load_note(self, config: LLMConfig | None = None) -> str:
+        """'' when `config`'s model (default: the backend's) is loaded; else what the first reply waits for
+        ('first time: converting, ~30 s')."""
+        c = config or self._config
+        if c.engine == "openai":
+            return ""
+        try:
+            src = self._source(c.model_id, c.precision)
+        except (ValueError, OSError):
+            return ""  # chat() raises the clear message
+        loaded = {m.key for m in self.ctx.residency.snapshot().models if m.tier != "disk"}
+        if src.key in loaded:
+            return ""
+        if src.is_gguf and not converted_dir(self.ctx.settings.cache_dir, src.key).joinpath("config.json").is_file():
+            return f"Loading {src.title} (first time: converting the GGUF file to safetensors, ~30 s, longer on a busy CPU)…"
+        return f"Loading {src.title}…"
 
     def chat_models(self) -> list[tuple[Any, bool]]:
         """(ModelSpec, present on this machine) for every chat model of the catalog."""
@@ -120,9 +208,9 @@ class LLMBackend:
         return [(s, cat.is_present(s)) for s in cat.by_capability("chat")]
 
     # ---- models ---------------------------------------------------------------------------------------------
-    def _source(self, model_id: str) -> ModelSource:
+    def _source(self, model_id: str, precision: str | None = None) -> ModelSource:
         """Resolve and register the model; a forced precision gets its own residency key ("chat:<id>@nf4")."""
-        precision = self._config.precision
+        precision = precision or self._config.precision
         cache_key = f"{model_id}@{precision}"
         src = self._sources.get(cache_key)
         if src is None:
@@ -159,24 +247,98 @@ class LLMBackend:
     # ---- chat -----------------------------------------------------------------------------------------------
     def chat(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         options: GenerationOptions | None = None,
         *,
         cancel: threading.Event | None = None,
+        config: LLMConfig | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = "auto",
+        model: str | None = None,
+        reply_prefix: str = "",
+        continuing: bool = False,
     ) -> Iterator[ChatUpdate]:
-        """Stream the assistant's reply to `messages` (the last one from the user). The stream may be stepped on any
-        thread and closed from another one (Gradio's Stop): closing stops the running step within a token."""
-        return SafeStream(lambda stop: self._chat(messages, options, stop), cancel)
+        """Stream the assistant's reply to `messages` (the last one from the user or a tool), with `config` (one
+        session's engine, URL, key and model) or the backend's default; no call changes what another call uses.
 
-    def _chat(self, messages: list[dict[str, str]], options: GenerationOptions | None, cancel: Any):
+        `tools` (OpenAI JSON-schema dicts) go to the model's chat template; the last update then carries the parsed
+        `tool_calls` (finish_reason "tool_calls"). `model` picks another chat model than the configured one for
+        this reply; `reply_prefix` is prefilled as the start of the reply (and is part of its text). `continuing`:
+        the last message is an assistant reply; generation goes on from its end (Continue: it becomes the
+        reply_prefix), and every update's text includes it. The stream may be stepped on any thread and closed
+        from another one (Gradio's Stop): closing stops the running step within a token."""
+        return SafeStream(
+            lambda stop: self._chat(
+                messages, options, stop, config, tools, tool_choice, model, reply_prefix, continuing
+            ),
+            cancel,
+        )
+
+    def _chat(self, messages, options, cancel, config, tools, tool_choice, model, reply_prefix, continuing=False):
+        t0 = time.perf_counter()
         opts = options or GenerationOptions()
-        check_messages(messages)
+        c = config or self._config
+        if continuing:  # Continue: the unfinished reply is the prefix the model goes on from
+            check_messages(messages, continuing=True)
+            messages, reply_prefix = messages[:-1], messages[-1]["content"] + reply_prefix
+        else:
+            check_messages(messages)
+        tools = check_tools(tools) if tools else None
+        choice = check_tool_choice(tool_choice, tools) if tools else "none"
         if opts.system_prompt.strip() and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": opts.system_prompt}, *messages]
+        if c.engine == "openai":
+            if continuing:
+                raise ValueError("Continue works with the in-process engine only; send a message instead.")
+            if tools:
+                raise ToolsNotSupported("Tool calling goes to in-process models; the remote engine does not relay it.")
+            self.check_remote(c)
+            yield from self._chat_remote(c, messages, opts, cancel)
+            return
+        src = self._source(model or c.model_id, c.precision)
+        tok = self._tokenizer(src)
+        stream = None
+        if tools and choice != "none":
+            if not supports_tools(tok):
+                raise ToolsNotSupported(
+                    f"{src.key}'s chat template has no tool support, so it cannot call tools: pick a tool-capable "
+                    "model (Qwen2.5, Llama 3.1+, Mistral, Hermes) or send the request without tools."
+                )
+            if choice != "auto":
+                reply_prefix = call_prefix(tool_format(tok), None if choice == "required" else choice)
+            stream = ToolStream(reply_prefix)
+        msgs = template_messages(messages)
+
+        def prompt(budget: int) -> tuple[list[int], str]:
+            return build_prompt(tok, msgs, budget, tools=tools if stream else None, prefix=reply_prefix)
+
+        yield from self._generate_local(c, src, tok, prompt, opts, cancel, reply_prefix, stream, t0)
+
+    def complete_text(
+        self,
+        prompt: str,
+        options: GenerationOptions | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        model: str | None = None,
+    ) -> Iterator[ChatUpdate]:
+        """Continue raw `prompt` text (no chat template): the OpenAI completions route."""
+        opts = options or GenerationOptions()
+        if not isinstance(prompt, str) or not prompt or "\x00" in prompt:
+            raise ValueError("The prompt is empty or contains a null byte (\\x00): give the text to continue.")
         if self._config.engine == "openai":
-            yield from self._chat_remote(messages, opts, cancel)
-        else:
-            yield from self._chat_local(messages, opts, cancel)
+            raise EngineError("Text completion runs on in-process models only; the remote engine serves chat.")
+        c = self._config
+        src = self._source(model or c.model_id, c.precision)
+        tok = self._tokenizer(src)
+
+        def ids(budget: int) -> tuple[list[int], str]:
+            tokens = tok(prompt, add_special_tokens=True)["input_ids"]
+            if len(tokens) > budget:
+                return tokens[-budget:], f"The prompt was too long: kept only its last {budget} tokens."
+            return tokens, ""
+
+        yield from self._generate_local(c, src, tok, ids, opts, cancel, "", None)
 
     def complete(self, messages: list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.0) -> str:
         opts = GenerationOptions(temperature=temperature, max_new_tokens=max_new_tokens)
@@ -185,8 +347,7 @@ class LLMBackend:
             text = update.text
         return text
 
-    def _chat_remote(self, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
-        c = self._config
+    def _chat_remote(self, c: LLMConfig, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
         client = OpenAIChatClient(OpenAIEngineConfig(c.base_url, c.api_model, c.api_key))
         stats, text, chunks, counted = GenerationStats(decoder=f"openai:{c.api_model}"), "", 0, False
         for piece in client.stream(messages, opts, cancel):
@@ -204,24 +365,32 @@ class LLMBackend:
         self.last_decoder = stats.decoder
         yield ChatUpdate(text, done=True, stats=stats)
 
-    def _chat_local(self, messages: list, opts: GenerationOptions, cancel: threading.Event | None):
-        src = self._source(self._config.model_id)
-        tok = self._tokenizer(src)
-        working = kv_cache_bytes(self.model_folder(src), self._config.max_context_tokens)
+    def _generate_local(self, c: LLMConfig, src, tok, prompt, opts, cancel, prefix: str, tools: ToolStream | None,
+                        t0: float | None = None):  # fmt: skip
+        """Lease the model, build the prompt within its context, stream tokens; tool text goes through `tools`.
+        `t0`: when the request started (the stats' load_s counts conversion and loading from there)."""
+        from backends.llm.int4 import weight_format
+
+        t0 = time.perf_counter() if t0 is None else t0
+        working = kv_cache_bytes(self.model_folder(src), c.max_context_tokens)
         with self._generation_slot(), self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
-            limit = min(self._config.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
-            ids, note = build_prompt(tok, messages, budget=limit - opts.max_new_tokens)
+            limit = min(c.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
+            ids, note = prompt(limit - opts.max_new_tokens)
             if note:
-                yield ChatUpdate("", note=note)
-            decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit)
-            stats = GenerationStats(notes=[note] if note else [])
-            text = ""
+                yield ChatUpdate(prefix if tools is None else "", note=note)
+            decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit, c.fast_decode)
+            stats = GenerationStats(notes=[note] if note else [], load_s=time.perf_counter() - t0)
+            text = prefix
+            if prefix and tools is None:
+                yield ChatUpdate(text, prefix)
             try:
                 for piece in stream_tokens(decoder, tok, ids, opts, eos_ids=eos_ids(tok, model), cancel=cancel,
                                            stats=stats):  # fmt: skip
-                    text = piece.text
-                    yield ChatUpdate(text, piece.delta)
+                    text = prefix + piece.text
+                    shown = tools.feed(piece.delta) if tools is not None else piece.delta
+                    if shown:
+                        yield ChatUpdate(text, shown)
             except RuntimeError as e:
                 if "out of memory" in str(e).lower():
                     raise RuntimeError(
@@ -229,8 +398,16 @@ class LLMBackend:
                         "the context length, or free the GPU in the GPU tab."
                     ) from None
                 raise
+            stats.weights = weight_format(model)
             self.last_decoder = stats.decoder
-            yield ChatUpdate(text, done=True, note=note, stats=stats)
+            calls: list[ToolCall] = []
+            if tools is not None:
+                rest, calls = tools.finish()
+                if rest:
+                    yield ChatUpdate(text, rest)
+                if calls:
+                    stats.finish_reason = "tool_calls"
+            yield ChatUpdate(text, done=True, note=note, stats=stats, tool_calls=tuple(calls))
 
     @contextlib.contextmanager
     def _generation_slot(self, timeout_s: float = 300.0) -> Iterator[None]:
@@ -243,17 +420,20 @@ class LLMBackend:
         finally:
             self._lock.release(token)
 
-    def _get_decoder(self, key: str, model: Any, needed: int, limit: int) -> Any:
+    def _get_decoder(self, key: str, model: Any, needed: int, limit: int, fast: bool = True) -> Any:
+        from backends.llm.compact import FusedInt4Decoder, fused_layers
         from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
 
-        if model_device(model).type != "cuda" or not self._config.fast_decode:
+        int4 = fused_layers(model) is not None  # the fused decoder runs on any device the int4 kernel runs on
+        if not fast or (model_device(model).type != "cuda" and not int4):
             return EagerDecoder(model)
         version = self._adapters.get(key, AdapterState()).version
         d = self._decoder
         if d is not None and self._decoder_key == (key, version) and d.matches(model, needed):
             return d
         self._decoder = None  # free the old cache/graph before building the new one
-        self._decoder = StaticDecoder(model, bucket_len(needed, limit), use_graph=True)
+        n = bucket_len(needed, limit)
+        self._decoder = FusedInt4Decoder(model, n) if int4 else StaticDecoder(model, n, use_graph=True)
         self._decoder_key = (key, version)
         return self._decoder
 
@@ -282,15 +462,19 @@ class LLMBackend:
                 continue
         raise AdapterError(f"Adapter {str(folder)!r} must be inside {self.adapter_roots()[0]} or the models folder.")
 
-    def attach_adapter(self, folder: str | Path, name: str | None = None) -> str:
-        """Load a PEFT adapter onto the current base model and make it active; returns its name."""
+    def attach_adapter(self, folder: str | Path, name: str | None = None, *, model_id: str | None = None) -> str:
+        """Load a PEFT adapter onto a base model (default: the configured one) and make it active; returns its name."""
         path = self._adapter_path(folder)
         check_adapter_folder(path)
         name = safe_filename(name or path.name, default="adapter")
-        src = self._source(self._config.model_id)
+        src = self._source(model_id or self._config.model_id)
         with self._lock:
             state = self._adapters.setdefault(src.key, AdapterState())
             with self.ctx.residency.use(src.key) as model:
+                from backends.llm.int4 import weight_format
+
+                if weight_format(model) == "int4":
+                    raise AdapterError("LoRA adapters need the nf4 or 16-bit weights: set the chat precision to nf4.")
                 self._apply_adapters(src.key, model)
                 delete_from(model, name)  # re-attaching a name replaces it
                 previous = state.active
@@ -305,9 +489,9 @@ class LLMBackend:
                 self._applied[src.key] = (id(model), state.version)
         return name
 
-    def switch_adapter(self, name: str | None) -> None:
+    def switch_adapter(self, name: str | None, *, model_id: str | None = None) -> None:
         """Activate another attached adapter, or the base model with `None` (detach)."""
-        key = self._source(self._config.model_id).key
+        key = self._source(model_id or self._config.model_id).key
         with self._lock:
             state = self._adapters.setdefault(key, AdapterState())
             if name is not None and name not in state.paths:
@@ -317,8 +501,8 @@ class LLMBackend:
     def detach_adapter(self) -> None:
         self.switch_adapter(None)
 
-    def adapter_status(self) -> tuple[list[str], str | None]:
-        key = self._source(self._config.model_id).key
+    def adapter_status(self, model_id: str | None = None) -> tuple[list[str], str | None]:
+        key = self._source(model_id or self._config.model_id).key
         state = self._adapters.get(key, AdapterState())
         return sorted(state.paths), state.active
 

@@ -119,12 +119,14 @@ class EagerDecoder:
         self.cache: Any = None
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`embeds` (1, n, d), when given, replaces the token embeddings of `ids` (a VLM's merged image features)."""
         try:
             self.cache = DynamicCache(config=self.model.config)
         except TypeError:
             self.cache = DynamicCache()
-        out = self.model(input_ids=ids, use_cache=True, **{self._kw: self.cache})
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+        out = self.model(**inputs, use_cache=True, **{self._kw: self.cache})
         return out.logits[0, -1].float()
 
     @torch.no_grad()
@@ -133,29 +135,63 @@ class EagerDecoder:
         return out.logits[0, -1].float()
 
 
-class StaticDecoder:
-    """Static KV cache of `max_len` slots; with `use_graph` (CUDA only) each step is one CUDA-graph replay."""
+class GraphStepDecoder:
+    """What the static decoders share: the step's fixed input buffers, a static cache of `max_len` slots, and the
+    step captured once as a CUDA graph (`use_graph`, CUDA only) and replayed; `_step_body()` must fill
+    `logits_buf` from `ids_buf`/`pos_buf`; `_before_step()` may point caches at `pos_buf`."""
 
-    def __init__(self, model: Any, max_len: int, *, use_graph: bool) -> None:
-        self.model = model
-        self.max_len = max_len
+    def _init_step(self, model: Any, max_len: int, use_graph: bool, ids_shape: tuple[int, ...]) -> None:
+        self.model, self.max_len = model, max_len
         self.device = model_device(model)
-        self.dtype = compute_dtype(model)
         self.use_graph = use_graph and self.device.type == "cuda"
         self.fingerprint = weights_fingerprint(model)
-        self._kw = _cache_kwarg(model)
-        n_layers = model.config.get_text_config().num_hidden_layers
-        self.index = _WriteIndex()
-        self.cache = Cache(layers=[StaticKVLayer(max_len, self.index) for _ in range(n_layers)])
-        dev = self.device
-        self.ids_buf = torch.zeros((1, 1), dtype=torch.long, device=dev)
-        self.pos_buf = torch.zeros((1,), dtype=torch.long, device=dev)
-        self.slots = torch.arange(max_len, device=dev)
+        self.ids_buf = torch.zeros(ids_shape, dtype=torch.long, device=self.device)
+        self.pos_buf = torch.zeros((1,), dtype=torch.long, device=self.device)
+        self.slots = torch.arange(max_len, device=self.device)
         self.logits_buf: torch.Tensor | None = None
         self.pos = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
         self.capture_s = 0.0
+
+    def _step_body(self) -> None:
+        raise NotImplementedError
+
+    def _before_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        if self.pos >= self.max_len:
+            raise ValueError(f"the static cache of {self.max_len} slots is full")
+        self.ids_buf.copy_(token.view(self.ids_buf.shape))
+        self.pos_buf.fill_(self.pos)
+        self._before_step()
+        if self.use_graph and self.graph is None and self.graph_error is None:
+            self.graph, self.graph_error, self.capture_s = capture_graph(self._step_body, self.device)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step_body()
+        self.pos += 1
+        return self.logits_buf
+
+    def matches(self, model: Any, needed_len: int, *, fingerprint: int | None = None) -> bool:
+        """Reusable for `model` with `needed_len` tokens (same weights at the same addresses, enough slots)?"""
+        fp = weights_fingerprint(model) if fingerprint is None else fingerprint
+        return model is self.model and fp == self.fingerprint and needed_len <= self.max_len
+
+
+class StaticDecoder(GraphStepDecoder):
+    """transformers' own forward over a static KV cache; with `use_graph` each step is one CUDA-graph replay."""
+
+    def __init__(self, model: Any, max_len: int, *, use_graph: bool) -> None:
+        self._init_step(model, max_len, use_graph, (1, 1))
+        self.dtype = compute_dtype(model)
+        self._kw = _cache_kwarg(model)
+        n_layers = model.config.get_text_config().num_hidden_layers
+        self.index = _WriteIndex()
+        self.cache = Cache(layers=[StaticKVLayer(max_len, self.index) for _ in range(n_layers)])
 
     @property
     def name(self) -> str:
@@ -170,10 +206,11 @@ class StaticDecoder:
         neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         return torch.where(allowed, zero, neg).view(1, 1, positions.numel(), self.max_len)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
         self.index.current = positions
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         out = self.model(
-            input_ids=ids,
+            **inputs,
             position_ids=positions.view(1, -1),
             attention_mask=self._mask(positions),
             use_cache=True,
@@ -182,13 +219,14 @@ class StaticDecoder:
         return out.logits[0, -1]
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`embeds` (1, n, d), when given, replaces the token embeddings of `ids` (a VLM's merged image features)."""
         n = ids.shape[1]
         if n >= self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit a static cache of {self.max_len}")
         positions = torch.arange(n, device=self.device)
         self.index.seen = 0
-        logits = self._forward(ids, positions).float()
+        logits = self._forward(ids, positions, embeds).float()
         self.pos = self.index.seen = n
         return logits
 
@@ -198,50 +236,38 @@ class StaticDecoder:
             self.logits_buf = torch.empty(logits.shape, dtype=torch.float32, device=self.device)
         self.logits_buf.copy_(logits)
 
-    def _capture(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: lazy inits, cuBLAS workspaces, bitsandbytes buffers
-                    self._step_body()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step_body()
-            self.graph = graph
-            self.capture_s = time.perf_counter() - t0
-            log.info(
-                "captured the decode step in a CUDA graph in %.2f s (cache %d slots)", self.capture_s, self.max_len
-            )
-        except Exception as e:  # any capture failure: keep decoding, without the graph
-            self.graph = None
-            self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log.warning("CUDA graph capture failed; decoding with the static cache only. Reason: %s", self.graph_error)
-            torch.cuda.synchronize(self.device)
-
-    @torch.no_grad()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        if self.pos >= self.max_len:
-            raise ValueError(f"the static cache of {self.max_len} slots is full")
-        self.ids_buf.copy_(token.view(1, 1))
-        self.pos_buf.fill_(self.pos)
+    def _before_step(self) -> None:
         self.index.current = self.pos_buf
-        if self.use_graph and self.graph is None and self.graph_error is None:
-            self._capture()
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._step_body()
-        self.pos += 1
-        self.index.seen = self.pos
-        return self.logits_buf
 
-    def matches(self, model: Any, needed_len: int, *, fingerprint: int | None = None) -> bool:
-        """Reusable for `model` with `needed_len` tokens (same weights at the same addresses, enough slots)?"""
-        fp = weights_fingerprint(model) if fingerprint is None else fingerprint
-        return model is self.model and fp == self.fingerprint and needed_len <= self.max_len
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        logits = super().step(token)
+        self.index.seen = self.pos
+        return logits
+
+
+def capture_graph(body: Any, device: torch.device) -> tuple[torch.cuda.CUDAGraph | None, str | None, float]:
+    """Capture `body()` in a CUDA graph after two warm-up runs on a side stream -> (graph, error, seconds).
+
+    Any capture failure is logged once and returned as the error, so the caller keeps decoding without the graph."""
+    t0 = time.perf_counter()
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy inits, cuBLAS workspaces, bitsandbytes buffers, Triton compiles
+                body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+    except Exception as e:  # any capture failure: keep decoding, without the graph
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("CUDA graph capture failed; decoding without it. Reason: %s", error)
+        torch.cuda.synchronize(device)
+        return None, error, 0.0
+    seconds = time.perf_counter() - t0
+    log.info("captured the decode step in a CUDA graph in %.2f s", seconds)
+    return graph, None, seconds
 
 
 def bucket_len(needed: int, limit: int, quantum: int = 512) -> int:

@@ -10,6 +10,7 @@ stops within one token of the flag being set.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +50,36 @@ class GenerationOptions:
             raise ValueError("The system prompt contains a null byte (\\x00); remove it.")
 
 
+# Sampling defaults by model size, like LM Studio's and text-generation-webui's presets: a model under ~1B
+# parameters drifts into another language or loops at temperature 0.7 (SmolLM2-135M: French gibberish in about half
+# the tries even at 0.2; greedy says "Paris" every time), so it decodes greedily with a repetition penalty and a
+# shorter reply; big models keep the usual creative settings.
+SIZE_PRESETS = (  # (up to this many billion parameters, temperature, top_p, repetition penalty, max new tokens)
+    (1.0, 0.0, 0.9, 1.1, 256),
+    (4.0, 0.5, 0.9, 1.1, 512),
+    (float("inf"), 0.7, 0.95, 1.05, 1024),
+)
+
+
+def options_for_size(params_b: float | None, **overrides: Any) -> GenerationOptions:
+    """Recommended GenerationOptions for a model of `params_b` billion parameters (None: the middle preset)."""
+    size = 2.0 if params_b is None else params_b
+    _, temp, top_p, rep, max_new = next(p for p in SIZE_PRESETS if size <= p[0])
+    values = {"temperature": temp, "top_p": top_p, "repetition_penalty": rep, "max_new_tokens": max_new}
+    return GenerationOptions(**(values | overrides))
+
+
+def params_from_name(name: str) -> float | None:
+    """'SmolLM2-135M-Instruct' -> 0.135, 'Llama-3.1-8B' -> 8.0 (billions); None when the name does not say."""
+    import re
+
+    found = re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)\s*([mMbB])(?![a-zA-Z])", name.replace("_", "-"))
+    if not found:
+        return None
+    value, unit = found[-1]
+    return float(value) / (1000 if unit in "mM" else 1)
+
+
 @dataclass
 class TextDelta:
     delta: str
@@ -65,20 +96,27 @@ class GenerationStats:
     total_s: float = 0.0
     finish_reason: str = ""  # "eos" | "length" | "stop_string" | "cancelled"
     decoder: str = ""
+    load_s: float = 0.0  # before the first token could be computed: conversion, load, move to the GPU
+    weights: str = ""  # the model's weight format ("int4", "nf4", "bfloat16", ...), shown in the Chat stats line
     notes: list[str] = field(default_factory=list)
 
 
 # ---- prompt -----------------------------------------------------------------------------------------------------
-def render_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def render_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list | None = None, prefix: str = "") -> list:
+    """Ids of the chat prompt; `tools` go to the template, `prefix` starts the assistant's reply (prefill)."""
+    kwargs = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return tokenizer(text + prefix, add_special_tokens=False)["input_ids"]
 
 
-def build_prompt(tokenizer: Any, messages: list[dict[str, str]], budget: int) -> tuple[list[int], str]:
+def build_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], budget: int, *, tools: list | None = None, prefix: str = ""
+) -> tuple[list[int], str]:
     """Token ids of the chat prompt within `budget` tokens, and a note saying what was trimmed ('' if nothing)."""
+    render = functools.partial(render_ids, tools=tools, prefix=prefix)
     system = [m for m in messages[:1] if m["role"] == "system"]
     turns = messages[len(system) :]
-    ids = render_ids(tokenizer, messages)
+    ids = render(tokenizer, messages)
     dropped = 0
     while len(ids) > budget and len(turns) > 1:
         turns = turns[1:]
@@ -86,16 +124,16 @@ def build_prompt(tokenizer: Any, messages: list[dict[str, str]], budget: int) ->
         if turns and turns[0]["role"] == "assistant" and len(turns) > 1:
             turns = turns[1:]
             dropped += 1
-        ids = render_ids(tokenizer, system + turns)
+        ids = render(tokenizer, system + turns)
     notes = [f"Trimmed the {dropped} oldest message(s) to fit the {budget}-token prompt budget."] if dropped else []
     if len(ids) > budget:
-        ids, kept = _trim_latest(tokenizer, system, turns[-1], budget)
+        ids, kept = _trim_latest(tokenizer, system, turns[-1], budget, render)
         notes.append(f"Your message was too long: kept only its last {kept} tokens.")
     return ids, " ".join(notes)
 
 
-def _trim_latest(tokenizer: Any, system: list, latest: dict[str, str], budget: int) -> tuple[list[int], int]:
-    overhead = len(render_ids(tokenizer, [*system, {**latest, "content": ""}]))
+def _trim_latest(tokenizer: Any, system: list, latest: dict, budget: int, render: Any) -> tuple[list[int], int]:
+    overhead = len(render(tokenizer, [*system, {**latest, "content": ""}]))
     if overhead >= budget:
         raise PromptTooLong(
             f"The system prompt alone takes {overhead} tokens, more than the {budget}-token budget: "
@@ -105,7 +143,7 @@ def _trim_latest(tokenizer: Any, system: list, latest: dict[str, str], budget: i
     keep = budget - overhead
     while keep > 0:
         tail = tokenizer.decode(content_ids[-keep:], skip_special_tokens=True)
-        ids = render_ids(tokenizer, [*system, {**latest, "content": tail}])
+        ids = render(tokenizer, [*system, {**latest, "content": tail}])
         if len(ids) <= budget:
             return ids, keep
         keep -= max(1, len(ids) - budget)

@@ -4,8 +4,10 @@ Policy:
 - A model is a catalog id ("smollm2-135m", "llama-3.1-8b-instruct", ...) or a folder under `models_dir`.
 - GGUF files (the offline SmolLM2 default) are dequantised once by transformers and saved as a safetensors folder
   under `cache_dir/llm/<id>` (atomic: written to a temp folder, then renamed), so later loads take well under 1 s.
-- Precision on CUDA: nf4 with double quantisation above `NF4_ABOVE_PARAMS` parameters, bf16 (fp16 without bf16
-  support) below; on CPU always fp32. The parameter count is read from the safetensors headers, not guessed.
+- Precision on CUDA above `NF4_ABOVE_PARAMS` parameters: int4 (torch's tinygemm kernel, quantised while loading,
+  backends/llm/int4.py) on cards of compute capability 8.0+ for the Llama architecture, else nf4 with double
+  quantisation (bitsandbytes); bf16 (fp16 without bf16 support) below; on CPU fp32 (int4 when asked for: the CPU
+  kernel serves the tests). The parameter count is read from the safetensors headers, not guessed.
 - Every weights file is checked before transformers sees it: missing, empty, git-LFS pointer, or a safetensors
   file shorter than its header says (truncated) raise `WeightsError` with the path and the fix.
 """
@@ -151,18 +153,48 @@ def load_tokenizer(folder: Path) -> Any:
     return tok
 
 
+def choose_precision(folder: Path, device: str, params: int, precision: str = "auto") -> str:
+    """ "int4", "nf4", "16bit" or "fp32" for this folder on this device (the policy in the module docstring)."""
+    from backends.llm.int4 import config_supported, int4_supported
+
+    if precision == "int4" or (precision == "auto" and device.startswith("cuda") and params > NF4_ABOVE_PARAMS):
+        from transformers import AutoConfig
+
+        reason = config_supported(AutoConfig.from_pretrained(folder))
+        if not int4_supported(device):
+            reason = reason or f"the int4 kernel does not run on {device} (CUDA needs compute capability 8.0+)"
+        if reason is None:
+            return "int4"
+        if precision == "int4":
+            raise WeightsError(f"Cannot load {folder.name} as int4: {reason}. Choose precision nf4 or auto.")
+        log.info("%s: int4 not used (%s); nf4 instead", folder.name, reason)
+        return "nf4"
+    if not device.startswith("cuda"):
+        return "fp32"
+    return "nf4" if precision == "nf4" else "16bit"
+
+
 def load_causal_lm(folder: Path, device: str, *, params: int, precision: str = "auto") -> Any:
     """Load a checked folder on `device` with the precision policy in the module docstring."""
     import torch
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
+    precision = choose_precision(folder, device, params, precision)
+    if precision == "int4":
+        from backends.llm.int4 import load_int4_causal_lm
+
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        try:
+            return load_int4_causal_lm(folder, device, dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise WeightsError(f"Could not load {folder} as int4: {str(e).splitlines()[0]}") from None
     kwargs: dict[str, Any] = {}
     if device.startswith("cuda"):
         bf16 = torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float16
         kwargs.update(dtype=dtype, attn_implementation="sdpa", device_map={"": device})
-        if precision == "nf4" or (precision == "auto" and params > NF4_ABOVE_PARAMS):
+        if precision == "nf4":
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(

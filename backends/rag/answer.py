@@ -104,3 +104,15 @@ def cited_numbers(text: str, n_passages: int) -> list[int]:
             if 1 <= n <= n_passages and n not in seen:
                 seen.append(n)
     return seen
+
+
+def cut_repetition(text: str, min_chars: int = 24) -> str | None:
+    """The text up to where a sentence starts repeating (a small model's greedy loop), or None when none repeats."""
+    sentences = [m for m in re.finditer(r"[^.!?\n]+[.!?\n]", text)]
+    seen: set[str] = set()
+    for m in sentences:
+        key = " ".join(m.group().lower().split())
+        if len(key) >= min_chars and key in seen:
+            return text[: m.start()].rstrip()
+        seen.add(key)
+    return None

@@ -22,13 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.rag.answer import AnswerUpdate, Passage, SearchResult, build_messages, check_question, cited_numbers
+from backends.rag.answer import (
+    AnswerUpdate,
+    Passage,
+    SearchResult,
+    build_messages,
+    check_question,
+    cited_numbers,
+    cut_repetition,
+)
 from backends.rag.chunk import ChunkOptions
 from backends.rag.indexer import Indexer, IngestReport
 from backends.rag.ingest import resolve_folder
 from backends.rag.search import BM25Index, reciprocal_rank_fusion
 from backends.rag.store import KBInfo, KnowledgeBaseError, Store, check_kb_name
-from studio.safety import check_upload_size, contained_path, safe_filename
+from studio.safety import UnsafePathError, allowed_path, check_upload_size, contained_path, safe_filename, within
 
 if TYPE_CHECKING:
     from backends.llm import LLMBackend
@@ -36,6 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODES = ("hybrid", "vector", "keyword")
+# The repo's sample notes (found upwards from this file, so the package layout may change).
+SAMPLE_NOTES = next(
+    (p / "assets" / "notes" for p in Path(__file__).resolve().parents if (p / "assets" / "notes").is_dir()),
+    Path("assets/notes"),
+)
 __all__ = ["AnswerUpdate", "IngestReport", "KBInfo", "KnowledgeBaseError", "Passage", "RAGBackend", "RAGConfig"]
 
 
@@ -213,6 +226,33 @@ class RAGBackend:
             self._running[kb] = job
         return job
 
+    # ---- which server folders a request may name ---------------------------------------------------------
+    def ingest_roots(self) -> tuple[Path, ...]:
+        """Folders a request may ingest (each with its subfolders): data/ingest and the settings' `ingest_roots`,
+        the sample notes, and the knowledge bases' own upload folders."""
+        s = self.ctx.settings
+        return (*s.data_roots(), SAMPLE_NOTES.resolve(), (self.store.root / "uploads").resolve())
+
+    def ingest_choices(self, depth: int = 2, limit: int = 200) -> list[str]:
+        """The allowed folders and their subfolders (to `depth`), for the tab's dropdown; sample notes first."""
+        protected = self.ctx.settings.protected_paths()
+        out: list[str] = []
+        for root in (SAMPLE_NOTES.resolve(), *self.ctx.settings.data_roots()):
+            if not root.is_dir() or any(within(p, root) or within(root, p) for p in protected):
+                continue
+            found = [root, *(p for p in sorted(root.rglob("*")) if p.is_dir() and len(p.relative_to(root).parts) <= depth
+                             and not any(part.startswith(".") for part in p.relative_to(root).parts))]  # fmt: skip
+            out += [str(p) for p in found if str(p) not in out]
+        return out[:limit]
+
+    def check_ingest_folder(self, folder: str | Path) -> Path:
+        """The folder a request named, if the owner's settings allow it; the models, cache, config and auth file
+        are never allowed, whatever the roots hold."""
+        try:
+            return allowed_path(folder, self.ingest_roots(), self.ctx.settings.protected_paths(), what="folder")
+        except UnsafePathError as e:
+            raise KnowledgeBaseError(str(e)) from None
+
     def save_uploads(self, kb: str, files: list[str | Path]) -> Path:
         """Copy uploaded files (Gradio temp paths) into this base's uploads folder under safe names."""
         import shutil
@@ -325,14 +365,17 @@ class RAGBackend:
         yield AnswerUpdate("", result, note=note or "retrieved; the chat model is writing the answer ...")
         text = ""
         try:
-            from backends.llm import GenerationOptions
-
             if self._llm is None:
                 raise RuntimeError("no chat model is configured")
             llm = self._llm()
-            opts = GenerationOptions(temperature=0.0, max_new_tokens=max_new_tokens)
+            # greedy, with the model's size-based repetition penalty; a sentence that comes back ends the answer
+            opts = llm.recommended_options(temperature=0.0, max_new_tokens=max_new_tokens)
             for update in llm.chat(messages, opts, cancel=cancel):
                 text = update.text
+                cut = cut_repetition(text)
+                if cut is not None:
+                    text = cut
+                    break
                 yield AnswerUpdate(text, result, note=note, cited=cited_numbers(text, used), llm_used=True)
         except Exception as e:  # any LLM failure falls back to the passages, with the reason shown
             log.warning("rag answer: chat model failed (%s: %s)", type(e).__name__, e)

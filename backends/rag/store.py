@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from studio.safety import atomic_write_json, contained_path, safe_filename
+from studio.safety import WINDOWS_RESERVED, atomic_write_json, contained_path, safe_filename
 
 KB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
 GET_PAGE = 5000  # rows per chroma `get` when reading a whole collection
@@ -39,6 +39,8 @@ def check_kb_name(name: str) -> str:
     if KB_NAME.match(stripped) and safe_filename(stripped) == stripped:
         return stripped
     suggestion = safe_filename(stripped.replace(".", "_"), default="my-notes")[:48].strip("_-") or "my-notes"
+    if suggestion.upper() in WINDOWS_RESERVED:  # CON, NUL, COM1 ... name devices on Windows
+        suggestion += "-notes"
     raise KnowledgeBaseError(
         f"Knowledge base name {raw!r} is not allowed: use up to 48 letters, digits, '-' or '_' "
         f"(for example {suggestion!r})."

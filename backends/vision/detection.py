@@ -2,12 +2,13 @@
 
 Models: the catalog's detection specs (the shipped YOLOv8s person detector, untrained yolov8n/s and yolo11n built
 from their yaml, COCO weights from the Hub once downloaded), the user's own trainings (runs of kind
-"detection-train") and .pt files the user explicitly marked as trusted.
+"detection-train") and .pt files in the folders the owner's settings trust (`models_dir`, `trusted_model_dirs`).
 
 Pickle policy: an Ultralytics .pt file is a Python pickle; loading it can run code. The backend loads only
 (1) files shipped inside an installed package or downloaded by the Models tab from the catalog's named repo,
-(2) training outputs under our own runs folder, (3) files passed to `add_trusted_weights(path, trusted=True)`.
-Everything else is refused with TRUST_WARNING.
+(2) training outputs under our own runs folder, (3) .pt files inside the trusted folders of the settings
+(`Settings.model_dirs()`), registered with `add_trusted_weights(path)`. Trust is the machine owner's decision, never a
+request's: an uploaded file is not in those folders, so it is refused with TRUST_WARNING before anything unpickles it.
 
 Ultralytics is kept offline: YOLO_OFFLINE/YOLO_AUTOINSTALL/YOLO_CONFIG_DIR are set before it is imported, its
 settings turn telemetry and logger integrations off, and the plotting font it would download is copied from
@@ -39,12 +40,21 @@ from backends.vision.types import (
     VideoProgress,
 )
 from backends.vision.yolo import model_device, prepare_ultralytics
-from studio.safety import atomic_write_json, check_weights_file
+from studio.safety import (
+    UnsafePathError,
+    allowed_path,
+    atomic_write_json,
+    check_image_file,
+    check_weights_file,
+    unguessable_stamp,
+)
 
 if TYPE_CHECKING:
     from studio.services import Services
 
 log = logging.getLogger(__name__)
+
+MAX_TRUSTED_LISTED = 200  # .pt files listed from the trusted folders
 
 
 # ---- options and results ---------------------------------------------------------------------------------
@@ -55,6 +65,10 @@ def load_rgb(image: Any) -> np.ndarray:
     from PIL import Image, ImageOps
 
     if isinstance(image, str | Path):
+        try:
+            check_image_file(image)  # header only: refuses non-images and more than 89 megapixels before decoding
+        except ValueError as e:
+            raise DetectionError(str(e)) from None
         try:
             with Image.open(image) as im:
                 im.load()
@@ -75,6 +89,14 @@ def load_rgb(image: Any) -> np.ndarray:
     if arr.dtype != np.uint8:
         arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(arr[..., :3])
+
+
+def check_trusted(path: Path, settings: Any) -> Path:
+    """The resolved path if it lies in a folder the owner trusts with pickles; DetectionError otherwise."""
+    try:
+        return allowed_path(path, settings.model_dirs(), what="weights file")
+    except UnsafePathError as e:
+        raise DetectionError(f"Refused {Path(path).name}: {e} {TRUST_WARNING}") from None
 
 
 # ---- loader ----------------------------------------------------------------------------------------------
@@ -100,6 +122,8 @@ class YoloLoader:
             model = YOLO(self.entry.yaml, task="detect")
         else:
             check_weights_file(self.entry.path)
+            if self.entry.kind == "trusted":  # checked again at load: the settings may have changed since
+                check_trusted(self.entry.path, self._settings)
             try:
                 model = YOLO(str(self.entry.path), task="detect")
             except Exception as e:
@@ -162,11 +186,19 @@ class DetectionBackend:
                 return entry
         raise DetectionError(f"Unknown detection model {model_id!r}; choose one from the list.")
 
-    def add_trusted_weights(self, path: str | Path, *, trusted: bool) -> DetectorModel:
-        """Register a user's .pt file; refused unless the user confirmed they trust it (it is a pickle)."""
-        path = Path(path).expanduser()
-        if not trusted:
-            raise DetectionError(f"Refused {path.name}: tick 'I trust this file' first. {TRUST_WARNING}")
+    def trusted_files(self) -> list[Path]:
+        """.pt files in the trusted folders that are not already in the list (for the tab's dropdown)."""
+        known = {m.path for m in self.models() if m.path is not None}
+        found: list[Path] = []
+        for root in self.ctx.settings.model_dirs():
+            for p in sorted(root.rglob("*.pt")) if root.is_dir() else []:
+                if p.resolve() not in known and p.resolve() not in found and len(found) < MAX_TRUSTED_LISTED:
+                    found.append(p.resolve())
+        return found
+
+    def add_trusted_weights(self, path: str | Path) -> DetectorModel:
+        """Register a .pt file from a trusted folder of the settings; anything else (an upload) is refused."""
+        path = check_trusted(Path(str(path).strip()), self.ctx.settings)
         if path.suffix != ".pt":
             raise DetectionError(f"{path.name}: expected an Ultralytics .pt file.")
         check_weights_file(path)
@@ -242,7 +274,7 @@ class DetectionBackend:
     def save_json(self, result: DetectionResult, name: str = "detections") -> Path:
         from studio.safety import safe_filename
 
-        path = self.ctx.settings.outputs_dir / "vision" / f"{safe_filename(name)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path = self.ctx.settings.outputs_dir / "vision" / f"{safe_filename(name)}-{unguessable_stamp()}.json"
         atomic_write_json(path, result.to_json())
         return path
 
@@ -257,6 +289,24 @@ class DetectionBackend:
 
         return suggest_settings(self.ctx, n_images, self.get_model(base_model_id))
 
+    def make_sample_dataset(self, n_train: int = 48, n_val: int = 12) -> Path:
+        """A synthetic circles/squares/triangles dataset (exact labels) to try training on: its folder (under
+        data/ingest, so the dataset-folder check of `check_dataset_folder` accepts it)."""
+        from backends.vision.synth import make_synthetic_dataset
+
+        root = self.ctx.settings.data_dir / "ingest" / "vision-sample-shapes"
+        if not (root / "data.yaml").is_file():
+            make_synthetic_dataset(root, n_train=n_train, n_val=n_val, imgsz=160, seed=0)
+        return root
+
+    def check_dataset_folder(self, folder: str | Path) -> Path:
+        """A dataset folder a request named, if the settings' data roots hold it (never models, cache, config)."""
+        s = self.ctx.settings
+        try:
+            return allowed_path(folder, s.data_roots(), s.protected_paths(), what="dataset folder")
+        except UnsafePathError as e:
+            raise DetectionError(str(e)) from None
+
     def check_dataset(self, source: str | Path) -> Any:
         """Unzip (safely) if it is a zip, then validate; returns the DatasetReport (problems inside, no raise)."""
         from backends.vision.train import prepare_dataset
@@ -270,7 +320,7 @@ class DetectionBackend:
         path = export_onnx(self, self.get_model(model_id), imgsz)
         if not for_download:
             return path
-        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}.onnx"
+        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}-{unguessable_stamp()}.onnx"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
         return dest
@@ -290,9 +340,40 @@ def _result(res: Any, model_id: str, ms: float) -> DetectionResult:
         cls = res.boxes.cls.cpu().numpy().astype(int)
         for (x1, y1, x2, y2), c, k in zip(xyxy, conf, cls, strict=True):
             boxes.append(Box(int(k), str(names[int(k)]), float(c), float(x1), float(y1), float(x2), float(y2)))
-    annotated = np.ascontiguousarray(res.plot()[..., ::-1])  # plot() draws on BGR
+    annotated = draw_boxes(np.ascontiguousarray(res.orig_img[..., ::-1]), boxes)  # orig_img is BGR
     h, w = res.orig_shape
     return DetectionResult(boxes, annotated, int(w), int(h), model_id, ms)
+
+
+PALETTE = ((255, 56, 56), (56, 56, 255), (255, 157, 151), (255, 112, 31), (72, 249, 10), (0, 194, 255))
+
+
+def draw_boxes(rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """Boxes with 'class 0.87' labels kept inside the image: above the box when there is room, else inside it,
+    and shifted left at the right edge (Ultralytics' plot() cuts them off at the border)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    size = max(12, round(min(img.size) / 40))
+    try:
+        import matplotlib
+
+        font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
+    except (ImportError, OSError):
+        font = ImageFont.load_default()
+    line = max(2, size // 6)
+    for b in boxes:
+        colour = PALETTE[b.class_id % len(PALETTE)]
+        draw.rectangle((b.x1, b.y1, b.x2, b.y2), outline=colour, width=line)
+        text = f"{b.name} {b.confidence:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left + 6, bottom - top + 6
+        x = min(max(0.0, b.x1), max(0.0, img.width - tw))
+        y = b.y1 - th if b.y1 - th >= 0 else min(b.y1, img.height - th)
+        draw.rectangle((x, y, x + tw, y + th), fill=colour)
+        draw.text((x + 3, y + 3 - top), text, fill=(255, 255, 255), font=font)
+    return np.asarray(img)
 
 
 def result_json(result: DetectionResult) -> str:

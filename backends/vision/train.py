@@ -23,6 +23,7 @@ from backends.vision.data import DatasetError, DatasetReport, ZipLimits, safe_ex
 from backends.vision.data import write_training_yaml as _write_yaml
 from backends.vision.types import RUN_KIND, DetectionError, DetectorModel
 from backends.vision.yolo import prepare_ultralytics
+from studio.safety import atomic_path, atomic_write_bytes
 
 if TYPE_CHECKING:
     from studio.services import Services
@@ -273,6 +274,8 @@ def train_detector(
     model.add_callback("on_train_epoch_start", reporter.epoch_start)
     model.add_callback("on_train_batch_end", reporter.batch_end)
     model.add_callback("on_fit_epoch_end", reporter.fit_epoch_end)
+    model.add_callback("on_train_start", atomic_checkpoints)
+    install_atomic_strip()
     lease = _LeaseCallbacks(ctx.residency, f"train:yolo:{run.id}")
     lease.attach(model)
     t = time.perf_counter()
@@ -286,6 +289,39 @@ def train_detector(
     if lease.lease is not None and lease.lease.pauses:
         job.log(f"paused {lease.lease.pauses}x for interactive requests, {lease.lease.paused_s:.1f} s in all")
     return _finish(run, job, reporter, time.perf_counter() - t)
+
+
+class AtomicPath(type(Path())):  # type: ignore[misc]
+    """A Path whose write_bytes is atomic: Ultralytics writes last.pt/best.pt with `path.write_bytes(...)`."""
+
+    def write_bytes(self, data: bytes) -> int:  # type: ignore[override]
+        atomic_write_bytes(Path(self), data)
+        return len(data)
+
+
+def atomic_checkpoints(trainer: Any) -> None:
+    """on_train_start: every epoch's last.pt / best.pt goes through a temp file + fsync + rename."""
+    trainer.last, trainer.best = AtomicPath(trainer.last), AtomicPath(trainer.best)
+
+
+def install_atomic_strip() -> None:
+    """Ultralytics' final strip_optimizer rewrites last.pt/best.pt with torch.save in place; wrap it (once) so it
+    writes a temp file beside the target and renames it over, like every other checkpoint the studio lists."""
+    import ultralytics.engine.trainer as trainer_module
+
+    original = trainer_module.strip_optimizer
+    if getattr(original, "studio_atomic", False):
+        return
+
+    def strip_optimizer(f: Any = "best.pt", s: str = "", updates: dict | None = None) -> Any:
+        target = Path(s or f)
+        with atomic_path(target) as tmp:
+            result = original(f, str(tmp), updates=updates)
+        log.info("checkpoint %s written atomically (%d bytes)", target, target.stat().st_size)
+        return result
+
+    strip_optimizer.studio_atomic = True  # type: ignore[attr-defined]
+    trainer_module.strip_optimizer = strip_optimizer
 
 
 def _finish(run: Any, job: Any, reporter: _Reporter, seconds: float) -> TrainResult:
@@ -325,7 +361,10 @@ def start_training(backend: Any, dataset: Path, opts: TrainOptions) -> Any:
     report.raise_if_invalid()
     base = backend.get_model(opts.base)
     name = f"YOLO training: {base.id} on {report.root.name} ({opts.epochs} epochs)"
-    return backend.ctx.jobs.submit(name, lambda job: train_detector(backend, job, report, base, opts), gpu=True)
+    unique = f"yolo:{report.dataset_hash}:{opts!r}"  # the same training twice (a double click) makes one run
+    return backend.ctx.jobs.submit(
+        name, lambda job: train_detector(backend, job, report, base, opts), gpu=True, unique=unique
+    )
 
 
 def evaluate(backend: Any, entry: DetectorModel, report: DatasetReport, *, imgsz: int, batch: int = 16) -> dict:

@@ -13,7 +13,8 @@ RUN_KIND = "detection-train"
 
 TRUST_WARNING = (
     "Ultralytics .pt files are Python pickles: loading one can run any code its author put in it. "
-    "Only load files you trained yourself or got from a source you trust."
+    "Only files in the folders the studio's owner trusts (the models folder and `trusted_model_dirs` in "
+    "studio.toml) are loaded."
 )
 
 

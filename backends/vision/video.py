@@ -8,7 +8,6 @@ can stream it and a cancel (closing the generator) stops within one chunk; the w
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from studio.safety import atomic_write_json, safe_filename
+from studio.safety import atomic_write_json, safe_filename, unguessable_stamp
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def annotate_video(
     if stride < 1 or chunk < 1:
         raise DetectionError(f"frame stride and chunk must be >= 1, got {stride} and {chunk}")
     cap, fps, total, w, h = _open(path)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = unguessable_stamp()  # the file route serves outputs/: another user must not guess the name
     out = out_dir / f"{safe_filename(path.stem, 'video')}-{stamp}.webm"
     writer = _writer(out, fps, w, h)
     progress = VideoProgress(0, total, 0, 0)

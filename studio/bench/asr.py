@@ -41,30 +41,10 @@ def _context(tmp: Path):
     return build_context(Settings(data_dir=tmp / "data", models_dir=tmp / "models", open_browser=False))
 
 
-NUMBER_WORDS = dict(enumerate(
-    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-))  # fmt: skip
-ORDINALS = {"1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth", "5th": "fifth", "6th": "sixth"}
-
-
-def _spell_numbers(text: str) -> str:
-    """'at 9 o'clock' and 'at nine o'clock' are the same words: Whisper writes small numbers as digits."""
-    words = []
-    for w in text.split():
-        core = w.strip(".,!?;:")
-        if core.isdigit() and int(core) in NUMBER_WORDS:
-            w = w.replace(core, NUMBER_WORDS[int(core)])
-        elif core.lower() in ORDINALS:
-            w = w.replace(core, ORDINALS[core.lower()])
-        words.append(w)
-    return " ".join(words)
-
-
 def _wer(refs: list[str], hyps: list[str]) -> float:
-    import jiwer
+    from backends.audio.wer import wer
 
-    norm = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip()])
-    return float(jiwer.wer([norm(_spell_numbers(r)) for r in refs], [norm(_spell_numbers(h)) for h in hyps]))
+    return wer(refs, hyps)
 
 
 def wer_section(ctx, tmp: Path, voices, sentences, models) -> list[dict]:

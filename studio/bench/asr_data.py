@@ -144,3 +144,53 @@ def write_video_only(path: Path, seconds: float = 1.0, fps: int = 10) -> Path:
         for packet in stream.encode(None):
             out.mux(packet)
     return Path(path)
+
+
+# Made-up domain words (product names, surnames) for the fine-tuning test and benchmark: Whisper has never seen them.
+DOMAIN_TERMS = ("Zorvex", "Quillmark", "Brantova", "Kelsingham", "Vexaline", "Dromberg")
+TRAIN_CARRIERS = (
+    "Please send the {} report to the team.",
+    "We met {} at the office on Monday.",
+    "The new {} update ships next week.",
+    "Ask {} about the budget before noon.",
+    "I think {} will call us back today.",
+    "Our customers really like {} so far.",
+)
+HELD_OUT_CARRIERS = ("Yesterday {} sent me a long message.", "Could you check whether {} is ready?")
+# Ordinary sentences trained beside the domain ones (rehearsal), so the model keeps its general English.
+REHEARSAL = (
+    "The children played in the park until it got dark.",
+    "My brother works as a nurse at the city hospital.",
+    "Turn left at the bakery and walk two more blocks.",
+    "The weather was cold and windy all weekend.",
+    "We need more chairs for the guests this evening.",
+    "She reads the newspaper every morning with her coffee.",
+)
+
+
+def write_domain_dataset(folder: Path, voice: str = "en-us") -> dict[str, list[tuple[Path, str]]]:
+    """A fine-tuning folder (audio + .txt beside it) with the domain terms in training carriers, and held-out
+    clips: the same terms in new sentences ("terms") and the general SENTENCES ("general"). Returns the held-out
+    (path, text) lists; the training folder holds only the training clips (10 % of them become its dev set)."""
+    from backends.audio.pcm import write_wav
+
+    folder = Path(folder)
+    train_dir, held_dir = folder / "train", folder / "held-out"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    held_dir.mkdir(parents=True, exist_ok=True)
+    for i, carrier in enumerate(TRAIN_CARRIERS):
+        for j, term in enumerate(DOMAIN_TERMS):
+            text = carrier.format(term)
+            write_wav(train_dir / f"c{i}-t{j}.wav", synthesize(text, voice))
+            (train_dir / f"c{i}-t{j}.txt").write_text(text, encoding="utf-8")
+    for i, text in enumerate(REHEARSAL):
+        write_wav(train_dir / f"r{i}.wav", synthesize(text, voice))
+        (train_dir / f"r{i}.txt").write_text(text, encoding="utf-8")
+    held: dict[str, list[tuple[Path, str]]] = {"terms": [], "general": []}
+    for i, carrier in enumerate(HELD_OUT_CARRIERS):
+        for j, term in enumerate(DOMAIN_TERMS):
+            text = carrier.format(term)
+            held["terms"].append((write_wav(held_dir / f"h{i}-t{j}.wav", synthesize(text, voice)), text))
+    for i, text in enumerate(SENTENCES):
+        held["general"].append((write_wav(held_dir / f"g{i}.wav", synthesize(text, voice)), text))
+    return held

@@ -52,7 +52,7 @@ def copy_bandwidth(device: str, nbytes: int = 2**30, iters: int = 20) -> float:
 
 
 def bytes_per_token(model: Any, context: int) -> int:
-    """Bytes one decode step must read: every weight except the embedding table (one row), plus the KV cache."""
+    """Bytes one decode step must read: every weight and buffer except the embedding table (one row), + KV cache."""
     emb = model.get_input_embeddings().weight
     total = 0
     for p in model.parameters():
@@ -65,6 +65,7 @@ def bytes_per_token(model: Any, context: int) -> int:
             total += qs.absmax.numel() * qs.absmax.element_size()
             if getattr(qs, "state2", None) is not None:
                 total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    total += sum(b.numel() * b.element_size() for b in model.buffers())  # int4 packs and scales are buffers
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     total += 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * context * emb.element_size()
@@ -151,6 +152,18 @@ def bench(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+def rows_table(rows: list[dict], ratio: str) -> list[str]:
+    """Markdown rows of a decode table; `ratio` names the first row, the one every speed is divided by."""
+    lines = [f"| method | decode tok/s | {ratio} | time to first token | peak VRAM |", "|---|---|---|---|---|"]
+    for row in rows:
+        vram = f"{row['peak_vram_gb']:.2f} GB" if "peak_vram_gb" in row else "-"
+        x = row["decode_tok_s"] / rows[0]["decode_tok_s"]
+        lines.append(
+            f"| {row['method']} | {row['decode_tok_s']:.1f} | {x:.2f}x | {row['ttft_s'] * 1000:.0f} ms | {vram} |"
+        )
+    return lines
+
+
 def markdown(r: dict) -> str:
     lines = [
         f"# LLM decode benchmark ({r['machine']}, {r['date']})",
@@ -158,14 +171,8 @@ def markdown(r: dict) -> str:
         f"`{r['command']}` — {r['model']}; batch 1, {r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens, "
         f"greedy; VRAM cap {r['vram_cap_gb']} GB; {r['versions']}.",
         "",
-        "| method | decode tok/s | x plain | time to first token | peak VRAM |",
-        "|---|---|---|---|---|",
+        *rows_table(r["rows"], "x plain"),
     ]
-    base = r["rows"][0]["decode_tok_s"]
-    for row in r["rows"]:
-        vram = f"{row['peak_vram_gb']:.2f} GB" if "peak_vram_gb" in row else "-"
-        lines.append(f"| {row['method']} | {row['decode_tok_s']:.1f} | {row['decode_tok_s'] / base:.1f}x | "
-                     f"{row['ttft_s'] * 1000:.0f} ms | {vram} |")  # fmt: skip
     lines += [
         "",
         f"Bandwidth bound: {r['bytes_per_token_GB']:.2f} GB read per token at a measured copy bandwidth of "

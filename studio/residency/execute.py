@@ -66,7 +66,7 @@ class Executor:
                 self.end(plan)
             raise
         if give_back:
-            m._give_back(freed, free_before)
+            self.give_back(freed, free_before)
         with m._cond:
             self.end(plan)
             pools = []
@@ -175,7 +175,7 @@ class Executor:
                 m._event("oom_wait", plan.target.key, tried_bytes(str(e2)) or 0, detail="waiting for other leases")
                 raise NeedsWait(str(e2)) from e2
             m.metrics.add("oom_failures")
-            raise ResidencyError(m._placing_message(plan, e2)) from e2
+            raise ResidencyError(self.placing_message(plan, e2)) from e2
 
     def bring(self, plan: Plan) -> None:
         rec, m = plan.target, self.m
@@ -204,3 +204,32 @@ class Executor:
         rate = f", {facts.copied / facts.seconds / 1e9:.1f} GB/s" if facts.copied and facts.seconds > 0 else ""
         verb = "swapped in" if facts.kind == "ram->gpu" else "loaded"
         log.info("%s %s: %s in %.3f s%s", verb, rec.key, fmt_bytes(facts.bytes), facts.seconds, rate)
+
+    def give_back(self, freed: int, free_before: int | None) -> None:
+        """After moving models off the GPU for someone else: empty the cache, wait (bounded) to see it free."""
+        m = self.m
+        if freed <= 0 or not m._accel.has_gpu_tier:
+            return
+        m._accel.empty_cache()
+        if free_before is None:
+            return
+        t0 = time.monotonic()
+        while True:
+            reading = m._read()
+            if reading is None or reading.free_bytes >= free_before + 0.9 * freed:
+                break
+            if time.monotonic() - t0 > m.free_wait_s:
+                log.info("freed %s but the card shows only %s more free after %.1f s", fmt_bytes(freed),
+                         fmt_bytes(reading.free_bytes - free_before), m.free_wait_s)  # fmt: skip
+                break
+            time.sleep(0.05)
+        with m._cond:
+            m._event("gave_back", "", freed, time.monotonic() - t0)
+
+    def placing_message(self, plan: Plan, e: BaseException) -> str:
+        rec = plan.target
+        return (
+            f"Out of GPU memory placing {rec.key}: it needs {fmt_bytes(rec.size() + plan.work)} (weights "
+            f"{fmt_bytes(rec.size())} + working {fmt_bytes(plan.work)}) and does not fit with every idle model moved "
+            f"off and no other lease running; {self.m._desk.memory_facts()}. ({str(e)[:160]})"
+        )

@@ -43,12 +43,7 @@ class Leasing:
                     rec = m._records.get(key)
                     if rec is None:
                         raise ResidencyError(f"{key} is not registered; its backend must register a loader first")
-                    if after_oom is not None and m._releases == after_oom:
-                        decision: Any = Wait(rec.size(), self._holders(rec), tuple(m._preempt.yieldable(held_tokens())))
-                    elif rec.moving:
-                        decision = None
-                    else:
-                        decision = self._decide(rec, hint, reading)
+                    decision = self._next(rec, hint, reading, after_oom)
                     if isinstance(decision, Hit | CpuFallback):
                         return self.grant(rec, decision.work, hit=True, cpu=isinstance(decision, CpuFallback))
                     if isinstance(decision, Refuse):
@@ -56,25 +51,12 @@ class Leasing:
                             f"{key} does not fit on the GPU while this same request holds {', '.join(decision.holders)}; "
                             "release those leases first (a leased model is never evicted)"
                         )
-                    if isinstance(decision, Wait) and decision.trainers:
-                        m._preempt.ask_to_yield(list(decision.trainers), key)
-                    if isinstance(decision, Place) and not m._mover_busy:
-                        plan = decision.plan
-                        m._exec.begin(plan)
-                    else:
-                        plan = None
-                        waiter = waiter or self._enqueue(rec, decision)
-                        waiter = self._refresh(waiter, rec, decision)
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            m.metrics.add("timeouts")
-                            m._event("timeout", key, waiter.need_bytes)
-                            raise ResidencyError(
-                                f"Timed out after {m.wait_timeout_s:.0f} s waiting for GPU memory for {key}: "
-                                f"{waiter.reason}. Try again when they finish, or raise the VRAM cap."
-                            )
-                        m._cond.wait(min(remaining, 0.25))
+                    if not isinstance(decision, Place) or m._mover_busy:
+                        waiter = self._refresh(waiter or self._enqueue(rec, decision), rec, decision)
+                        self._wait(waiter, rec, deadline)
                         continue
+                    plan = decision.plan
+                    m._exec.begin(plan)
                 try:
                     return m._exec.run(
                         plan, up=True, grant=lambda r=rec, p=plan: self.grant(r, p.work, hit=False, cpu=p.cpu_fallback)
@@ -86,6 +68,32 @@ class Leasing:
             if waiter is not None:
                 with m._cond:
                     m._waiting.remove(waiter)
+
+    def _next(self, rec: ModelRecord, hint: int | None, reading: Any, after_oom: int | None) -> Any:
+        """The decision for this turn of the loop (lock held); None while the model is being moved."""
+        m = self.m
+        if after_oom is not None and m._releases == after_oom:  # it ran out of memory: wait for a lease to end
+            decision: Any = Wait(rec.size(), self._holders(rec), tuple(m._preempt.yieldable(held_tokens())))
+        elif rec.moving:
+            return None
+        else:
+            decision = self._decide(rec, hint, reading)
+        if isinstance(decision, Wait) and decision.trainers:
+            m._preempt.ask_to_yield(list(decision.trainers), rec.key)
+        return decision
+
+    def _wait(self, waiter: WaitingView, rec: ModelRecord, deadline: float) -> None:
+        """One bounded wait in the queue (lock held): shown in the snapshot, a timeout says who held the memory."""
+        m = self.m
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            m.metrics.add("timeouts")
+            m._event("timeout", rec.key, waiter.need_bytes)
+            raise ResidencyError(
+                f"Timed out after {m.wait_timeout_s:.0f} s waiting for GPU memory for {rec.key}: {waiter.reason}. "
+                "Try again when they finish, or raise the VRAM cap."
+            )
+        m._cond.wait(min(remaining, 0.25))
 
     def _decide(self, rec: ModelRecord, hint: int | None, reading: Any) -> planner.Decision:
         m, held = self.m, held_tokens()
@@ -132,9 +140,12 @@ class Leasing:
     def grant(self, rec: ModelRecord, work: int, *, hit: bool, cpu: bool = False) -> Lease:
         m = self.m
         if cpu and not rec.cpu_fallback:
-            cap = m._budget(m._reading).capacity
-            log.warning("%s needs %s but the whole GPU budget is %s: running it on the CPU (slower)", rec.key,
-                        fmt_bytes(rec.size() + work), fmt_bytes(cap))  # fmt: skip
+            b = m._budget(m._reading)
+            cap = b.capacity
+            log.warning("%s needs %s but the whole GPU budget is %s (other programs %s, our CUDA context %s, reserve "
+                        "%s, PyTorch reserved %s): running it on the CPU (slower)", rec.key, fmt_bytes(rec.size() + work),
+                        fmt_bytes(cap), fmt_bytes(b.others), fmt_bytes(b.context), fmt_bytes(m.reserve_bytes),
+                        fmt_bytes(m._accel.reserved()))  # fmt: skip
             m.metrics.add("cpu_fallbacks")
             m._event("cpu_fallback", rec.key, rec.size() + work, detail=f"budget {fmt_bytes(cap)}")
         rec.cpu_fallback = cpu
@@ -209,3 +220,25 @@ class Leasing:
             finally:
                 m._waiting.remove(waiter)
         return True
+
+    # ---- messages ----------------------------------------------------------------------------------------------
+    def memory_facts(self) -> str:
+        reading = self.m._read()
+        b = self.m._budget(reading)
+        return (
+            f"{fmt_bytes(reading.free_bytes if reading else None)} is free on the card ({fmt_bytes(b.others)} used by "
+            f"other programs, studio budget {fmt_bytes(b.capacity)}; PyTorch holds {fmt_bytes(self.m._accel.reserved())}"
+            f" reserved, {fmt_bytes(self.m._accel.allocated())} allocated)"
+        )
+
+    def oom_message(self, key: str, failure: _OOM, hint: int | None) -> str:
+        with self.m._cond:
+            rec = self.m._records[key]
+            work = rec.working_need(hint)
+        tried = f"; the failing allocation was {fmt_bytes(failure.tried)}" if failure.tried else ""
+        return (
+            f"Out of GPU memory running {key} even after moving every idle model off the GPU and with no other lease "
+            f"running: it needs about {fmt_bytes(rec.size() + work)} (weights {fmt_bytes(rec.size())} + working "
+            f"{fmt_bytes(work)}){tried}; {self.memory_facts()}. Use a smaller input or batch, a lower precision, or "
+            "close other GPU programs."
+        )

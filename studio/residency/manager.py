@@ -242,7 +242,7 @@ class ResidencyManager:
             if not self._desk.wait_for_others(key):
                 break
         self.metrics.add("oom_failures")
-        raise ResidencyError(self._oom_message(key, second, working_bytes))
+        raise ResidencyError(self._desk.oom_message(key, second, working_bytes))
 
     def offload(
         self, key: str | None = None, *, to: str | None = None, exclude: set[str] | None = None, tiers=(GPU, RAM)
@@ -423,53 +423,3 @@ class ResidencyManager:
         self._exec.to_disk(rec)
         if was_gpu:
             self._accel.empty_cache()
-
-    def _give_back(self, freed: int, free_before: int | None) -> None:
-        """After moving models off the GPU for someone else: empty the cache, wait (bounded) to see it free."""
-        if freed <= 0 or not self._accel.has_gpu_tier:
-            return
-        self._accel.empty_cache()
-        if free_before is None:
-            return
-        t0 = time.monotonic()
-        while True:
-            reading = self._read()
-            if reading is None or reading.free_bytes >= free_before + 0.9 * freed:
-                break
-            if time.monotonic() - t0 > self.free_wait_s:
-                log.info("freed %s but the card shows only %s more free after %.1f s", fmt_bytes(freed),
-                         fmt_bytes(reading.free_bytes - free_before), self.free_wait_s)  # fmt: skip
-                break
-            time.sleep(0.05)
-        with self._cond:
-            self._event("gave_back", "", freed, time.monotonic() - t0)
-
-    # ---- messages ------------------------------------------------------------------------------------------------
-    def _memory_facts(self) -> str:
-        reading = self._read()
-        b = self._budget(reading)
-        return (
-            f"{fmt_bytes(reading.free_bytes if reading else None)} is free on the card ({fmt_bytes(b.others)} used by "
-            f"other programs, studio budget {fmt_bytes(b.capacity)}; PyTorch holds {fmt_bytes(self._accel.reserved())}"
-            f" reserved, {fmt_bytes(self._accel.allocated())} allocated)"
-        )
-
-    def _oom_message(self, key: str, failure: _OOM, hint: int | None) -> str:
-        with self._cond:
-            rec = self._records[key]
-            work = rec.working_need(hint)
-        tried = f"; the failing allocation was {fmt_bytes(failure.tried)}" if failure.tried else ""
-        return (
-            f"Out of GPU memory running {key} even after moving every idle model off the GPU and with no other lease "
-            f"running: it needs about {fmt_bytes(rec.size() + work)} (weights {fmt_bytes(rec.size())} + working "
-            f"{fmt_bytes(work)}){tried}; {self._memory_facts()}. Use a smaller input or batch, a lower precision, or "
-            "close other GPU programs."
-        )
-
-    def _placing_message(self, plan: Any, e: BaseException) -> str:
-        rec = plan.target
-        return (
-            f"Out of GPU memory placing {rec.key}: it needs {fmt_bytes(rec.size() + plan.work)} (weights "
-            f"{fmt_bytes(rec.size())} + working {fmt_bytes(plan.work)}) and does not fit with every idle model moved "
-            f"off and no other lease running; {self._memory_facts()}. ({str(e)[:160]})"
-        )

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from studio.residency import pinned, planner
-from studio.residency.state import GPU, RAM
+from studio.residency.state import GPU, RAM, held_tokens
 from studio.residency.training import TrainingLease, TrainState, state_tensors, tensor_bytes
 from studio.units import fmt_bytes
 
@@ -94,6 +94,10 @@ class Preemption:
             rec = m._records.get(lease.key)
             if rec is not None and rec.tier == GPU and rec.leases:  # the trainer holds it: its weights are counted
                 lease.record = rec
+                held = held_tokens()
+                for x in m._leases:  # the trainer's own lease on it: the training lease counts the working memory
+                    if x.record is rec and x.token in held:
+                        x.working = 0
             lease.state_bytes = self._own_bytes(lease, nbytes)
             lease.working = self._working(lease)
             lease.state = TrainState.RUNNING

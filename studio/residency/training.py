@@ -100,8 +100,9 @@ def state_tensors(modules: Sequence[Any], optimizers: Sequence[Any], on_compute)
     for m in modules:
         for t in pinned.tensor_slots(m):
             add(t)
-        for p in pinned.model_modules(m)[0].parameters() if pinned.model_modules(m) else []:
-            add(p.grad)
+        for root in pinned.model_modules(m):
+            for p in root.parameters():
+                add(p.grad)
     for opt in optimizers:
         for group_state in opt.state.values():
             for value in group_state.values() if isinstance(group_state, dict) else []:

@@ -1,0 +1,296 @@
+"""API benchmark: the /v1 path against a direct backend call, and 8 concurrent API clients plus a UI-path caller.
+
+Side by side in one run, on the same LLM backend object:
+1. direct: `backend.chat()` on a worker thread (what the Chat tab's handler calls), greedy, a fixed prompt and
+   `--new` tokens;
+2. API: the same request through the openai client -> HTTP -> /v1/chat/completions (streamed SSE, and plain JSON);
+   overhead per token = (API time - direct time) / completion tokens, best of interleaved repetitions;
+3. load: `--clients` (8) threads with the openai client plus one UI-path thread calling `backend.chat()` directly,
+   all at once, each `--rounds` requests; every request must be served (0 failures), with its queue wait.
+The routes are the studio's own (`studio.api.mount`) on a bare FastAPI app served by uvicorn, the app Gradio serves
+them on; the UI-path caller is the Chat tab's backend call without a browser.
+
+    python -m studio.bench.api --quick      # CPU: the offline SmolLM2-135M (checks the whole path, < 1 min idle)
+    python -m studio.bench.api              # GPU: Llama-3.1-8B architecture, random weights, nf4, 12 GiB cap
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from studio.bench.common import RESULTS_DIR, Target, describe_machine, machine_info, targets_table, write_results
+
+PROMPT = [{"role": "user", "content": "Tell me about the history of the lighthouse, in detail."}]
+
+
+def build_context(root: Path, vram_cap_gb: float | None, max_queue: int) -> Any:
+    from studio.app import build_context as build
+    from studio.settings import Settings
+
+    settings = Settings(data_dir=root / "data", models_dir=root / "models", open_browser=False,
+                        vram_cap_gb=vram_cap_gb, api_max_queue=max_queue)  # fmt: skip
+    return build(settings)
+
+
+def random_llama_folder(folder: Path, arch: dict | None = None, device: str = "cuda") -> str:
+    """A Llama-3.1-8B-architecture checkpoint with random weights and a small trained BPE tokenizer (GPU mode).
+
+    Speed does not depend on the weights' values; the head keeps its 128,256 rows, those past the tokenizer's
+    vocabulary zeroed, so greedy decoding yields text and the SSE path streams a chunk per token as for a real
+    model."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from studio.bench.llm_models import LLAMA_8B
+
+    if (folder / "config.json").is_file():
+        return folder.name
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    words = "the lighthouse keeper kept a lamp burning on the rocky coast for ships at night " * 200
+    bpe.train_from_iterator([words], trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = "{% for m in messages %}<s>{{ m.role }}: {{ m.content }}\n{% endfor %}<s>assistant: "
+    config = LlamaConfig(**{**(arch or LLAMA_8B), "bos_token_id": 1, "eos_token_id": 2})
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():  # full-size head, but greedy picks tokens the small tokenizer can decode
+        model.lm_head.weight[len(tok) :] = 0
+        model.lm_head.weight[: len(tok)].normal_(0, 0.5)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return folder.name
+
+
+def serve(ctx: Any) -> tuple[str, Any]:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from studio import api
+    from studio.bench.startup import free_port
+
+    app = FastAPI()
+    api.mount(app, ctx)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}/v1", server
+
+
+def direct(backend: Any, model: str, new: int) -> tuple[float, int]:
+    """The backend call on a worker thread, as Gradio runs the Chat tab's handler (on this 2-core CPU torch ran
+    8x slower on the main thread than on any other, so the main thread would flatter the API)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["r"] = _direct(backend, model, new)
+        except Exception as e:
+            out["e"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "e" in out:
+        raise out["e"]
+    return out["r"]
+
+
+def _direct(backend: Any, model: str, new: int) -> tuple[float, int]:
+    from backends.llm import GenerationOptions
+
+    opts = GenerationOptions(temperature=0.0, max_new_tokens=new)
+    t0 = time.perf_counter()
+    final = None
+    for u in backend.chat(PROMPT, opts, model=model):
+        final = u
+    return time.perf_counter() - t0, final.stats.new_tokens
+
+
+def through_api(client: Any, model: str, new: int, stream: bool) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    if stream:
+        tokens = 0
+        for chunk in client.chat.completions.create(model=model, messages=PROMPT, max_tokens=new, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}):  # fmt: skip
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    else:
+        tokens = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=new, temperature=0)
+        tokens = tokens.usage.completion_tokens
+    return time.perf_counter() - t0, tokens
+
+
+def overhead(backend: Any, client: Any, model: str, new: int, reps: int) -> dict[str, Any]:
+    """Interleaved repetitions; the per-token figure is each path's best run (on a shared machine the other
+    processes only ever add time, so the minimum is the least noisy estimate); medians are kept too."""
+    rows: dict[str, list[tuple[float, int]]] = {"direct": [], "api_stream": [], "api_json": []}
+    direct(backend, model, 2)  # warm: load the model, build the decoder
+    for _ in range(reps):
+        rows["direct"].append(direct(backend, model, new))
+        rows["api_stream"].append(through_api(client, model, new, True))
+        rows["api_json"].append(through_api(client, model, new, False))
+    out = {}
+    for name, runs in rows.items():
+        per = [t / max(1, n) for t, n in runs]
+        out[name] = {"s_per_token": min(per), "median_s_per_token": statistics.median(per),
+                     "tokens": [n for _, n in runs], "seconds": [t for t, _ in runs]}  # fmt: skip
+    for name in ("api_stream", "api_json"):
+        out[name]["overhead_ms_per_token"] = 1000 * (out[name]["s_per_token"] - out["direct"]["s_per_token"])
+    return out
+
+
+def load(backend: Any, url: str, key: str, model: str, clients: int, rounds: int, new: int) -> dict[str, Any]:
+    import openai
+
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def api_client(i: int) -> None:
+        c = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=1800)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            try:
+                r = c.chat.completions.create(model=model, messages=PROMPT, max_tokens=new, temperature=0)
+                ok, err = r.usage.completion_tokens > 0, ""
+            except Exception as e:  # counted as a failure; the run goes on
+                ok, err = False, f"{type(e).__name__}: {e}"[:200]
+            with lock:
+                results.append({"who": f"api-{i}", "ok": ok, "s": time.perf_counter() - t0, "error": err})
+
+    def ui_caller() -> None:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            try:
+                ok, err = _direct(backend, model, new)[1] > 0, ""
+            except Exception as e:
+                ok, err = False, f"{type(e).__name__}: {e}"[:200]
+            with lock:
+                results.append({"who": "ui", "ok": ok, "s": time.perf_counter() - t0, "error": err})
+
+    threads = [threading.Thread(target=api_client, args=(i,)) for i in range(clients)]
+    threads.append(threading.Thread(target=ui_caller))
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    latencies = sorted(r["s"] for r in results)
+    return {
+        "requests": len(results), "served": sum(r["ok"] for r in results), "wall_s": wall,
+        "latency_p50_s": statistics.median(latencies), "latency_max_s": latencies[-1],
+        "ui_served": sum(r["ok"] for r in results if r["who"] == "ui"),
+        "errors": [r["error"] for r in results if not r["ok"]][:10],
+    }  # fmt: skip
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    import openai
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-api-"))
+    cap = None if args.quick else args.vram_cap_gb
+    model = "smollm2-135m" if args.quick else random_llama_folder(root / "models" / "bench-llama-8b-random")
+    if not args.quick:  # the 12 GiB wall goes up after the checkpoint was written (built on the GPU in bf16)
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(
+            args.vram_cap_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory
+        )
+    ctx = build_context(root, cap, max_queue=args.clients + 2)
+    backend = ctx.backends.llm
+    backend.configure(model_id=model)
+    url, server = serve(ctx)
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=1800)
+    try:
+        per_token = overhead(backend, client, model, args.new, args.reps)
+        loaded = load(backend, url, "none", model, args.clients, args.rounds, args.load_new)
+    finally:
+        server.should_exit = True
+    waits = [r["wait_s"] for r in ctx.api.snapshot()["recent"] if r["status"] == "ok"]
+    direct_ms = 1000 * per_token["direct"]["s_per_token"]
+    stream_ms = per_token["api_stream"]["overhead_ms_per_token"]
+    targets = [
+        Target(
+            "requests served under load (8 API clients + UI)", loaded["served"] / loaded["requests"], 1.0, "fraction"
+        ),
+        Target("failures under load", loaded["requests"] - loaded["served"], 0, "requests", higher_is_better=False),
+        Target("API overhead per token (streamed)", stream_ms, 1.0, "ms/token", higher_is_better=False),
+        Target(
+            "API overhead per token / direct per-token time",
+            stream_ms / direct_ms,
+            0.05,
+            "ratio",
+            higher_is_better=False,
+        ),
+    ]
+    return {
+        "machine": machine_info("torch", "transformers", "fastapi", "uvicorn", "openai"),
+        "model": model, "mode": "quick (CPU)" if args.quick else f"GPU, {args.vram_cap_gb} GiB cap",
+        "new_tokens": args.new, "reps": args.reps, "per_token": per_token, "load": loaded,
+        "queue_wait_s": {"p50": statistics.median(waits) if waits else None, "max": max(waits, default=None)},
+        "targets": [t.as_dict() for t in targets],
+    }  # fmt: skip
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} s"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    p, ld = r["per_token"], r["load"]
+    rows = ["| path | ms/token (best) | ms/token (median) | overhead ms/token |", "|---|---|---|---|"]
+    for name in ("direct", "api_stream", "api_json"):
+        extra = f"{p[name]['overhead_ms_per_token']:+.2f}" if name != "direct" else "-"
+        best, med = 1000 * p[name]["s_per_token"], 1000 * p[name]["median_s_per_token"]
+        rows.append(f"| {name} | {best:.2f} | {med:.2f} | {extra} |")
+    return "\n".join([
+        f"# API benchmark ({r['mode']}, {r['model']})", "", describe_machine(r["machine"]), "",
+        f"Command: `{r['machine']['command']}` · {r['new_tokens']} new tokens, {r['reps']} interleaved repetitions",
+        "", *rows, "",
+        f"Load: {ld['requests']} requests from 8 API clients + 1 UI-path caller, {ld['served']} served "
+        f"({ld['ui_served']} of them UI) in {ld['wall_s']:.1f} s; latency p50 {ld['latency_p50_s']:.1f} s, "
+        f"max {ld['latency_max_s']:.1f} s; API queue wait p50 {_s(r['queue_wait_s']['p50'])}, "
+        f"max {_s(r['queue_wait_s']['max'])}.",
+        "", targets_table(r["targets"]),
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU, the offline SmolLM2-135M, short requests")
+    p.add_argument("--new", type=int, default=None, help="new tokens per overhead request (128; quick 16)")
+    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions (5; quick 3)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=None, help="requests per load client (3; quick 1)")
+    p.add_argument("--load-new", type=int, default=None, help="new tokens per load request (64; quick 6)")
+    p.add_argument("--vram-cap-gb", type=float, default=12.0)
+    p.add_argument("--workdir", type=Path, default=None, help="data and models folder (default: a temp folder)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.new = args.new or (16 if quick else 128)
+    args.reps = args.reps or (3 if quick else 5)
+    args.rounds = args.rounds or (1 if quick else 3)
+    args.load_new = args.load_new or (6 if quick else 64)
+    result = bench(args)
+    text = markdown(result)
+    print(text)
+    write_results(args.out, "api", result, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
