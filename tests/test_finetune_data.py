@@ -133,3 +133,8 @@ def test_shakespeare_task_is_real_and_repeatable(tmp_path):
     path = write_jsonl(tmp_path / "task.jsonl", a)
     _, report = load_conversations(path)
     assert report.valid == 40 and report.format == "messages"
+
+
+def test_the_full_sample_task_covers_all_eight_plays():
+    titles = {r["messages"][1]["content"] for r in make_task(400) if r["messages"][0]["content"].startswith("Which")}
+    assert {"Hamlet", "Macbeth", "A Midsummer Night's Dream", "The Tempest"} <= titles

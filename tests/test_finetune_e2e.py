@@ -90,7 +90,6 @@ def test_jsonl_to_an_adapter_answering_in_chat(tmp_path: Path) -> None:
         chat.get_by_text(
             re.compile(r"Attached adapter|Active: e2e-adapter")
         ).first.wait_for()  # the switch note follows
-        chat.get_by_role("button", name="Clear", exact=True).click()
         adapter_answer = _ask(chat)
         browser.close()
         assert adapter_answer and adapter_answer != base_answer, (base_answer, adapter_answer)

@@ -24,7 +24,7 @@ from studio.safety import atomic_write_text
 
 PLAYS = ("hamlet", "macbeth", "romeo_and_juliet", "lear", "othello", "julius_caesar", "tempest",
          "midsummer_nights_dream")  # fmt: skip
-SPEAKER = re.compile(r"^[A-Z][A-Za-z ]{1,30}\.$")
+SPEAKER = re.compile(r"^[A-Z][A-Za-z ]{1,30}\.?$")  # "MACBETH.", "Hor.", "HELENA" (the Dream has no period)
 
 
 def texts_dir() -> Path:
@@ -47,7 +47,7 @@ def verse_lines(text: str) -> list[str]:
         line = raw.strip()
         if not line:
             in_speech = False
-        elif SPEAKER.match(line) and (line.upper() == line or len(line) < 8):
+        elif SPEAKER.match(line) and (line.upper() == line or (line.endswith(".") and len(line) < 8)):
             in_speech = True
         elif in_speech:
             line = re.sub(r"\[.*?\]", "", line).strip()
@@ -61,6 +61,9 @@ def make_task(count: int = 400, seed: int = 0, plays: tuple[str, ...] = PLAYS) -
     names = titles(folder)
     rng = random.Random(seed)
     pools = {p: verse_lines((folder / f"{p}_gut.txt").read_text(encoding="latin-1")) for p in plays}
+    short = [p for p, lines in pools.items() if len(set(lines)) < count // len(plays) + 1]
+    if short:
+        raise ValueError(f"too few verse lines in {short} for {count} questions; ask for fewer")
     records, seen = [], set()
     while len(records) < count:
         play = plays[len(records) % len(plays)]
