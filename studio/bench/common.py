@@ -84,6 +84,16 @@ def device_tag() -> str:
     return "-".join(w for w in words if w.isalnum() or "-" in w) or "gpu"
 
 
+def _command() -> str:
+    """How this benchmark was started, as `python -m studio.bench.NAME args` (the module path, not the file's)."""
+    if not sys.argv or not sys.argv[0].endswith(".py"):
+        return " ".join(sys.argv)
+    path = Path(sys.argv[0]).resolve()
+    parts = path.with_suffix("").parts
+    module = ".".join(parts[parts.index("studio") :]) if "studio" in parts else path.stem
+    return " ".join(["python -m", module, *sys.argv[1:]])
+
+
 def machine_info(*packages: str) -> dict[str, Any]:
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -92,9 +102,7 @@ def machine_info(*packages: str) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "gpu": gpu_name(),
         "os": platform.platform(),
-        "command": " ".join(["python -m", sys.argv[0].replace("/", ".").removesuffix(".py"), *sys.argv[1:]])
-        if sys.argv and sys.argv[0].endswith(".py")
-        else " ".join(sys.argv),
+        "command": _command(),
         "versions": versions(*packages),
     }
 
