@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from studio import api
 from studio.context import StudioContext, Tab
@@ -200,13 +200,13 @@ def launch(ctx: StudioContext, *, prevent_thread_lock: bool = False) -> gr.Block
     return demo
 
 
-def guarded_app(settings: Settings, lifespan: Any = None) -> object:
-    """Gradio's App (no OpenAPI/docs routes) with the HTTP guard in front of every route; `lifespan` mounts the API."""
+def guarded_app(settings: Settings) -> object:
+    """Gradio's App (no OpenAPI/docs routes) with the HTTP guard in front of every route."""
     from gradio.routes import App
 
     from studio.http_guard import GuardPolicy, HttpGuard, app_kwargs
 
-    app = App(**app_kwargs(), **({"lifespan": lifespan} if lifespan else {}))
+    app = App(**app_kwargs())
     app.add_middleware(HttpGuard, policy=GuardPolicy.from_settings(settings), gradio_app=app)
     return app
 

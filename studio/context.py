@@ -41,11 +41,6 @@ class Backends:
                 self._built[name] = build()
             return self._built[name]
 
-    def built(self) -> dict[str, Any]:
-        """The backends built so far (for shutdown and the GPU tab); builds nothing."""
-        with self._lock:
-            return dict(self._built)
-
     @property
     def llm(self) -> LLMBackend:
         from backends import llm

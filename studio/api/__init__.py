@@ -1,6 +1,6 @@
 """The studio's OpenAI-compatible API: /v1 routes on the same server and port as the UI (see server.py).
 
-    demo.launch(..., app_kwargs={"lifespan": api.lifespan(ctx)})   # studio/app.py: routes added at start-up
+    api.mount(app, ctx)   # studio/app.py: on the guarded Gradio app, before launch
 
 `mount(app, ctx)` adds the routes to any FastAPI app; `ctx.api` (an ApiState) holds the queues, the keys and the
 recent-request log that the Settings tab shows.
@@ -8,14 +8,12 @@ recent-request log that the Settings tab shows.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from studio.api.state import ApiConfigError, ApiState, QueueFull, read_keys
 
-__all__ = ["ApiConfigError", "ApiState", "QueueFull", "check_settings", "lifespan", "mount", "read_keys"]
+__all__ = ["ApiConfigError", "ApiState", "QueueFull", "check_settings", "mount", "read_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +39,3 @@ def mount(app: Any, ctx: Any) -> ApiState:
         auth = "API key required" if state.auth_required else "no API key needed on loopback"
         log.info("OpenAI-compatible API on %s (%s)", state.address, auth)
     return state
-
-
-def lifespan(ctx: Any) -> Callable[[Any], contextlib.AbstractAsyncContextManager[None]]:
-    """A FastAPI lifespan that mounts the routes when the server starts (Gradio builds its app inside launch)."""
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(app: Any) -> AsyncIterator[None]:
-        mount(app, ctx)
-        yield
-
-    return _lifespan

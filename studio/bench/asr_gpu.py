@@ -118,6 +118,7 @@ def time_pipeline(folder: Path, clips, tokens: int, *, dtype=None, batch: int | 
     call = {"generate_kwargs": {"min_new_tokens": tokens, "max_new_tokens": tokens, "language": "en"}}
     if batch:
         call["batch_size"] = batch
+
     def inputs(n: int | None = None) -> list[dict]:  # fresh dicts each call: the pipeline pops "raw" out of them
         return [{"raw": c, "sampling_rate": 16000} for c in clips[:n]]
 
