@@ -90,7 +90,7 @@ def test_vlm_feature_path_with_cuda_graph_matches_plain_generate(tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from backends.vlm.decode import FeatureCache
-    from studio.bench.vlm import _Holder, build_llava_7b, make_inputs, ours, plain
+    from studio.bench.vlm import _Holder, build_llava_7b, make_inputs, next_turn, ours, plain
 
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=56,
                   patch_size=14, projection_dim=32, hidden_act="quick_gelu")  # fmt: skip
@@ -104,3 +104,7 @@ def test_vlm_feature_path_with_cuda_graph_matches_plain_generate(tmp_path):
     want, _ = plain(model, inputs, 24)
     assert timing["decoder"] == "cuda-graph" and got == want
     assert ours(model, cache, inputs, digests, 8, holder)[1]["images_encoded"] == 0
+    turn2 = next_turn(inputs, got, 8, seed=2)  # the history turn: the cached prompt and reply are not recomputed
+    got2, timing2 = ours(model, cache, turn2, digests, 16, holder)
+    assert timing2["reused_tokens"] == inputs["input_ids"].shape[1] + len(got) - 1
+    assert got2 == plain(model, turn2, 16)[0]

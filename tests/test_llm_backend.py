@@ -176,6 +176,34 @@ def test_static_cache_decoder_matches_generate_greedy(llm_ctx, llm):
             assert got == ref.tolist(), decoder.name
 
 
+def test_static_decoder_reuses_the_conversation_prefix(llm_ctx, llm):
+    """A second turn prefills only what is new, with the logits of a full prefill; a changed history reuses only
+    the common part; `adopt` carries the prefix into a larger cache when the conversation outgrows its slots."""
+    import torch
+
+    from backends.llm.fastdecode import StaticDecoder, static_decoder
+    from backends.llm.generate import render_ids, stream_tokens
+
+    tok = llm._tokenizer(llm._source("smollm2-135m"))
+    turn1 = render_ids(tok, [{"role": "user", "content": "Name three colours."}])
+    with llm_ctx.residency.use("chat:smollm2-135m") as model:
+        small = StaticDecoder(model, 96, use_graph=False)
+        reply = _token_ids(small, tok, turn1, 8, stream_tokens)
+        turn2 = turn1 + reply + tok(" And three animals?", add_special_tokens=False)["input_ids"]
+        grown = static_decoder(model, 128, small)  # same weights: the cached prompt and reply come along
+        assert grown.pos == len(turn1) + len(reply) - 1  # the last reply token was never fed back
+        got = grown.prefill(torch.tensor([turn2]))
+        assert grown.reused == len(turn1) + len(reply) - 1
+        full = StaticDecoder(model, 128, use_graph=False).prefill(torch.tensor([turn2]))
+        assert torch.allclose(got, full, atol=1e-4, rtol=1e-4)
+        assert got.argmax() == full.argmax()
+        edited = [*turn1[:5], turn1[5] + 1, *turn1[6:]]  # the user edited an early message
+        again = grown.prefill(torch.tensor([edited]))
+        assert grown.reused == 5
+        assert torch.allclose(again, StaticDecoder(model, 128, use_graph=False).prefill(torch.tensor([edited])),
+                              atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
 def _token_ids(decoder, tok, ids, n, stream_tokens):
     class Recorder:
         def __init__(self):

@@ -77,6 +77,25 @@ def test_another_models_load_is_not_recorded_as_this_models_working_peak():
     assert manager._records["m:a"].working_need(None) < 5 * MiB  # not m:b's 40 MB
 
 
+def test_a_trainer_starting_during_a_lease_is_not_that_leases_working_peak():
+    """Seen on the H200 stress run: a training run resumed while a chat lease ran alone, its gigabytes were taken
+    as the chat's working memory, and the 8B model was then judged too big for the card and sent to the CPU."""
+    manager, _, accel = sim_manager(100)
+    manager.register(NetLoader("m:a", 5))
+    with manager.use("m:a", working_bytes=0):
+        pass
+    model = torch.nn.Linear(512, 1024)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        manager.use("m:a", working_bytes=0),  # alone when granted
+        manager.training("train:t", modules=[model], optimizers=[opt], label="Fine-tune") as lease,
+        lease.step(),
+    ):
+        scratch = accel.working_memory(30 * MiB)  # the trainer's activations
+        del scratch
+    assert manager._records["m:a"].working_need(None) < 5 * MiB  # not the trainer's 30 MB
+
+
 def test_offload_keeps_the_ram_cap():
     manager, _, _ = sim_manager(100, ram_cap_bytes=50 * MiB)
     for key in ("m:a", "m:b"):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from studio.residency import planner
 from studio.residency.eviction import GreedyDualSize
 from studio.residency.planner import Action, CpuFallback, Hit, Place, Refuse, Wait, World
-from studio.residency.probes import CardReading, ProcessUse
+from studio.residency.probes import CardReading, ContextGauge, ProcessUse
 from studio.residency.state import DISK, GPU, RAM, ModelRecord
 
 MiB = 2**20
@@ -32,6 +32,39 @@ def test_budget_subtracts_others_cap_reserve_and_context():
     capped = planner.budget(reading, has_gpu=True, card_total=0, reserved=250, vram_cap=400, reserve=50, pid=7)
     assert capped.capacity == 400 - 50 - 50
     assert planner.budget(None, has_gpu=False, card_total=0, reserved=0, vram_cap=None, reserve=0).capacity == 0
+
+
+def test_gauged_context_replaces_a_reading_that_raced_a_move():
+    # NVML still shows 700 of ours after PyTorch already gave 400 back: one reading says the context is 450
+    reading = CardReading("card", 1000, 700, 300, (ProcessUse(7, "us", 700),), True)
+    racing = planner.budget(reading, has_gpu=True, card_total=0, reserved=250, vram_cap=None, reserve=0, pid=7)
+    gauged = planner.budget(reading, has_gpu=True, card_total=0, reserved=250, vram_cap=None, reserve=0, pid=7,
+                            context=50)  # fmt: skip
+    assert (racing.context, gauged.context) == (450, 50) and gauged.capacity == racing.capacity + 400
+
+
+def test_context_gauge_drops_straddled_readings_and_forgets_transients():
+    now = [0.0]
+    g = ContextGauge(window_s=10, clock=lambda: now[0])
+
+    def read(own: int) -> CardReading:
+        return CardReading("card", 1000, own, 1000 - own, (ProcessUse(7, "us", own),), True)
+
+    assert g.value is None
+    g.observe(read(300), 7, 250, 250)
+    assert g.value == 50
+    g.observe(read(900), 7, 650, 250)  # a move straddled the NVML call: not a sample
+    assert (g.value, g.rejected) == (50, 1)
+    now[0] = 5
+    g.observe(read(700), 7, 250, 250)  # a transient 450: the smallest of the window still wins
+    assert g.value == 50 and g.raw_max == 450
+    now[0] = 16
+    g.observe(read(650), 7, 250, 250)  # memory outside PyTorch that lasted the window now counts
+    assert g.value == 400
+    g.observe(read(300), 7, 250, 250)
+    assert g.value == 50
+    g.observe(CardReading("card", 1000, 300, 700, (), False), 7, 250, 250)  # no per-process figures: ignored
+    assert g.value == 50
 
 
 def test_decide_hit_place_wait_refuse_cpu():

@@ -224,3 +224,39 @@ def test_a_session_config_applies_to_one_call_only(vlm, tmp_path):
     with pytest.raises(VLMError, match="at most 1 per message"):
         list(vlm.chat(ask("two", img, img), GREEDY, config=one))
     assert vlm.config.max_images_per_message == 8 and list(vlm.chat(ask("two", img, img), GREEDY))[-1].done
+
+
+def test_next_turn_reuses_the_cached_prompt_only_where_the_same_images_sit(tiny_llava_folder):
+    """Prompt reuse in the static decoder: the history turn prefills only its new tokens, with a full prefill's
+    logits; a different picture at the second image's place invalidates the cache from that placeholder on."""
+    import torch
+
+    from backends.llm.fastdecode import StaticDecoder
+    from backends.vlm.decode import EmbedsPrefill, FeatureCache, image_token_id, merged_embeddings, position_keys
+    from backends.vlm.models import load_vlm
+    from backends.vlm.types import VLMStats
+    from studio.bench.vlm import make_inputs, next_turn
+
+    model = load_vlm(tiny_llava_folder, "cpu", "auto")
+    inputs, digests = make_inputs(model, 2, 8, seed=3)
+
+    def prefill(decoder, inp, dig):
+        embeds = merged_embeddings(model, inp, dig, FeatureCache(), ("t", "", 0), VLMStats())
+        keys = position_keys(inp["input_ids"][0].tolist(), image_token_id(model), dig)
+        return EmbedsPrefill(decoder, embeds, keys).prefill(inp["input_ids"])
+
+    dec = StaticDecoder(model, 256, use_graph=False)
+    prefill(dec, inputs, digests)
+    turn2 = next_turn(inputs, [5, 6, 7], 8, seed=4)
+    got = prefill(dec, turn2, digests)
+    assert dec.reused == inputs["input_ids"].shape[1]
+    assert torch.allclose(got, prefill(StaticDecoder(model, 256, use_graph=False), turn2, digests), atol=1e-4)
+
+    changed = dict(turn2, pixel_values=turn2["pixel_values"].clone())
+    changed["pixel_values"][1] = -changed["pixel_values"][1]
+    second_image_at = [i for i, t in enumerate(turn2["input_ids"][0].tolist()) if t == image_token_id(model)]
+    second_image_at = second_image_at[len(second_image_at) // 2]
+    got = prefill(dec, changed, [digests[0], "another picture"])
+    assert dec.reused == second_image_at
+    full = prefill(StaticDecoder(model, 256, use_graph=False), changed, [digests[0], "another picture"])
+    assert torch.allclose(got, full, atol=1e-4)

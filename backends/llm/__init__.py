@@ -74,10 +74,10 @@ __all__ = [  # the last group: building blocks the VLM package reuses (decoders,
 def decoder_for(model: Any, needed: int, limit: int, *, fast: bool, previous: Any = None) -> Any:
     """Chat's decoder for a loaded model: on CUDA with `fast` a static KV cache with the decode step in a CUDA graph
     (`previous` is reused when it still fits the same weights), else the eager dynamic-cache one. Imports torch."""
-    from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
+    from backends.llm.fastdecode import EagerDecoder, bucket_len, model_device, static_decoder
 
     if model_device(model).type != "cuda" or not fast:
         return EagerDecoder(model)
     if previous is not None and getattr(previous, "matches", None) and previous.matches(model, needed):
         return previous
-    return StaticDecoder(model, bucket_len(needed, limit), use_graph=True)
+    return static_decoder(model, bucket_len(needed, limit), previous)

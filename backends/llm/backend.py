@@ -422,7 +422,7 @@ class LLMBackend:
 
     def _get_decoder(self, key: str, model: Any, needed: int, limit: int, fast: bool = True) -> Any:
         from backends.llm.compact import FusedInt4Decoder, fused_layers
-        from backends.llm.fastdecode import EagerDecoder, StaticDecoder, bucket_len, model_device
+        from backends.llm.fastdecode import EagerDecoder, bucket_len, model_device, static_decoder
 
         int4 = fused_layers(model) is not None  # the fused decoder runs on any device the int4 kernel runs on
         if not fast or (model_device(model).type != "cuda" and not int4):
@@ -431,9 +431,10 @@ class LLMBackend:
         d = self._decoder
         if d is not None and self._decoder_key == (key, version) and d.matches(model, needed):
             return d
-        self._decoder = None  # free the old cache/graph before building the new one
+        previous, self._decoder = (d if self._decoder_key == (key, version) else None), None
         n = bucket_len(needed, limit)
-        self._decoder = FusedInt4Decoder(model, n) if int4 else StaticDecoder(model, n, use_graph=True)
+        self._decoder = FusedInt4Decoder(model, n) if int4 else static_decoder(model, n, previous)
+        previous = None  # its cache is freed here (its prefix, if any, was copied)
         self._decoder_key = (key, version)
         return self._decoder
 

@@ -119,6 +119,7 @@ class FusedInt4Decoder(GraphStepDecoder):
         n = ids.shape[-1]
         if n >= self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit a static cache of {self.max_len}")
+        self.history, self._fed = [], []  # recomputed from scratch each turn (no prompt reuse here)
         logits = self._logits(self._forward(ids.reshape(-1), self.slots[:n], prefill=True)).float()
         self.pos = n
         return logits

@@ -10,6 +10,10 @@ Both expose `prefill(ids) -> logits` and `step(token) -> logits` (float32, shape
   `torch.cuda.CUDAGraph` after a warm-up on a side stream and then replayed: one launch per token instead of
   thousands. If capture fails the reason is logged once and the same step runs without the graph.
 
+Prompt reuse (`StaticDecoder`): the decoder remembers which tokens' keys/values fill its first slots (the last
+turn's prompt and reply); a prompt that continues the conversation prefills only its new tokens, so the second
+turn's time to first token no longer grows with the history. `adopt` carries that prefix into a larger cache.
+
 Invariants of the static path: the attention mask is built inside the step from `pos_buf` (slots > pos are masked),
 so stale cache slots never leak; the graph captures the weights' addresses, so `weights_fingerprint` must be
 compared before reuse (the residency manager may move the model); warm-up steps recompute the very same cache
@@ -21,6 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -153,6 +158,25 @@ class GraphStepDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None
         self.capture_s = 0.0
+        self.history: list[Any] = []  # what fills slots [0, pos): a key per token (its id, or an image tag)
+        self._fed: list[torch.Tensor] = []  # tokens stepped since the last prefill, still on the device
+        self.reused = 0  # slots the last prefill did not recompute
+
+    def _known(self) -> list[Any]:
+        """`history` with the stepped tokens appended (one host read per turn, not one per token)."""
+        if self._fed:
+            self.history = self.history + torch.cat(self._fed).tolist()
+            self._fed = []
+        return self.history[: self.pos]
+
+    def _prefix(self, keys: Sequence[Any]) -> int:
+        """How many leading slots already hold `keys`; the last token is always recomputed (its logits are needed)."""
+        n = 0
+        for a, b in zip(self._known(), keys, strict=False):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(keys) - 1)
 
     def _step_body(self) -> None:
         raise NotImplementedError
@@ -173,6 +197,7 @@ class GraphStepDecoder:
             self.graph.replay()
         else:
             self._step_body()
+        self._fed.append(token.detach().reshape(-1)[:1].clone())
         self.pos += 1
         return self.logits_buf
 
@@ -219,16 +244,40 @@ class StaticDecoder(GraphStepDecoder):
         return out.logits[0, -1]
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """`embeds` (1, n, d), when given, replaces the token embeddings of `ids` (a VLM's merged image features)."""
+    def prefill(
+        self, ids: torch.Tensor, embeds: torch.Tensor | None = None, keys: Sequence[Any] | None = None
+    ) -> torch.Tensor:
+        """`embeds` (1, n, d), when given, replaces the token embeddings of `ids` (a VLM's merged image features);
+        `keys` name each position's content (default: the ids; a VLM tags image positions with the image's digest).
+        Only the positions after the prefix the cache already holds are computed (module docstring)."""
         n = ids.shape[1]
         if n >= self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit a static cache of {self.max_len}")
-        positions = torch.arange(n, device=self.device)
-        self.index.seen = 0
-        logits = self._forward(ids, positions, embeds).float()
+        keys = ids[0].tolist() if keys is None else list(keys)
+        p = self._prefix(keys)
+        self.history, self.pos = [], 0  # until the forward has written the new slots
+        positions = torch.arange(p, n, device=self.device)
+        self.index.seen = p
+        logits = self._forward(ids[:, p:], positions, None if embeds is None else embeds[:, p:]).float()
         self.pos = self.index.seen = n
+        self.history, self.reused = keys, p
         return logits
+
+    @torch.no_grad()
+    def adopt(self, previous: StaticDecoder) -> None:
+        """Take over `previous`'s cached prefix (same model, smaller cache): the conversation outgrew its slots."""
+        known = previous._known()
+        for new, old in zip(self.cache.layers, previous.cache.layers, strict=True):
+            if not old.is_initialized:
+                return
+            b, h, _, d = old.keys.shape
+            new.device, new.dtype = old.device, old.dtype
+            new.keys = torch.zeros((b, h, self.max_len, d), dtype=old.dtype, device=old.device)
+            new.values = torch.zeros((b, h, self.max_len, old.values.shape[-1]), dtype=old.dtype, device=old.device)
+            new.keys[:, :, : len(known)] = old.keys[:, :, : len(known)]
+            new.values[:, :, : len(known)] = old.values[:, :, : len(known)]
+            new.is_initialized = True
+        self.history, self.pos = known, len(known)
 
     def _step_body(self) -> None:
         logits = self._forward(self.ids_buf, self.pos_buf)
@@ -243,6 +292,15 @@ class StaticDecoder(GraphStepDecoder):
         logits = super().step(token)
         self.index.seen = self.pos
         return logits
+
+
+def static_decoder(model: Any, max_len: int, previous: Any = None) -> StaticDecoder:
+    """A new `StaticDecoder`, carrying over `previous`'s cached prompt when it served these very weights."""
+    decoder = StaticDecoder(model, max_len, use_graph=True)
+    same = isinstance(previous, StaticDecoder) and previous.model is model and previous.max_len <= max_len
+    if same and previous.fingerprint == weights_fingerprint(model):
+        decoder.adopt(previous)
+    return decoder
 
 
 def capture_graph(body: Any, device: torch.device) -> tuple[torch.cuda.CUDAGraph | None, str | None, float]:

@@ -126,11 +126,28 @@ def merged_embeddings(
     return embeds
 
 
+def position_keys(ids: list[int], image_id: int, digests: list[str]) -> list:
+    """A key per prompt position for the decoder's prompt reuse: the token id, or (image digest, n) for the n-th
+    placeholder of an image, so a cached prefix is reused only where the same images sit at the same places."""
+    n_image = sum(1 for t in ids if t == image_id)
+    per = n_image // len(digests) if digests and n_image % len(digests) == 0 else 0
+    if n_image and not per:  # unknown layout: keys equal to nothing, so nothing after the first image is reused
+        return [object() if t == image_id else t for t in ids]
+    keys, seen = [], 0
+    for t in ids:
+        if t == image_id:
+            keys.append((digests[seen // per], seen % per))
+            seen += 1
+        else:
+            keys.append(t)
+    return keys
+
+
 class EmbedsPrefill:
     """A decoder whose prefill uses precomputed embeddings, so backends.llm.stream_tokens drives it unchanged."""
 
-    def __init__(self, decoder: Any, embeds: torch.Tensor) -> None:
-        self.decoder, self.embeds = decoder, embeds
+    def __init__(self, decoder: Any, embeds: torch.Tensor, keys: list | None = None) -> None:
+        self.decoder, self.embeds, self.keys = decoder, embeds, keys
         self.device = decoder.device
 
     @property
@@ -139,6 +156,8 @@ class EmbedsPrefill:
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         embeds, self.embeds = self.embeds, None  # freed after use
+        if self.keys is not None and getattr(self.decoder, "history", None) is not None:
+            return self.decoder.prefill(ids, embeds=embeds, keys=self.keys)
         return self.decoder.prefill(ids, embeds=embeds)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -269,7 +288,9 @@ def stream_reply(
         embeds = merged_embeddings(model, inputs, digests, backend.features, cache_key, stats)
         decoder = get_decoder(backend, key, model, stats.prompt_tokens + opts.max_new_tokens, limit, fast)
         gstats = GenerationStats()
-        for piece in stream_tokens(EmbedsPrefill(decoder, embeds), tok, ids[0].tolist(), opts, eos_ids=eos,
+        prompt = ids[0].tolist()
+        keys = position_keys(prompt, image_token_id(model), digests)
+        for piece in stream_tokens(EmbedsPrefill(decoder, embeds, keys), tok, prompt, opts, eos_ids=eos,
                                    cancel=cancel, stats=gstats):  # fmt: skip
             yield piece.delta, piece.text
     except torch.cuda.OutOfMemoryError:

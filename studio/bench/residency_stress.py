@@ -255,6 +255,7 @@ class Stress:
         t.join()
         lease = train["lease"]
         snap = self.m.snapshot()
+        self.context = self.m.context_figures()
         self.m.close()
         return self._summary(wall, train, lease, snap)
 
@@ -271,7 +272,7 @@ class Stress:
             "swap_in_gbps": [e.bytes / e.seconds / 1e9 for e in big],
             "training": {"steps": train["steps"], "seconds": train.get("seconds"), "pauses": lease.pauses,
                          "paused_s": lease.paused_s},
-            "counters": snap.metrics.counters, "rows": self.rows,
+            "counters": snap.metrics.counters, "context": self.context, "rows": self.rows,
         }  # fmt: skip
 
 
@@ -318,6 +319,10 @@ def bench(args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
+def _gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
 def markdown(r: dict) -> str:
     s, fam = r["stress"], r["families_bytes"]
     over = sum(fam.values()) + r["trainer_state_bytes"]
@@ -334,7 +339,10 @@ def markdown(r: dict) -> str:
         f"{s['training']['pauses']}x for {s['training']['paused_s']:.2f} s; steps/s plain "
         f"{r['training_steps_per_s']['plain']:.2f}, on its lease alone {r['training_steps_per_s']['leased_alone']:.2f}.",
         f"Raw pinned host->device {r['bandwidth']['pinned_h2d_gbps']:.1f} GB/s (pinned buffer: "
-        f"{r['bandwidth']['pinned']}); swap-ins measured: {len(s['swap_in_gbps'])}.",
+        f"{r['bandwidth']['pinned']}); swap-ins measured: {len(s['swap_in_gbps'])}. "
+        f"CPU fallbacks: {s['counters'].get('cpu_fallbacks', 0)}; our CUDA context as gauged "
+        f"{_gb(s['context']['context_bytes'])} GB (largest single reading {_gb(s['context']['raw_max_bytes'])} GB, "
+        f"{s['context']['rejected_readings']} readings straddled by a move).",
     ]  # fmt: skip
     if r["errors"]:
         lines += ["", f"Errors: {r['errors']}"]

@@ -65,8 +65,8 @@ class Executor:
             with m._cond:
                 self.end(plan)
             raise
-        if give_back:
-            self.give_back(freed, free_before)
+        if give_back and freed > 0 and m._accel.has_gpu_tier:
+            m._accel.empty_cache()  # PyTorch's cached blocks go back to the driver: someone else wants the memory
         with m._cond:
             self.end(plan)
             pools = []
@@ -77,6 +77,8 @@ class Executor:
             m._timeline_point(force=True)
         for pool in pools:
             pool.close()
+        if give_back:  # after the mover is free again: nobody waits behind this bounded wait
+            self.give_back(freed, free_before)
         return lease
 
     # ---- moving down -----------------------------------------------------------------------------------------
@@ -206,12 +208,10 @@ class Executor:
         log.info("%s %s: %s in %.3f s%s", verb, rec.key, fmt_bytes(facts.bytes), facts.seconds, rate)
 
     def give_back(self, freed: int, free_before: int | None) -> None:
-        """After moving models off the GPU for someone else: empty the cache, wait (bounded) to see it free."""
+        """After moving models off the GPU for someone else (the cache already emptied): wait, bounded, to see the
+        card show it free. Runs with the mover released, so other requests go on meanwhile."""
         m = self.m
-        if freed <= 0 or not m._accel.has_gpu_tier:
-            return
-        m._accel.empty_cache()
-        if free_before is None:
+        if freed <= 0 or not m._accel.has_gpu_tier or free_before is None:
             return
         t0 = time.monotonic()
         while True:

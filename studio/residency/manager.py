@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -31,7 +32,7 @@ from studio.residency.leasing import _OOM, Leasing
 from studio.residency.mover import Mover
 from studio.residency.planner import GPU, RAM, ResidencyError, World
 from studio.residency.preempt import Preemption
-from studio.residency.probes import CardReading, GiB, MemoryProbe, NoGpuProbe, detect_probe
+from studio.residency.probes import CardReading, ContextGauge, GiB, MemoryProbe, NoGpuProbe, detect_probe
 from studio.residency.state import (
     DISK,
     Event,
@@ -111,6 +112,7 @@ class ResidencyManager:
         if accelerator is None:
             accelerator = CudaAccelerator() if device and device.startswith("cuda") else CpuAccelerator()
         self._accel = accelerator
+        self._context = ContextGauge()
         self._probe = probe if probe is not None else (detect_probe() if accelerator.has_gpu_tier else NoGpuProbe())
         self.vram_cap_bytes, self.reserve_bytes = vram_cap_bytes, int(reserve_bytes)
         self.ram_cap_bytes = ram_cap_bytes or planner.default_ram_cap(accelerator.has_gpu_tier)
@@ -310,6 +312,11 @@ class ResidencyManager:
                 trainings=[training_view(t) for t in self._preempt.leases],
             )
 
+    def context_figures(self) -> dict[str, int | None]:
+        """Our CUDA context as gauged (probes.ContextGauge), the largest single reading and the readings rejected."""
+        g = self._context
+        return {"context_bytes": g.value, "raw_max_bytes": g.raw_max, "rejected_readings": g.rejected}
+
     # ---- good neighbour --------------------------------------------------------------------------------------
     def maintain(self) -> list[str]:
         """Move idle models down when other processes or a lowered cap squeeze the budget, when they have been
@@ -359,8 +366,11 @@ class ResidencyManager:
     # ---- readings, accounting, events (lock held unless said) --------------------------------------------------
     def _read(self) -> CardReading | None:
         """A fresh card reading (no lock needed; None without a GPU or when the probe fails)."""
+        has_gpu = self._accel.has_gpu_tier
         try:
+            before = self._accel.reserved() if has_gpu else 0
             reading = self._probe.read()
+            self._context.observe(reading, os.getpid(), before, self._accel.reserved() if has_gpu else 0)
         except Exception as e:
             if not self._probe_failed:
                 log.warning("GPU probe %s failed (%s); budgeting from the caps alone", self._probe.name, e)
@@ -378,6 +388,7 @@ class ResidencyManager:
         return planner.budget(
             reading, has_gpu=has_gpu, card_total=self._accel.total_bytes() if has_gpu else 0,
             reserved=self._accel.reserved(), vram_cap=self.vram_cap_bytes, reserve=self.reserve_bytes,
+            context=self._context.value,
         )  # fmt: skip
 
     def _world(self, reading: CardReading | None) -> World:

@@ -123,15 +123,18 @@ def budget(
     vram_cap: int | None,
     reserve: int,
     pid: int | None = None,
+    context: int | None = None,
 ) -> Budget:
-    """capacity = min(card total - other processes, VRAM cap) - reserve - our CUDA context."""
+    """capacity = min(card total - other processes, VRAM cap) - reserve - our CUDA context. `context`: the gauged
+    figure (probes.ContextGauge) in place of this one reading's, where there is one."""
     if not has_gpu:
         return Budget(0, 0, 0)
-    others = context = 0
+    others, gauged, context = 0, context, 0
     total = reading.total_bytes if reading else card_total
     own = reading.process(os.getpid() if pid is None else pid) if reading is not None and reading.per_process else None
     if own is not None:
-        others, context = max(0, reading.used_bytes - own.used_bytes), max(0, own.used_bytes - reserved)
+        others = max(0, reading.used_bytes - own.used_bytes)
+        context = max(0, own.used_bytes - reserved) if gauged is None else gauged
     elif reading is not None:  # no per-process figures: our context is counted with the others
         others = max(0, reading.used_bytes - reserved)
     room = total - others - context

@@ -101,6 +101,7 @@ class Preemption:
             lease.state_bytes = self._own_bytes(lease, nbytes)
             lease.working = self._working(lease)
             lease.state = TrainState.RUNNING
+            self.disturb()
             m._event("train_start", lease.key, lease.need_bytes(), detail=lease.label)
         m._make_room_now()
 
@@ -199,12 +200,20 @@ class Preemption:
                     plan = planner.plan_room(m._world(reading), lease.need_bytes(), others_hold=others)
                 if plan is None:
                     lease.state, lease.yield_to = TrainState.RESUMING, None
+                    self.disturb()  # its upload lands in the peaks of the leases running now
                     return
                 if plan is False:
                     m._cond.wait(0.25)
                     continue
                 m._exec.begin(plan)
-            m._exec.run(plan, up=False, give_back=True)
+            m._exec.run(plan, up=False)  # the room is for our own trainer: no waiting to see the card show it free
+
+    def disturb(self) -> None:
+        """A trainer allocates on the card (starting, resuming; lock held): no running lease may take what it
+        allocates for its own working memory (a chat lease would then reserve gigabytes for itself ever after)."""
+        self.m._moves += 1
+        for other in self.m._leases:
+            other.alone = False
 
     def requeue(self, lease: TrainingLease) -> None:
         with self.m._cond:

@@ -7,6 +7,8 @@ A `MemoryProbe` answers `read() -> CardReading | None` (None: there is no GPU to
   e.g. some WSL and container setups).
 - `NoGpuProbe`: a machine without a GPU.
 `detect_probe()` tries them in that order and says once which one it picked.
+`ContextGauge` turns readings into our own CUDA context's size (what NVML sees of this process beyond PyTorch's
+reserved bytes), robust to readings that race a move.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +43,42 @@ class CardReading:
 
     def process(self, pid: int) -> ProcessUse | None:
         return next((p for p in self.processes if p.pid == pid), None)
+
+
+class ContextGauge:
+    """Our CUDA context: NVML's memory for this process less what PyTorch has reserved.
+
+    One reading alone is not to be trusted: the NVML call and PyTorch's counter are read at different instants, and
+    a model moved off the card between them (another thread's swap, a training lease giving way) leaves NVML
+    showing gigabytes that PyTorch no longer holds; counted as context they shrink the budget, and a model that fits
+    goes to the CPU. So a sample is kept only when PyTorch's reserved bytes were the same just before and just after
+    the NVML call, and the value is the smallest sample of the last `window_s` seconds: a transient is forgotten,
+    while memory that stays (a library allocating outside PyTorch) is counted once it has lasted the window.
+    None until a usable sample exists (the caller then takes the reading as it is)."""
+
+    def __init__(self, window_s: float = 10.0, clock=time.monotonic) -> None:
+        self.window_s, self._clock = window_s, clock
+        self._samples: deque[tuple[float, int]] = deque()
+        self.raw_max = 0  # largest single-reading figure seen (for diagnostics)
+        self.rejected = 0  # readings a move straddled
+
+    def observe(self, reading: CardReading | None, pid: int, reserved_before: int, reserved_after: int) -> None:
+        own = reading.process(pid) if reading is not None and reading.per_process else None
+        if own is None:
+            return
+        if reserved_before != reserved_after:
+            self.rejected += 1
+            return
+        ctx = max(0, own.used_bytes - reserved_after)
+        self.raw_max = max(self.raw_max, ctx)
+        now = self._clock()
+        self._samples.append((now, ctx))
+        while len(self._samples) > 1 and self._samples[0][0] < now - self.window_s:
+            self._samples.popleft()
+
+    @property
+    def value(self) -> int | None:
+        return min(c for _, c in self._samples) if self._samples else None
 
 
 class MemoryProbe(Protocol):
