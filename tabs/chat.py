@@ -161,7 +161,7 @@ def _stream(ctx, backend, hist, flag, settings, *, continuing: bool):
         if loading:
             yield hist, hist, f"⏳ {loading}", gr.skip()
         base = hist[:-1] if continuing else hist
-        shown, trim_note, t0, wall_first = list(hist), "", time.perf_counter(), None
+        shown, trim_note, t0, wall_first, metered = list(hist), "", time.perf_counter(), None, None
         with ctx.queues.hold(ctx.queues.queue_id("Chat"), "a chat reply (Chat)"):
             for update in backend.chat(hist, opts, cancel=flag, config=session, continuing=continuing):
                 trim_note = update.note or trim_note
@@ -169,12 +169,12 @@ def _stream(ctx, backend, hist, flag, settings, *, continuing: bool):
                     wall_first = time.perf_counter() - t0
                 shown = [*base, {"role": "assistant", "content": update.text}]
                 status = f"⚠️ {trim_note}" if trim_note else ("" if not loading or update.text else f"⏳ {loading}")
-                meter = gr.skip()
+                meter, st = gr.skip(), update.stats
                 if update.done:
-                    status = "  \n".join(x for x in (status, stats_line(update.stats, wall_first)) if x)
-                    if update.stats and update.stats.prompt_tokens:
-                        used = update.stats.prompt_tokens + update.stats.new_tokens
-                        meter = context_meter(used, session.max_context_tokens)
+                    status = "  \n".join(x for x in (status, stats_line(st, wall_first)) if x)
+                if st and st.prompt_tokens and (update.done or metered is None or st.new_tokens - metered >= 32):
+                    metered = st.new_tokens  # the meter moves while the reply streams (every 32 tokens)
+                    meter = context_meter(st.prompt_tokens + st.new_tokens, session.max_context_tokens)
                 yield shown, shown, status, meter
     except (ValueError, OSError) as e:  # user mistakes and missing/corrupt files: the message says the fix
         log.info("chat refused: %s", e)

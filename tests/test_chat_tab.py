@@ -96,6 +96,8 @@ def test_send_streams_the_reply_and_stop_ends_it(llm_ctx, llm):
     assert shown == new_hist
     assert new_hist[-1]["role"] == "assistant" and "Paris" in new_hist[-1]["content"]
     assert "decoder: eager" in status and meter.startswith("Context ")
+    live = [m for *_, m in steps[:-1] if isinstance(m, str)]
+    assert live and live[0].startswith("Context ")  # the meter moves while the reply streams, not only at its end
 
     _, hist2, _, _ = fns["add_user"]("Tell me a long story.", new_hist, flag, conv)
     fns["stop_generation"](flag)  # Stop pressed while the reply waits in the GPU queue: it ends after one token

@@ -390,7 +390,7 @@ class LLMBackend:
                     text = prefix + piece.text
                     shown = tools.feed(piece.delta) if tools is not None else piece.delta
                     if shown:
-                        yield ChatUpdate(text, shown)
+                        yield ChatUpdate(text, shown, stats=stats)  # live counts: the tab's context meter
             except RuntimeError as e:
                 if "out of memory" in str(e).lower():
                     raise RuntimeError(
