@@ -119,6 +119,28 @@ def test_fused_decoder_matches_the_models_own_forward(tiny_int4):
         dec.prefill(torch.zeros((1, 64), dtype=torch.long))
 
 
+def test_fused_decoder_reuses_the_conversation_prefix(tiny_int4):
+    """Next turn = prompt + reply + question: only the question (and the reply's last token) is computed, with the
+    logits of a full prefill; a step after it agrees too."""
+    _, model = tiny_int4
+    g = torch.Generator().manual_seed(5)
+    ids, question = torch.randint(0, 256, (1, 12), generator=g), torch.randint(0, 256, (1, 6), generator=g)
+    dec = FusedInt4Decoder(model, 64)
+    with torch.no_grad():
+        tok = dec.prefill(ids).argmax().view(1)
+        reply = [tok]
+        for _ in range(3):
+            tok = dec.step(tok).argmax().view(1)
+            reply.append(tok)
+        turn2 = torch.cat([ids[0], torch.cat(reply), question[0]]).view(1, -1)
+        got = dec.prefill(turn2)
+        assert dec.reused == 12 + 3  # the last reply token was never fed back
+        fresh = FusedInt4Decoder(model, 64)
+        torch.testing.assert_close(got, fresh.prefill(turn2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dec.step(got.argmax().view(1)), fresh.step(got.argmax().view(1)), rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+
+
 def test_precision_policy(tmp_path):
     from backends.llm.models import choose_precision
     from studio.safety import WeightsError
@@ -210,3 +232,23 @@ def test_gpu_swap_through_pinned_ram_gives_identical_logits():
     ids = torch.randint(3, 4096, (1, 32), device="cuda")
     result = swap_check(model, ids, "cuda")
     assert result["identical"] and result["tensors_left_on_gpu_while_down"] == 0, json.dumps(result)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_decoder_prompt_reuse_matches_a_full_prefill():
+    """The Triton path (rope + cache write at a reused offset, masked prefill attention, the graph step after it)."""
+    from studio.bench.llm import TINY
+    from studio.bench.llm_int4 import build_int4_llama
+
+    model, _ = build_int4_llama(dict(TINY, intermediate_size=768), "cuda", torch.bfloat16)
+    ids = torch.randint(3, 4096, (1, 40), device="cuda")
+    dec, fresh = FusedInt4Decoder(model, 128), FusedInt4Decoder(model, 128)
+    with torch.no_grad():
+        tok = dec.prefill(ids).argmax().view(1)
+        for _ in range(4):
+            tok = dec.step(tok).argmax().view(1)
+        turn2 = torch.cat([ids, torch.randint(3, 4096, (1, 24), device="cuda")], dim=1)
+        got = dec.prefill(turn2)
+        assert dec.reused == 40
+        torch.testing.assert_close(got, fresh.prefill(turn2), rtol=2e-2, atol=2e-2)
+        assert got.argmax() == fresh.prefill(turn2).argmax()

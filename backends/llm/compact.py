@@ -87,8 +87,9 @@ class FusedInt4Decoder(GraphStepDecoder):
         return cos[0].to(self.dtype).contiguous(), sin[0].to(self.dtype).contiguous()
 
     # ---- the forward ------------------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, prefill: bool) -> torch.Tensor:
-        """Hidden state of the last token after the final norm; writes k/v of every token at `pos`."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, prefill: bool, start: int = 0) -> torch.Tensor:
+        """Hidden state of the last token after the final norm; writes k/v of every token at `pos` (a prefill's
+        tokens sit at slots start.. after `start` slots the cache already holds)."""
         ops, m = self.ops, ids.shape[0]
         x = F.embedding(ids, self.model.get_input_embeddings().weight).to(self.dtype)
         delta = None
@@ -96,32 +97,45 @@ class FusedInt4Decoder(GraphStepDecoder):
             x, h = ops.add_rmsnorm(x, delta, layer.in_norm, self.eps)
             q = ops.rope_cache(layer.qkv(h), self.cos, self.sin, pos, self.k_cache[i], self.v_cache[i],
                                self.n_heads, self.n_kv)  # fmt: skip
-            a = self._prefill_attention(q, i, m) if prefill else ops.attend(q, self.k_cache[i], self.v_cache[i],
-                                                                             pos, self.slots)  # fmt: skip
+            a = self._prefill_attention(q, i, m, start) if prefill else ops.attend(
+                q, self.k_cache[i], self.v_cache[i], pos, self.slots)  # fmt: skip
             x, h = ops.add_rmsnorm(x, layer.o(a), layer.post_norm, self.eps)
             delta = layer.down(ops.silu_mul(layer.gate_up(h)))
         _, h = ops.add_rmsnorm(x[-1:], delta[-1:], self.model.model.norm.weight, self.eps)
         return h
 
-    def _prefill_attention(self, q: torch.Tensor, layer: int, m: int) -> torch.Tensor:
-        """Causal attention of the prompt's tokens over cache slots 0..m-1 (just written), grouped kv heads."""
+    def _prefill_attention(self, q: torch.Tensor, layer: int, m: int, start: int = 0) -> torch.Tensor:
+        """Causal attention of the prompt's m new tokens (slots start..start+m-1, just written) over slots
+        0..start+m-1, grouped kv heads. From slot 0 the flash kernel's own causal mask; after a reused prefix an
+        explicit one (SDPA's `is_causal` aligns the top-left corner, which is wrong when the queries are the last
+        rows)."""
         rep = self.n_heads // self.n_kv  # kv heads repeated (as transformers does), so the flash kernel applies
-        k = self.k_cache[layer, :, :m].repeat_interleave(rep, 0).unsqueeze(0)
-        v = self.v_cache[layer, :, :m].repeat_interleave(rep, 0).unsqueeze(0)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, is_causal=True)
+        end = start + m
+        k = self.k_cache[layer, :, :end].repeat_interleave(rep, 0).unsqueeze(0)
+        v = self.v_cache[layer, :, :end].repeat_interleave(rep, 0).unsqueeze(0)
+        q = q.transpose(0, 1).unsqueeze(0)
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            allowed = self.slots[:end].view(1, -1) <= self.slots[start:end].view(-1, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return out[0].transpose(0, 1).reshape(m, -1)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(h)[-1]
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, keys: Any = None) -> torch.Tensor:
+        """Only the tokens after the prefix the cache already holds are computed (fastdecode's prompt reuse)."""
         n = ids.shape[-1]
         if n >= self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit a static cache of {self.max_len}")
-        self.history, self._fed = [], []  # recomputed from scratch each turn (no prompt reuse here)
-        logits = self._logits(self._forward(ids.reshape(-1), self.slots[:n], prefill=True)).float()
-        self.pos = n
+        flat = ids.reshape(-1)
+        keys = flat.tolist() if keys is None else list(keys)
+        p = self._prefix(keys)
+        self.history, self.pos = [], 0  # until the forward has written the new slots
+        logits = self._logits(self._forward(flat[p:], self.slots[p:n], prefill=True, start=p)).float()
+        self.pos, self.history, self.reused = n, keys, p
         return logits
 
     def _step_body(self) -> None:
