@@ -103,9 +103,9 @@ def test_vlm_feature_path_with_cuda_graph_matches_plain_generate(tmp_path):
     got, timing = ours(model, cache, inputs, digests, 24, holder)
     want, _ = plain(model, inputs, 24)
     assert timing["decoder"] == "cuda-graph" and got == want
-    again, timing = ours(model, cache, inputs, digests, 8, holder)
+    again, timing = ours(model, cache, inputs, digests, 8, holder, reuse=True)
     assert timing["images_encoded"] == 0 and timing["reused_tokens"] == inputs["input_ids"].shape[1] - 1
     turn2 = next_turn(inputs, again, 8, seed=2)  # the history turn: the cached prompt and reply are not recomputed
-    got2, timing2 = ours(model, cache, turn2, digests, 16, holder)
+    got2, timing2 = ours(model, cache, turn2, digests, 16, holder, reuse=True)
     assert timing2["reused_tokens"] == inputs["input_ids"].shape[1] + len(again) - 1  # its last token never fed
     assert got2 == plain(model, turn2, 16)[0]

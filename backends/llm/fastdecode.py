@@ -169,6 +169,10 @@ class GraphStepDecoder:
             self._fed = []
         return self.history[: self.pos]
 
+    def forget(self) -> None:
+        """The next prefill starts from scratch (benchmarks timing a first turn; the cache is simply not matched)."""
+        self.history, self._fed = [], []
+
     def _prefix(self, keys: Sequence[Any]) -> int:
         """How many leading slots already hold `keys`; the last token is always recomputed (its logits are needed)."""
         n = 0

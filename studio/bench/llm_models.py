@@ -110,10 +110,14 @@ def run_generate(model: Any, ids: torch.Tensor, new: int, **kw: Any) -> tuple[li
     return out[0, ids.shape[1] :].tolist(), _timing(t0, timer.times[0], t_end, new)
 
 
-def run_ours(decoder: Any, ids: torch.Tensor, new: int) -> tuple[list[int], dict]:
-    """The studio's own generation loop (backends/llm_generate.stream_tokens), greedy, no EOS."""
+def run_ours(decoder: Any, ids: torch.Tensor, new: int, *, reuse: bool = False) -> tuple[list[int], dict]:
+    """The studio's own generation loop (backends/llm_generate.stream_tokens), greedy, no EOS. Without `reuse` the
+    decoder forgets what its cache holds first, so repeated runs of one prompt time a first turn, not a regenerate."""
     from backends.llm.generate import GenerationOptions, GenerationStats, stream_tokens
 
+    if not reuse:
+        inner = getattr(decoder, "decoder", decoder)  # through the VLM's EmbedsPrefill wrapper
+        getattr(inner, "forget", lambda: None)()
     stats = GenerationStats()
     tokens: list[int] = []
     opts = GenerationOptions(temperature=0.0, max_new_tokens=new)
