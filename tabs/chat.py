@@ -52,6 +52,8 @@ def stats_line(stats: Any, wall_first_s: float | None = None) -> str:
     if load_s >= 1.0:
         first += f" (after {load_s:.0f} s loading the model)"
     weights = f" · weights: {stats.weights}" if getattr(stats, "weights", "") else ""
+    if getattr(stats, "reused_tokens", 0):
+        first += f" ({stats.reused_tokens:,} prompt tokens reused)"
     return (f"{stats.new_tokens} tokens{speed}{first}{weights} · decoder: {stats.decoder} · "
             f"finished: {stats.finish_reason}")  # fmt: skip
 

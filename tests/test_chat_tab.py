@@ -63,6 +63,8 @@ def test_stats_line():
     line = chat.stats_line(stats)
     assert line == "12 tokens · 20.5 tok/s · first token 0.30 s · decoder: eager · finished: eos"
     assert "after 35 s loading the model" in chat.stats_line(stats, wall_first_s=35.3)  # not a bare "0.30 s"
+    stats.reused_tokens = 2340
+    assert "first token 0.30 s (2,340 prompt tokens reused)" in chat.stats_line(stats)
 
 
 def _events(ctx):

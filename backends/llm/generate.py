@@ -98,6 +98,7 @@ class GenerationStats:
     decoder: str = ""
     load_s: float = 0.0  # before the first token could be computed: conversion, load, move to the GPU
     weights: str = ""  # the model's weight format ("int4", "nf4", "bfloat16", ...), shown in the Chat stats line
+    reused_tokens: int = 0  # prompt tokens whose keys/values the decoder already held (the conversation so far)
     notes: list[str] = field(default_factory=list)
 
 
@@ -240,6 +241,7 @@ def stream_tokens(
     stats.prompt_tokens, stats.finish_reason = len(prompt_ids), "length"
     n = len(prompt_ids)
     logits = decoder.prefill(history[:, :n])
+    stats.reused_tokens = int(getattr(getattr(decoder, "decoder", decoder), "reused", 0))  # EmbedsPrefill wraps one
     t_first = None
     for i in range(opts.max_new_tokens):
         tok = pick_token(logits, history[:, :n], opts, gen)
