@@ -4,8 +4,8 @@ Sources, cheapest first: a built-in preset (the published config.json numbers of
 can be planned before it is downloaded), a transformers folder (config.json + the safetensors headers for the
 parameter count), a diffusers folder (model_index.json + each component's safetensors headers), or a GGUF file
 (its header: architecture, block count, widths, vocabulary, and the tensor table). No weights are read: safetensors
-headers go through `studio.safety.safetensors_header`, GGUF through `gguf.GGUFReader` (a memory map; only the
-header pages are touched).
+headers go through `studio.safety.safetensors_header`; a GGUF header is parsed here from a memory map (metadata and
+the tensor table; only the header pages are touched, the vocabulary array is skipped, not decoded).
 """
 
 from __future__ import annotations
@@ -182,37 +182,99 @@ def _read_diffusers(folder: Path) -> ModelInfo:
     return ModelInfo(family, folder.name, total, components=components, source="diffusers folder")
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _GGUFCursor:
+    """Reads a GGUF header from a memory map: scalars and strings are decoded, arrays are skipped (their length is
+    kept), so a 49,152-token vocabulary costs a loop over lengths, not 49,152 Python objects."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str) -> Any:
+        import struct
+
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        if n > 1 << 24:
+            raise ValueError(f"string of {n} bytes at offset {self.pos}")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", "replace")
+        self.pos += n
+        return s
+
+    def value(self, kind: int) -> Any:
+        import struct
+
+        if kind in _GGUF_SCALARS:
+            return self.take(_GGUF_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, n = self.take("<I"), self.take("<Q")
+            if item in _GGUF_SCALARS:
+                self.pos += n * struct.calcsize(_GGUF_SCALARS[item])
+            else:
+                for _ in range(n):
+                    self.value(item)
+            return ("array", n)
+        raise ValueError(f"unknown GGUF value type {kind} at offset {self.pos}")
+
+
+def _gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(metadata, tensor name -> shape) of a GGUF file (version 2 or 3)."""
+    import mmap
+
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        cur = _GGUFCursor(buf)
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        cur.pos = 4
+        version, n_tensors, n_kv = cur.take("<I"), cur.take("<Q"), cur.take("<Q")
+        if version not in (2, 3) or n_tensors > 1 << 20 or n_kv > 1 << 20:
+            raise ValueError(f"version {version}, {n_tensors} tensors, {n_kv} keys")
+        meta = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.take("<I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = tuple(cur.take("<Q") for _ in range(cur.take("<I")))
+            cur.take("<I")  # ggml type
+            cur.take("<Q")  # data offset
+            tensors[name] = dims
+    return meta, tensors
+
+
 def read_gguf(path: Path) -> ModelInfo:
     """Architecture and parameter count from a GGUF header and tensor table (no tensor data is read)."""
-    from gguf import GGUFReader
-
     from studio.safety import check_weights_file
 
     check_weights_file(path)
     try:
-        reader = GGUFReader(str(path), "r")
-    except (ValueError, OSError, KeyError) as e:
+        meta, tensors = _gguf_header(path)
+    except (ValueError, OSError, UnicodeDecodeError) as e:
         raise ModelInfoError(f"{path.name} is not a readable GGUF file ({e})") from None
-
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = value("general.architecture") or "llama"
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    c = {
+    arch = meta.get("general.architecture") or "llama"
+    tokens = meta.get("tokenizer.ggml.tokens")
+    c: dict[str, Any] = {
         "model_type": arch,
-        "hidden_size": value(f"{arch}.embedding_length"),
-        "num_hidden_layers": value(f"{arch}.block_count"),
-        "num_attention_heads": value(f"{arch}.attention.head_count"),
-        "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
-        "intermediate_size": value(f"{arch}.feed_forward_length"),
-        "vocab_size": len(tokens.data) if tokens is not None else value(f"{arch}.vocab_size"),
+        "hidden_size": meta.get(f"{arch}.embedding_length"),
+        "num_hidden_layers": meta.get(f"{arch}.block_count"),
+        "num_attention_heads": meta.get(f"{arch}.attention.head_count"),
+        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv"),
+        "intermediate_size": meta.get(f"{arch}.feed_forward_length"),
+        "vocab_size": tokens[1] if isinstance(tokens, tuple) else meta.get(f"{arch}.vocab_size"),
     }
     if any(c[k] is None for k in LLM_KEYS):
         raise ModelInfoError(f"{path.name}: the GGUF header lacks {[k for k in LLM_KEYS if c[k] is None]}")
-    names = {t.name for t in reader.tensors}
-    c["tie_word_embeddings"] = "output.weight" not in names
-    params = sum(math.prod(int(d) for d in t.shape) for t in reader.tensors)
-    return ModelInfo("llm", path.stem, int(params), {k: int(v) if k != "model_type" and not isinstance(v, bool) else v
-                                                     for k, v in c.items()}, source="gguf")  # fmt: skip
+    c = {k: v for k, v in c.items() if v is not None}
+    c["tie_word_embeddings"] = "output.weight" not in tensors
+    params = sum(math.prod(dims) for dims in tensors.values())
+    return ModelInfo("llm", path.stem, int(params), c, source="gguf")
