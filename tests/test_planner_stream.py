@@ -1,0 +1,74 @@
+"""Models larger than the card: decoder layers streamed from host pools (studio/residency/stream.py), on the CPU
+with a tiny Llama config and the simulated card, against the same model run without streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from studio.planner import Chat, from_config, layer_bytes, offload_split, parts_for
+from studio.residency.simulated import FakeProbe, SimulatedAccelerator
+from studio.residency.stream import LayerStreamer, decoder_layers
+
+TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+
+
+def _greedy(model, ids: torch.Tensor, new: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0)  # fmt: skip
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_streamed_layers_give_the_same_tokens_and_hold_one_layer_at_a_time(tiny_llama):
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_logits = tiny_llama(ids).logits
+    want = _greedy(tiny_llama, ids, 8)
+    accel = SimulatedAccelerator(FakeProbe(64 * 2**20))
+    layers = decoder_layers(tiny_llama)
+    streamer = LayerStreamer(layers, accel, resident=1)
+    try:
+        per_layer = streamer._streamed[0].pool.total
+        assert streamer.pool_bytes == 3 * per_layer and accel.allocated() == 0
+        accel.reset_peak()
+        with torch.no_grad():
+            got_logits = tiny_llama(ids).logits
+        assert torch.equal(got_logits, want_logits)
+        assert accel.peak() == per_layer and accel.allocated() == 0  # one streamed layer on the card at a time
+        assert _greedy(tiny_llama, ids, 8) == want
+        s = streamer.stats()
+        assert s.layers_streamed == 3 and s.uploads == 3 * (1 + 8) and s.bytes_moved == s.uploads * per_layer
+        assert 0 < s.share_moving < 1
+    finally:
+        streamer.close()
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(ids).logits, want_logits)  # detached: the layers run from their pools
+
+
+def test_streaming_refuses_a_bad_split_and_non_decoder_models(tiny_llama):
+    accel = SimulatedAccelerator(FakeProbe(64 * 2**20))
+    with pytest.raises(ValueError, match=r"resident layers must be 0\.\.4"):
+        LayerStreamer(decoder_layers(tiny_llama), accel, resident=5)
+    with pytest.raises(ValueError, match=r"has no model\.layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_the_planner_predicts_the_split_the_streamer_runs():
+    info = from_config(TINY, "tiny")
+    task = Chat(context=256, precision="fp32", new_tokens=16)
+    need = sum(parts_for(info, task).values())
+    per = layer_bytes(info.config, "fp32")
+    split = offload_split(info, task, budget=need - per)  # one layer short of fitting whole
+    assert (split.resident, split.streamed) == (1, 3)  # two layer buffers are set aside for streaming
+    assert split.gpu_bytes == need - per and split.streamed_bytes == 3 * per
+    assert offload_split(info, task, budget=need - 4 * per) is None  # not even the head and the buffers fit
