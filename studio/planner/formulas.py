@@ -10,11 +10,13 @@
 - QLoRA/LoRA: the fine-tune backend's fitted formula (`qlora_parts`, used by backends/finetune/estimate.py too).
 - Diffusion: component weights (the SDXL VAE in fp32: it overflows in fp16) plus the larger of the UNet's and the
   VAE decoder's activations; the per-pixel factors are the image backend's (`UNET_WORK_PER_LATENT_PX`,
-  `DECODE_WORK_PER_PX`) scaled from its safety margin to the H200 measurements (SDXL 1024: 9.52 GiB; SD1.5 512: 2.65).
+  `DECODE_WORK_PER_PX`) scaled from its safety margin to the H200 measurements (SDXL 1024: 9.52 and 10.26 GiB in two
+  runs; SD1.5 512: 2.65).
 - SD LoRA training: the UNet in 16 bits, LoRA in fp32 with 8-bit AdamW, checkpointed activations per latent pixel
   (fitted: SD1.5 rank 16, 512 px, batch 1: 3.56 GiB on the H200).
 - YOLO training (AMP): fp32 weights, gradients, two AdamW moments and the EMA copy (5 x 4 bytes per parameter) plus
-  activations per image pixel scaled by the width multiple (Ultralytics' own per-image probing gives the order).
+  activations per image pixel scaled by the width multiple: YOLOv8s saves 365 MiB per 640-px image for backward in
+  fp32 (counted on the CPU with saved-tensor hooks), about half of that under AMP. Not yet measured on a GPU.
 - Whisper: fp16 weights, the encoder's transient (batch x 1500 frames x the FFN), the cross-attention KV cache of every
   decoder layer (batch x beam x 1500 x d_model x 2 x 2 bytes) and the self-attention cache at the tokens decoded.
 Every estimate adds framework overhead: 64 MiB of cuBLAS/cuDNN workspaces and 2% for allocator rounding.
@@ -41,7 +43,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # Diffusion (backends/image/memory.py keeps the margin-high versions it plans modes with)
 UNET_WORK_PER_LATENT_PX = 30_000  # bytes per latent pixel, per sample, per byte of dtype (with margin)
 DECODE_WORK_PER_PX = 900  # bytes per image pixel decoded at once, per byte of dtype (with margin)
-DECODE_EXPECTED = 680 / 900  # SDXL 1024 on the H200: 9.52 GiB peak less weights and overhead, per px x 4 bytes
+DECODE_EXPECTED = 800 / 900  # SDXL 1024 on the H200 peaked at 9.52 and 10.26 GiB (two runs): fitted to 10.0 GiB
 UNET_EXPECTED = {"sd15": 2.41, "sdxl": 1.6}  # SD1.5 512: 2.65 GiB peak less weights and overhead (SDXL: decode rules)
 SD_LORA_ACT_PER_LATENT_PX = 445_000  # checkpointed, fp16 autocast, per latent pixel per sample
 # YOLO (AMP training, activations per image pixel at width multiple 1.0)

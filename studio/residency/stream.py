@@ -27,6 +27,7 @@ from studio.residency.accel import Accelerator
 from studio.residency.pinned import PinnedPool, adopt, park, tensor_slots, upload
 
 log = logging.getLogger("studio.residency")
+SMALL_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -56,24 +57,37 @@ class LayerStreamer:
         self._streamed: list[_Streamed] = []
         self._hooks: list[Any] = []
         for layer in layers[resident:]:
-            tensors = tensor_slots(layer)
-            on_device = [accel.on_device(t) for t in tensors]
-            if all(on_device):
-                pool = park(tensors, None, accel, accel.host_buffer).pool
-            elif not any(on_device):
-                pool = adopt(tensors, None, accel.host_buffer)
-            else:
-                raise ValueError(f"{type(layer).__name__} has tensors both on and off the device: place it first")
-            entry = _Streamed(layer, pool, tensors)
-            self._streamed.append(entry)
-            self._hooks.append(layer.register_forward_pre_hook(lambda m, a, e=entry: self._bring(e)))
-            self._hooks.append(layer.register_forward_hook(lambda m, a, o, e=entry: self._drop(e)))
+            self.stream(layer)
         accel.empty_cache()
-        self.pool_bytes = sum(e.pool.nbytes for e in self._streamed)
         self.reset()
-        log.info("streaming %d of %d layers from host memory (%.2f GB in pools, %s)", len(self._streamed),
-                 len(layers), self.pool_bytes / 1e9, "pinned" if all(e.pool.pinned for e in self._streamed)
-                 else "pageable")  # fmt: skip
+        if self._streamed:
+            log.info("streaming %d of %d layers from host memory (%.2f GB in pools, %s)", len(self._streamed),
+                     len(layers), self.pool_bytes / 1e9, "pinned" if self.pinned else "pageable")  # fmt: skip
+
+    def stream(self, layer: nn.Module) -> None:
+        """Move one more layer into its host pool and stream it from there (a builder can add layers one by one,
+        so a model larger than the card never has to be whole on it). Tensors under `SMALL_BYTES` (norm weights,
+        quantisation code tables that bitsandbytes shares between layers) stay where they are."""
+        tensors = [t for t in tensor_slots(layer) if t.numel() * t.element_size() >= SMALL_BYTES]
+        on_device = [self.accel.on_device(t) for t in tensors]
+        if all(on_device):
+            pool = park(tensors, None, self.accel, self.accel.host_buffer).pool
+        elif not any(on_device):
+            pool = adopt(tensors, None, self.accel.host_buffer)
+        else:
+            raise ValueError(f"{type(layer).__name__} has tensors both on and off the device: place it first")
+        entry = _Streamed(layer, pool, tensors)
+        self._streamed.append(entry)
+        self._hooks.append(layer.register_forward_pre_hook(lambda m, a, e=entry: self._bring(e)))
+        self._hooks.append(layer.register_forward_hook(lambda m, a, o, e=entry: self._drop(e)))
+
+    @property
+    def pool_bytes(self) -> int:
+        return sum(e.pool.nbytes for e in self._streamed)
+
+    @property
+    def pinned(self) -> bool:
+        return all(e.pool.pinned for e in self._streamed)
 
     def _bring(self, e: _Streamed) -> None:
         self.accel.synchronize()  # the previous layer's kernels finish first: they are compute, not moving
