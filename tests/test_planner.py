@@ -30,7 +30,10 @@ from studio.planner import (
     read_model,
 )
 from studio.residency import ResidencyError
+from tests import _llm_support
 from tests.test_residency_support import MiB, NetLoader, sim_manager
+
+llm_ctx, llm = _llm_support.llm_ctx, _llm_support.llm  # session fixtures: SmolLM2 converted once
 
 GB, GiB = 1e9, 2**30
 LLAMA8 = preset("llama-3.1-8b-instruct")
@@ -233,3 +236,23 @@ class _Batches:
 
     def batch(self, index: int) -> dict:
         return {"x": torch.zeros(1, 4)}
+
+
+def test_a_chat_that_runs_out_of_memory_says_what_fits(llm, monkeypatch):
+    """A simulated CUDA OOM while generating: the reply's error carries the planner's advice for that chat."""
+    import backends.llm.backend as llm_backend
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield  # a generator, like the real token stream
+
+    monkeypatch.setattr(llm_backend, "stream_tokens", oom)
+    monkeypatch.setattr(llm.ctx.residency, "capacity_bytes", lambda: 2**20)  # a 1 MiB "card"
+    config = llm.session_config(max_context_tokens=4096)
+    with pytest.raises(RuntimeError) as err:
+        list(llm.chat([{"role": "user", "content": "Hi"}], config=config))
+    text = str(err.value)
+    assert text.startswith("Out of GPU memory while generating")
+    assert "Planner: chat at 4,096 tokens" in text and "needs about" in text and "budget of 1.00 MB" in text
+    job = llm.ctx.residency.vram.job(llm._source("smollm2-135m").key)
+    assert job is not None and job.model.config["num_hidden_layers"] == 30  # read from the converted folder

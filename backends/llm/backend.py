@@ -394,7 +394,7 @@ class LLMBackend:
                         yield ChatUpdate(text, shown)
             except RuntimeError as e:
                 if "out of memory" in str(e).lower():
-                    advice = self.ctx.residency.vram.advice(src.key, self.ctx.residency.capacity_bytes())
+                    advice = self._oom_advice(src.key)
                     raise RuntimeError(
                         f"Out of GPU memory while generating ({len(ids)} prompt tokens): lower max new tokens or "
                         "the context length, or free the GPU in the GPU tab." + (f" {advice}" if advice else "")
@@ -427,6 +427,10 @@ class LLMBackend:
             vram.declare(src.key, info, Chat(context=c.max_context_tokens, precision=precision if cuda else "fp32"))
         except (ModelInfoError, OSError, ValueError, KeyError) as e:
             log.debug("no VRAM planner job for %s: %s", src.key, e)
+
+    def _oom_advice(self, key: str) -> str:
+        vram = getattr(self.ctx.residency, "vram", None)
+        return "" if vram is None else vram.advice(key, self.ctx.residency.capacity_bytes())
 
     @contextlib.contextmanager
     def _generation_slot(self, timeout_s: float = 300.0) -> Iterator[None]:

@@ -71,6 +71,8 @@ class Run:
         self.rows: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
         self.work = Path(tempfile.mkdtemp(prefix="bench-planner-"))
+        self.out = args.out
+        self.machine = machine_info("torch", "transformers", "bitsandbytes", "diffusers", "ultralytics")
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -95,7 +97,19 @@ class Run:
         self.rows.append(row)
         print(f"[{name}] {_line(row)}", flush=True)
         _free()
+        self.save()
         return row
+
+    def report(self) -> dict[str, Any]:
+        return {"machine": self.machine, "device": self.device, "cap_gib": CAP_GIB if self.device == "cuda" else None,
+                "rows": self.rows, **self.extra, "targets": targets(self.rows)}  # fmt: skip
+
+    def save(self) -> None:
+        """Results after every row: a run cut short by its time limit still leaves what it measured."""
+        if self.out is not None:
+            write_results(
+                self.out, "planner" + ("-quick" if self.quick else ""), self.report(), markdown(self.report())
+            )
 
 
 def _gb(n: Any) -> str:
@@ -124,9 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r.row("YOLOv8s training, 640 px, batch 16", 60, yolo_row)
     finally:
         shutil.rmtree(r.work, ignore_errors=True)
-    return {"machine": machine_info("torch", "transformers", "bitsandbytes", "diffusers", "ultralytics"),
-            "device": r.device, "cap_gib": CAP_GIB if r.device == "cuda" else None, "rows": r.rows, **r.extra,
-            "targets": targets(r.rows, r.extra)}  # fmt: skip
+    r.save()
+    return r.report()
 
 
 def llm_section(r: Run) -> None:
@@ -152,7 +165,7 @@ def llm_section(r: Run) -> None:
     _free()
 
 
-def targets(rows: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         if row["name"].startswith("13B"):
@@ -171,7 +184,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"Machine: {describe_machine(m)}", f"Command: `{m['command']}`", "",
              "Random weights, real architectures; measured = torch peak allocated over the job (no CUDA context); "
              "predicted = `studio.planner` formulas before any learning; learned = after the earlier rows of the "
-             "same family were stored.", "",
+             "same family were stored." + (" **CPU --quick run: every row is a tiny stand-in (the names are the GPU "
+             "rows'); it checks the code paths, the CPU has no peak counter.**" if report["device"] == "cpu" else ""), "",
              "| job | predicted GiB | learned GiB | measured GiB | error | time s | status |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["rows"]:
@@ -197,11 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     report = run(args)
-    md = markdown(report)
-    print(md, flush=True)
+    print(markdown(report), flush=True)
     if args.out is not None:
-        paths = write_results(args.out, "planner" + ("-quick" if args.quick else ""), report, md)
-        print("wrote", *paths)
+        print(f"wrote {args.out}/planner{'-quick' if args.quick else ''}-<device>.json and .md", flush=True)
     return 0
 
 

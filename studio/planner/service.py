@@ -68,7 +68,8 @@ class VramPlanner:
             return self._jobs.get(key)
 
     def observe(self, key: str, weights: int, working_peak: int | None) -> Footprint | None:
-        """A trustworthy measurement of `key` (from the residency manager); stored when a job was declared."""
+        """A trustworthy measurement of `key` from the residency manager: its weights, and what the job held beyond
+        them at the lease's peak (buffers it keeps between leases included); stored when a job was declared."""
         job = self.job(key)
         if job is None or not weights:
             return None
