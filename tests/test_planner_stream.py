@@ -72,3 +72,37 @@ def test_the_planner_predicts_the_split_the_streamer_runs():
     assert (split.resident, split.streamed) == (1, 3)  # two layer buffers are set aside for streaming
     assert split.gpu_bytes == need - per and split.streamed_bytes == 3 * per
     assert offload_split(info, task, budget=need - 4 * per) is None  # not even the head and the buffers fit
+
+
+def test_streaming_keeps_bitsandbytes_nf4_quant_states_working():
+    """The GPU benchmark's path (nf4 layers parked as built) on the CPU: quant-state tensors stream with their
+    weights, the shared code tables stay put, and the logits equal those of the same model run from its pools."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from studio.bench.llm_models import _materialise_rest, nf4_linears
+
+    cfg = dict(TINY, hidden_size=256, intermediate_size=512, vocab_size=512)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.bfloat16)
+    accel = SimulatedAccelerator(FakeProbe(2**30))
+    streamer = LayerStreamer([], accel, 0)
+    for i, layer in enumerate(model.model.layers):
+        nf4_linears(layer, "cpu")
+        for module in layer.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.device.type == "meta":
+                    setattr(
+                        module, name, torch.nn.Parameter(torch.ones(p.shape, dtype=torch.bfloat16), requires_grad=False)
+                    )
+        if i >= 2:
+            streamer.stream(layer)
+    _materialise_rest(model, "cpu", 0.2)
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        streamed = model(ids).logits
+    per_layer = streamer._streamed[0].pool.total
+    assert streamer.stats().uploads == 2 and accel.peak() == per_layer
+    streamer.close()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, streamed)

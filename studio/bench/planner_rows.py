@@ -250,17 +250,6 @@ def _image_ctx(r: Any, name: str, configs: dict) -> tuple[Any, Any, Any]:
     return ctx, backend, rec
 
 
-def _close(ctx: Any) -> None:
-    import contextlib
-
-    ctx.jobs.shutdown(timeout=5)
-    for view in ctx.residency.snapshot().models:
-        with contextlib.suppress(Exception):
-            ctx.residency.unregister(view.key)
-    with contextlib.suppress(Exception):
-        ctx.residency.close()
-
-
 def _image_info(rec: Any, family: str, name: str) -> ModelInfo:
     sizes = {
         k: v // (rec.vae_dtype.itemsize if k == "vae" else rec.dtype.itemsize) for k, v in rec.component_bytes.items()
@@ -268,40 +257,43 @@ def _image_info(rec: Any, family: str, name: str) -> ModelInfo:
     return ModelInfo(family, name, sum(sizes.values()), components=sizes, source="built from config")
 
 
-def sdxl_row(r: Any) -> dict[str, Any]:
-    from backends.image.tiny import SDXL_CONFIGS, TINY_SDXL_CONFIGS
-    from studio.bench.diffusion import bench_ours
+def _image_row(r: Any, family: str, task: Any, job: Any) -> dict[str, Any]:
+    """A random SD/SDXL model registered with a fresh studio context; `job(ctx, backend, rec)` returns the
+    diffusion bench's result with its `peak_vram_gib`."""
+    from backends.image.tiny import SD15_CONFIGS, SDXL_CONFIGS, TINY_SD15_CONFIGS, TINY_SDXL_CONFIGS
+    from studio.bench.diffusion import close_context
 
     cuda = r.device == "cuda"
-    size = 1024 if cuda else 128
-    ctx, backend, rec = _image_ctx(r, "sdxl", SDXL_CONFIGS if cuda else TINY_SDXL_CONFIGS)
+    configs = {"sdxl": (SDXL_CONFIGS, TINY_SDXL_CONFIGS), "sd15": (SD15_CONFIGS, TINY_SD15_CONFIGS)}[family]
+    ctx, backend, rec = _image_ctx(r, family, configs[0] if cuda else configs[1])
     try:
-        info = _image_info(rec, "sdxl", "SDXL (random)" if cuda else "tiny SDXL")
-        out = _prediction(r, "diffusion:bench", info, ImageGen(size, size)) | {"components": info.components}
-        res = bench_ours(backend, rec, size, 4, runs=1)
-        out["memory_mode"] = res.get("memory_mode")
+        info = _image_info(rec, family, f"{family} ({'random' if cuda else 'tiny'})")
+        out = _prediction(r, f"{family}:bench", info, task) | {"components": info.components}
+        res = job(ctx, backend, rec)
+        out["result"] = {k: v for k, v in res.items() if k != "runs"}
         out["measured_bytes"] = int(res["peak_vram_gib"] * GiB) if res.get("peak_vram_gib") else None
         return out
     finally:
-        _close(ctx)
+        close_context(ctx)
+
+
+def sdxl_row(r: Any) -> dict[str, Any]:
+    from studio.bench.diffusion import bench_ours
+
+    size = 1024 if r.device == "cuda" else 128
+    return _image_row(r, "sdxl", ImageGen(size, size), lambda ctx, backend, rec: bench_ours(backend, rec, size, 4, 1))
 
 
 def sd_lora_row(r: Any) -> dict[str, Any]:
-    from backends.image.tiny import SD15_CONFIGS, TINY_SD15_CONFIGS
     from studio.bench.diffusion import bench_lora
 
     cuda = r.device == "cuda"
-    size = 512 if cuda else 64
-    ctx, _, rec = _image_ctx(r, "sd15", SD15_CONFIGS if cuda else TINY_SD15_CONFIGS)
-    try:
-        info = _image_info(rec, "sd15", "SD1.5 (random)" if cuda else "tiny SD")
-        out = _prediction(r, "sd_lora:bench", info, ImageLora(size, 1, 16))
-        res = bench_lora(ctx, rec.source.root, r.work / "sd15", size, 6 if cuda else 2, 16)
-        out["train"] = {k: res.get(k) for k in ("s_per_step", "steps", "optimizer")}
-        out["measured_bytes"] = int(res["peak_vram_gib"] * GiB) if res.get("peak_vram_gib") else None
-        return out
-    finally:
-        _close(ctx)
+    size, steps = (512, 6) if cuda else (64, 2)
+
+    def job(ctx: Any, backend: Any, rec: Any) -> dict[str, Any]:
+        return bench_lora(ctx, rec.source.root, r.work / "sd15", size, steps, 16)
+
+    return _image_row(r, "sd15", ImageLora(size, 1, 16), job)
 
 
 # ---- YOLO training -------------------------------------------------------------------------------------------
