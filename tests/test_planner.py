@@ -256,3 +256,19 @@ def test_a_chat_that_runs_out_of_memory_says_what_fits(llm, monkeypatch):
     assert "Planner: chat at 4,096 tokens" in text and "needs about" in text and "budget of 1.00 MB" in text
     job = llm.ctx.residency.vram.job(llm._source("smollm2-135m").key)
     assert job is not None and job.model.config["num_hidden_layers"] == 30  # read from the converted folder
+
+
+def test_footprints_added_from_many_threads_are_all_saved(tmp_path):
+    import threading
+
+    path = tmp_path / "footprints.json"
+    store = FootprintStore(path)
+    threads = [
+        threading.Thread(target=store.add, args=(Footprint("llm:chat", "s", f"k{i}", 1, 1, 1, 1, 0.0),))
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(e.key for e in FootprintStore(path).entries()) == sorted(f"k{i}" for i in range(8))

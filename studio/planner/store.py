@@ -61,6 +61,7 @@ class FootprintStore:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._entries: list[Footprint] = self._load()
 
     def _load(self) -> list[Footprint]:
@@ -80,8 +81,10 @@ class FootprintStore:
     def add(self, fp: Footprint) -> None:
         with self._lock:
             self._entries = [*self._entries, fp][-MAX_ENTRIES:]
-            entries = list(self._entries)
-        self._save(entries)
+        with self._save_lock:  # one writer at a time, and it writes the newest list (no lost measurement)
+            with self._lock:
+                entries = list(self._entries)
+            self._save(entries)
 
     def _save(self, entries: list[Footprint]) -> None:
         if self.path is None:
