@@ -207,7 +207,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny configs on the CPU (checks the script)")
-    p.add_argument("--budget-s", type=float, default=280.0, help="rows that would start after this are not measured")
+    p.add_argument("--budget-s", type=float, default=260.0, help="rows that would start after this are not measured")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     report = run(args)
