@@ -106,3 +106,24 @@ def test_streaming_keeps_bitsandbytes_nf4_quant_states_working():
     streamer.close()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, streamed)
+
+
+def test_a_checkpoint_loads_layer_by_layer_with_the_planners_split(tiny_llama, tmp_path):
+    """Real weights from safetensors, one layer at a time, the layers past the split streamed: same logits as the
+    model loaded whole."""
+    from backends.llm.streamed import load_streamed_causal_lm, resident_layers
+
+    tiny_llama.save_pretrained(tmp_path / "tiny")
+    info = from_config(TINY, "tiny")
+    task = Chat(context=256, precision="fp32")
+    per = layer_bytes(info.config, "fp32")
+    resident = resident_layers(tmp_path / "tiny", sum(parts_for(info, task).values()) - per, 256, cuda=False)
+    assert resident == 1
+    accel = SimulatedAccelerator(FakeProbe(64 * 2**20))
+    model, streamer = load_streamed_causal_lm(tmp_path / "tiny", "cpu", resident=resident, accel=accel)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = model(ids).logits, tiny_llama(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert streamer.stats().uploads == 3 and accel.allocated() == 0
+    streamer.close()
