@@ -3,7 +3,8 @@
 Card readings (total/used/free, the studio's budget, other programs on the card), each model's tier, bytes,
 working-memory peak, leases and last use, a memory timeline per model and for the other programs, hit/miss and
 switch-time statistics, the event log, buttons to move one or all idle models down a tier, and the VRAM cap,
-applied live. UI only: everything comes from `ctx.residency.snapshot()`.
+applied live; then the VRAM planner (tabs/gpu_planner.py): will a job fit, by part, with ranked advice, and the
+footprints measured against what it predicted. UI only: everything comes from `ctx.residency`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gradio as gr
 
 from studio.context import StudioContext, Tab
 from studio.units import fmt_bytes
+from tabs.gpu_planner import build_planner
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +306,7 @@ def build(ctx: StudioContext) -> None:
     m["to_disk"].click(lambda k: move_down(ctx, k, to_disk=True), pick, status)
     m["all_down"].click(lambda: move_all_down(ctx), None, status)
     c["apply"].click(lambda gb, nc: apply_vram_cap(ctx, gb, nc), [c["cap"], c["no_cap"]], status)
+    build_planner(ctx)
 
 
 TAB = Tab("GPU", build)

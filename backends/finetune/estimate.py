@@ -16,58 +16,20 @@ import json
 from pathlib import Path
 
 from backends.finetune.types import FitEstimate, LoraOptions, TrainOptions
-
-LONG_FROM_TOKENS = 4096
-NF4_BYTES_PER_PARAM = 0.516
-MLP_TILE = 4096
-LOSS_CHUNK_LOGITS = 1 << 26
-ALLOCATOR_OVERHEAD = 0.03  # fragmentation
-
-
-def _shape(config: dict) -> dict[str, int]:
-    c = config.get("text_config", config)
-    hidden, heads = c["hidden_size"], c["num_attention_heads"]
-    head_dim = c.get("head_dim") or hidden // heads
-    return {
-        "H": hidden, "I": c["intermediate_size"], "L": c["num_hidden_layers"], "V": c["vocab_size"],
-        "q": heads * head_dim, "kv": (c.get("num_key_value_heads") or heads) * head_dim,
-        "tied": bool(c.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-    }  # fmt: skip
-
-
-def linear_shapes(s: dict[str, int]) -> dict[str, tuple[int, int]]:
-    """(in, out) of each linear kind of one decoder layer."""
-    H, I = s["H"], s["I"]  # noqa: E741
-    return {"q_proj": (H, s["q"]), "k_proj": (H, s["kv"]), "v_proj": (H, s["kv"]), "o_proj": (s["q"], H),
-            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}  # fmt: skip
+from studio.planner import qlora_parts
 
 
 def estimate_fit(model_folder: Path, lora: LoraOptions, train: TrainOptions, max_length: int, *, cuda: bool,
                  available: int | None = None) -> FitEstimate:  # fmt: skip
-    s = _shape(json.loads((Path(model_folder) / "config.json").read_text(encoding="utf-8")))
-    shapes = linear_shapes(s)
-    long = cuda and max_length >= LONG_FROM_TOKENS
-    linear = s["L"] * sum(i * o for i, o in shapes.values())
-    table = s["V"] * s["H"]
-    if cuda:
-        weights = linear * NF4_BYTES_PER_PARAM + table * 2 * (0 if long and train.embeddings_in_ram else 1)
-        weights += 0 if s["tied"] else table * 2
-    else:
-        weights = (linear + table * (1 if s["tied"] else 2)) * 4
-    lora_params = s["L"] * sum(lora.rank * (i + o) for k, (i, o) in shapes.items() if k in lora.targets)
-    opt_bytes = 2 if cuda and train.optimizer != "adamw" else 8
-    b, t = train.batch_size, max_length
-    act = 2 if cuda else 4
-    if long:
-        activations = b * t * s["H"] * act * 20 + b * min(t, MLP_TILE) * s["I"] * act * 4
-    else:
-        stored = s["L"] * b * t * s["H"] * act if train.gradient_checkpointing else s["L"] * b * t * (
-            s["H"] * 10 + s["I"] * 4) * act  # fmt: skip
-        activations = stored + b * t * (s["H"] * 6 + s["I"] * 3) * act
-    chunk = max(128, LOSS_CHUNK_LOGITS // s["V"])
-    logits = min(chunk, b * t) * s["V"] * 4 * 2 if train.chunked_loss else b * t * s["V"] * (2 + 4 + 4)
-    parts = [int(weights), lora_params * 8, lora_params * opt_bytes, int(activations), int(logits)]
-    return FitEstimate(*parts, overhead=int(sum(parts) * ALLOCATOR_OVERHEAD), available=available)
+    """The planner's QLoRA formula (studio/planner/formulas.py `qlora_parts`) for this run's options."""
+    config = json.loads((Path(model_folder) / "config.json").read_text(encoding="utf-8"))
+    c = dict(config.get("text_config", config))
+    c.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+    p = qlora_parts(c, rank=lora.rank, targets=tuple(lora.targets), batch=train.batch_size, seq=max_length,
+                    checkpointing=train.gradient_checkpointing, chunked_loss=train.chunked_loss,
+                    adamw8bit=train.optimizer != "adamw", embeddings_in_ram=train.embeddings_in_ram, cuda=cuda)  # fmt: skip
+    return FitEstimate(p["weights"], p["lora"], p["optimizer"], p["activations"], p["logits"], overhead=p["overhead"],
+                       available=available)  # fmt: skip
 
 
 def describe(e: FitEstimate) -> str:

@@ -9,6 +9,7 @@ writes its adapter; a stopped (non-finite loss) or failed (save error) run's ada
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -122,7 +123,8 @@ class FinetuneJob:
                               log_every=opts.log_every, save_every=opts.save_every, eval_every=opts.eval_every,
                               amp_dtype=amp)  # fmt: skip
         hooks = LoopHooks(should_stop=self.job.should_stop, on_step=self._on_step, lease=lambda: self._lease(model, optimizer),
-                          export=lambda folder, step: save_adapter(model, folder / "adapter"))  # fmt: skip
+                          export=lambda folder, step: save_adapter(model, folder / "adapter"),
+                          oom_advice=self._oom_advice)  # fmt: skip
         loop = StepLoop(model, lambda m, b: lm_loss(m, b, chunked=opts.chunked_loss), optimizer,
                         make_scheduler(optimizer, opts), batches, loop_cfg, self.run_record.dir, hooks)  # fmt: skip
         self.live["amp"] = amp
@@ -136,6 +138,21 @@ class FinetuneJob:
             return contextlib.nullcontext(NullLease())
         return training(f"finetune:{self.run_record.id}", modules=[model], optimizers=[optimizer],
                         working_bytes=None, label="Fine-tune")  # fmt: skip
+
+    def _oom_advice(self) -> str:
+        """The VRAM planner's advice for this run (its QLoRA formula, corrected by what was measured)."""
+        from studio.planner import LoraTrain, VramPlanner, from_config, oom_advice
+
+        t, cfg = self.cfg.train, self.cfg
+        try:
+            info = from_config(json.loads((self.base_folder / "config.json").read_text(encoding="utf-8")), cfg.model)
+            task = LoraTrain(seq=cfg.data.max_length, micro_batch=t.batch_size, rank=cfg.lora.rank,
+                             checkpointing=t.gradient_checkpointing, chunked_loss=t.chunked_loss)  # fmt: skip
+            planner = getattr(self.s.residency, "vram", None) or VramPlanner()
+            return oom_advice(planner.plan(info, task, self.s.residency.capacity_bytes()))
+        except (OSError, ValueError, KeyError) as e:
+            log.info("no planner advice for this run: %s", e)
+            return ""
 
     # ---- live metrics --------------------------------------------------------------------------------------
     def _on_step(self, r: StepRecord) -> None:

@@ -120,6 +120,7 @@ class LoopHooks:
     evaluate: Callable[[int], dict[str, float]] | None = None
     export: Callable[[Path, int], None] | None = None  # write more files into a checkpoint folder being built
     lease: Callable[[], contextlib.AbstractContextManager] = lambda: contextlib.nullcontext(NullLease())
+    oom_advice: Callable[[], str] = lambda: ""  # the VRAM planner's sentence for this job, with numbers
 
 
 @dataclass
@@ -206,6 +207,8 @@ class StepLoop:
         kept = f"checkpoint of step {self.saved_step} kept" if self.saved_step else "no checkpoint yet"
         msg = (f"out of GPU memory at step {self.step + 1} ({str(e).splitlines()[0][:160]}); {kept}. "
                "Lower the max length or the batch size, or turn activation offload on.")  # fmt: skip
+        advice = self.hooks.oom_advice()
+        msg += f" {advice}" if advice else ""
         log.error(msg)
         return LoopResult("failed", self.step, self.saved_step, msg)
 

@@ -22,14 +22,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from studio.planner.formulas import decode_working_bytes, unet_working_bytes  # per-pixel factors: the planner's
+
 log = logging.getLogger(__name__)
 
-# Bytes of UNet activations per latent pixel, per sample in the (CFG-doubled) batch, per byte of dtype.
-UNET_WORK_PER_LATENT_PX = 30_000
-# Bytes of VAE-decoder activations per image pixel, per image decoded at once, per byte of dtype.
-DECODE_WORK_PER_PX = 900
-TILE_PX = 512 * 512  # diffusers' default tile (sample size 512, 64-px overlap counted in the margin below)
-TILE_MARGIN = 1.6
 
 
 @dataclass(frozen=True)
@@ -48,16 +44,6 @@ class MemoryPlan:
         extras = [name for on, name in flags if on]
         budget = f", budget {self.budget_bytes / 2**30:.1f} GiB" if self.budget_bytes else ""
         return self.mode + (f" + {', '.join(extras)}" if extras else "") + budget
-
-
-def unet_working_bytes(width: int, height: int, batch: int, cfg: bool, dtype_bytes: int) -> int:
-    samples = batch * (2 if cfg else 1)
-    return (width // 8) * (height // 8) * samples * UNET_WORK_PER_LATENT_PX * dtype_bytes // 2
-
-
-def decode_working_bytes(width: int, height: int, images_at_once: int, dtype_bytes: int, tiled: bool) -> int:
-    px = min(width * height, int(TILE_PX * TILE_MARGIN)) if tiled else width * height
-    return px * images_at_once * DECODE_WORK_PER_PX * dtype_bytes
 
 
 def plan_memory(

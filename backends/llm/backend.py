@@ -373,6 +373,7 @@ class LLMBackend:
 
         t0 = time.perf_counter() if t0 is None else t0
         working = kv_cache_bytes(self.model_folder(src), c.max_context_tokens)
+        self._declare_job(src, c)
         with self._generation_slot(), self.ctx.residency.use(src.key, working_bytes=working) as model:
             self._apply_adapters(src.key, model)
             limit = min(c.max_context_tokens, getattr(model.config, "max_position_embeddings", 1 << 30))
@@ -393,9 +394,10 @@ class LLMBackend:
                         yield ChatUpdate(text, shown, stats=stats)  # live counts: the tab's context meter
             except RuntimeError as e:
                 if "out of memory" in str(e).lower():
+                    advice = self._oom_advice(src.key)
                     raise RuntimeError(
                         f"Out of GPU memory while generating ({len(ids)} prompt tokens): lower max new tokens or "
-                        "the context length, or free the GPU in the GPU tab."
+                        "the context length, or free the GPU in the GPU tab." + (f" {advice}" if advice else "")
                     ) from None
                 raise
             stats.weights = weight_format(model)
@@ -408,6 +410,27 @@ class LLMBackend:
                 if calls:
                     stats.finish_reason = "tool_calls"
             yield ChatUpdate(text, done=True, note=note, stats=stats, tool_calls=tuple(calls))
+
+    def _declare_job(self, src: ModelSource, c: LLMConfig) -> None:
+        """Tell the VRAM planner what this lease runs (chat at the context length): it learns from the lease's
+        measured peak and words the advice of an out-of-memory error."""
+        from studio.planner import Chat, ModelInfoError, read_model
+
+        vram = getattr(self.ctx.residency, "vram", None)
+        if vram is None:
+            return
+        try:
+            info = read_model(self.model_folder(src))
+            cuda = str(self.ctx.residency.device).startswith("cuda")
+            big = info.params > 3_000_000_000
+            precision = {"auto": "nf4" if big else "16bit", "int4": "int4", "nf4": "nf4"}.get(c.precision, "16bit")
+            vram.declare(src.key, info, Chat(context=c.max_context_tokens, precision=precision if cuda else "fp32"))
+        except (ModelInfoError, OSError, ValueError, KeyError) as e:
+            log.debug("no VRAM planner job for %s: %s", src.key, e)
+
+    def _oom_advice(self, key: str) -> str:
+        vram = getattr(self.ctx.residency, "vram", None)
+        return "" if vram is None else vram.advice(key, self.ctx.residency.capacity_bytes())
 
     @contextlib.contextmanager
     def _generation_slot(self, timeout_s: float = 300.0) -> Iterator[None]:
@@ -513,11 +536,11 @@ def kv_cache_bytes(folder: Path, tokens: int) -> int | None:
     import json
 
     try:
+        from studio.planner import kv_bytes
+
         c = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         c = c.get("text_config", c)
-        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-        kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
-        return 2 * c["num_hidden_layers"] * kv_heads * head_dim * tokens * 2 + 8 * c["vocab_size"]
+        return kv_bytes(c, tokens) + 8 * c["vocab_size"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

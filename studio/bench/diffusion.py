@@ -365,16 +365,21 @@ def studio_section(name: str, configs: dict, size: int, steps: int, data: Path, 
             print("[sd15] LoRA training ...", flush=True)
             guarded(report, "lora_train", bench_lora, ctx, rec.source.root, data / name, size, args.lora_steps, 16)
     finally:  # give every byte back before the next measurement (the next section must start from zero)
-        ctx.jobs.shutdown(timeout=5)
-        for view in ctx.residency.snapshot().models:
-            with contextlib.suppress(Exception):
-                ctx.residency.unregister(view.key)
-        with contextlib.suppress(Exception):
-            ctx.residency.close()
-        ctx.backends = type(ctx.backends)(ctx)
+        close_context(ctx)
         del ctx
         _free()
     return entry
+
+
+def close_context(ctx: Any) -> None:
+    """End the jobs, unregister every model (their memory goes back) and stop the residency monitor."""
+    ctx.jobs.shutdown(timeout=5)
+    for view in ctx.residency.snapshot().models:
+        with contextlib.suppress(Exception):
+            ctx.residency.unregister(view.key)
+    with contextlib.suppress(Exception):
+        ctx.residency.close()
+    ctx.backends = type(ctx.backends)(ctx)
 
 
 def run(args: argparse.Namespace, save: Any) -> dict[str, Any]:

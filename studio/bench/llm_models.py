@@ -28,23 +28,29 @@ TINY = dict(
 
 def build_nf4_llama(cfg_kwargs: dict, device: str, lm_head_std: float = 0.2) -> Any:
     """Random-weight Llama with nf4 (double-quant) linears, built on meta and quantised one matrix at a time."""
-    import bitsandbytes as bnb
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**cfg_kwargs)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    for parent in list(model.modules()):
+    nf4_linears(model.model, device)
+    _materialise_rest(model, device, lm_head_std)
+    return model.eval()
+
+
+def nf4_linears(root: Any, device: str) -> None:
+    """Replace every nn.Linear under `root` with a random nf4 (double-quant) Linear4bit, one matrix at a time."""
+    import bitsandbytes as bnb
+
+    for parent in list(root.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear) and child is not model.lm_head:
+            if isinstance(child, torch.nn.Linear):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=torch.bfloat16,
                                       compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
                 w = torch.randn(child.out_features, child.in_features, dtype=torch.bfloat16, device=device) * 0.02
                 q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
                                              module=q).to(device)  # fmt: skip
                 setattr(parent, name, q)
-    _materialise_rest(model, device, lm_head_std)
-    return model.eval()
 
 
 def build_fp32_llama(cfg_kwargs: dict, lm_head_std: float = 0.2) -> Any:

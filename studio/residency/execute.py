@@ -232,4 +232,5 @@ class Executor:
             f"Out of GPU memory placing {rec.key}: it needs {fmt_bytes(rec.size() + plan.work)} (weights "
             f"{fmt_bytes(rec.size())} + working {fmt_bytes(plan.work)}) and does not fit with every idle model moved "
             f"off and no other lease running; {self.m._desk.memory_facts()}. ({str(e)[:160]})"
+            + self.m._desk.advice(rec.key)
         )

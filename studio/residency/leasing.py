@@ -169,6 +169,7 @@ class Leasing:
     def release(self, lease: Lease) -> None:
         m, rec = self.m, lease.record
         reading = m._read() if rec.custom else None
+        measured = job = None
         with m._cond:
             m._leases.remove(lease)
             rec.leases -= 1
@@ -178,11 +179,19 @@ class Leasing:
             trusted = lease.alone and m._moves == lease.moves_at_start  # nobody else's load in its peak
             if trusted and rec.tier == GPU:
                 if not rec.custom:
-                    rec.record_peak(max(0, m._accel.peak() - lease.base_alloc))
+                    peak = m._accel.peak()
+                    measured = max(0, peak - lease.base_alloc)
+                    # the planner's view: all this job holds beyond its weights, buffers it keeps between leases
+                    # (a chat's KV cache) included; the other models' weights on the card are not the job's
+                    others = sum(r.size() for r in m._records.values() if r is not rec and r.tier == GPU)
+                    job = max(0, peak - others - rec.bytes)
                 elif lease.probe_base is not None and reading is not None:
-                    top = max(lease.probe_max or 0, reading.used_bytes)
-                    rec.record_peak(max(0, top - lease.probe_base))
+                    measured = job = max(0, max(lease.probe_max or 0, reading.used_bytes) - lease.probe_base)
+                if measured is not None:
+                    rec.record_peak(measured)
             m._cond.notify_all()
+        if job is not None:  # outside the lock: the planner's store writes a file
+            m.vram.observe(rec.key, rec.bytes, job)
 
     def sample(self, reading: Any) -> None:
         if reading is not None:
@@ -240,5 +249,10 @@ class Leasing:
             f"Out of GPU memory running {key} even after moving every idle model off the GPU and with no other lease "
             f"running: it needs about {fmt_bytes(rec.size() + work)} (weights {fmt_bytes(rec.size())} + working "
             f"{fmt_bytes(work)}){tried}; {self.memory_facts()}. Use a smaller input or batch, a lower precision, or "
-            "close other GPU programs."
+            "close other GPU programs." + self.advice(key)
         )
+
+    def advice(self, key: str) -> str:
+        """The VRAM planner's sentence for the job declared on `key` (with numbers), or ''."""
+        text = self.m.vram.advice(key, self.m.capacity_bytes())
+        return f" {text}" if text else ""

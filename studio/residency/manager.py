@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
+from studio.planner import VramPlanner
 from studio.residency import planner
 from studio.residency.accel import Accelerator, CpuAccelerator, CudaAccelerator, configure_allocator
 from studio.residency.eviction import GreedyDualSize, LeastRecentlyUsed
@@ -137,6 +138,7 @@ class ResidencyManager:
         self._exec = Executor(self)
         self._preempt = Preemption(self)
         self._desk = Leasing(self)
+        self.vram = VramPlanner()  # learns from this manager's measurements; advice on out-of-memory errors
 
     @classmethod
     def from_settings(cls, settings: Any, *, monitor_interval_s: float = 1.0) -> ResidencyManager:
@@ -152,6 +154,7 @@ class ResidencyManager:
             reserve_bytes=gb(settings.reserve_gb),
             keep_alive_s=settings.keep_alive_s,
         )
+        manager.vram = VramPlanner.at(settings.data_dir)  # measured footprints persist under the data dir
         if manager._accel.has_gpu_tier or manager.keep_alive_s:
             manager.start_monitor(monitor_interval_s)
         return manager
