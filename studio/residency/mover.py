@@ -13,17 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.residency.accel import Accelerator
-from studio.residency.pinned import (
-    PinnedPool,
-    adopt,
-    device_bytes,
-    finish_upload,
-    host_tensors,
-    is_torch_model,
-    move_down,
-    start_upload,
-    upload,
-)
+from studio.residency.pinned import PinnedPool, adopt, device_bytes, host_tensors, is_torch_model, move_down, upload
 from studio.residency.pinned import tensor_slots as _slots
 from studio.residency.planner import Action
 from studio.residency.state import GPU, RAM, ModelRecord, Tier
@@ -67,10 +57,6 @@ class Mover:
             nbytes = after - before if before is not None and after is not None and after > before else rec.size()
             return MoveFacts(obj, None, GPU, nbytes, nbytes, time.perf_counter() - t0, kind)
         obj, pool, copied = rec.obj, rec.pool, 0
-        if action == Action.UP and pool is not None and is_torch_model(obj):
-            facts = self._swap_in(obj, pool, t0)
-            if facts is not None:
-                return facts
         if action == Action.LOAD_GPU:
             obj = rec.loader.load(self.accel.load_device)
         nbytes = device_bytes(obj, self.accel) if is_torch_model(obj) else rec.estimate
@@ -81,18 +67,6 @@ class Mover:
             res = upload(tensors, pool, self.accel)
             nbytes, copied = res.bytes, res.copied
         return MoveFacts(obj, pool, GPU, int(nbytes), copied, time.perf_counter() - t0, kind)
-
-    def _swap_in(self, obj: Any, pool: PinnedPool, t0: float) -> MoveFacts | None:
-        """RAM -> GPU from the model's own pool: the copy starts first and the host walks the model (thousands of
-        tensors for a 4-bit 8B) while it runs. None when the model no longer sits in its pool (the caller then takes
-        the ordinary path; the early copy is dropped)."""
-        flat = start_upload(pool, self.accel)
-        tensors = host_tensors(obj, self.accel)
-        if not pool.holds(tensors):
-            del flat
-            return None
-        res = finish_upload(tensors, pool, flat, self.accel)
-        return MoveFacts(obj, pool, GPU, res.bytes, res.copied, time.perf_counter() - t0, "ram->gpu")
 
     def gpu_to_ram(self, rec: ModelRecord) -> MoveFacts:
         t0 = time.perf_counter()

@@ -265,18 +265,8 @@ def adopt(tensors: list[torch.Tensor], pool: PinnedPool | None, new_host: Callab
 def upload(tensors: list[torch.Tensor], pool: PinnedPool, accel: Accelerator) -> MoveResult:
     """Pool -> device: ONE allocation of the pool's size and ONE copy, then every tensor becomes a view of its slice.
     On an allocation failure the tensors stay in the pool (the caller still owns it: nothing is orphaned)."""
-    return finish_upload(tensors, pool, start_upload(pool, accel), accel)
-
-
-def start_upload(pool: PinnedPool, accel: Accelerator) -> torch.Tensor:
-    """The device allocation and the (asynchronous, from pinned memory) copy of the whole pool."""
     flat = accel.alloc(pool.total)
     flat.copy_(pool.host.tensor[: pool.total], non_blocking=pool.pinned)
-    return flat
-
-
-def finish_upload(tensors: list[torch.Tensor], pool: PinnedPool, flat: torch.Tensor, accel: Accelerator) -> MoveResult:
-    """Every tensor becomes a view of its slice of `flat` (start_upload's), then one synchronize."""
     # Rebinding thousands of tensors (a 4-bit 8B model has ~1,500 with its quant states) is host work: do it while
     # the copy runs. Nothing reads the views before the synchronize below, and every later kernel on this stream
     # is ordered after the copy.
