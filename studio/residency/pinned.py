@@ -267,13 +267,10 @@ def upload(tensors: list[torch.Tensor], pool: PinnedPool, accel: Accelerator) ->
     On an allocation failure the tensors stay in the pool (the caller still owns it: nothing is orphaned)."""
     flat = accel.alloc(pool.total)
     flat.copy_(pool.host.tensor[: pool.total], non_blocking=pool.pinned)
-    # Rebinding thousands of tensors (a 4-bit 8B model has ~1,500 with its quant states) is host work: do it while
-    # the copy runs. Nothing reads the views before the synchronize below, and every later kernel on this stream
-    # is ordered after the copy.
+    accel.synchronize()
     for t, slot in zip(tensors, pool.layout, strict=True):
         t.data = _view(flat, slot)
     pool.synced = [(id(t), t.data_ptr(), _version(t)) for t in tensors]
-    accel.synchronize()
     return MoveResult(pool.total, pool.total, pool)
 
 
