@@ -84,6 +84,8 @@ def test_decide_hit_place_wait_refuse_cpu():
 
     huge = rec("m:h", 150, tier=RAM)
     assert planner.decide(world([huge]), huge, 0) == CpuFallback(0)
+    huge.gpu_only = True  # 4-bit bitsandbytes weights: wait for other programs rather than run on the CPU
+    assert planner.decide(world([huge]), huge, 0) == Wait(50 * MiB)
 
 
 def test_decide_asks_training_to_yield_before_refusing_or_waiting_forever():

@@ -17,6 +17,7 @@ from typing import Any
 
 from studio.residency.accel import is_oom_error
 from studio.residency.mover import MoveFacts
+from studio.residency.pinned import gpu_only, is_torch_model
 from studio.residency.planner import Action, Plan, ResidencyError, candidate, plan_oom_retry, tried_bytes
 from studio.residency.state import DISK, GPU, RAM, ModelRecord, Moving
 from studio.units import fmt_bytes
@@ -194,6 +195,8 @@ class Executor:
         with m._cond:
             rec.obj, rec.pool, rec.tier, rec.bytes = facts.obj, facts.pool, facts.tier, int(facts.bytes)
             rec.device = m._accel.device if facts.tier == GPU else "cpu"
+            if facts.tier == GPU and is_torch_model(facts.obj):
+                rec.gpu_only = gpu_only(facts.obj)
             rec.generation += 1
             if facts.kind == "ram->gpu":
                 rec.swap_in_s = facts.seconds

@@ -134,7 +134,13 @@ class Leasing:
             need, blockers, trainers = rec.size(), (), ()
         held = [f"{b.key} ({fmt_bytes(b.size())})" for b in blockers]
         held += [f"{t.label} (training, {fmt_bytes(t.gpu_bytes())}; pausing at its next step)" for t in trainers]
-        reason = f"held by {', '.join(held) or 'a model being moved'} (it needs {fmt_bytes(need)} more than is free)"
+        if isinstance(decision, Wait) and not held and rec.gpu_only and not rec.moving:
+            reason = (f"other programs on the card hold the memory it needs ({fmt_bytes(need)} more than the studio's "
+                      "budget); its 4-bit weights do not run on the CPU")  # fmt: skip
+        else:
+            reason = (
+                f"held by {', '.join(held) or 'a model being moved'} (it needs {fmt_bytes(need)} more than is free)"
+            )
         return WaitingView(rec.key, since, int(need), reason)
 
     def grant(self, rec: ModelRecord, work: int, *, hit: bool, cpu: bool = False) -> Lease:

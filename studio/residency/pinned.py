@@ -201,6 +201,15 @@ def _drop_grads(tensors: list[torch.Tensor]) -> None:
             t.grad = None
 
 
+def gpu_only(obj: Any) -> bool:
+    """True for a model with bitsandbytes 4-bit weights: run on the CPU they are slow and get repacked in place."""
+    bnb = sys.modules.get("bitsandbytes.nn.modules")
+    Params4bit = getattr(bnb, "Params4bit", None)
+    if Params4bit is None:
+        return False
+    return any(isinstance(p, Params4bit) for root in model_modules(obj) for p in root.parameters())
+
+
 def _fixup_bnb_cpu_packing(obj: Any) -> None:
     """bitsandbytes repacks 4-bit weights for its CPU kernels after a CPU forward; undo that before going to a GPU."""
     bnb = sys.modules.get("bitsandbytes.nn.modules")  # only a model built with bitsandbytes can need this

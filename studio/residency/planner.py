@@ -186,6 +186,8 @@ def decide(
         plan_ram(w, plan, rec.size(), {rec.key})
         return Place(plan)
     if rec.tier != GPU and rec.size() + work > w.capacity:  # can never fit, even alone: run it on the CPU
+        if rec.gpu_only:  # ...unless its weights are GPU-only: then wait for other programs to free the card
+            return Wait(rec.size() + work - w.capacity)
         if rec.tier == RAM:
             return CpuFallback(work)
         return Place(Plan(rec, Action.LOAD_CPU, work, cpu_fallback=True))

@@ -86,6 +86,7 @@ class ModelRecord:
     oom_floor_left: int = 0  # measured leases until the floor is forgotten (it must not only ever grow)
     generation: int = 0  # bumped each time the weights move (CUDA graphs must be re-captured)
     cpu_fallback: bool = False
+    gpu_only: bool = False  # 4-bit bitsandbytes weights: the CPU path is minutes per answer and repacks them in place
     parked_by: Any = None  # the training lease that parked these weights with its own state (see preempt.py)
 
     def size(self) -> int:
