@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.audio.models import TUNED_PREFIX, tuned_root, whisper_dir
+from backends.audio.models import TUNED_PREFIX, tuned_root
 from backends.audio.tune import (
     TuneConfig,
     TuneResult,
@@ -29,7 +29,7 @@ from backends.audio.tune import (
     steps_for,
     training_lease,
 )
-from backends.audio.whisper_convert import ct2_to_transformers, export_to_ct2
+from backends.audio.whisper_convert import export_to_ct2
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,12 @@ class WhisperTuner:
 
     def base_folder(self, model_id: str) -> Path:
         """The transformers copy of a catalog Whisper (converted from its CTranslate2 folder once, cached)."""
-        spec = self.ctx.catalog.get(model_id)
-        if spec.capability != "asr":
-            raise ValueError(f"{model_id!r} is not a Whisper model")
-        out = self.ctx.settings.cache_dir / "whisper-hf" / spec.id
-        if not (out / "model.safetensors").is_file():
-            ct2_to_transformers(whisper_dir(spec, self.ctx.catalog, self.ctx.settings.cache_dir), out)
-        return out
+        from backends.audio.whisper_torch import transformers_folder
+
+        if model_id.startswith(TUNED_PREFIX):
+            raise ValueError(f"{model_id!r}: pick a catalog Whisper as the base (tiny.en, base, small, ...)")
+        settings = self.ctx.settings
+        return transformers_folder(model_id, self.ctx.catalog, settings.cache_dir, settings.models_dir)
 
     def check(self, cfg: TuneConfig) -> str:
         """Validate data and base before queueing; returns a one-line summary."""
