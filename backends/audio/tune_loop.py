@@ -229,11 +229,14 @@ def _optimizer(cfg: TuneConfig, model: Any, device: str) -> Any:
 def _autocast(cfg: TuneConfig, device: str) -> tuple[Any, Any]:
     import torch
 
-    if device != "cuda" or cfg.precision == "fp32":
-        return None, None
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device != "cuda"):
+        return (
+            None,
+            None,
+        )  # "auto" on the CPU is fp32; a forced fp16/bf16 autocasts there too (slower, but the same path)
     if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.float16, torch.amp.GradScaler(device)
 
 
 def _train_step(model: Any, optimizer: Any, scaler: Any, batch: tuple, dtype: Any, device: str) -> float:
@@ -241,7 +244,7 @@ def _train_step(model: Any, optimizer: Any, scaler: Any, batch: tuple, dtype: An
 
     feats, labels = batch
     with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
-        if feats.dim() == 3 and feats.shape[-1] != 3000:  # encoder states (B, 1500, d_model): decoder only
+        if feats.shape[1] != model.config.num_mel_bins:  # encoder states (B, 1500, d_model), not (B, mels, frames)
             loss = model(encoder_outputs=(feats.float(),), labels=labels).loss
         else:
             loss = model(input_features=feats, labels=labels).loss
