@@ -130,28 +130,7 @@ class WhisperTuner:
         return result
 
     def _model(self, cfg: TuneConfig, device: str) -> tuple[Any, Any, bool]:
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-        base = self.base_folder(cfg.base_model)
-        processor = WhisperProcessor.from_pretrained(base)
-        model = WhisperForConditionalGeneration.from_pretrained(base, dtype="float32")
-        lora = cfg.method == "lora" or (cfg.method == "auto" and model.config.d_model >= 1024)
-        if cfg.spec_augment:  # Whisper's own SpecAugment: masks log-mel time steps and channels while training
-            model.config.apply_spec_augment = True
-            model.config.mask_time_prob, model.config.mask_time_length = 0.05, 10
-            model.config.mask_feature_prob, model.config.mask_feature_length = 0.05, 10
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        if cfg.freeze_encoder:
-            model.model.encoder.requires_grad_(False)
-            model.model.encoder.eval()  # no dropout in a frozen encoder; checkpointing is then for the decoder only
-        if lora:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
-                                                     target_modules=LORA_TARGETS, lora_dropout=0.05))  # fmt: skip
-        return model.to(device), processor, lora
+        return build_model(cfg, self.base_folder(cfg.base_model), device)
 
     def _resume(self, cfg: TuneConfig, model: Any, optimizer: Any) -> tuple[int, np.random.Generator]:
         rng = np.random.default_rng(cfg.seed)
@@ -191,6 +170,32 @@ class WhisperTuner:
                             "wer_after": result.wer_after, "steps": result.steps_done, "created": time.time()})  # fmt: skip
         log.info("exported the tuned Whisper to %s", target)
         return TUNED_PREFIX + cfg.output_name
+
+
+def build_model(cfg: TuneConfig, base: Path, device: str) -> tuple[Any, Any, bool]:
+    """The model as the job trains it (LoRA or full, SpecAugment, checkpointing, frozen encoder), from a
+    transformers Whisper folder; returns (model on `device`, processor, whether it is LoRA)."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    processor = WhisperProcessor.from_pretrained(base)
+    model = WhisperForConditionalGeneration.from_pretrained(base, dtype="float32")
+    lora = cfg.method == "lora" or (cfg.method == "auto" and model.config.d_model >= 1024)
+    if cfg.spec_augment:  # Whisper's own SpecAugment: masks log-mel time steps and channels while training
+        model.config.apply_spec_augment = True
+        model.config.mask_time_prob, model.config.mask_time_length = 0.05, 10
+        model.config.mask_feature_prob, model.config.mask_feature_length = 0.05, 10
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.freeze_encoder:
+        model.model.encoder.requires_grad_(False)
+        model.model.encoder.eval()  # no dropout in a frozen encoder; checkpointing is then for the decoder only
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                 target_modules=LORA_TARGETS, lora_dropout=0.05))  # fmt: skip
+    return model.to(device), processor, lora
 
 
 class _Quiet:
