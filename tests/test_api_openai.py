@@ -19,15 +19,13 @@ import base64
 import io
 import json
 import shutil
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 
 from tests import _llm_support
-from tests._studio_server import REPO, free_port
+from tests._studio_server import REPO
 
 openai = pytest.importorskip("openai")
 llm_ctx, llm, smol_folder = _llm_support.llm_ctx, _llm_support.llm, _llm_support.smol_folder  # session fixtures
@@ -122,32 +120,22 @@ def _greedy_ok(model, batch) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, llm_ctx, smol_folder, shared_cache_dir):
-    import uvicorn
-    from fastapi import FastAPI
-
     from backends.image.tiny import ensure_tiny_pipeline
-    from studio import api as studio_api
     from studio.app import build_context
+    from studio.bench.api import serve
     from studio.settings import Settings
 
     root = tmp_path_factory.mktemp("api-openai")
     (root / "keys.txt").write_text(f"# keys\n{KEY}\n")
-    settings = Settings(data_dir=root / "data", models_dir=root / "models", open_browser=False, port=free_port(),
+    settings = Settings(data_dir=root / "data", models_dir=root / "models", open_browser=False,
                         api_keys_file=root / "keys.txt", api_keys_on_loopback=True)  # fmt: skip
     shutil.copytree(smol_folder, settings.cache_dir / "llm" / smol_folder.name)
     demo = ensure_tiny_pipeline(shared_cache_dir, "tiny-sd-demo")
     shutil.copytree(demo, settings.cache_dir / "diffusion" / demo.name)
     ctx = build_context(settings)
-    app = FastAPI()
-    studio_api.mount(app, ctx)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{settings.port}/v1", ctx
+    url, srv = serve(ctx)  # the studio's routes on uvicorn in a thread (what the API bench uses)
+    yield url, ctx
     srv.should_exit = True
-    thread.join(10)
     ctx.jobs.shutdown(timeout=10)
 
 

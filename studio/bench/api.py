@@ -138,7 +138,7 @@ def through_api(client: Any, model: str, new: int, stream: bool) -> tuple[float,
     return time.perf_counter() - t0, tokens
 
 
-def overhead(backend: Any, client: Any, model: str, new: int, reps: int) -> dict[str, Any]:
+def overhead(backend: Any, client: Any, model: str, new: int, reps: int, deadline: float = float("inf")) -> dict:
     """Per-token time of each path over `reps` rounds, the order rotated each round (so a slow spell of the
     machine hits every path alike); medians are the figures. The noise floor is the A/A difference: `direct` and
     `direct_again` are the same call, so the median of |direct - direct_again| per token is what this machine's
@@ -154,6 +154,9 @@ def overhead(backend: Any, client: Any, model: str, new: int, reps: int) -> dict
     direct(backend, model, 2)  # warm: load the model, build the decoder
     through_api(client, model, 2, True)
     for i in range(reps):
+        if i >= 2 and time.monotonic() > deadline:  # keep the load run inside the time the GPU call has
+            print(f"overhead: stopped after {i} rounds (time budget)", flush=True)
+            break
         for name in names[i % len(names) :] + names[: i % len(names)]:
             t, n = paths[name]()
             per[name].append(t / max(1, n))
@@ -273,6 +276,7 @@ TINY_LLAMA = {"vocab_size": 128256, "hidden_size": 64, "intermediate_size": 128,
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     import openai
 
+    t_start = time.monotonic()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-api-"))
     gpu = args.device == "cuda"
     cap = args.vram_cap_gb if gpu else None
@@ -296,7 +300,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     url, server = serve(ctx)
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=1800)
     try:
-        per_token = overhead(backend, client, model, args.new, args.reps)
+        deadline = t_start + args.budget_s / 2  # half the budget for the overhead rounds, the rest for the load
+        per_token = overhead(backend, client, model, args.new, args.reps, deadline)
         print("per token:", {k: v.get("median_s_per_token", v) if isinstance(v, dict) else v
                              for k, v in per_token.items()}, flush=True)  # fmt: skip
         loaded = load(backend, url, "none", model, args.clients, args.rounds, args.load_new)
@@ -323,7 +328,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": machine_info("torch", "transformers", "fastapi", "uvicorn", "openai"),
         "model": model, "mode": mode, "clients": args.clients,
-        "new_tokens": args.new, "reps": args.reps, "per_token": per_token, "machinery": mach, "load": loaded,
+        "new_tokens": args.new, "reps": len(per_token["direct"]["s_per_token"]), "per_token": per_token, "machinery": mach, "load": loaded,
         "queue_wait_s": {"p50": statistics.median(waits) if waits else None, "max": max(waits, default=None)},
         "targets": [t.as_dict() for t in targets],
     }  # fmt: skip
@@ -365,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="GPU mode's device; cpu: a dry run of the GPU mode on a 2-layer random Llama")  # fmt: skip
     p.add_argument("--new", type=int, default=None, help="new tokens per overhead request (64; quick 16)")
-    p.add_argument("--reps", type=int, default=None, help="rounds of the overhead paths (6; quick 8)")
+    p.add_argument("--reps", type=int, default=None, help="rounds of the overhead paths (4; quick 8)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--rounds", type=int, default=None, help="requests per load client (2; quick 1)")
     p.add_argument("--load-new", type=int, default=None, help="new tokens per load request (32; quick 6)")
     p.add_argument("--machinery-new", type=int, default=256, help="tokens per zero-cost request")
     p.add_argument("--machinery-reps", type=int, default=15)
     p.add_argument("--vram-cap-gb", type=float, default=12.0)
+    p.add_argument("--budget-s", type=float, default=None, help="overhead rounds stop at half of it (80; quick 900)")
     p.add_argument("--workdir", type=Path, default=None, help="data and models folder (default: a temp folder)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
@@ -379,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     if quick:
         args.device = "cpu"
     args.new = args.new or (16 if quick else 64)
-    args.reps = args.reps or (8 if quick else 6)
+    args.reps = args.reps or (8 if quick else 4)
+    args.budget_s = args.budget_s or (900.0 if quick else 80.0)
     args.rounds = args.rounds or (1 if quick else 2)
     args.load_new = args.load_new or (6 if quick else 32)
     result = bench(args)
