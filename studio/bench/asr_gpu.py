@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--tune-batch", type=int, default=8)
     p.add_argument("--tune-steps", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=115.0, help="skip the rows that would start after this")
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="skip rows that would start after this (115; quick 900)"
+    )
     p.add_argument("--tokenizer-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("asr_gpu needs a CUDA GPU; --device cpu runs a dry run of the same code", file=sys.stderr)
         return 2
+    args.budget_s = args.budget_s or (900.0 if args.quick else 115.0)
     if args.quick:
         args.windows, args.baseline_windows, args.tokens, args.batch = 2, 1, 8, 2
         args.tune_batch, args.tune_steps = 1, 1
