@@ -160,6 +160,8 @@ def speed_row(arch: str, folder: Path, args, device: str) -> dict:
     import torch
 
     clips, base_clips = windows(args.windows), windows(args.baseline_windows)
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()  # this row's own peak
     ours = time_ours(folder, clips, args.batch, args.tokens, device)
     print(f"  {arch}: ours {ours:.1f} s for {len(clips)} windows", flush=True)
     fp16 = torch.float16 if device != "cpu" else torch.float32
