@@ -88,11 +88,12 @@ def _model_choices(asr) -> list[tuple[str, str]]:
 
 
 def transcribe(ctx, audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v,
-              stop_flag):  # fmt: skip
+               asr_engine_v, carry_v, stop_flag):  # fmt: skip
     from backends.audio import Transcript
 
     path = _input_path(ctx, audio_v, video_v)
-    opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v)
+    opts, dopts = _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, asr_engine_v,
+                           carry_v)  # fmt: skip
     stop_flag.clear()
     started, segments = time.time(), []
     yield "Loading the model…", "", None, str(path), gr.skip(), gr.skip()
@@ -161,6 +162,14 @@ def _build_inputs(ctx: StudioContext) -> dict[str, Any]:
         vad = gr.Checkbox(True, label="Skip silence (VAD)")
         words = gr.Checkbox(False, label="Word timestamps")
         batched = gr.Checkbox(ctx.residency.device == "cuda", label="Batched decoding (GPU)")
+    with gr.Accordion("Decoding", open=False):
+        asr_engine = gr.Radio(
+            [("faster-whisper (CTranslate2: word timestamps; CUDA 12 or the CPU)", "faster-whisper"),
+             ("torch (transformers Whisper: any CUDA, fp16; one segment per speech window, no word times)", "torch")],
+            value="faster-whisper", label="Whisper engine",
+        )  # fmt: skip
+        carry = gr.Checkbox(False, label="Carry each window's text into the next as its prompt (names and spelling "
+                            "carry on; an unsure window is not carried)")  # fmt: skip
     with gr.Accordion("Speakers", open=False):
         diar = gr.Checkbox(False, label="Label speakers (diarization)")
         n_speakers = gr.Number(0, precision=0, minimum=0, maximum=20, label="Number of speakers (0 = auto)")
@@ -219,7 +228,7 @@ def build(ctx: StudioContext) -> None:
         with gr.Column(scale=2):
             r = _build_results()
     keys = ("audio", "video", "model", "language", "vad", "words", "batched", "diar", "n_speakers", "engine",
-            "pyannote_src")  # fmt: skip
+            "pyannote_src", "asr_engine", "carry")  # fmt: skip
     inputs = [i[k] for k in keys] + [flag]
     queue = ctx.queues.event_kwargs("Audio")
     outputs = [r["status"], r["text"], transcript_state, source, r["seg_table"], r["speakers"]]
@@ -250,13 +259,14 @@ def _input_path(ctx: StudioContext, audio_v, video_v) -> Path:
     return path
 
 
-def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v):
+def _options(model_v, lang_v, vad_v, words_v, batched_v, diar_v, n_v, engine_v, src_v, asr_engine_v="faster-whisper",
+             carry_v=False):  # fmt: skip
     from backends.audio import DiarizeOptions, TranscribeOptions
 
     try:
         opts = TranscribeOptions(
             model_id=model_v, language=lang_v or "auto", vad=bool(vad_v), word_timestamps=bool(words_v),
-            batch_size=8 if batched_v else 1,
+            batch_size=8 if batched_v else 1, engine=asr_engine_v or "faster-whisper", carry_prompt=bool(carry_v),
         )  # fmt: skip
         dopts = None
         if diar_v:

@@ -216,3 +216,18 @@ def test_settings_tab_shows_address_auth_and_requests(api, client):
     assert KEY not in text and all(KEY not in str(r) for r in request_rows(snap))
     closed = api_markdown(ApiState(Settings(host="0.0.0.0")).snapshot())
     assert "Closed" in closed and "api_keys_file" in closed
+
+
+def test_a_call_marker_split_over_tokens_is_never_shown():
+    """Models emit `<tool_call>` as several tokens ('<', 'tool', '_', 'call', '>'): none of it may leak as content
+    (a held-back tail longer than the text once sliced from the wrong end and showed '<tool_c')."""
+    for pieces in (["<", "tool", "_", "call", ">", '\n{"name": "f", "arguments": {}}\n</tool_call>'],
+                   ["Sure. ", "<", "tool", "_", "call", ">", '{"name": "f", "arguments": {"a": 1}}</tool_call>'],
+                   ["[", "TOOL", "_CALLS", "] ", '[{"name": "f", "arguments": {}}]']):  # fmt: skip
+        stream = ToolStream()
+        shown = "".join(stream.feed(p) for p in pieces)
+        rest, calls = stream.finish()
+        assert "<" not in shown and "TOOL" not in shown and calls and calls[0].name == "f", (pieces, shown)
+        assert (shown + rest).strip() in ("", "Sure.")
+    stream = ToolStream()
+    assert "".join(stream.feed(p) for p in ["a <", "b"]) == "a <b"  # a '<' that is no marker is shown in the end

@@ -15,6 +15,7 @@ import tabs.audio as audio_tab
 from backends.audio import write_wav
 from studio.bench.asr_data import SENTENCES, espeak_available, synthesize
 from tabs._session import StopFlag
+from tests._whisper_support import tiny_en_hf  # noqa: F401 (session fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def handlers(ctx):
 
 def call_transcribe(fns, audio=None, video=None, session="s1", **kw):
     args = dict(model_v="whisper-tiny.en", lang_v="auto", vad_v=True, words_v=False, batched_v=False, diar_v=False,
-                n_v=0, engine_v="offline", src_v="")  # fmt: skip
+                n_v=0, engine_v="offline", src_v="", asr_engine_v="faster-whisper", carry_v=False)  # fmt: skip
     args.update(kw)
     from tabs._session import StopFlag
 
@@ -92,3 +93,19 @@ def test_stop_flag_is_per_session(handlers, tmp_path):
     silence = write_wav(tmp_path / "s.wav", np.zeros(3 * 16000, np.float32))
     status, text, tr, *_ = call_transcribe(handlers, audio=str(silence), session="s2")[-1]
     assert "no speech found" in status and text == "" and tr.segments == []
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing (apt-get install -y espeak-ng)")
+def test_torch_engine_is_selectable(handlers, ctx, tmp_path, tiny_en_hf):  # noqa: F811
+    """The Whisper engine radio: 'torch' transcribes through transformers' Whisper (tiny.en converted once)."""
+    import shutil
+
+    from backends.audio.wer import wer
+
+    shutil.copytree(tiny_en_hf, ctx.settings.cache_dir / "whisper-hf" / "whisper-tiny.en")
+    path = write_wav(tmp_path / "one.wav", synthesize(SENTENCES[0]))
+    status, text, tr, *_ = call_transcribe(handlers, audio=str(path), asr_engine_v="torch", carry_v=True)[-1]
+    assert status.startswith("**Done**") and wer([SENTENCES[0]], [tr.text]) < 0.2, text
+    assert ctx.residency.is_registered("asr-torch:whisper-tiny.en")
+    with pytest.raises(gr.Error, match="word timestamps need the faster-whisper engine"):
+        call_transcribe(handlers, audio=str(path), asr_engine_v="torch", words_v=True)

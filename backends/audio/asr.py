@@ -45,6 +45,8 @@ __all__ = ["AsrBackend", "AsrUpdate", "ModelMissing", "Segment", "TranscribeOpti
 # (studio/bench/asr.py, 40 espeak-ng clips); with 0.4 s both score the same, for tiny.en and base.
 WHISPER_PAD_S = 0.4
 SILENCE_PEAK = 1e-3  # a window whose loudest sample is below -60 dBFS is silence: Whisper never sees it
+ENGINES = ("faster-whisper", "torch")
+CARRY_MIN_LOGPROB = -1.0  # Whisper's own log_prob_threshold: below it a window's text is not used as a prompt
 
 
 def whisper_languages() -> tuple[str, ...]:
@@ -62,10 +64,20 @@ class TranscribeOptions:
     beam_size: int = 5
     batch_size: int = 1  # > 1: batched decoding of several windows at once (worth it on a GPU)
     chunk_s: float = 10.0  # decode granularity; progress and cancel are at least this fine
+    # Prompt carry-over (Whisper's condition_on_previous_text, across our windows): each window is decoded with the
+    # previous window's text as its prompt, so names and spelling carry on. A window whose own text looks unsure
+    # (mean word log-probability below CARRY_MIN_LOGPROB) is not carried, so one hallucination does not feed the
+    # next. With batched decoding the windows of one batch share the text before the batch.
+    carry_prompt: bool = False
+    engine: str = "faster-whisper"  # or "torch": transformers' Whisper on any CUDA (text per window, no words)
 
     def __post_init__(self) -> None:
         if not self.model_id:
             raise ValueError("model_id is empty; pick a Whisper model such as 'whisper-tiny.en'")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.engine == "torch" and self.word_timestamps:
+            raise ValueError("word timestamps need the faster-whisper engine; untick them or pick faster-whisper")
         if self.language != "auto" and self.language not in whisper_languages():
             raise ValueError(f"language {self.language!r} is not a Whisper language code; use 'auto' or e.g. 'en'")
         if not 1 <= self.beam_size <= 10:
@@ -113,7 +125,17 @@ class AsrBackend:
         shipped = [(s.id, s.title, cat.is_present(s)) for s in cat.by_capability("asr")]
         return shipped + [(mid, title, True) for mid, title in tuned_models(self.ctx.settings.models_dir)]
 
-    def _key(self, model_id: str) -> str:
+    def _key(self, model_id: str, engine: str = "faster-whisper") -> str:
+        if engine == "torch":
+            from backends.audio.whisper_torch import TorchWhisperLoader
+
+            s = self.ctx.settings
+            loader = TorchWhisperLoader(model_id, self.ctx.catalog, s.cache_dir, s.models_dir)
+            if not model_id.startswith(TUNED_PREFIX) and self.ctx.catalog.get(model_id).capability != "asr":
+                raise ValueError(f"{model_id!r} is not a Whisper (asr) model")
+            if not self.ctx.residency.is_registered(loader.key):
+                self.ctx.residency.register(loader)
+            return loader.key
         if model_id.startswith(TUNED_PREFIX):
             loader = TunedWhisperLoader(model_id, self.ctx.settings.models_dir)
             if not self.ctx.residency.is_registered(loader.key):
@@ -133,13 +155,14 @@ class AsrBackend:
         """Load the model (under a lease) and refuse a language the model cannot do, before any audio is read."""
 
         def _check(model: Any) -> None:
-            if opts.language not in ("auto", "en") and not model.model.is_multilingual:
+            multilingual = model.multilingual if opts.engine == "torch" else model.model.is_multilingual
+            if opts.language not in ("auto", "en") and not multilingual:
                 raise ValueError(
                     f"{opts.model_id} is English-only; for language {opts.language!r} pick Whisper base "
                     "or a larger multilingual model."
                 )
 
-        self.ctx.residency.run(self._key(opts.model_id), _check)
+        self.ctx.residency.run(self._key(opts.model_id, opts.engine), _check)
 
     # ---- transcription -------------------------------------------------------------------------------
     def transcribe(self, path: str | Path, opts: TranscribeOptions | None = None, **kwargs: Any) -> Transcript:
@@ -218,8 +241,9 @@ class _Run:
 
     def __init__(self, backend: AsrBackend, opts: TranscribeOptions, duration: float | None, should_stop) -> None:
         self.backend, self.opts, self.duration, self.should_stop = backend, opts, duration, should_stop
-        self.key = backend._key(opts.model_id)
+        self.key = backend._key(opts.model_id, opts.engine)
         self.language = None if opts.language == "auto" else opts.language
+        self.prompt = ""  # the previous window's text, when carried (opts.carry_prompt)
         self.segments: list[Segment] = []
         self.batch: list[SpeechWindow] = []
         self.cancelled = False
@@ -246,6 +270,9 @@ class _Run:
 
     def _emit(self, segs: list[Segment], position: float) -> AsrUpdate:
         self.segments.extend(segs)
+        if self.opts.carry_prompt and segs:
+            sure = [s for s in segs if s.avg_logprob >= CARRY_MIN_LOGPROB and s.text]
+            self.prompt = " ".join(s.text for s in sure) if len(sure) == len(segs) else ""
         return self.update(tuple(segs), position)
 
     def _kwargs(self) -> dict[str, Any]:
@@ -257,15 +284,20 @@ class _Run:
             # own confidence (Whisper's avg_logprob / no_speech_prob are per 30-s decoding window, so every
             # segment of one window had the same values). Words are kept only when asked for.
             word_timestamps=True,
-            condition_on_previous_text=False,  # windows are independent: no runaway repetition across them
+            # Inside one window (<= 28 s, one decoding window) there is nothing to condition on; across windows the
+            # prompt is carried by us (carry_prompt), so a bad window is not carried.
+            condition_on_previous_text=False,
+            initial_prompt=self.prompt or None,
             vad_filter=False,  # the windows are already VAD-cut (or deliberately not)
         )
 
     def _single(self, model: Any, window: SpeechWindow) -> list[Segment]:
+        if self.opts.engine == "torch":
+            return self._torch(model, [window])
         segments, info = model.transcribe(window.audio, **self._kwargs())
         out = []
         for seg in segments:  # lazy: decoding happens while we iterate
-            out.append(_segment(seg, window.start_s, self.opts.word_timestamps))
+            out.append(_segment(seg, window, self.opts.word_timestamps))
             if self.should_stop():
                 self.cancelled = True
                 break
@@ -274,8 +306,25 @@ class _Run:
             log.info("detected language %s (p=%.2f)", info.language, info.language_probability)
         return out
 
+    def _torch(self, model: Any, windows: list[SpeechWindow]) -> list[Segment]:
+        """The torch engine: one segment per window (the window's span), its text decoded in one batch."""
+        if self.language is None:
+            self.language = model.detect_language(windows[0].audio)
+            log.info("detected language %s (torch engine)", self.language)
+        texts = model.transcribe([w.audio for w in windows], prompt=self.prompt, language=self.language,
+                                 beam_size=self.opts.beam_size, batch_size=len(windows))  # fmt: skip
+        out = []
+        for w, text in zip(windows, texts, strict=True):
+            if text:
+                speech = w.speech_prob(w.start_s, w.end_s)
+                out.append(Segment(round(w.start_s, 3), round(w.end_s, 3), text,
+                                   no_speech_prob=round(1 - speech, 4) if speech is not None else 0.0))  # fmt: skip
+        return out
+
     def _batched(self, model: Any, windows: list[SpeechWindow]) -> list[Segment]:
         """Several windows in one batched call: concatenated, each one a clip (offsets mapped back after)."""
+        if self.opts.engine == "torch":
+            return self._torch(model, windows)
         from faster_whisper import BatchedInferencePipeline
 
         audio = np.concatenate([w.audio for w in windows])
@@ -287,7 +336,9 @@ class _Run:
         out = []
         for seg in segments:
             i = max(0, int(np.searchsorted(bounds, seg.start * SAMPLE_RATE, side="right")) - 1)
-            out.append(_segment(seg, windows[i].start_s - bounds[i] / SAMPLE_RATE, self.opts.word_timestamps))
+            out.append(
+                _segment(seg, windows[i], self.opts.word_timestamps, windows[i].start_s - bounds[i] / SAMPLE_RATE)
+            )
             if self.should_stop():
                 self.cancelled = True
                 break
@@ -304,7 +355,12 @@ class _Run:
         )
 
 
-def _segment(seg: Any, offset: float, keep_words: bool) -> Segment:
+def _segment(seg: Any, window: SpeechWindow, keep_words: bool, offset: float | None = None) -> Segment:
+    """A faster-whisper segment in file time. Its no-speech probability is its own: 1 - the VAD's mean speech
+    probability over the segment's span (Whisper's `no_speech_prob` is one value per decoding window, i.e. the same
+    for every segment of a window); without VAD, Whisper's window value."""
+    offset = window.start_s if offset is None else offset
+    speech = window.speech_prob(seg.start + offset, seg.end + offset)
     words = tuple(
         Word(round(w.start + offset, 3), round(w.end + offset, 3), w.word, round(float(w.probability), 4))
         for w in (seg.words or ())
@@ -316,7 +372,7 @@ def _segment(seg: Any, offset: float, keep_words: bool) -> Segment:
         text=seg.text.strip(),
         words=words,
         avg_logprob=segment_logprob(seg),
-        no_speech_prob=float(seg.no_speech_prob),
+        no_speech_prob=round(1.0 - speech, 4) if speech is not None else round(float(seg.no_speech_prob), 4),
     )
 
 

@@ -6,7 +6,8 @@ Policy:
 - tiny / base / small (d_model < 1024) are tuned fully; medium and larger get LoRA (peft, rank `lora_rank` on the
   attention and MLP projections) and are merged back in 32-bit before export. `method` overrides the choice.
 - precision "auto": bf16 autocast on CUDA cards that have it, else fp16 autocast with a gradient scaler, fp32 on the
-  CPU; gradient checkpointing on by default; 8-bit AdamW (bitsandbytes) on CUDA, torch AdamW on the CPU;
+  CPU (a forced fp16/bf16 autocasts on the CPU too); gradient checkpointing on by default; 8-bit AdamW
+  (bitsandbytes) on CUDA by default, torch AdamW on the CPU unless adamw8bit is asked for (bitsandbytes runs it there);
   SpecAugment-style time and frequency masks (Whisper's own `apply_spec_augment`) when asked.
 - dev-set WER (jiwer, `backends.audio.wer` normaliser) before and after, with example lines side by side.
 - every step runs inside the residency manager's preemptible training lease when it exists (`lease.step()`), so

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.audio.models import TUNED_PREFIX, tuned_root, whisper_dir
+from backends.audio.models import TUNED_PREFIX, tuned_root
 from backends.audio.tune import (
     TuneConfig,
     TuneResult,
@@ -29,7 +29,7 @@ from backends.audio.tune import (
     steps_for,
     training_lease,
 )
-from backends.audio.whisper_convert import ct2_to_transformers, export_to_ct2
+from backends.audio.whisper_convert import export_to_ct2
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,12 @@ class WhisperTuner:
 
     def base_folder(self, model_id: str) -> Path:
         """The transformers copy of a catalog Whisper (converted from its CTranslate2 folder once, cached)."""
-        spec = self.ctx.catalog.get(model_id)
-        if spec.capability != "asr":
-            raise ValueError(f"{model_id!r} is not a Whisper model")
-        out = self.ctx.settings.cache_dir / "whisper-hf" / spec.id
-        if not (out / "model.safetensors").is_file():
-            ct2_to_transformers(whisper_dir(spec, self.ctx.catalog, self.ctx.settings.cache_dir), out)
-        return out
+        from backends.audio.whisper_torch import transformers_folder
+
+        if model_id.startswith(TUNED_PREFIX):
+            raise ValueError(f"{model_id!r}: pick a catalog Whisper as the base (tiny.en, base, small, ...)")
+        settings = self.ctx.settings
+        return transformers_folder(model_id, self.ctx.catalog, settings.cache_dir, settings.models_dir)
 
     def check(self, cfg: TuneConfig) -> str:
         """Validate data and base before queueing; returns a one-line summary."""
@@ -131,28 +130,7 @@ class WhisperTuner:
         return result
 
     def _model(self, cfg: TuneConfig, device: str) -> tuple[Any, Any, bool]:
-        from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-        base = self.base_folder(cfg.base_model)
-        processor = WhisperProcessor.from_pretrained(base)
-        model = WhisperForConditionalGeneration.from_pretrained(base, dtype="float32")
-        lora = cfg.method == "lora" or (cfg.method == "auto" and model.config.d_model >= 1024)
-        if cfg.spec_augment:  # Whisper's own SpecAugment: masks log-mel time steps and channels while training
-            model.config.apply_spec_augment = True
-            model.config.mask_time_prob, model.config.mask_time_length = 0.05, 10
-            model.config.mask_feature_prob, model.config.mask_feature_length = 0.05, 10
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        if cfg.freeze_encoder:
-            model.model.encoder.requires_grad_(False)
-            model.model.encoder.eval()  # no dropout in a frozen encoder; checkpointing is then for the decoder only
-        if lora:
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
-                                                     target_modules=LORA_TARGETS, lora_dropout=0.05))  # fmt: skip
-        return model.to(device), processor, lora
+        return build_model(cfg, self.base_folder(cfg.base_model), device)
 
     def _resume(self, cfg: TuneConfig, model: Any, optimizer: Any) -> tuple[int, np.random.Generator]:
         rng = np.random.default_rng(cfg.seed)
@@ -194,6 +172,32 @@ class WhisperTuner:
         return TUNED_PREFIX + cfg.output_name
 
 
+def build_model(cfg: TuneConfig, base: Path, device: str) -> tuple[Any, Any, bool]:
+    """The model as the job trains it (LoRA or full, SpecAugment, checkpointing, frozen encoder), from a
+    transformers Whisper folder; returns (model on `device`, processor, whether it is LoRA)."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    processor = WhisperProcessor.from_pretrained(base)
+    model = WhisperForConditionalGeneration.from_pretrained(base, dtype="float32")
+    lora = cfg.method == "lora" or (cfg.method == "auto" and model.config.d_model >= 1024)
+    if cfg.spec_augment:  # Whisper's own SpecAugment: masks log-mel time steps and channels while training
+        model.config.apply_spec_augment = True
+        model.config.mask_time_prob, model.config.mask_time_length = 0.05, 10
+        model.config.mask_feature_prob, model.config.mask_feature_length = 0.05, 10
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.freeze_encoder:
+        model.model.encoder.requires_grad_(False)
+        model.model.encoder.eval()  # no dropout in a frozen encoder; checkpointing is then for the decoder only
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                 target_modules=LORA_TARGETS, lora_dropout=0.05))  # fmt: skip
+    return model.to(device), processor, lora
+
+
 class _Quiet:
     """A job stand-in for direct calls (scripts, tests): no progress, never stops."""
 
@@ -230,11 +234,14 @@ def _optimizer(cfg: TuneConfig, model: Any, device: str) -> Any:
 def _autocast(cfg: TuneConfig, device: str) -> tuple[Any, Any]:
     import torch
 
-    if device != "cuda" or cfg.precision == "fp32":
-        return None, None
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device != "cuda"):
+        return (
+            None,
+            None,
+        )  # "auto" on the CPU is fp32; a forced fp16/bf16 autocasts there too (slower, but the same path)
     if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.float16, torch.amp.GradScaler(device)
 
 
 def _train_step(model: Any, optimizer: Any, scaler: Any, batch: tuple, dtype: Any, device: str) -> float:
@@ -242,7 +249,7 @@ def _train_step(model: Any, optimizer: Any, scaler: Any, batch: tuple, dtype: An
 
     feats, labels = batch
     with torch.autocast(device_type=device, dtype=dtype or torch.float32, enabled=dtype is not None):
-        if feats.dim() == 3 and feats.shape[-1] != 3000:  # encoder states (B, 1500, d_model): decoder only
+        if feats.shape[1] != model.config.num_mel_bins:  # encoder states (B, 1500, d_model), not (B, mels, frames)
             loss = model(encoder_outputs=(feats.float(),), labels=labels).loss
         else:
             loss = model(input_features=feats, labels=labels).loss

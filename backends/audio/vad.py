@@ -165,10 +165,22 @@ class SpeechWindow:
     start: int  # sample index in the whole file
     audio: np.ndarray  # contiguous samples [start, start + len)
     regions: tuple[tuple[int, int], ...]  # speech regions inside, absolute samples
+    # Silero's speech probability of each 32-ms frame from `start // FRAME` on (None without VAD): what gives each
+    # transcribed segment its own no-speech probability (Whisper's is one value per decoding window).
+    frame_probs: np.ndarray | None = None
 
     @property
     def start_s(self) -> float:
         return self.start / SR
+
+    def speech_prob(self, start_s: float, end_s: float) -> float | None:
+        """Mean VAD speech probability over [start_s, end_s] (seconds from the file start); None without VAD."""
+        if self.frame_probs is None or self.frame_probs.size == 0:
+            return None
+        first = self.start // FRAME
+        a = min(max(int(start_s * SR) // FRAME - first, 0), self.frame_probs.size - 1)
+        b = min(max(-(-int(end_s * SR) // FRAME) - first, a + 1), self.frame_probs.size)
+        return float(self.frame_probs[a:b].mean())
 
     @property
     def end_s(self) -> float:
@@ -212,6 +224,8 @@ class SpeechWindows:
         self._regions = SpeechRegions(cfg)
         self._buf = AudioBuffer()
         self._open: list[tuple[int, int]] = []  # regions of the window being built
+        self._probs = np.zeros(0, np.float32)  # frame scores from frame `_probs_start` on (trimmed with the audio)
+        self._probs_start = 0
 
     def set_session(self, session) -> None:
         """The VAD session to score with (taken under a residency lease by the caller)."""
@@ -219,7 +233,9 @@ class SpeechWindows:
 
     def feed(self, pcm: np.ndarray, *, final: bool = False) -> Iterator[SpeechWindow]:
         self._buf.append(np.asarray(pcm, np.float32))
-        new = self._regions.feed(self._scores.probs(pcm, final=final))
+        scores = self._scores.probs(pcm, final=final)
+        self._probs = np.concatenate([self._probs, scores])
+        new = self._regions.feed(scores)
         if final:
             new += self._regions.flush()
         for region in new:
@@ -245,7 +261,11 @@ class SpeechWindows:
     def _emit(self) -> SpeechWindow:
         regions, self._open = tuple(self._open), []
         a, b = regions[0][0], regions[-1][1]
-        return SpeechWindow(a, self._buf.slice(a, b), regions)
+        i, j = max(0, a // FRAME - self._probs_start), max(0, -(-b // FRAME) - self._probs_start)
+        probs = self._probs[i:j].copy()
+        if a // FRAME < self._probs_start:  # cannot happen while _trim keeps the open window; stay aligned anyway
+            probs = np.concatenate([np.zeros(self._probs_start - a // FRAME, np.float32), probs])
+        return SpeechWindow(a, self._buf.slice(a, b), regions, probs)
 
     def _trim(self) -> None:
         keep = [self._buf.end - int(self.cfg.pad_s * SR) - FRAME]
@@ -254,6 +274,9 @@ class SpeechWindows:
         if self._regions.pending_start is not None:
             keep.append(self._regions.pending_start - int(self.cfg.pad_s * SR))
         self._buf.drop_before(max(0, min(keep)))
+        drop = self._buf.start // FRAME - self._probs_start
+        if drop > 0:
+            self._probs, self._probs_start = self._probs[drop:], self._probs_start + drop
 
 
 class FixedWindows:

@@ -232,7 +232,7 @@ class ToolStream:
 
 def _partial_marker(text: str) -> int:
     """Length of a tail of `text` that could be the start of a call marker (held back, like a stop string)."""
-    for k in range(max(len(m) for m in _MARKERS) - 1, 0, -1):
+    for k in range(min(max(len(m) for m in _MARKERS) - 1, len(text)), 0, -1):  # never longer than the text
         if any(m.startswith(text[-k:]) for m in _MARKERS):
             return k
     return 0

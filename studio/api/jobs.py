@@ -104,8 +104,18 @@ class Job:
         except Exception as e:
             self._put(("error", e))
 
+    def next_nowait(self) -> tuple[str, Any] | None:
+        """The next (kind, value) if one is already queued, else None (no waiting, no task)."""
+        try:
+            return self._items.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     async def next(self, request: Any) -> tuple[str, Any]:
         """The next (kind, value): 'item', 'done', 'error' or 'cancelled'; polls for a client that went away."""
+        ready = self.next_nowait()  # fast path: a queued item needs no wait_for task
+        if ready is not None:
+            return ready
         while True:
             try:
                 return await asyncio.wait_for(self._items.get(), 0.25)
