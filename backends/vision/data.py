@@ -113,6 +113,7 @@ class SplitStats:
     labelled: int = 0
     background: int = 0  # empty label file
     instances: int = 0
+    polygons: int = 0  # label lines with an outline (segmentation) rather than a box
 
 
 @dataclass
@@ -302,6 +303,7 @@ def _check_label_file(path: Path, rel: str, nc: int, report: DatasetReport, stat
         cls = _check_label_line(line, nc, f"{rel} line {lineno}", report)
         if cls is not None:
             stats.instances += 1
+            stats.polygons += len(line.split()) > 5
             name = report.names[cls]
             report.instances_per_class[name] = report.instances_per_class.get(name, 0) + 1
     stats.labelled += 1

@@ -277,19 +277,39 @@ class DetectionBackend:
 
         return start_training(self, Path(dataset), opts)
 
-    def suggest_training(self, n_images: int, base_model_id: str) -> dict[str, Any]:
-        from backends.vision.train import suggest_settings
+    def resume_training(self, run_id: str) -> Any:
+        from backends.vision.train import start_resume
 
-        return suggest_settings(self.ctx, n_images, self.get_model(base_model_id))
+        return start_resume(self, run_id)
 
-    def make_sample_dataset(self, n_train: int = 48, n_val: int = 12) -> Path:
+    def resumable_runs(self) -> list[tuple[str, str]]:
+        """(title, run id) of stopped, failed or interrupted YOLO trainings that left a checkpoint."""
+        from backends.vision.checkpoints import resume_checkpoint
+
+        out = []
+        for run in self.ctx.runs.list():
+            weights = run.dir / "ultralytics" / "weights"
+            ckpt = resume_checkpoint(weights) if run.kind in RUN_KINDS.values() else None
+            if ckpt is not None and run.status in ("cancelled", "failed", "interrupted") and ckpt.is_file():
+                out.append((f"{run.id} ({run.status}, from {ckpt.name})", run.id))
+        return out
+
+    def suggest_training(self, n_images: int, base_model_id: str, amp: bool = False) -> dict[str, Any]:
+        from backends.vision.options import suggest_settings
+
+        return suggest_settings(self.ctx, n_images, self.get_model(base_model_id), amp)
+
+    def make_sample_dataset(self, n_train: int = 48, n_val: int = 12, task: str = "detect") -> Path:
         """A synthetic circles/squares/triangles dataset (exact labels) to try training on: its folder (under
         data/ingest, so the dataset-folder check of `check_dataset_folder` accepts it)."""
-        from backends.vision.synth import make_synthetic_dataset
+        from backends.vision.synth import make_synthetic_cls_dataset, make_synthetic_dataset
 
-        root = self.ctx.settings.data_dir / "ingest" / "vision-sample-shapes"
-        if not (root / "data.yaml").is_file():
-            make_synthetic_dataset(root, n_train=n_train, n_val=n_val, imgsz=160, seed=0)
+        root = self.ctx.settings.data_dir / "ingest" / f"vision-sample-{task}"
+        if task == "classify":
+            if not (root / "val").is_dir():
+                make_synthetic_cls_dataset(root, n_train=max(1, n_train // 3), n_val=max(1, n_val // 3), seed=0)
+        elif not (root / "data.yaml").is_file():
+            make_synthetic_dataset(root, n_train=n_train, n_val=n_val, imgsz=160, seed=0, polygons=task == "segment")
         return root
 
     def check_dataset_folder(self, folder: str | Path) -> Path:
@@ -300,11 +320,21 @@ class DetectionBackend:
         except UnsafePathError as e:
             raise DetectionError(str(e)) from None
 
-    def check_dataset(self, source: str | Path) -> Any:
+    def check_dataset(self, source: str | Path, task: str = "detect") -> Any:
         """Unzip (safely) if it is a zip, then validate; returns the DatasetReport (problems inside, no raise)."""
         from backends.vision.train import prepare_dataset
 
-        return prepare_dataset(self.ctx, Path(source))
+        return prepare_dataset(self.ctx, Path(source), task)
+
+    def import_dataset(self, source: str | Path, name: str, opts: Any = None) -> Any:
+        """A labelling tool's export (.zip, or a folder under the data roots) -> a YOLO dataset in data/ingest/<name>;
+        returns the ImportReport (errors inside; nothing written when there are any)."""
+        from backends.vision.dataset_import import import_dataset
+        from backends.vision.train import unpack
+        from studio.safety import safe_filename
+
+        dest = self.ctx.settings.data_dir / "ingest" / safe_filename(name or "", "imported")
+        return import_dataset(unpack(self.ctx, Path(source)), dest, opts)
 
     def export_onnx(self, model_id: str, imgsz: int = 640, *, for_download: bool = False) -> Path:
         """ONNX file in the cache; with `for_download` a copy in outputs/vision (the only folder the UI serves)."""
