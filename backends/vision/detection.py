@@ -336,22 +336,33 @@ class DetectionBackend:
         dest = self.ctx.settings.data_dir / "ingest" / safe_filename(name or "", "imported")
         return import_dataset(unpack(self.ctx, Path(source)), dest, opts)
 
-    def export_onnx(self, model_id: str, imgsz: int = 640, *, for_download: bool = False) -> Path:
-        """ONNX file in the cache; with `for_download` a copy in outputs/vision (the only folder the UI serves)."""
-        from backends.vision.export import export_onnx
+    def export(self, model_id: str, fmt: str = "onnx", imgsz: int = 640, *, for_download: bool = False) -> Path:
+        """Exported model in the cache (batch 1); with `for_download` a copy in outputs/vision (the only folder the
+        UI serves; an OpenVINO folder is zipped)."""
+        from backends.vision.export import export_model
 
-        path = export_onnx(self, self.get_model(model_id), imgsz)
+        path = export_model(self, self.get_model(model_id), fmt, imgsz)
         if not for_download:
             return path
-        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}-{unguessable_stamp()}.onnx"
+        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}-{unguessable_stamp()}{path.suffix}"
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            return Path(shutil.make_archive(str(dest.with_name(dest.name + path.name[-15:])), "zip", path))
         shutil.copyfile(path, dest)
         return dest
 
-    def latency(self, model_id: str, imgsz: int = 640, runs: int = 30) -> list[Any]:
-        from backends.vision.export import latency_table
+    def export_onnx(self, model_id: str, imgsz: int = 640, *, for_download: bool = False) -> Path:
+        return self.export(model_id, "onnx", imgsz, for_download=for_download)
 
-        return latency_table(self, self.get_model(model_id), imgsz=imgsz, runs=runs)
+    def latency(self, model_id: str, imgsz: int = 640, runs: int = 30, *, batches: tuple[int, ...] = (1, 8),
+                half: bool = True, cpu_runs: int | None = None) -> tuple[list[Any], list[str]]:  # fmt: skip
+        """(rows, notes) of the latency table: every engine usable here, batch sizes `batches`."""
+        from backends.vision.latency import latency_table
+
+        entry = self.get_model(model_id)
+        if entry.task != "detect":
+            raise DetectionError(f"the latency table compares detection heads; {entry.title} is a {entry.task} model")
+        return latency_table(self, entry, imgsz=imgsz, runs=runs, batches=batches, half=half, cpu_runs=cpu_runs)
 
 
 def _result(res: Any, entry: DetectorModel, ms: float, top_k: int = 5) -> DetectionResult:
