@@ -351,6 +351,17 @@ class DetectionBackend:
         shutil.copyfile(path, dest)
         return dest
 
+    def export_formats(self) -> list[tuple[str, str, str | None]]:
+        """(title, format, why it is not available or None) for the Export section; torch-free."""
+        from backends.vision.export import TITLES, openvino_available, tensorrt_available
+
+        cuda = str(self.ctx.residency.device).startswith("cuda")
+        trt = None if tensorrt_available() and cuda else "needs the tensorrt package and a CUDA GPU"
+        if cuda and not tensorrt_available():
+            trt = "TensorRT is not installed (pip install tensorrt)"
+        why = {"onnx": None, "engine": trt, "openvino": None if openvino_available() else "openvino is not installed"}
+        return [(TITLES[f], f, why[f]) for f in TITLES]
+
     def export_onnx(self, model_id: str, imgsz: int = 640, *, for_download: bool = False) -> Path:
         return self.export(model_id, "onnx", imgsz, for_download=for_download)
 
