@@ -98,6 +98,7 @@ def make_synthetic_dataset(
     shapes: tuple[str, ...] = SYNTH_SHAPES,
     seed: int = 0,
     polygons: bool = False,
+    suffix: str = ".png",
 ) -> Path:
     """Coloured circles/squares/triangles on textured backgrounds with exact YOLO labels (boxes, or outlines for
     segmentation with `polygons`); returns data.yaml."""
@@ -113,7 +114,7 @@ def make_synthetic_dataset(
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             im, labels = _synthetic_image(rng, imgsz, max_objects, shapes, polygons)
-            im.save(root / "images" / split / f"{i:05d}.png")
+            im.save(root / "images" / split / f"{i:05d}{suffix}", **({"quality": 92} if suffix == ".jpg" else {}))
             (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
     data = {"path": ".", "train": "images/train", "val": "images/val", "names": dict(enumerate(shapes))}
     yaml_path = root / "data.yaml"

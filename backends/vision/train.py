@@ -225,10 +225,17 @@ def _pick_batch(ctx: Services, opts: TrainOptions, base: DetectorModel, device: 
 
 
 def train_detector(
-    backend: Any, job: Any, report: DatasetReport, base: DetectorModel, opts: TrainOptions, resume: Path | None = None
+    backend: Any,
+    job: Any,
+    report: DatasetReport,
+    base: DetectorModel,
+    opts: TrainOptions,
+    resume: Path | None = None,
+    callbacks: dict[str, Any] | None = None,
 ) -> TrainResult:
     """The job body: train (or resume from a checkpoint), record, return paths and metrics. Raises on failure
-    (the run is marked failed). Despite the name it trains every task: the base model's task decides."""
+    (the run is marked failed). Despite the name it trains every task: the base model's task decides.
+    `callbacks` ({Ultralytics event: fn}) are added after ours (the benchmark times batches with them)."""
     ctx, task = backend.ctx, base.task
     prepare_ultralytics(ctx.settings)
     from ultralytics import YOLO
@@ -248,6 +255,8 @@ def train_detector(
     for event, fn in (("on_train_epoch_start", reporter.epoch_start), ("on_train_batch_end", reporter.batch_end),
                       ("on_fit_epoch_end", reporter.fit_epoch_end), ("on_train_start", atomic_checkpoints),
                       ("on_model_save", keep_resumable(job.should_stop))):  # fmt: skip
+        model.add_callback(event, fn)
+    for event, fn in (callbacks or {}).items():
         model.add_callback(event, fn)
     install_atomic_strip()
     install_offline_amp_check()
