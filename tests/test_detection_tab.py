@@ -67,7 +67,7 @@ def test_labels_stay_inside_the_image_and_the_sample_dataset_is_valid(ctx):
     import numpy as np
 
     from backends.vision import Box
-    from backends.vision.detection import draw_boxes
+    from backends.vision.draw import draw_boxes
 
     img = draw_boxes(np.zeros((100, 200, 3), np.uint8), [Box(0, "Normal", 0.9, 150, 0, 199, 60)])
     top_right = img[:10, 120:200].reshape(-1, 3)

@@ -185,3 +185,33 @@ def test_a_stopped_training_resumes_where_it_stopped(det, ctx, tmp_path):
     resumed = ctx.runs.get(again.result.run_id)
     assert resumed.config["resumed_from"].endswith("resume.pt")
     assert [r["step"] for r in resumed.metrics()] == [2, 3]  # epoch 1 was done before the stop
+
+
+@pytest.mark.slow
+def test_nothing_is_downloaded(det, ctx, tmp_path, monkeypatch):
+    """Predict, segment, classify, train and export with every Ultralytics download entry point and socket
+    connections turned into failures: nothing (fonts, AMP weights, assets) is fetched."""
+    import socket
+
+    import ultralytics.engine.trainer as trainer_module
+    import ultralytics.utils.downloads as downloads
+
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(a[:1])
+        raise AssertionError(f"download attempted: {a[:1]}")
+
+    for name in ("safe_download", "download"):  # what attempt_download_asset & co call for a missing file
+        monkeypatch.setattr(downloads, name, refuse)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: refuse(addr))
+    det.detect("yolov8s-person", BUS)
+    det.detect("yolov8n-seg-untrained", BUS, DetectOptions(conf=0.0, imgsz=320, max_det=2))
+    det.detect("yolov8n-cls-untrained", BUS, DetectOptions(imgsz=224))
+    root = tmp_path / "shapes"
+    make_synthetic_dataset(root, n_train=8, n_val=4, imgsz=64)
+    job = det.start_training(root, TrainOptions(base="yolov8n-untrained", epochs=1, imgsz=64, batch=8, amp=True))
+    assert job.wait(timeout=300) and job.status == "done", (job.error, job.logs[-5:])
+    assert trainer_module.check_amp.__name__ == "offline_check_amp"  # Ultralytics' own would fetch yolo26n.pt
+    assert det.export("yolov8s-person", "onnx", 160).is_file()
+    assert calls == []

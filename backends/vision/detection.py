@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.vision.draw import array_rgb, draw_boxes, draw_masks, draw_topk, load_bgr, read_bgr
+from backends.vision.draw import array_rgb, load_bgr, read_bgr, result_from
 from backends.vision.types import (
     DEMO_MODELS,
     RUN_KINDS,
     TASKS,
     TRUST_WARNING,
-    Box,
     DetectionError,
     DetectionResult,
     DetectOptions,
@@ -243,7 +242,7 @@ class DetectionBackend:
             return res, (time.perf_counter() - t) * 1000
 
         res, ms = self.ctx.residency.run(self._register(entry), run)
-        return _result(res, entry, ms, top_k)
+        return result_from(res, entry, ms, top_k)
 
     def detect_video(
         self, model_id: str, path: str | Path, opts: DetectOptions | None = None, *, stride: int = 1, chunk: int = 16
@@ -374,45 +373,6 @@ class DetectionBackend:
         if entry.task != "detect":
             raise DetectionError(f"the latency table compares detection heads; {entry.title} is a {entry.task} model")
         return latency_table(self, entry, imgsz=imgsz, runs=runs, batches=batches, half=half, cpu_runs=cpu_runs)
-
-
-def _result(res: Any, entry: DetectorModel, ms: float, top_k: int = 5) -> DetectionResult:
-    """Boxes (and masks, or the top classes) of one Ultralytics result, drawn on a copy of its RGB image."""
-    import cv2
-
-    names = res.names
-    boxes = []
-    if res.boxes is not None and len(res.boxes):
-        xyxy = res.boxes.xyxy.cpu().numpy().astype(float)
-        conf = res.boxes.conf.cpu().numpy().astype(float)
-        cls = res.boxes.cls.cpu().numpy().astype(int)
-        for (x1, y1, x2, y2), c, k in zip(xyxy, conf, cls, strict=True):
-            boxes.append(Box(int(k), str(names[int(k)]), float(c), float(x1), float(y1), float(x2), float(y2)))
-    annotated = cv2.cvtColor(res.orig_img, cv2.COLOR_BGR2RGB)  # a new array: orig_img (BGR) stays untouched
-    h, w = res.orig_shape
-    masks, top = 0, []
-    if getattr(res, "masks", None) is not None and len(res.masks):
-        polygons = res.masks.xy  # image coordinates, one (K, 2) array per box
-        draw_masks(annotated, polygon_masks(polygons, (h, w)), [b.class_id for b in boxes])
-        masks = len(polygons)
-    if getattr(res, "probs", None) is not None:
-        probs = res.probs.data.float().cpu().numpy()
-        order = np.argsort(-probs)[:top_k]
-        top = [(str(names[int(i)]), float(probs[i])) for i in order]
-        draw_topk(annotated, top)
-    draw_boxes(annotated, boxes)
-    return DetectionResult(boxes, annotated, int(w), int(h), entry.id, ms, task=entry.task, masks=masks, top=top)
-
-
-def polygon_masks(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """(N, H, W) boolean masks filled from image-coordinate polygons."""
-    import cv2
-
-    out = np.zeros((len(polygons), *shape), np.uint8)
-    for i, poly in enumerate(polygons):
-        if len(poly) >= 3:
-            cv2.fillPoly(out[i], [np.round(poly).astype(np.int32)], 1)
-    return out.astype(bool)
 
 
 def result_json(result: DetectionResult) -> str:

@@ -83,8 +83,8 @@ def end_to_end(det: Any, entry: Any, runs: int, warmup: int) -> dict[str, Any]:
     from ultralytics import YOLO
     from ultralytics.utils import ASSETS
 
-    from backends.vision.detection import _result, model_device
-    from backends.vision.draw import load_bgr
+    from backends.vision.detection import model_device
+    from backends.vision.draw import load_bgr, result_from
 
     bus = str(ASSETS / "bus.jpg")
     dev = det.ctx.residency.run(det.key_for(entry.id), model_device)
@@ -111,7 +111,7 @@ def end_to_end(det: Any, entry: Any, runs: int, warmup: int) -> dict[str, Any]:
         res = det.ctx.residency.run(key, lambda m, x=bgr: det._predict(m, [x], _opts())[0])
         sync()
         t3 = time.perf_counter()
-        _result(res, entry, 0.0)
+        result_from(res, entry, 0.0)
         t4 = time.perf_counter()
         for name, (a, b) in zip(parts, ((t0, t1), (t1, t2), (t2, t3), (t3, t4)), strict=True):
             parts[name].append((b - a) * 1000)
