@@ -230,6 +230,15 @@ def test_broken_coco_files_name_file_and_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_non_utf8_annotation_files(tmp_path):
+    src = label_studio_coco(tmp_path / "ls")
+    (src / "result.json").write_text((src / "result.json").read_text(), encoding="utf-16")
+    assert import_dataset(src, tmp_path / "out").errors[0] == "result.json: not UTF-8 text"
+    yolo = label_studio_yolo(tmp_path / "lsy")
+    (yolo / "labels" / "f0.txt").write_bytes("0 0,5 0,5 0,2 0,2 # é\n".encode("latin-1"))
+    assert "labels/f0.txt: not UTF-8 text" in import_dataset(yolo, tmp_path / "out2").errors
+
+
 def test_missing_and_traversing_image_names_are_refused(tmp_path):
     src = label_studio_coco(tmp_path / "ls")
     secret = _img(tmp_path / "secret.png")

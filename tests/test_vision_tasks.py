@@ -185,6 +185,7 @@ def test_a_stopped_training_resumes_where_it_stopped(det, ctx, tmp_path):
     resumed = ctx.runs.get(again.result.run_id)
     assert resumed.config["resumed_from"].endswith("resume.pt")
     assert [r["step"] for r in resumed.metrics()] == [2, 3]  # epoch 1 was done before the stop
+    assert det.resumable_runs() == []  # resumed to the end: no longer offered
 
 
 @pytest.mark.slow

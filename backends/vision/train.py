@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.vision.checkpoints import (
+    RESUME_NAME,
     atomic_checkpoints,
     install_atomic_strip,
     install_offline_amp_check,
@@ -277,7 +278,10 @@ def train_detector(
     paused = lease.lease
     if paused is not None and paused.pauses:
         job.log(f"paused {paused.pauses}x for interactive requests, {paused.paused_s:.1f} s in all")
-    return _finish(run, job, reporter, time.perf_counter() - t)
+    result = _finish(run, job, reporter, time.perf_counter() - t)
+    if resume is not None and result.status == "done" and resume.name == RESUME_NAME:
+        resume.rename(resume.with_name(RESUME_NAME + ".used"))  # resumed to the end: no longer offered
+    return result
 
 
 def _finish(run: Any, job: Any, reporter: _Reporter, seconds: float) -> TrainResult:
