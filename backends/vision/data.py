@@ -153,11 +153,11 @@ class DatasetReport:
         if self.names:
             lines.append(f"- classes ({len(self.names)}): " + ", ".join(f"{i}={n}" for i, n in enumerate(self.names)))
         for split, s in self.splits.items():
-            lines.append(
-                f"- {split}: {s.images} images, {s.instances} boxes, {s.background} background (empty label file)"
-            )
+            extra = f", {s.instances} boxes, {s.background} background (empty label file)" if self.yaml_path else ""
+            lines.append(f"- {split}: {s.images} images{extra}")
         if self.instances_per_class:
-            lines.append("- boxes per class: " + ", ".join(f"{k} {v}" for k, v in self.instances_per_class.items()))
+            unit = "boxes" if self.yaml_path else "images"  # a classification folder has no data.yaml
+            lines.append(f"- {unit} per class: " + ", ".join(f"{k} {v}" for k, v in self.instances_per_class.items()))
         if self.dataset_hash:
             lines.append(f"- hash: `{self.dataset_hash[:16]}`")
         for title, items in (("Errors", self.errors), ("Warnings", self.warnings)):

@@ -191,6 +191,7 @@ class _LeaseCallbacks:
     def __init__(self, residency: Any, key: str, label: str = "YOLO training") -> None:
         self.residency, self.key, self.label = residency, key, label
         self.lease: Any = None
+        self.closed = False
 
     def attach(self, model: Any) -> None:
         model.add_callback("on_pretrain_routine_end", self.start)
@@ -211,9 +212,9 @@ class _LeaseCallbacks:
             self.lease.boundary()
 
     def close(self, trainer: Any = None) -> None:
-        if self.lease is not None:
+        if self.lease is not None and not self.closed:  # on_train_end, then train_detector's finally
+            self.closed = True
             self.lease.__exit__(None, None, None)
-            self.lease = None
 
 
 def _pick_batch(ctx: Services, opts: TrainOptions, base: DetectorModel, device: str, job: Any) -> int:
