@@ -8,26 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import test_detection_tab
 from tests.test_vision_import import label_studio_coco, roboflow_coco
 
+client = test_detection_tab.client  # the same fixture: the Vision tab on a real Gradio server
 BUS = Path(__import__("importlib").util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
-
-
-@pytest.fixture
-def client(ctx):
-    import gradio as gr
-    from gradio_client import Client, handle_file
-
-    from tabs.vision import TAB
-
-    with gr.Blocks() as demo, gr.Tab(TAB.title):
-        TAB.build(ctx)
-    demo.queue()
-    demo.launch(prevent_thread_lock=True, quiet=True, allowed_paths=[str(ctx.settings.outputs_dir.resolve())])
-    try:
-        yield Client(demo.local_url, verbose=False), handle_file
-    finally:
-        demo.close()
 
 
 def test_import_then_validate_through_the_ui(client, ctx, tmp_path):

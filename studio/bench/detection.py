@@ -205,17 +205,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.imgsz, args.batches, args.runs, args.cpu_runs, args.e2e_runs, args.warmup = 160, [1, 2], 3, 2, 5, 1
+    return run_and_write(args, "detection", run, markdown)
+
+
+def run_and_write(args: argparse.Namespace, name: str, run_fn: Any, markdown_fn: Any) -> int:
+    """Offline environment, run, print the table, write `<name>[-quick]-<device>.{json,md}` when --out is given."""
     from studio.offline import OFFLINE_ENV, QUIET_ENV
 
     for k, v in {**QUIET_ENV, **OFFLINE_ENV}.items():
         os.environ.setdefault(k, v)
     logging.basicConfig(level=logging.WARNING)
-    res = run(args)
-    md = markdown(res)
+    res = run_fn(args)
+    md = markdown_fn(res)
     sys.stdout.write(md)
     if args.out:
-        for path in write_results(args.out, "detection" + ("-quick" if args.quick else ""), res, md):
-            progress(f"wrote {path}")
+        for path in write_results(args.out, name + ("-quick" if args.quick else ""), res, md):
+            print(f"[{name}] wrote {path}", flush=True)
     return 0
 
 

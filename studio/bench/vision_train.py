@@ -16,16 +16,14 @@ to check the script; AMP does not apply there, so both rows train in fp32.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from studio.bench.common import RESULTS_DIR, Target, describe_machine, machine_info, targets_table, write_results
-from studio.bench.detection import context
+from studio.bench.common import RESULTS_DIR, Target, describe_machine, machine_info, targets_table
+from studio.bench.detection import context, run_and_write
 
 GiB = 2**30
 
@@ -185,18 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.imgsz, args.batch, args.batches, args.skip, args.workers = 64, 4, 4, 1, 0
-    from studio.offline import OFFLINE_ENV, QUIET_ENV
-
-    for k, v in {**QUIET_ENV, **OFFLINE_ENV}.items():
-        os.environ.setdefault(k, v)
-    logging.basicConfig(level=logging.WARNING)
-    res = run(args)
-    md = markdown(res)
-    sys.stdout.write(md)
-    if args.out:
-        for path in write_results(args.out, "vision_train" + ("-quick" if args.quick else ""), res, md):
-            progress(f"wrote {path}")
-    return 0
+    return run_and_write(args, "vision_train", run, markdown)
 
 
 if __name__ == "__main__":
