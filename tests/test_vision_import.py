@@ -102,7 +102,12 @@ def roboflow_coco(root: Path) -> Path:
 
 
 def test_roboflow_coco_keeps_its_split_and_drops_the_umbrella_class(tmp_path):
-    report = import_dataset(roboflow_coco(tmp_path / "rf"), tmp_path / "out")
+    src = roboflow_coco(tmp_path / "rf")
+    (src / "train" / "extra.json").write_text(json.dumps({"name": "not coco"}))  # other JSON in an export
+    (src / "copy.coco.json").write_text((src / "valid" / "_annotations.coco.json").read_text())
+    report = import_dataset(src, tmp_path / "out")
+    assert any("train/extra.json: not a COCO file" in w for w in report.warnings)
+    assert sum("is annotated in both" in w for w in report.warnings) == 2  # the copy lists the 2 valid images
     assert report.ok, report.markdown()
     assert report.names == ["apple", "pear"]  # 'fruits' (id 0) is only a supercategory
     assert report.split_by == "export" and report.images == {"train": 4, "val": 2}

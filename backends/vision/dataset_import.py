@@ -170,12 +170,26 @@ def read_export(root: Path, fmt: str) -> Parsed:
                 parse_voc(path, root, index, out, sets.get(path.stem))
     else:
         parse_yolo_export(root, index, out)
+    out.samples = _dedupe(out.samples, root, out)
     used = {s.image for s in out.samples}
     unused = [p for p in index.by_rel.values() if p not in used]
     if unused and fmt != "yolo":
         out.warnings.append(f"{len(unused)} image file(s) no annotation file mentions were left out, e.g. "
                             f"{rel(unused[0], root)}")  # fmt: skip
     return out
+
+
+def _dedupe(samples: list[Sample], root: Path, out: Parsed) -> list[Sample]:
+    """One sample per image file: an image that two annotation files list keeps the first one's boxes."""
+    seen: dict[Path, Sample] = {}
+    for s in samples:
+        if s.image in seen:
+            seen[s.image].split = seen[s.image].split or s.split  # a split folder's listing names the split
+            out.warnings.append(f"{rel(s.image, root)} is annotated in both {seen[s.image].where} and {s.where}; "
+                                "the first is used")  # fmt: skip
+            continue
+        seen[s.image] = s
+    return list(seen.values())
 
 
 def _voc_image_sets(root: Path) -> dict[str, str]:

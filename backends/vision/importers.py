@@ -167,8 +167,8 @@ def parse_coco(path: Path, root: Path, index: ImageIndex, out: Parsed, split: st
     data = load_json(path, root, out)
     if data is None:
         return
-    if not is_coco(data):
-        out.errors.append(f"{src}: not a COCO file (needs 'images', 'annotations' and 'categories')")
+    if not is_coco(data):  # exports carry other JSON too (Label Studio's notes, CVAT task files)
+        out.warnings.append(f"{src}: not a COCO file (no 'images' and 'categories'); ignored")
         return
     anns = data.get("annotations") or []
     cats = _coco_categories(data.get("categories"), anns, src, out)
