@@ -66,7 +66,7 @@ def test_latency_table_checks_every_engine_against_pytorch(det, monkeypatch):
     import backends.vision.export as export
 
     monkeypatch.setattr(export, "openvino_available", lambda: False)  # its rows: the slow test below
-    rows, notes = det.latency("yolov8s-person", imgsz=320, runs=2, batches=(1, 2))
+    rows, notes = det.latency("yolov8s-person", imgsz=160, runs=2, batches=(1, 2))
     assert [(r.engine, r.precision, r.batch) for r in rows] == [
         ("PyTorch", "fp32", 1), ("PyTorch", "fp32", 2), ("ONNX Runtime", "fp32", 1), ("ONNX Runtime", "fp32", 2)
     ]  # fmt: skip

@@ -80,3 +80,25 @@ def test_segment_classify_and_export_through_the_ui(client, monkeypatch):
         c.predict("yolov8s-person", "onnx", 320, 5, [], True, api_name="/vision_export")
     with pytest.raises(AppError, match="train it first"):
         c.predict("yolov8n-untrained", "onnx", 320, 5, ["1"], True, api_name="/vision_export")
+
+
+@pytest.mark.slow
+def test_import_train_with_early_stopping_export_and_compare(client, ctx, monkeypatch):
+    """The issue's 'done when': a Label Studio export imported in the browser, trained with early stopping, the
+    trained model exported and its latency compared (OpenVINO left out to keep it short)."""
+    import backends.vision.export as export
+
+    c, _ = client
+    ingest = ctx.settings.data_dir / "ingest"
+    label_studio_coco(ingest / "ls-export")
+    _, folder = c.predict(None, str(ingest / "ls-export"), "auto", "pets", 0.3, "", True, api_name="/vision_import")
+    status = c.predict(None, folder, "yolov8n-untrained", 3, 64, 4, 1, 0, "light", True, 0, api_name="/vision_train")
+    assert status.startswith("Queued: YOLO detect training")
+    (job,) = ctx.jobs.list()
+    assert job.wait(timeout=600) and job.status == "done", (job.error, job.logs[-5:])
+    run = ctx.runs.get(job.result.run_id)
+    assert run.config["patience"] == 1 and run.config["augment"] == "light" and run.config["dataset"] == folder
+    assert 1 <= job.result.epochs_done <= 3  # patience 1: may stop before epoch 3
+    monkeypatch.setattr(export, "openvino_available", lambda: False)
+    rows, _ = ctx.backends.detection.latency(f"run-{run.id}", imgsz=64, runs=2, batches=(1,))
+    assert [r.engine for r in rows] == ["PyTorch", "ONNX Runtime"] and rows[1].match

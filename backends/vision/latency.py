@@ -128,7 +128,8 @@ def torch_rows(model: Any, batches: dict[int, np.ndarray], *, runs: int, warmup:
             with torch.inference_mode():
                 out = head_output(m(inp))
                 times = time_calls(lambda m=m, inp=inp: m(inp), runs=runs, warmup=warmup, sync=sync)
-            row = summarize("PyTorch", str(device), times, precision=precision, batch=b)
+            where = str(device) if cuda else f"cpu, {torch.get_num_threads()} threads"  # (Ultralytics sets them)
+            row = summarize("PyTorch", where, times, precision=precision, batch=b)
             if precision == "fp32":
                 refs[b] = out
                 rows.append(row)
@@ -221,5 +222,6 @@ def latency_table(
     else:
         notes.append(f"No OpenVINO rows: {status['openvino']}.")
     if not cuda:
-        notes.append("No GPU here: PyTorch runs on the CPU, so there is no fp16 row (fp16 is a GPU format).")
+        notes.append("No GPU here: PyTorch runs on the CPU, so there is no fp16 row (fp16 is a GPU format); its "
+                     "thread count is torch's (Ultralytics sets cores - 1 at its first CPU predict).")  # fmt: skip
     return rows, notes
