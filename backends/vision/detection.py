@@ -123,6 +123,7 @@ class DetectionBackend:
     def __init__(self, ctx: Services) -> None:
         self.ctx = ctx
         self._trusted: dict[str, DetectorModel] = {}
+        self._known: dict[str, DetectorModel] = {}  # get_model's memory
         self.job_runs: dict[str, str] = {}  # job id -> run id, for the tab's live plots
         self._lock = threading.Lock()
 
@@ -165,8 +166,16 @@ class DetectionBackend:
         return out
 
     def get_model(self, model_id: str) -> DetectorModel:
+        """The model record; ids seen before are answered from memory while their weights file is still there
+        (listing every run's folder on each detect() call would cost more than drawing the boxes)."""
+        with self._lock:
+            known = self._known.get(model_id)
+        if known is not None and (known.path is None or known.path.is_file()):
+            return known
         for entry in self.models(None):
             if model_id in (entry.id, entry.key, entry.title):
+                with self._lock:
+                    self._known[model_id] = entry
                 return entry
         raise DetectionError(f"Unknown detection model {model_id!r}; choose one from the list.")
 

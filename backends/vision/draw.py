@@ -20,8 +20,9 @@ MASK_ALPHA = 0.45
 _END_MARKERS = {b"\xff\xd8": b"\xff\xd9", b"\x89P": b"IEND\xaeB`\x82"}  # JPEG SOI -> EOI, PNG magic -> IEND chunk
 
 
-def colour(class_id: int) -> tuple[int, int, int]:
-    return PALETTE[class_id % len(PALETTE)]
+def colour(class_id: int, bgr: bool = False) -> tuple[int, int, int]:
+    c = PALETTE[class_id % len(PALETTE)]
+    return c[::-1] if bgr else c
 
 
 def read_bgr(path: str | Path) -> np.ndarray:
@@ -97,70 +98,70 @@ def draw_label(img: np.ndarray, text: str, x: float, y: float, fill: tuple[int, 
     cv2.putText(img, text, (x0 + 3, y0 + 3 + th), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
 
 
-def draw_boxes(rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
-    """Boxes and labels drawn in place on `rgb` (a writable RGB uint8 array), which is returned."""
+def draw_boxes(rgb: np.ndarray, boxes: list[Box], *, bgr: bool = False) -> np.ndarray:
+    """Boxes and labels drawn in place on `rgb` (a writable uint8 array, RGB or with `bgr` BGR), returned."""
     import cv2
 
     line = max(2, round(min(rgb.shape[:2]) / 300))
     for b in boxes:
-        c = colour(b.class_id)
+        c = colour(b.class_id, bgr)
         cv2.rectangle(rgb, (round(b.x1), round(b.y1)), (round(b.x2), round(b.y2)), c, line)
         draw_label(rgb, f"{b.name} {b.confidence:.2f}", b.x1, b.y1, c, above=True)
     return rgb
 
 
-def draw_masks(rgb: np.ndarray, masks: np.ndarray, class_ids: list[int]) -> np.ndarray:
+def draw_masks(rgb: np.ndarray, masks: np.ndarray, class_ids: list[int], *, bgr: bool = False) -> np.ndarray:
     """Blend (N, H, W) boolean masks (image resolution) into `rgb` in place, one colour per class."""
     if not len(masks):
         return rgb
     overlay = rgb.copy()
     for mask, k in zip(masks, class_ids, strict=True):
-        overlay[mask] = colour(k)
+        overlay[mask] = colour(k, bgr)
     blended = (rgb * (1 - MASK_ALPHA) + overlay * MASK_ALPHA).astype(np.uint8)
     any_mask = masks.any(axis=0)
     rgb[any_mask] = blended[any_mask]
     return rgb
 
 
-def draw_topk(rgb: np.ndarray, top: list[tuple[str, float]]) -> np.ndarray:
+def draw_topk(rgb: np.ndarray, top: list[tuple[str, float]], *, bgr: bool = False) -> np.ndarray:
     """The top classes as stacked labels in the top-left corner, in place."""
     scale, thick = _font(rgb)
     import cv2
 
     y = 0.0
     for i, (name, p) in enumerate(top):
-        draw_label(rgb, f"{i + 1}. {name} {p:.2f}", 0, y, colour(0) if i == 0 else (60, 60, 60), above=False)
+        draw_label(rgb, f"{i + 1}. {name} {p:.2f}", 0, y, colour(0, bgr) if i == 0 else (60, 60, 60), above=False)
         (_, th), base = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
         y += th + base + 8
     return rgb
 
 
 def result_from(res: Any, entry: DetectorModel, ms: float, top_k: int = 5) -> DetectionResult:
-    """Boxes (and masks, or the top classes) of one Ultralytics result, drawn on a copy of its RGB image."""
-    import cv2
-
+    """Boxes (and masks, or the top classes) of one Ultralytics result, drawn in place on its BGR frame (the array
+    `detect` decoded for it, so nothing else sees it); the result's image is an RGB view of that frame."""
     names = res.names
     boxes = []
     if res.boxes is not None and len(res.boxes):
-        xyxy = res.boxes.xyxy.cpu().numpy().astype(float)
-        conf = res.boxes.conf.cpu().numpy().astype(float)
-        cls = res.boxes.cls.cpu().numpy().astype(int)
-        for (x1, y1, x2, y2), c, k in zip(xyxy, conf, cls, strict=True):
+        data = res.boxes.data.cpu().numpy().astype(float)  # (N, 6): x1 y1 x2 y2 conf cls, one device copy
+        for x1, y1, x2, y2, c, k in data[:, :6]:
             boxes.append(Box(int(k), str(names[int(k)]), float(c), float(x1), float(y1), float(x2), float(y2)))
-    annotated = cv2.cvtColor(res.orig_img, cv2.COLOR_BGR2RGB)  # a new array: orig_img (BGR) stays untouched
+    frame = res.orig_img
+    if not frame.flags.writeable:
+        frame = frame.copy()
     h, w = res.orig_shape
     masks, top = 0, []
     if getattr(res, "masks", None) is not None and len(res.masks):
         polygons = res.masks.xy  # image coordinates, one (K, 2) array per box
-        draw_masks(annotated, polygon_masks(polygons, (h, w)), [b.class_id for b in boxes])
+        draw_masks(frame, polygon_masks(polygons, (h, w)), [b.class_id for b in boxes], bgr=True)
         masks = len(polygons)
     if getattr(res, "probs", None) is not None:
         probs = res.probs.data.float().cpu().numpy()
         order = np.argsort(-probs)[:top_k]
         top = [(str(names[int(i)]), float(probs[i])) for i in order]
-        draw_topk(annotated, top)
-    draw_boxes(annotated, boxes)
-    return DetectionResult(boxes, annotated, int(w), int(h), entry.id, ms, task=entry.task, masks=masks, top=top)
+        draw_topk(frame, top, bgr=True)
+    draw_boxes(frame, boxes, bgr=True)
+    rgb = frame[..., ::-1]  # a view: no copy of the full image on the hot path
+    return DetectionResult(boxes, rgb, int(w), int(h), entry.id, ms, task=entry.task, masks=masks, top=top)
 
 
 def polygon_masks(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

@@ -66,7 +66,7 @@ class Box:
 @dataclass
 class DetectionResult:
     boxes: list[Box]
-    image: np.ndarray  # annotated, RGB uint8 (H, W, 3)
+    image: np.ndarray  # annotated, RGB uint8 (H, W, 3); may be a reversed-channel view of the BGR frame
     width: int
     height: int
     model_id: str
