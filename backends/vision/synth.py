@@ -53,10 +53,22 @@ def _polygon(shape: str, box: tuple[int, int, int, int], size: int) -> list[floa
     return [float(v) for v in np.clip(pts / size, 0, 1).reshape(-1)]
 
 
+POOL_FROM = 320  # from this size on, backgrounds come from a pool of 8 (a texture per image costs more than training)
+
+
 def _synthetic_image(
-    rng: np.random.Generator, size: int, max_objects: int, shapes: tuple[str, ...], polygons: bool = False
+    rng: np.random.Generator,
+    size: int,
+    max_objects: int,
+    shapes: tuple[str, ...],
+    polygons: bool = False,
+    pool: list[np.ndarray] | None = None,
 ):
-    im = Image.fromarray(_background(rng, size))
+    if pool:
+        bg = pool[int(rng.integers(len(pool)))]
+        im = Image.fromarray(np.ascontiguousarray(bg[:, ::-1] if rng.integers(2) else bg))
+    else:
+        im = Image.fromarray(_background(rng, size))
     draw = ImageDraw.Draw(im)
     labels, placed = [], []
     for _ in range(int(rng.integers(1, max_objects + 1))):
@@ -109,11 +121,12 @@ def make_synthetic_dataset(
         raise ValueError(f"unknown shapes {sorted(unknown)}; choose from {SYNTH_SHAPES}")
     rng = np.random.default_rng(seed)
     root = Path(root)
+    pool = [_background(rng, imgsz) for _ in range(8)] if imgsz >= POOL_FROM else None
     for split, n in (("train", n_train), ("val", n_val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            im, labels = _synthetic_image(rng, imgsz, max_objects, shapes, polygons)
+            im, labels = _synthetic_image(rng, imgsz, max_objects, shapes, polygons, pool)
             im.save(root / "images" / split / f"{i:05d}{suffix}", **({"quality": 92} if suffix == ".jpg" else {}))
             (root / "labels" / split / f"{i:05d}.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
     data = {"path": ".", "train": "images/train", "val": "images/val", "names": dict(enumerate(shapes))}

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studio.bench.vision_train", description=__doc__.split("\n")[0])
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--batches", type=int, default=24, help="batches in the (single) epoch")
+    p.add_argument("--batches", type=int, default=20, help="batches in the (single) epoch")
     p.add_argument("--skip", type=int, default=4, help="first batches not timed (warm-up, cudnn autotune)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--timeout", type=float, default=240)
