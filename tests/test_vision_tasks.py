@@ -125,7 +125,7 @@ def test_resume_refuses_what_it_cannot_continue(det, ctx):
         det.resume_training("no-such-run")
     run = ctx.runs.create("detection-train", {"base": "yolov8s-person"})
     run.finish("cancelled")
-    with pytest.raises(DetectionError, match="saved no checkpoint"):
+    with pytest.raises(DetectionError, match="left no resumable checkpoint"):
         det.resume_training(run.id)
     assert det.resumable_runs() == []
 
@@ -184,7 +184,8 @@ def test_a_stopped_training_resumes_where_it_stopped(det, ctx, tmp_path):
     assert (ctx.runs.get(run_id).dir / "ultralytics" / "weights" / "resume.pt").is_file()
     assert [r for _, r in det.resumable_runs()] == [run_id]
     again = det.resume_training(run_id)
-    assert det.resume_training(run_id).id == again.id  # a double click queues one continuation
+    with pytest.raises(ValueError, match="is already running"):  # a double click queues one continuation
+        det.resume_training(run_id)
     assert again.wait(timeout=600) and again.status == "done", (again.error, again.logs[-10:])
     resumed = ctx.runs.get(again.result.run_id)
     assert resumed.config["resumed_from"].endswith("resume.pt")

@@ -70,12 +70,13 @@ def keep_resumable(should_stop: Callable[[], bool]) -> Callable[[Any], None]:
     return on_model_save
 
 
-def resume_checkpoint(weights_dir: Path) -> Path | None:
-    """The checkpoint a run resumes from: resume.pt (a stopped run), else last.pt (a crashed run)."""
-    for name in (RESUME_NAME, "last.pt"):
-        if (weights_dir / name).is_file():
-            return weights_dir / name
-    return None
+def resume_checkpoint(weights_dir: Path, status: str) -> Path | None:
+    """The checkpoint a run resumes from: resume.pt (a stopped run), else last.pt of a run that failed or was
+    interrupted (it never reached the strip); a finished or stopped run's last.pt has no optimizer state left."""
+    if (weights_dir / RESUME_NAME).is_file():
+        return weights_dir / RESUME_NAME
+    last = weights_dir / "last.pt"
+    return last if status in ("failed", "interrupted") and last.is_file() else None
 
 
 def offline_check_amp(model: Any) -> bool:

@@ -297,8 +297,8 @@ class DetectionBackend:
         out = []
         for run in self.ctx.runs.list():
             weights = run.dir / "ultralytics" / "weights"
-            ckpt = resume_checkpoint(weights) if run.kind in RUN_KINDS.values() else None
-            if ckpt is not None and run.status in ("cancelled", "failed", "interrupted") and ckpt.is_file():
+            ckpt = resume_checkpoint(weights, run.status) if run.kind in RUN_KINDS.values() else None
+            if ckpt is not None and run.status in ("cancelled", "failed", "interrupted"):
                 out.append((f"{run.id} ({run.status}, from {ckpt.name})", run.id))
         return out
 

@@ -342,11 +342,12 @@ def start_resume(backend: Any, run_id: str) -> Any:
         raise DetectionError(f"run {run_id} is a '{run.kind}' run, not a YOLO training")
     if run.status == "running":
         raise DetectionError(f"run {run_id} is still running; stop it first or wait for it")
-    ckpt = resume_checkpoint(run.dir / "ultralytics" / "weights")
-    if ckpt is None:
-        raise DetectionError(f"run {run_id} saved no checkpoint (it stopped before its first epoch ended)")
-    if run.status == "done" and ckpt.name == "last.pt":
+    if run.status == "done":
         raise DetectionError(f"run {run_id} finished all its epochs; start a new training from its best.pt instead")
+    ckpt = resume_checkpoint(run.dir / "ultralytics" / "weights", run.status)
+    if ckpt is None:
+        raise DetectionError(f"run {run_id} left no resumable checkpoint (it stopped before its first epoch ended, "
+                             "or was resumed already)")  # fmt: skip
     keys = set(TrainOptions.__dataclass_fields__)
     opts = TrainOptions(**{k: v for k, v in run.config.items() if k in keys})
     base = backend.get_model(opts.base)
