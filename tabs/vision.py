@@ -1,4 +1,5 @@
-"""Vision tab: YOLO detection on images, videos and the webcam; training on your own data; ONNX export + latency.
+"""Vision tab: YOLO detection on images, videos and the webcam; segmentation and classification; training on your
+own data (imported from labelling tools); export (ONNX, TensorRT, OpenVINO) and the latency table.
 
 UI only: every model call goes through `ctx.backends.detection`; no torch import here.
 """
@@ -181,13 +182,16 @@ def _build_webcam(det: Any, model: Any, conf: Any, iou: Any, classes: Any, queue
 def build(ctx: StudioContext) -> None:
     import gradio as gr
 
-    from tabs.vision_train import build_export, build_train
+    from tabs.vision_export import build_export
+    from tabs.vision_tasks import build_task
+    from tabs.vision_train import build_train
 
     det = ctx.backends.detection
     gr.Markdown(
-        "## Vision — YOLO object detection\nThe offline default is a real YOLOv8s fine-tuned on people "
-        "(classes *Normal* / *Fall*). Train on your own YOLO-format data below; untrained models are for "
-        "training from scratch and their boxes are random."
+        "## Vision — YOLO detection, segmentation and classification\nThe offline default is a real YOLOv8s "
+        "fine-tuned on people (classes *Normal* / *Fall*). Import a Label Studio, CVAT or Roboflow export and train "
+        "on it in the Train section; untrained models (also the Segment and Classify demo models) are for training "
+        "from scratch and their output is random."
     )
     model = _build_models(ctx, det)
     queue = ctx.queues.event_kwargs("Vision")  # the shared GPU queue, or this tab's own on a machine without one
@@ -204,6 +208,10 @@ def build(ctx: StudioContext) -> None:
         _build_video(det, model, conf, iou, classes, imgsz, queue)
     with gr.Tab("Webcam"):
         _build_webcam(det, model, conf, iou, classes, queue)
+    with gr.Tab("Segment"):
+        build_task(ctx, det, "segment")
+    with gr.Tab("Classify"):
+        build_task(ctx, det, "classify")
     with gr.Tab("Train"):
         build_train(ctx, det, model)
     with gr.Tab("Export"):

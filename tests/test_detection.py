@@ -177,7 +177,7 @@ def test_ultralytics_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """last.pt / best.pt: per-epoch `write_bytes` and the final strip_optimizer both go through temp + rename."""
     import ultralytics.engine.trainer as trainer_module
 
-    from backends.vision.train import AtomicPath, atomic_checkpoints, install_atomic_strip
+    from backends.vision.checkpoints import AtomicPath, atomic_checkpoints, install_atomic_strip
 
     trainer = type("T", (), {"last": tmp_path / "last.pt", "best": tmp_path / "best.pt"})()
     atomic_checkpoints(trainer)

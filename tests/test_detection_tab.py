@@ -47,10 +47,10 @@ def test_detect_validate_and_errors_through_the_ui(client, ctx, tmp_path):
 
     ds = ctx.settings.data_dir / "ingest" / "ds"  # a server folder must be under the settings' data roots
     make_synthetic_dataset(ds, n_train=4, n_val=2, imgsz=64)
-    report = c.predict(None, str(ds), api_name="/vision_validate")  # (the image count is session state)
+    report = c.predict(None, str(ds), "yolov8s-person", api_name="/vision_validate")  # (the count: session state)
     assert "— valid" in report and "train: 4 images" in report
     (ds / "labels" / "val" / "00000.txt").write_text("5 0.5 0.5 0.1 0.1\n")
-    report = c.predict(None, str(ds), api_name="/vision_validate")
+    report = c.predict(None, str(ds), "yolov8s-person", api_name="/vision_validate")
     assert "NOT valid" in report and "class id 5 is out of range" in report
 
     with pytest.raises(AppError, match="not a readable image"):
@@ -58,16 +58,16 @@ def test_detect_validate_and_errors_through_the_ui(client, ctx, tmp_path):
         bad.write_bytes(BUS.read_bytes()[:5000])  # header intact, pixels cut off
         c.predict("yolov8s-person", handle_file(str(bad)), 0.25, 0.7, [], 640, api_name="/vision_detect")
     with pytest.raises(AppError, match="class id 5"):
-        c.predict(None, str(ds), "yolov8s-person", 1, 64, 2, 1, 0, True, False, api_name="/vision_train")
+        c.predict(None, str(ds), "yolov8s-person", 1, 64, 2, 1, 0, "default", False, 0, api_name="/vision_train")
     with pytest.raises(AppError, match=r"not allowed|outside the folders"):
-        c.predict(None, str(tmp_path), api_name="/vision_validate")  # any other server folder is refused
+        c.predict(None, str(tmp_path), "yolov8s-person", api_name="/vision_validate")  # other server folders: refused
 
 
 def test_labels_stay_inside_the_image_and_the_sample_dataset_is_valid(ctx):
     import numpy as np
 
     from backends.vision import Box
-    from backends.vision.detection import draw_boxes
+    from backends.vision.draw import draw_boxes
 
     img = draw_boxes(np.zeros((100, 200, 3), np.uint8), [Box(0, "Normal", 0.9, 150, 0, 199, 60)])
     top_right = img[:10, 120:200].reshape(-1, 3)

@@ -69,6 +69,8 @@ def test_cancel_keeps_last_checkpoint(det, ctx, shapes):
     assert job.status == "cancelled", (job.error, job.logs[-10:])
     assert job.result.status == "cancelled" and job.result.epochs_done == 1
     assert job.result.last_weights is not None and job.result.last_weights.stat().st_size > 1_000_000
+    assert (job.result.last_weights.parent / "resume.pt").is_file()  # full checkpoint kept: the run can resume
+    assert [r for _, r in det.resumable_runs()] == [job.result.run_id]
     assert ctx.runs.get(job.result.run_id).status == "cancelled"
 
 

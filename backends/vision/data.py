@@ -113,6 +113,7 @@ class SplitStats:
     labelled: int = 0
     background: int = 0  # empty label file
     instances: int = 0
+    polygons: int = 0  # label lines with an outline (segmentation) rather than a box
 
 
 @dataclass
@@ -152,11 +153,11 @@ class DatasetReport:
         if self.names:
             lines.append(f"- classes ({len(self.names)}): " + ", ".join(f"{i}={n}" for i, n in enumerate(self.names)))
         for split, s in self.splits.items():
-            lines.append(
-                f"- {split}: {s.images} images, {s.instances} boxes, {s.background} background (empty label file)"
-            )
+            extra = f", {s.instances} boxes, {s.background} background (empty label file)" if self.yaml_path else ""
+            lines.append(f"- {split}: {s.images} images{extra}")
         if self.instances_per_class:
-            lines.append("- boxes per class: " + ", ".join(f"{k} {v}" for k, v in self.instances_per_class.items()))
+            unit = "boxes" if self.yaml_path else "images"  # a classification folder has no data.yaml
+            lines.append(f"- {unit} per class: " + ", ".join(f"{k} {v}" for k, v in self.instances_per_class.items()))
         if self.dataset_hash:
             lines.append(f"- hash: `{self.dataset_hash[:16]}`")
         for title, items in (("Errors", self.errors), ("Warnings", self.warnings)):
@@ -302,6 +303,7 @@ def _check_label_file(path: Path, rel: str, nc: int, report: DatasetReport, stat
         cls = _check_label_line(line, nc, f"{rel} line {lineno}", report)
         if cls is not None:
             stats.instances += 1
+            stats.polygons += len(line.split()) > 5
             name = report.names[cls]
             report.instances_per_class[name] = report.instances_per_class.get(name, 0) + 1
     stats.labelled += 1

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from backends.vision.draw import array_rgb, load_bgr, read_bgr, result_from
 from backends.vision.types import (
-    RUN_KIND,
+    DEMO_MODELS,
+    RUN_KINDS,
+    TASKS,
     TRUST_WARNING,
-    Box,
     DetectionError,
     DetectionResult,
     DetectOptions,
@@ -44,7 +46,6 @@ from studio.safety import (
     UnsafePathError,
     allowed_path,
     atomic_write_json,
-    check_image_file,
     check_weights_file,
     unguessable_stamp,
 )
@@ -62,33 +63,9 @@ MAX_TRUSTED_LISTED = 200  # .pt files listed from the trusted folders
 
 def load_rgb(image: Any) -> np.ndarray:
     """RGB uint8 (H, W, 3) from a numpy array (RGB, gray or RGBA) or an image file; clear error otherwise."""
-    from PIL import Image, ImageOps
-
     if isinstance(image, str | Path):
-        try:
-            check_image_file(image)  # header only: refuses non-images and more than 89 megapixels before decoding
-        except ValueError as e:
-            raise DetectionError(str(e)) from None
-        try:
-            with Image.open(image) as im:
-                im.load()
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))  # phone photos: honour rotation
-        except Image.DecompressionBombError:
-            raise DetectionError(f"{Path(image).name}: image is too large (over 89 megapixels); resize it.") from None
-        except Exception as e:
-            raise DetectionError(
-                f"{Path(image).name} is not a readable image (corrupt, truncated or not an image): {e}"
-            ) from None
-    if not isinstance(image, np.ndarray) or image.size == 0:
-        raise DetectionError("No image given: upload an image first.")
-    arr = image
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise DetectionError(f"Expected an RGB image, got an array of shape {arr.shape}.")
-    if arr.dtype != np.uint8:
-        arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr[..., :3])
+        return np.ascontiguousarray(read_bgr(image)[..., ::-1])
+    return array_rgb(image)
 
 
 def check_trusted(path: Path, settings: Any) -> Path:
@@ -118,18 +95,19 @@ class YoloLoader:
         from ultralytics import YOLO
 
         t = time.perf_counter()
+        task = self.entry.task
         if self.entry.path is None:
-            model = YOLO(self.entry.yaml, task="detect")
+            model = YOLO(self.entry.yaml, task=task)
         else:
             check_weights_file(self.entry.path)
             if self.entry.kind == "trusted":  # checked again at load: the settings may have changed since
                 check_trusted(self.entry.path, self._settings)
             try:
-                model = YOLO(str(self.entry.path), task="detect")
+                model = YOLO(str(self.entry.path), task=task)
             except Exception as e:
                 raise DetectionError(f"Could not load {self.entry.path.name} as a YOLO model: {e}") from None
-        if model.task != "detect":
-            raise DetectionError(f"{self.entry.title} is a '{model.task}' model; the Vision tab needs a detect model.")
+        if model.task != task:
+            raise DetectionError(f"{self.entry.title} is a '{model.task}' model; this section needs a '{task}' one.")
         model.model.eval()
         model.to(device)
         n = sum(p.numel() for p in model.model.parameters())
@@ -145,13 +123,19 @@ class DetectionBackend:
     def __init__(self, ctx: Services) -> None:
         self.ctx = ctx
         self._trusted: dict[str, DetectorModel] = {}
+        self._known: dict[str, DetectorModel] = {}  # get_model's memory
         self.job_runs: dict[str, str] = {}  # job id -> run id, for the tab's live plots
         self._lock = threading.Lock()
 
     # ---- models
-    def models(self) -> list[DetectorModel]:
-        """Every model usable now: catalog specs present on disk, the user's trainings, trusted files."""
-        out = []
+    def models(self, task: str | None = "detect") -> list[DetectorModel]:
+        """Every model of `task` (all tasks with None) usable now: catalog specs present on disk, the untrained demo
+        models of the other tasks, the user's trainings, trusted files."""
+        out = [m for m in self._all_models() if task is None or m.task == task]
+        return out
+
+    def _all_models(self) -> list[DetectorModel]:
+        out = [DetectorModel(i, title, "untrained", yaml=y, task=t) for i, title, t, y in DEMO_MODELS]
         for spec in self.ctx.catalog.by_capability("detection"):
             if spec.demo:
                 yaml_name = spec.id.removesuffix("-untrained") + ".yaml"
@@ -170,25 +154,34 @@ class DetectionBackend:
 
     def trained_models(self) -> list[DetectorModel]:
         out = []
+        tasks = {kind: task for task, kind in RUN_KINDS.items()}
         for run in self.ctx.runs.list():
-            if run.kind != RUN_KIND:
+            if run.kind not in tasks:
                 continue
             weights = run.dir / "ultralytics" / "weights"
             path = next((p for p in (weights / "best.pt", weights / "last.pt") if p.is_file()), None)
             if path is not None:
                 title = f"trained: {run.id} ({run.status}, {path.name})"
-                out.append(DetectorModel(f"run-{run.id}", title, "trained", path=path))
+                out.append(DetectorModel(f"run-{run.id}", title, "trained", path=path, task=tasks[run.kind]))
         return out
 
     def get_model(self, model_id: str) -> DetectorModel:
-        for entry in self.models():
+        """The model record; ids seen before are answered from memory while their weights file is still there
+        (listing every run's folder on each detect() call would cost more than drawing the boxes)."""
+        with self._lock:
+            known = self._known.get(model_id)
+        if known is not None and (known.path is None or known.path.is_file()):
+            return known
+        for entry in self.models(None):
             if model_id in (entry.id, entry.key, entry.title):
+                with self._lock:
+                    self._known[model_id] = entry
                 return entry
         raise DetectionError(f"Unknown detection model {model_id!r}; choose one from the list.")
 
     def trusted_files(self) -> list[Path]:
         """.pt files in the trusted folders that are not already in the list (for the tab's dropdown)."""
-        known = {m.path for m in self.models() if m.path is not None}
+        known = {m.path for m in self.models(None) if m.path is not None}
         found: list[Path] = []
         for root in self.ctx.settings.model_dirs():
             for p in sorted(root.rglob("*.pt")) if root.is_dir() else []:
@@ -196,14 +189,18 @@ class DetectionBackend:
                     found.append(p.resolve())
         return found
 
-    def add_trusted_weights(self, path: str | Path) -> DetectorModel:
-        """Register a .pt file from a trusted folder of the settings; anything else (an upload) is refused."""
+    def add_trusted_weights(self, path: str | Path, task: str = "detect") -> DetectorModel:
+        """Register a .pt file from a trusted folder of the settings as a `task` model (checked when it loads);
+        anything else (an upload) is refused."""
+        if task not in TASKS:
+            raise DetectionError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         path = check_trusted(Path(str(path).strip()), self.ctx.settings)
         if path.suffix != ".pt":
             raise DetectionError(f"{path.name}: expected an Ultralytics .pt file.")
         check_weights_file(path)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
-        entry = DetectorModel(f"file-{digest}", f"trusted file: {path.name} ({digest})", "trusted", path=path.resolve())
+        title = f"trusted file: {path.name} ({digest})"
+        entry = DetectorModel(f"file-{digest}", title, "trusted", path=path.resolve(), task=task)
         with self._lock:
             self._trusted[entry.id] = entry
         log.info("registered trusted weights %s as %s", path, entry.key)
@@ -224,14 +221,12 @@ class DetectionBackend:
 
     # ---- inference
     def _predict(self, model: Any, frames: list[np.ndarray], opts: DetectOptions) -> list[Any]:
-        import cv2
-
+        """Ultralytics predict on BGR frames (what its own loader reads from files)."""
         nc = len(model.names)
         if opts.classes is not None and any(c >= nc for c in opts.classes):
             raise DetectionError(f"class filter {list(opts.classes)} has ids beyond this model's {nc} classes")
-        bgr = [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames]  # Ultralytics reads arrays as BGR
         return model.predict(
-            bgr,
+            frames,
             device=model_device(model),
             conf=opts.conf,
             iou=opts.iou,
@@ -241,19 +236,22 @@ class DetectionBackend:
             verbose=False,
         )
 
-    def detect(self, model_id: str, image: Any, opts: DetectOptions | None = None) -> DetectionResult:
-        """Detect objects in one image (RGB array or file); returns boxes and an annotated RGB image."""
+    def detect(
+        self, model_id: str, image: Any, opts: DetectOptions | None = None, *, top_k: int = 5
+    ) -> DetectionResult:
+        """Detect objects (or segment, or classify: the model's task decides) in one image (RGB array or file);
+        returns boxes (masks, top-k classes) and an annotated RGB image."""
         opts = opts or DetectOptions()
-        rgb = load_rgb(image)
+        bgr = load_bgr(image)
         entry = self.get_model(model_id)
 
         def run(model: Any) -> tuple[Any, float]:
             t = time.perf_counter()
-            res = self._predict(model, [rgb], opts)[0]
+            res = self._predict(model, [bgr], opts)[0]
             return res, (time.perf_counter() - t) * 1000
 
         res, ms = self.ctx.residency.run(self._register(entry), run)
-        return _result(res, entry.id, ms)
+        return result_from(res, entry, ms, top_k)
 
     def detect_video(
         self, model_id: str, path: str | Path, opts: DetectOptions | None = None, *, stride: int = 1, chunk: int = 16
@@ -266,8 +264,11 @@ class DetectionBackend:
         key = self._register(entry)
         out_dir = self.ctx.settings.outputs_dir / "vision"
 
-        def predict(frames: list[np.ndarray]) -> list[Any]:
-            return self.ctx.residency.run(key, lambda m: self._predict(m, frames, opts))
+        def predict(frames: list[np.ndarray]) -> list[Any]:  # RGB frames from the video reader
+            import cv2
+
+            bgr = [cv2.cvtColor(f, cv2.COLOR_RGB2BGR) for f in frames]
+            return self.ctx.residency.run(key, lambda m: self._predict(m, bgr, opts))
 
         yield from annotate_video(Path(path), out_dir, predict, stride=stride, chunk=chunk)
 
@@ -284,19 +285,39 @@ class DetectionBackend:
 
         return start_training(self, Path(dataset), opts)
 
-    def suggest_training(self, n_images: int, base_model_id: str) -> dict[str, Any]:
-        from backends.vision.train import suggest_settings
+    def resume_training(self, run_id: str) -> Any:
+        from backends.vision.train import start_resume
 
-        return suggest_settings(self.ctx, n_images, self.get_model(base_model_id))
+        return start_resume(self, run_id)
 
-    def make_sample_dataset(self, n_train: int = 48, n_val: int = 12) -> Path:
+    def resumable_runs(self) -> list[tuple[str, str]]:
+        """(title, run id) of stopped, failed or interrupted YOLO trainings that left a checkpoint."""
+        from backends.vision.checkpoints import resume_checkpoint
+
+        out = []
+        for run in self.ctx.runs.list():
+            weights = run.dir / "ultralytics" / "weights"
+            ckpt = resume_checkpoint(weights, run.status) if run.kind in RUN_KINDS.values() else None
+            if ckpt is not None and run.status in ("cancelled", "failed", "interrupted"):
+                out.append((f"{run.id} ({run.status}, from {ckpt.name})", run.id))
+        return out
+
+    def suggest_training(self, n_images: int, base_model_id: str, amp: bool = False) -> dict[str, Any]:
+        from backends.vision.options import suggest_settings
+
+        return suggest_settings(self.ctx, n_images, self.get_model(base_model_id), amp)
+
+    def make_sample_dataset(self, n_train: int = 48, n_val: int = 12, task: str = "detect") -> Path:
         """A synthetic circles/squares/triangles dataset (exact labels) to try training on: its folder (under
         data/ingest, so the dataset-folder check of `check_dataset_folder` accepts it)."""
-        from backends.vision.synth import make_synthetic_dataset
+        from backends.vision.synth import make_synthetic_cls_dataset, make_synthetic_dataset
 
-        root = self.ctx.settings.data_dir / "ingest" / "vision-sample-shapes"
-        if not (root / "data.yaml").is_file():
-            make_synthetic_dataset(root, n_train=n_train, n_val=n_val, imgsz=160, seed=0)
+        root = self.ctx.settings.data_dir / "ingest" / f"vision-sample-{task}"
+        if task == "classify":
+            if not (root / "val").is_dir():
+                make_synthetic_cls_dataset(root, n_train=max(1, n_train // 3), n_val=max(1, n_val // 3), seed=0)
+        elif not (root / "data.yaml").is_file():
+            make_synthetic_dataset(root, n_train=n_train, n_val=n_val, imgsz=160, seed=0, polygons=task == "segment")
         return root
 
     def check_dataset_folder(self, folder: str | Path) -> Path:
@@ -307,73 +328,60 @@ class DetectionBackend:
         except UnsafePathError as e:
             raise DetectionError(str(e)) from None
 
-    def check_dataset(self, source: str | Path) -> Any:
+    def check_dataset(self, source: str | Path, task: str = "detect") -> Any:
         """Unzip (safely) if it is a zip, then validate; returns the DatasetReport (problems inside, no raise)."""
         from backends.vision.train import prepare_dataset
 
-        return prepare_dataset(self.ctx, Path(source))
+        return prepare_dataset(self.ctx, Path(source), task)
 
-    def export_onnx(self, model_id: str, imgsz: int = 640, *, for_download: bool = False) -> Path:
-        """ONNX file in the cache; with `for_download` a copy in outputs/vision (the only folder the UI serves)."""
-        from backends.vision.export import export_onnx
+    def import_dataset(self, source: str | Path, name: str, opts: Any = None) -> Any:
+        """A labelling tool's export (.zip, or a folder under the data roots) -> a YOLO dataset in data/ingest/<name>;
+        returns the ImportReport (errors inside; nothing written when there are any)."""
+        from backends.vision.dataset_import import import_dataset
+        from backends.vision.train import unpack
+        from studio.safety import safe_filename
 
-        path = export_onnx(self, self.get_model(model_id), imgsz)
+        dest = self.ctx.settings.data_dir / "ingest" / safe_filename(name or "", "imported")
+        return import_dataset(unpack(self.ctx, Path(source)), dest, opts)
+
+    def export(self, model_id: str, fmt: str = "onnx", imgsz: int = 640, *, for_download: bool = False) -> Path:
+        """Exported model in the cache (batch 1); with `for_download` a copy in outputs/vision (the only folder the
+        UI serves; an OpenVINO folder is zipped)."""
+        from backends.vision.export import export_model
+
+        path = export_model(self, self.get_model(model_id), fmt, imgsz)
         if not for_download:
             return path
-        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}-{unguessable_stamp()}.onnx"
+        dest = self.ctx.settings.outputs_dir / "vision" / f"{model_id}-{imgsz}-{unguessable_stamp()}{path.suffix}"
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            return Path(shutil.make_archive(str(dest.with_name(dest.name + path.name[-15:])), "zip", path))
         shutil.copyfile(path, dest)
         return dest
 
-    def latency(self, model_id: str, imgsz: int = 640, runs: int = 30) -> list[Any]:
-        from backends.vision.export import latency_table
+    def export_formats(self) -> list[tuple[str, str, str | None]]:
+        """(title, format, why it is not available or None) for the Export section; torch-free."""
+        from backends.vision.export import TITLES, openvino_available, tensorrt_available
 
-        return latency_table(self, self.get_model(model_id), imgsz=imgsz, runs=runs)
+        cuda = str(self.ctx.residency.device).startswith("cuda")
+        trt = None if tensorrt_available() and cuda else "needs the tensorrt package and a CUDA GPU"
+        if cuda and not tensorrt_available():
+            trt = "TensorRT is not installed (pip install tensorrt)"
+        why = {"onnx": None, "engine": trt, "openvino": None if openvino_available() else "openvino is not installed"}
+        return [(TITLES[f], f, why[f]) for f in TITLES]
 
+    def export_onnx(self, model_id: str, imgsz: int = 640, *, for_download: bool = False) -> Path:
+        return self.export(model_id, "onnx", imgsz, for_download=for_download)
 
-def _result(res: Any, model_id: str, ms: float) -> DetectionResult:
-    names = res.names
-    boxes = []
-    if res.boxes is not None and len(res.boxes):
-        xyxy = res.boxes.xyxy.cpu().numpy().astype(float)
-        conf = res.boxes.conf.cpu().numpy().astype(float)
-        cls = res.boxes.cls.cpu().numpy().astype(int)
-        for (x1, y1, x2, y2), c, k in zip(xyxy, conf, cls, strict=True):
-            boxes.append(Box(int(k), str(names[int(k)]), float(c), float(x1), float(y1), float(x2), float(y2)))
-    annotated = draw_boxes(np.ascontiguousarray(res.orig_img[..., ::-1]), boxes)  # orig_img is BGR
-    h, w = res.orig_shape
-    return DetectionResult(boxes, annotated, int(w), int(h), model_id, ms)
+    def latency(self, model_id: str, imgsz: int = 640, runs: int = 30, *, batches: tuple[int, ...] = (1, 8),
+                half: bool = True, cpu_runs: int | None = None) -> tuple[list[Any], list[str]]:  # fmt: skip
+        """(rows, notes) of the latency table: every engine usable here, batch sizes `batches`."""
+        from backends.vision.latency import latency_table
 
-
-PALETTE = ((255, 56, 56), (56, 56, 255), (255, 157, 151), (255, 112, 31), (72, 249, 10), (0, 194, 255))
-
-
-def draw_boxes(rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
-    """Boxes with 'class 0.87' labels kept inside the image: above the box when there is room, else inside it,
-    and shifted left at the right edge (Ultralytics' plot() cuts them off at the border)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    img = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(img)
-    size = max(12, round(min(img.size) / 40))
-    try:
-        import matplotlib
-
-        font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), size)
-    except (ImportError, OSError):
-        font = ImageFont.load_default()
-    line = max(2, size // 6)
-    for b in boxes:
-        colour = PALETTE[b.class_id % len(PALETTE)]
-        draw.rectangle((b.x1, b.y1, b.x2, b.y2), outline=colour, width=line)
-        text = f"{b.name} {b.confidence:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tw, th = right - left + 6, bottom - top + 6
-        x = min(max(0.0, b.x1), max(0.0, img.width - tw))
-        y = b.y1 - th if b.y1 - th >= 0 else min(b.y1, img.height - th)
-        draw.rectangle((x, y, x + tw, y + th), fill=colour)
-        draw.text((x + 3, y + 3 - top), text, fill=(255, 255, 255), font=font)
-    return np.asarray(img)
+        entry = self.get_model(model_id)
+        if entry.task != "detect":
+            raise DetectionError(f"the latency table compares detection heads; {entry.title} is a {entry.task} model")
+        return latency_table(self, entry, imgsz=imgsz, runs=runs, batches=batches, half=half, cpu_runs=cpu_runs)
 
 
 def result_json(result: DetectionResult) -> str:

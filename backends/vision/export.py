@@ -1,10 +1,11 @@
-"""ONNX export and the latency table: PyTorch vs ONNX Runtime at batch 1.
+"""Export a YOLO model to ONNX, a TensorRT engine (when `tensorrt` is installed, on CUDA) or OpenVINO (when
+`openvino` is installed), cached by content hash, format, image size, batch and precision.
 
-Export works on a private CPU copy of the weights file (Ultralytics writes the .onnx beside its input, and the
-shipped file lives inside site-packages), cached under cache_dir/detection-export/<model id>/ by content hash.
-Latency is measured on the same letterboxed image for every engine, model forward only (no pre/post-processing):
-`warmup` untimed runs, then `runs` timed ones; CUDA is synchronised around each timed call.
-A TensorRT engine is offered only when the `tensorrt` package is installed.
+Export works on a private CPU copy of the weights file (Ultralytics writes its output beside its input, and the
+shipped file lives inside site-packages), under cache_dir/detection-export/<model id>/. Shapes are static (the
+batch is part of the cache key): ONNX Runtime and TensorRT are fastest that way, and the download is the batch-1
+file most deployments want. Missing optional engines are said plainly, never attempted (Ultralytics would try to
+pip-install them).
 """
 
 from __future__ import annotations
@@ -13,34 +14,41 @@ import hashlib
 import importlib.util
 import logging
 import shutil
-import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from backends.vision.types import DetectionError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LatencyRow:
-    engine: str
-    device: str
-    p50_ms: float
-    p95_ms: float
-    mean_ms: float
-    fps: float  # 1000 / p50
-    runs: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+FORMATS = {"onnx": ".onnx", "engine": ".engine", "openvino": "_openvino_model"}
+TITLES = {"onnx": "ONNX", "engine": "TensorRT engine", "openvino": "OpenVINO"}
 
 
 def tensorrt_available() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def _has_onnx() -> bool:
+    return importlib.util.find_spec("onnx") is not None
+
+
+def engine_status() -> dict[str, str | None]:
+    """Why each optional format cannot be used here (None = it can)."""
+    import torch
+
+    trt = None if tensorrt_available() else "TensorRT is not installed (pip install tensorrt; NVIDIA GPUs only)"
+    if trt is None and not torch.cuda.is_available():
+        trt = "TensorRT needs a CUDA GPU; this studio runs on the CPU"
+    return {
+        "onnx": None if _has_onnx() else "the 'onnx' package is not installed (pip install onnx)",
+        "engine": trt,
+        "openvino": None if openvino_available() else "OpenVINO is not installed (pip install openvino)",
+    }
 
 
 def _file_hash(path: Path) -> str:
@@ -51,54 +59,60 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def export_onnx(backend: Any, entry: Any, imgsz: int = 640) -> Path:
-    """Export `entry` (a DetectorModel with weights) to ONNX (fp32, static batch 1); cached by content hash."""
-    from backends.vision.types import DetectionError
+def export_model(
+    backend: Any, entry: Any, fmt: str = "onnx", imgsz: int = 640, *, batch: int = 1, half: bool = False
+) -> Path:
+    """The exported file (a folder for OpenVINO) of `entry` (a DetectorModel with weights); cached."""
     from backends.vision.yolo import prepare_ultralytics
 
+    if fmt not in FORMATS:
+        raise DetectionError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if entry.path is None:
         raise DetectionError(f"{entry.title} has no weights (untrained, built from yaml); train it first, then export.")
     if imgsz % 32 or not 32 <= imgsz <= 2048:
         raise DetectionError(f"export image size must be a multiple of 32 in 32-2048, got {imgsz}")
-    if not _has_onnx():
-        raise DetectionError("ONNX export needs the 'onnx' package (pip install onnx); it is not installed.")
+    if not 1 <= batch <= 64:
+        raise DetectionError(f"export batch must be 1-64, got {batch}")
+    why_not = engine_status()[fmt]
+    if why_not:
+        raise DetectionError(f"{TITLES[fmt]} export is not available: {why_not}.")
+    half = half or fmt == "engine"  # a TensorRT engine is built in fp16
     prepare_ultralytics(backend.ctx.settings)
     from ultralytics import YOLO
 
-    digest = _file_hash(entry.path)
     work = backend.ctx.settings.cache_dir / "detection-export" / entry.id
-    onnx_path = work / f"{digest}-{imgsz}.onnx"
-    if onnx_path.is_file():
-        return onnx_path
+    stem = f"{_file_hash(entry.path)}-{imgsz}-b{batch}{'-fp16' if half else ''}"
+    out_path = work / (stem + FORMATS[fmt])
+    if out_path.exists():
+        return out_path
     work.mkdir(parents=True, exist_ok=True)
-    copy = work / f"{digest}-{imgsz}.pt"
+    copy = work / f"{stem}.pt"
     shutil.copyfile(entry.path, copy)
+    device = 0 if fmt == "engine" else "cpu"
+    extra = {"simplify": False} if fmt in ("onnx", "engine") else {}  # (OpenVINO refuses the argument)
     t = time.perf_counter()
     try:
-        out = YOLO(str(copy), task="detect").export(
-            format="onnx", imgsz=imgsz, device="cpu", simplify=False, dynamic=False, verbose=False
-        )
+        out = YOLO(str(copy), task=entry.task).export(format=fmt, imgsz=imgsz, batch=batch, half=half, device=device,
+                                                     dynamic=False, verbose=False, **extra)  # fmt: skip
     finally:
         copy.unlink(missing_ok=True)
-    if Path(out) != onnx_path:
-        shutil.move(out, onnx_path)
-    log.info(
-        "exported %s to %s (%d bytes) in %.1fs", entry.key, onnx_path, onnx_path.stat().st_size, time.perf_counter() - t
-    )
-    return onnx_path
+        if fmt == "engine":
+            (work / f"{stem}.onnx").unlink(missing_ok=True)  # the intermediate ONNX file
+    if Path(out) != out_path:
+        shutil.move(out, out_path)
+    log.info("exported %s to %s (%s) in %.1fs", entry.key, out_path, fmt, time.perf_counter() - t)
+    return out_path
 
 
-def _has_onnx() -> bool:
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def export_onnx(backend: Any, entry: Any, imgsz: int = 640, batch: int = 1) -> Path:
+    """ONNX (fp32, static shape); cached by content hash."""
+    return export_model(backend, entry, "onnx", imgsz, batch=batch)
 
 
-def letterboxed_input(imgsz: int = 640, image: Path | None = None) -> np.ndarray:
+def letterboxed_input(imgsz: int = 640, image: Path | None = None) -> Any:
     """(1, 3, imgsz, imgsz) float32 in 0-1: ultralytics' bus.jpg letterboxed (grey borders), as the models expect."""
     import cv2
+    import numpy as np
     from ultralytics.utils import ASSETS
 
     bgr = cv2.imread(str(image or ASSETS / "bus.jpg"))
@@ -112,87 +126,10 @@ def letterboxed_input(imgsz: int = 640, image: Path | None = None) -> np.ndarray
     return np.ascontiguousarray(rgb[None], dtype=np.float32) / 255.0
 
 
-def time_calls(fn: Callable[[], Any], *, runs: int, warmup: int, sync: Callable[[], None] | None = None) -> list[float]:
-    """Wall times in ms of `runs` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - t) * 1000)
-    return times
+def image_batch(imgsz: int, batch: int) -> Any:
+    """(batch, 3, imgsz, imgsz): bus.jpg and zidane.jpg letterboxed, alternating: the same images for every engine."""
+    import numpy as np
+    from ultralytics.utils import ASSETS
 
-
-def summarize(engine: str, device: str, times: list[float]) -> LatencyRow:
-    s = sorted(times)
-    p50 = statistics.median(s)
-    p95 = s[min(len(s) - 1, max(0, round(0.95 * len(s)) - 1))]
-    return LatencyRow(
-        engine, device, round(p50, 2), round(p95, 2), round(statistics.fmean(s), 2), round(1000 / p50, 1), len(s)
-    )
-
-
-def torch_forward_times(net: Any, x: np.ndarray, *, runs: int, warmup: int, half: bool = False) -> list[float]:
-    """Forward of a (fused) DetectionModel on its own device; `half` runs an fp16 copy (CUDA only)."""
-    import copy
-
-    import torch
-
-    device = next(net.parameters()).device
-    if half:
-        net = copy.deepcopy(net).half()
-    inp = torch.from_numpy(x).to(device, dtype=torch.float16 if half else torch.float32)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    with torch.inference_mode():
-        return time_calls(lambda: net(inp), runs=runs, warmup=warmup, sync=sync)
-
-
-def onnx_session(onnx_path: Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_forward_times(session: Any, x: np.ndarray, *, runs: int, warmup: int) -> list[float]:
-    name = session.get_inputs()[0].name
-    return time_calls(lambda: session.run(None, {name: x}), runs=runs, warmup=warmup)
-
-
-def latency_table(backend: Any, entry: Any, *, imgsz: int = 640, runs: int = 30, warmup: int = 5) -> list[LatencyRow]:
-    """PyTorch (the residency-managed model, on its device) vs ONNX Runtime (CPU) for the Export section."""
-    onnx_path = export_onnx(backend, entry, imgsz)
-    x = letterboxed_input(imgsz)
-
-    def torch_times(model: Any) -> tuple[str, list[float]]:
-        model.model.fuse(verbose=False)  # what the predictor and the ONNX export do too (Conv+BN folded)
-        return str(next(model.model.parameters()).device), torch_forward_times(model.model, x, runs=runs, warmup=warmup)
-
-    device, t_torch = backend.ctx.residency.run(backend._register(entry), torch_times)
-    rows = [summarize("PyTorch fp32", device, t_torch)]
-    rows.append(
-        summarize("ONNX Runtime fp32", "cpu", onnx_forward_times(onnx_session(onnx_path), x, runs=runs, warmup=warmup))
-    )
-    return rows
-
-
-def compare_boxes(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest coordinate difference (pixels) between two (N, 4) box sets matched greedily by IoU; inf if N differs."""
-    if a.shape != b.shape:
-        return float("inf")
-    if not len(a):
-        return 0.0
-    used, worst = set(), 0.0
-    for box in a:
-        diffs = [(np.abs(box - other).max(), j) for j, other in enumerate(b) if j not in used]
-        d, j = min(diffs)
-        used.add(j)
-        worst = max(worst, float(d))
-    return worst
+    pair = [letterboxed_input(imgsz, ASSETS / name) for name in ("bus.jpg", "zidane.jpg")]
+    return np.ascontiguousarray(np.concatenate([pair[i % 2] for i in range(batch)]))

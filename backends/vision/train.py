@@ -1,7 +1,10 @@
-"""Train a YOLO detector on the user's dataset as a background job, recorded as a run.
+"""Train a YOLO model (detect, segment or classify: the base model's task) on the user's dataset as a background
+job, recorded as a run; resume a stopped or crashed one.
 
-Flow: the dataset (zip or folder) is validated first (`yolo_data.validate_dataset`); a clean data.yaml is written
-into the run folder; Ultralytics trains with callbacks that report progress per batch, log loss and mAP per epoch
+Flow: the dataset (zip or folder) is validated first (`data.validate_dataset`, `task_data.validate_cls_dataset`); a
+clean data.yaml is written into the run folder (classification takes the class-folder root); the settings
+(`options.TrainOptions`: augmentation preset, AMP, patience, freeze, batch 0 = auto from the free budget) become
+Ultralytics arguments; Ultralytics trains with callbacks that report progress per batch, log loss and mAP per epoch
 into the run's metrics.jsonl, and turn a cancel into `trainer.stop = True`. Ultralytics then finishes the current
 epoch's validation and writes last.pt (and best.pt), so a cancelled run keeps its last checkpoint.
 Training runs under a preemptible training lease (`ctx.residency.training`): Ultralytics' on_train_batch_end is the
@@ -19,48 +22,32 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends.vision.checkpoints import (
+    RESUME_NAME,
+    atomic_checkpoints,
+    install_atomic_strip,
+    install_offline_amp_check,
+    keep_resumable,
+    resume_checkpoint,
+)
 from backends.vision.data import DatasetError, DatasetReport, ZipLimits, safe_extract_zip, validate_dataset
 from backends.vision.data import write_training_yaml as _write_yaml
-from backends.vision.types import RUN_KIND, DetectionError, DetectorModel
+from backends.vision.options import TrainOptions, augment_kwargs, auto_batch, suggest_settings, vram_budget_bytes
+from backends.vision.task_data import validate_cls_dataset
+from backends.vision.types import RUN_KINDS, DetectionError, DetectorModel
 from backends.vision.yolo import prepare_ultralytics
-from studio.safety import atomic_path, atomic_write_bytes
 
 if TYPE_CHECKING:
     from studio.services import Services
 
 log = logging.getLogger(__name__)
 GB = 2**30
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    base: str = "yolov8s-person"  # start point: shipped weights (transfer learning) or "<arch>-untrained"
-    epochs: int = 50
-    imgsz: int = 640
-    batch: int = 16
-    patience: int = 20  # early stopping: epochs without a better mAP before stopping
-    seed: int = 0
-    amp: bool = True  # mixed precision; only used on CUDA
-    augment: bool = True  # mosaic, flips, HSV, scale/translate (Ultralytics defaults); off = plain images
-    close_mosaic: int = 10  # last epochs without mosaic
-    warmup_epochs: float = 3.0
-    workers: int = 2  # dataloader processes on CUDA; 0 (in-process) on CPU
-
-    def __post_init__(self) -> None:
-        checks = [
-            (1 <= self.epochs <= 10_000, f"epochs must be 1-10000, got {self.epochs}"),
-            (
-                32 <= self.imgsz <= 2048 and self.imgsz % 32 == 0,
-                f"image size must be a multiple of 32, got {self.imgsz}",
-            ),
-            (1 <= self.batch <= 512, f"batch must be 1-512, got {self.batch}"),
-            (0 <= self.patience <= 10_000, f"patience must be >= 0, got {self.patience}"),
-            (self.close_mosaic >= 0 and self.warmup_epochs >= 0, "close_mosaic and warmup_epochs must be >= 0"),
-            (0 <= self.workers <= 32, f"workers must be 0-32, got {self.workers}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise DetectionError(msg)
+__all__ = ["TrainOptions", "evaluate", "start_resume", "start_training", "suggest_settings", "train_detector"]
+METRIC_KEYS = {  # Ultralytics' metric names -> ours (detect, segment, classify)
+    "metrics/precision(B)": "precision", "metrics/recall(B)": "recall", "metrics/mAP50(B)": "map50",
+    "metrics/mAP50-95(B)": "map50_95", "metrics/mAP50(M)": "mask_map50", "metrics/mAP50-95(M)": "mask_map50_95",
+    "metrics/accuracy_top1": "top1", "metrics/accuracy_top5": "top5",
+}  # fmt: skip
 
 
 @dataclass
@@ -68,56 +55,16 @@ class TrainResult:
     run_id: str
     status: str  # "done" | "cancelled"
     epochs_done: int
-    best_map50: float | None
+    best_map50: float | None  # box mAP50 (detect, segment); None for classify
     final_map50: float | None
     best_weights: Path | None
     last_weights: Path | None
-
-
-# ---- suggestions -----------------------------------------------------------------------------------------
-def _gb_per_image_at_640(entry: DetectorModel) -> float:
-    """Rough training memory per image at 640 px (activations + grads), from Ultralytics' own batch probing."""
-    name = entry.id + str(entry.yaml or "")
-    return 0.25 if ("v8n" in name or "11n" in name) else 0.4
-
-
-def vram_budget_bytes(ctx: Services) -> int | None:
-    """What training may use on the GPU: the residency manager's live budget; None on a CPU-only machine."""
-    if not str(ctx.residency.device).startswith("cuda"):
-        return None
-    return ctx.residency.capacity_bytes()
-
-
-def suggest_settings(ctx: Services, n_images: int, entry: DetectorModel) -> dict[str, Any]:
-    """Epochs, image size and batch that fit the VRAM budget (or keep a CPU run short), with the reason."""
-    budget = vram_budget_bytes(ctx)
-    epochs = 100 if n_images < 300 else 60 if n_images < 3000 else 30
-    if budget is None:
-        return {
-            "epochs": min(epochs, 20),
-            "imgsz": 320,
-            "batch": 8,
-            "reason": "No GPU: 320 px, batch 8 and at most 20 epochs keep a CPU run to minutes per epoch.",
-        }
-    imgsz = 640
-    per_image = _gb_per_image_at_640(entry) * GB
-    usable = 0.8 * budget - 1 * GB  # model, optimizer state, CUDA context
-    batch = 2 ** int(math.log2(max(2, usable / per_image))) if usable > 2 * per_image else 2
-    batch = min(batch, 64)
-    if batch < 8:
-        imgsz, batch = 480, max(2, 2 ** int(math.log2(max(2, usable / (per_image * 0.56)))))
-    return {
-        "epochs": epochs,
-        "imgsz": imgsz,
-        "batch": int(batch),
-        "reason": f"GPU budget {budget / GB:.1f} GB: about {per_image / GB * (imgsz / 640) ** 2:.2f} GB per image "
-        f"at {imgsz} px leaves room for batch {batch}; {epochs} epochs for {n_images} images (early stopping on).",
-    }
+    best_top1: float | None = None  # classify
 
 
 # ---- dataset ---------------------------------------------------------------------------------------------
-def prepare_dataset(ctx: Services, source: Path) -> DatasetReport:
-    """Unzip (safely) if needed, then validate; the report carries every problem found."""
+def unpack(ctx: Services, source: Path) -> Path:
+    """A folder as it is; a .zip extracted safely into the cache (once per content hash)."""
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".zip":
         from studio.runs import hash_dataset
@@ -130,20 +77,39 @@ def prepare_dataset(ctx: Services, source: Path) -> DatasetReport:
         source = dest
     elif source.is_file():
         raise DatasetError(f"{source.name}: give a .zip of the dataset or a folder path.")
-    return validate_dataset(source)
+    return source
+
+
+def prepare_dataset(ctx: Services, source: Path, task: str = "detect") -> DatasetReport:
+    """Unzip (safely) if needed, then validate for `task`; the report carries every problem found."""
+    source = unpack(ctx, source)
+    if task == "classify":
+        return validate_cls_dataset(source)
+    report = validate_dataset(source)
+    if task == "segment" and report.ok and not any(s.polygons for s in report.splits.values()):
+        report.error("segmentation needs polygon labels ('class x1 y1 x2 y2 x3 y3 ...'); this dataset has boxes only")
+    return report
 
 
 def write_training_yaml(report: DatasetReport, dest: Path) -> Path:
     return _write_yaml(report, dest)
 
 
+def _data_arg(report: DatasetReport, task: str, run_dir: Path) -> str:
+    """Ultralytics' `data`: a clean data.yaml we write (detect, segment) or the class-folder root (classify)."""
+    if task == "classify":
+        report.raise_if_invalid()
+        return str(report.root.resolve())
+    return str(write_training_yaml(report, run_dir / "data.yaml"))
+
+
 # ---- training --------------------------------------------------------------------------------------------
-def _train_kwargs(opts: TrainOptions, device: str) -> dict[str, Any]:
+def _train_kwargs(opts: TrainOptions, device: str, task: str, batch: int) -> dict[str, Any]:
     cuda = device.startswith("cuda")
-    kwargs: dict[str, Any] = {
+    return {
         "epochs": opts.epochs,
         "imgsz": opts.imgsz,
-        "batch": opts.batch,
+        "batch": batch,
         "patience": opts.patience,
         "seed": opts.seed,
         "deterministic": False,  # True flips torch's global deterministic mode for the whole studio process
@@ -152,14 +118,14 @@ def _train_kwargs(opts: TrainOptions, device: str) -> dict[str, Any]:
         "workers": opts.workers if cuda else 0,
         "close_mosaic": opts.close_mosaic,
         "warmup_epochs": opts.warmup_epochs,
+        "freeze": opts.freeze or None,
+        "nbs": opts.nominal_batch,
         "plots": False,
         "verbose": False,
         "val": True,
         "exist_ok": True,
+        **augment_kwargs(opts.augment, task),
     }
-    if not opts.augment:
-        kwargs |= {k: 0.0 for k in ("mosaic", "fliplr", "hsv_h", "hsv_s", "hsv_v", "translate", "scale")}
-    return kwargs
 
 
 def _total_loss(tloss: Any) -> float:
@@ -195,31 +161,27 @@ class _Reporter:
         )
         if self.job.should_stop() and not trainer.stop:
             trainer.stop = True
-            self.job.log("stop requested: finishing this epoch's validation and saving last.pt")
+            self.job.log("stop requested: finishing this epoch's validation and saving last.pt (and resume.pt)")
 
     def fit_epoch_end(self, trainer: Any) -> None:
         losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+        row = {k.split("/", 1)[1]: float(v) for k, v in losses.items()}
         m = trainer.metrics or {}
-        row = {
-            "box_loss": float(losses.get("train/box_loss", float("nan"))),
-            "cls_loss": float(losses.get("train/cls_loss", float("nan"))),
-            "dfl_loss": float(losses.get("train/dfl_loss", float("nan"))),
-            "val_box_loss": float(m.get("val/box_loss", float("nan"))),
-            "precision": float(m.get("metrics/precision(B)", float("nan"))),
-            "recall": float(m.get("metrics/recall(B)", float("nan"))),
-            "map50": float(m.get("metrics/mAP50(B)", float("nan"))),
-            "map50_95": float(m.get("metrics/mAP50-95(B)", float("nan"))),
-        }
+        row |= {ours: float(m[theirs]) for theirs, ours in METRIC_KEYS.items() if theirs in m}
+        if "val/box_loss" in m:
+            row["val_box_loss"] = float(m["val/box_loss"])
         if trainer.epoch + 1 > self.epoch_in_progress:  # final_eval() reports best.pt at step epochs + 1
-            self.best_eval = {k: row[k] for k in ("precision", "recall", "map50", "map50_95")}
-            self.job.log(f"best.pt on the val split: mAP50 {row['map50']:.3f} mAP50-95 {row['map50_95']:.3f}")
+            self.best_eval = {k: v for k, v in row.items() if k in METRIC_KEYS.values()}
+            self.job.log("best.pt on the val split: " + _metrics_text(self.best_eval))
             return
         self.rows.append(row)
         self.run.log_metrics(trainer.epoch + 1, **row)
-        self.job.log(
-            f"epoch {trainer.epoch + 1}/{trainer.epochs}: loss {row['box_loss']:.3f}/{row['cls_loss']:.3f} "
-            f"mAP50 {row['map50']:.3f} mAP50-95 {row['map50_95']:.3f}"
-        )
+        loss = " ".join(f"{k} {v:.3f}" for k, v in row.items() if k.endswith("loss") and not k.startswith("val"))
+        self.job.log(f"epoch {trainer.epoch + 1}/{trainer.epochs}: {loss}; {_metrics_text(row)}")
+
+
+def _metrics_text(row: dict[str, float]) -> str:
+    return " ".join(f"{k} {row[k]:.3f}" for k in ("map50", "map50_95", "mask_map50", "top1", "top5") if k in row)
 
 
 class _LeaseCallbacks:
@@ -229,6 +191,7 @@ class _LeaseCallbacks:
     def __init__(self, residency: Any, key: str, label: str = "YOLO training") -> None:
         self.residency, self.key, self.label = residency, key, label
         self.lease: Any = None
+        self.closed = False
 
     def attach(self, model: Any) -> None:
         model.add_callback("on_pretrain_routine_end", self.start)
@@ -249,79 +212,77 @@ class _LeaseCallbacks:
             self.lease.boundary()
 
     def close(self, trainer: Any = None) -> None:
-        if self.lease is not None:
+        if self.lease is not None and not self.closed:  # on_train_end, then train_detector's finally
+            self.closed = True
             self.lease.__exit__(None, None, None)
 
 
+def _pick_batch(ctx: Services, opts: TrainOptions, base: DetectorModel, device: str, job: Any) -> int:
+    if opts.batch:
+        return opts.batch
+    budget = vram_budget_bytes(ctx) if device.startswith("cuda") else None
+    batch = auto_batch(budget, base, opts.imgsz, opts.amp) if budget else 8
+    job.log(f"auto batch: {batch} (" + (f"{budget / GB:.1f} GB free for training)" if budget else "no GPU)"))
+    return batch
+
+
 def train_detector(
-    backend: Any, job: Any, report: DatasetReport, base: DetectorModel, opts: TrainOptions
+    backend: Any,
+    job: Any,
+    report: DatasetReport,
+    base: DetectorModel,
+    opts: TrainOptions,
+    resume: Path | None = None,
+    callbacks: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """The job body: train, record, return paths and metrics. Raises on failure (the run is marked failed)."""
-    ctx = backend.ctx
+    """The job body: train (or resume from a checkpoint), record, return paths and metrics. Raises on failure
+    (the run is marked failed). Despite the name it trains every task: the base model's task decides.
+    `callbacks` ({Ultralytics event: fn}) are added after ours (the benchmark times batches with them)."""
+    ctx, task = backend.ctx, base.task
     prepare_ultralytics(ctx.settings)
     from ultralytics import YOLO
 
-    config = {"base": base.id, "dataset": str(report.root), "names": report.names, **asdict(opts)}
-    run = ctx.runs.create(RUN_KIND, config, seed=opts.seed, dataset_hash=report.dataset_hash)
+    config = {"base": base.id, "task": task, "dataset": str(report.root), "names": report.names, **asdict(opts)}
+    run = ctx.runs.create(RUN_KINDS[task], config | ({"resumed_from": str(resume)} if resume else {}),
+                          seed=opts.seed, dataset_hash=report.dataset_hash)  # fmt: skip
     backend.job_runs[job.id] = run.id
     job.log(f"run {run.id}: {sum(s.images for s in report.splits.values())} images, classes {report.names}")
-    data_yaml = write_training_yaml(report, run.dir / "data.yaml")
+    data = _data_arg(report, task, run.dir)
     device = str(ctx.residency.device)
     if device.startswith("cuda"):
         ctx.residency.offload(tiers=("gpu",))  # the trainer builds its model before its lease can make room
-    model = YOLO(str(base.path), task="detect") if base.path else YOLO(base.yaml, task="detect")
+    start = resume or base.path
+    model = YOLO(str(start), task=task) if start else YOLO(base.yaml, task=task)
     reporter = _Reporter(job, run, opts.epochs)
-    model.add_callback("on_train_epoch_start", reporter.epoch_start)
-    model.add_callback("on_train_batch_end", reporter.batch_end)
-    model.add_callback("on_fit_epoch_end", reporter.fit_epoch_end)
-    model.add_callback("on_train_start", atomic_checkpoints)
+    for event, fn in (("on_train_epoch_start", reporter.epoch_start), ("on_train_batch_end", reporter.batch_end),
+                      ("on_fit_epoch_end", reporter.fit_epoch_end), ("on_train_start", atomic_checkpoints),
+                      ("on_model_save", keep_resumable(job.should_stop))):  # fmt: skip
+        model.add_callback(event, fn)
+    for event, fn in (callbacks or {}).items():
+        model.add_callback(event, fn)
     install_atomic_strip()
+    install_offline_amp_check()
     lease = _LeaseCallbacks(ctx.residency, f"train:yolo:{run.id}")
     lease.attach(model)
+    kwargs = _train_kwargs(opts, device, task, _pick_batch(ctx, opts, base, device, job))
+    if resume is not None:
+        kwargs["resume"] = str(resume)
     t = time.perf_counter()
     try:
-        model.train(data=str(data_yaml), project=str(run.dir), name="ultralytics", **_train_kwargs(opts, device))
+        model.train(data=data, project=str(run.dir), name="ultralytics", save_dir=str(run.dir / "ultralytics"),
+                    **kwargs)  # fmt: skip
     except BaseException as e:
         run.finish("failed", error=f"{type(e).__name__}: {e}", epochs_done=len(reporter.rows))
         raise
     finally:
         lease.close()
-    if lease.lease is not None and lease.lease.pauses:
-        job.log(f"paused {lease.lease.pauses}x for interactive requests, {lease.lease.paused_s:.1f} s in all")
-    return _finish(run, job, reporter, time.perf_counter() - t)
-
-
-class AtomicPath(type(Path())):  # type: ignore[misc]
-    """A Path whose write_bytes is atomic: Ultralytics writes last.pt/best.pt with `path.write_bytes(...)`."""
-
-    def write_bytes(self, data: bytes) -> int:  # type: ignore[override]
-        atomic_write_bytes(Path(self), data)
-        return len(data)
-
-
-def atomic_checkpoints(trainer: Any) -> None:
-    """on_train_start: every epoch's last.pt / best.pt goes through a temp file + fsync + rename."""
-    trainer.last, trainer.best = AtomicPath(trainer.last), AtomicPath(trainer.best)
-
-
-def install_atomic_strip() -> None:
-    """Ultralytics' final strip_optimizer rewrites last.pt/best.pt with torch.save in place; wrap it (once) so it
-    writes a temp file beside the target and renames it over, like every other checkpoint the studio lists."""
-    import ultralytics.engine.trainer as trainer_module
-
-    original = trainer_module.strip_optimizer
-    if getattr(original, "studio_atomic", False):
-        return
-
-    def strip_optimizer(f: Any = "best.pt", s: str = "", updates: dict | None = None) -> Any:
-        target = Path(s or f)
-        with atomic_path(target) as tmp:
-            result = original(f, str(tmp), updates=updates)
-        log.info("checkpoint %s written atomically (%d bytes)", target, target.stat().st_size)
-        return result
-
-    strip_optimizer.studio_atomic = True  # type: ignore[attr-defined]
-    trainer_module.strip_optimizer = strip_optimizer
+    paused = lease.lease
+    if paused is not None and paused.pauses:
+        job.log(f"paused {paused.pauses}x for interactive requests, {paused.paused_s:.1f} s in all")
+    result = _finish(run, job, reporter, time.perf_counter() - t)
+    if resume is not None and result.status == "done" and resume.name == RESUME_NAME:
+        resume.rename(resume.with_name(RESUME_NAME + ".used"))  # resumed to the end: no longer offered
+    return result
 
 
 def _finish(run: Any, job: Any, reporter: _Reporter, seconds: float) -> TrainResult:
@@ -330,41 +291,73 @@ def _finish(run: Any, job: Any, reporter: _Reporter, seconds: float) -> TrainRes
     for p in (best, last):
         if p.is_file():
             run.add_artifact(p, name=p.name)
-    maps = [r["map50"] for r in reporter.rows if not math.isnan(r["map50"])]
+    maps = [r["map50"] for r in reporter.rows if not math.isnan(r.get("map50", math.nan))]
+    tops = [r["top1"] for r in reporter.rows if "top1" in r]
+    best_eval = reporter.best_eval or {}
     status = "cancelled" if job.should_stop() else "done"
-    best_map = reporter.best_eval["map50"] if reporter.best_eval else (max(maps) if maps else None)
     result = TrainResult(
         run.id,
         status,
         len(reporter.rows),
-        best_map,
+        best_eval.get("map50", max(maps) if maps else None),
         maps[-1] if maps else None,
         best if best.is_file() else None,
         last if last.is_file() else None,
+        best_eval.get("top1", max(tops) if tops else None),
     )
     run.finish(
         status,
         epochs_done=result.epochs_done,
         best_map50=result.best_map50,
         final_map50=result.final_map50,
-        best_map50_95=(reporter.best_eval or {}).get("map50_95"),
+        best_map50_95=best_eval.get("map50_95"),
+        best_mask_map50=best_eval.get("mask_map50"),
+        best_top1=result.best_top1,
         seconds=round(seconds, 1),
     )
-    shown = "n/a" if result.best_map50 is None else f"{result.best_map50:.3f}"
-    job.set_progress(1.0 if status == "done" else job.progress, f"{status}: {result.epochs_done} epochs, mAP50 {shown}")
+    shown = _metrics_text(best_eval) or ("n/a" if result.best_map50 is None else f"map50 {result.best_map50:.3f}")
+    job.set_progress(1.0 if status == "done" else job.progress, f"{status}: {result.epochs_done} epochs, {shown}")
     return result
 
 
 def start_training(backend: Any, dataset: Path, opts: TrainOptions) -> Any:
     """Validate now (errors raise at once), then queue the training as a GPU job; returns the Job."""
-    report = prepare_dataset(backend.ctx, dataset)
-    report.raise_if_invalid()
     base = backend.get_model(opts.base)
-    name = f"YOLO training: {base.id} on {report.root.name} ({opts.epochs} epochs)"
+    report = prepare_dataset(backend.ctx, dataset, base.task)
+    report.raise_if_invalid()
+    name = f"YOLO {base.task} training: {base.id} on {report.root.name} ({opts.epochs} epochs)"
     unique = f"yolo:{report.dataset_hash}:{opts!r}"  # the same training twice (a double click) makes one run
     return backend.ctx.jobs.submit(
         name, lambda job: train_detector(backend, job, report, base, opts), gpu=True, unique=unique
     )
+
+
+def start_resume(backend: Any, run_id: str) -> Any:
+    """Queue the continuation of a stopped or crashed run from its checkpoint, with the run's own settings."""
+    try:
+        run = backend.ctx.runs.get(run_id)
+    except (KeyError, FileNotFoundError, ValueError):
+        raise DetectionError(f"Unknown run {run_id!r}; pick one from the list.") from None
+    if run.kind not in RUN_KINDS.values():
+        raise DetectionError(f"run {run_id} is a '{run.kind}' run, not a YOLO training")
+    if run.status == "running":
+        raise DetectionError(f"run {run_id} is still running; stop it first or wait for it")
+    if run.status == "done":
+        raise DetectionError(f"run {run_id} finished all its epochs; start a new training from its best.pt instead")
+    ckpt = resume_checkpoint(run.dir / "ultralytics" / "weights", run.status)
+    if ckpt is None:
+        raise DetectionError(f"run {run_id} left no resumable checkpoint (it stopped before its first epoch ended, "
+                             "or was resumed already)")  # fmt: skip
+    keys = set(TrainOptions.__dataclass_fields__)
+    opts = TrainOptions(**{k: v for k, v in run.config.items() if k in keys})
+    base = backend.get_model(opts.base)
+    report = prepare_dataset(backend.ctx, Path(run.config["dataset"]), base.task)
+    report.raise_if_invalid()
+    name = f"YOLO {base.task} training: resume {run_id} from {ckpt.name}"
+    return backend.ctx.jobs.submit(
+        name, lambda job: train_detector(backend, job, report, base, opts, resume=ckpt), gpu=True,
+        unique=f"yolo-resume:{run_id}",
+    )  # fmt: skip
 
 
 def evaluate(backend: Any, entry: DetectorModel, report: DatasetReport, *, imgsz: int, batch: int = 16) -> dict:

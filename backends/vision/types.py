@@ -9,6 +9,15 @@ from typing import Any
 import numpy as np
 
 RUN_KIND = "detection-train"
+TASKS = ("detect", "segment", "classify")  # Ultralytics' task names
+RUN_KINDS = {"detect": RUN_KIND, "segment": "segment-train", "classify": "classify-train"}
+# Untrained demo models of the other tasks, built offline from Ultralytics' yaml (no COCO/ImageNet weights here).
+DEMO_MODELS = (
+    ("yolov8n-seg-untrained", "YOLOv8n-seg (untrained demo model, built from yaml)", "segment", "yolov8n-seg.yaml"),
+    ("yolo11n-seg-untrained", "YOLO11n-seg (untrained demo model, built from yaml)", "segment", "yolo11n-seg.yaml"),
+    ("yolov8n-cls-untrained", "YOLOv8n-cls (untrained demo model, built from yaml)", "classify", "yolov8n-cls.yaml"),
+    ("yolo11n-cls-untrained", "YOLO11n-cls (untrained demo model, built from yaml)", "classify", "yolo11n-cls.yaml"),
+)
 
 
 TRUST_WARNING = (
@@ -57,22 +66,29 @@ class Box:
 @dataclass
 class DetectionResult:
     boxes: list[Box]
-    image: np.ndarray  # annotated, RGB uint8 (H, W, 3)
+    image: np.ndarray  # annotated, RGB uint8 (H, W, 3); may be a reversed-channel view of the BGR frame
     width: int
     height: int
     model_id: str
     inference_ms: float
+    task: str = "detect"
+    masks: int = 0  # segmentation: masks drawn (one per box)
+    top: list[tuple[str, float]] = field(default_factory=list)  # classification: (class, probability), best first
 
     def rows(self) -> list[list[Any]]:
+        if self.task == "classify":
+            return [[name, round(p, 4)] for name, p in self.top]
         return [[b.name, round(b.confidence, 3), *(round(v, 1) for v in (b.x1, b.y1, b.x2, b.y2))] for b in self.boxes]
 
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model_id,
+            "task": self.task,
             "width": self.width,
             "height": self.height,
             "inference_ms": round(self.inference_ms, 2),
             "boxes": [asdict(b) for b in self.boxes],
+            **({"top": [{"name": n, "probability": round(p, 5)} for n, p in self.top]} if self.top else {}),
         }
 
 
@@ -84,6 +100,7 @@ class DetectorModel:
     path: Path | None = None  # weights file, None for yaml-built models
     yaml: str | None = None
     vram_bytes: int = 200 * 2**20
+    task: str = "detect"  # "detect" | "segment" | "classify"
 
     @property
     def key(self) -> str:

