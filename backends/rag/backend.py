@@ -29,7 +29,7 @@ from backends.rag.ingest import resolve_folder
 from backends.rag.models import DEMO_RERANKER, PRECISIONS, REAL_RERANKERS, SentenceModelLoader, ensure_demo_reranker
 from backends.rag.respond import respond
 from backends.rag.search import FUSION_NAME, BM25Index, fuse
-from backends.rag.store import KBInfo, KnowledgeBaseError, Store, check_kb_name
+from backends.rag.store import KBInfo, KnowledgeBaseError, Store, check_kb_name, fetch_records, vector_scores
 from studio.safety import UnsafePathError, allowed_path, check_upload_size, contained_path, safe_filename, within
 
 if TYPE_CHECKING:
@@ -342,32 +342,13 @@ class RAGBackend:
         vec_ref, bm_ref = list(vec.values()), list(bm.values())
         if mode == "hybrid":  # both retrievers' exact scores for every candidate (see search.fuse)
             bm.update({d: float(all_scores[index.row[d]]) for d in vec if d not in bm and d in index.row})
-            self._vector_scores(col, qvec, [d for d in bm if d not in vec], vec, records)
+            vector_scores(col, qvec, [d for d in bm if d not in vec], vec, records)
         fused = fuse(vec, bm, vec_ref, bm_ref)
         head = sorted(fused, key=lambda d: -fused[d])[: max(top_k, self.config.rerank_top)]
-        self._fetch_missing(col, head, records)
+        fetch_records(col, head, records)
         passages = [self._passage(i + 1, d, records[d], vec, bm, fused) for i, d in enumerate(head)]
         passages, note, reranked = self._maybe_rerank(q, passages, mode, rerank, reranker, timings)
         return SearchResult(q, mode, passages[:top_k], note, reranked, n, timings)
-
-    @staticmethod
-    def _vector_scores(col: Any, qvec: Any, ids: list[str], vec: dict[str, float], records: dict) -> None:
-        """Cosine similarity of the keyword-only candidates (their stored vectors against the question's)."""
-        if not ids or qvec is None:
-            return
-        got = col.get(ids=ids, include=["embeddings", "documents", "metadatas"])
-        emb = np.asarray(got["embeddings"], dtype=np.float32)
-        for doc_id, e, doc, meta in zip(got["ids"], emb, got["documents"], got["metadatas"], strict=True):
-            vec[doc_id] = float(e @ qvec)
-            records[doc_id] = (doc, meta)
-
-    @staticmethod
-    def _fetch_missing(col: Any, ids: list[str], records: dict) -> None:
-        missing = [d for d in ids if d not in records]
-        if missing:
-            got = col.get(ids=missing, include=["documents", "metadatas"])
-            for doc_id, doc, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
-                records[doc_id] = (doc, meta)
 
     @staticmethod
     def _passage(number: int, doc_id: str, record: tuple, vec: dict, bm: dict, fused: dict) -> Passage:
