@@ -129,3 +129,25 @@ def test_tab_evaluation_two_sessions_and_stop(ctx, tmp_path: Path) -> None:
         list(eval_stream(rag, None, UPLOAD, str(QUESTIONS), ["hybrid"], 3, "none", False))
     with pytest.raises(gr.Error, match="modes"):
         list(eval_stream(rag, "notes", UPLOAD, str(QUESTIONS), [], 3, "none", False))
+
+
+@pytest.mark.slow
+def test_real_chat_model_without_tool_template_answers_with_plain_rag(ctx) -> None:
+    """SmolLM2's chat template has no tools: the tool mode says so and answers from the passages."""
+    ups = list(
+        ctx.backends.rag.answer("notes", "How much water goes into the dough?", use_tools=True, max_new_tokens=24)
+    )
+    final = ups[-1]
+    assert final.done and final.llm_used and final.text.strip() and not final.steps
+    assert "no tool template: answered with plain RAG" in final.note
+
+
+@pytest.mark.slow
+def test_evaluation_with_answers_scores_rouge_bleu_and_citations(ctx) -> None:
+    from backends.rag import EvalOptions, evaluation_stream
+
+    opts = EvalOptions(modes=("hybrid",), k=3, answer=True, max_new_tokens=32)
+    report = _last(evaluation_stream(ctx.backends.rag, "notes", QUESTIONS, opts)).report
+    a = report.answers
+    assert a["answers_scored"] >= 3 and 0 <= a["rouge_l"] <= 1 and 0 <= a["bleu"] <= 100
+    assert a["abstention_rate_unanswerable"] == 1.0

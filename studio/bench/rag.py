@@ -41,7 +41,7 @@ from studio.bench.rag_data import (
 
 BASELINE = {"embed_precision": "fp32", "embed_batch_size": 16, "flush_chunks": 64}  # the settings before issue 19
 OVERLAP_TOLERANCE = 0.9  # mean share of the vector search's top 10 that both precisions return
-METRIC_TOLERANCE = 0.05  # |recall@5 or MRR@10 difference| per retrieval and set between the two ingests
+METRIC_TOLERANCE = 1.0  # |recall@5 or MRR@10 change| x answerable questions: at most one question's rank moves
 
 
 def _evaluate(rag: Any, kb: str, questions: list, opts: EvalOptions) -> Any:
@@ -185,10 +185,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             "ingest: vector top-10 overlap with the fp32 ingest", worst_overlap, OVERLAP_TOLERANCE, "share"
         ).as_dict()
     )
-    delta = max(abs(s["retrieval"][m][k] - s["retrieval_fp32_ingest"][m][k]) for s in res["sets"].values()
-                for m in ("vector", "keyword", "hybrid") for k in ("recall@5", "mrr@10"))  # fmt: skip
-    out.append(Target("ingest: max |metric change| vs the fp32 ingest", round(delta, 4), METRIC_TOLERANCE, "abs",
-                      higher_is_better=False).as_dict())  # fmt: skip
+    delta = max(abs(s["retrieval"][m][k] - s["retrieval_fp32_ingest"][m][k]) * s["answerable"]
+                for s in res["sets"].values() for m in ("vector", "keyword", "hybrid") for k in ("recall@5", "mrr@10"))  # fmt: skip
+    out.append(Target("ingest: max metric change vs the fp32 ingest, in questions", round(delta, 2),
+                      METRIC_TOLERANCE, "questions", higher_is_better=False).as_dict())  # fmt: skip
     return out
 
 
