@@ -125,6 +125,17 @@ DEFAULT_SPECS: tuple[ModelSpec, ...] = (
     ),
     ModelSpec(
         "reranker",
+        "bge-reranker-base",
+        "bge-reranker-base cross-encoder",
+        hub_id="BAAI/bge-reranker-base",
+        precision="fp32 (fp16 on GPU)",
+        licence="MIT",
+        expected_bytes=int(1.1 * GB),
+        vram_bytes=600 * MB,
+        notes="XLM-RoBERTa base cross-encoder (278 M params); scores are logits, not probabilities.",
+    ),
+    ModelSpec(
+        "reranker",
         "ms-marco-minilm-l6",
         "ms-marco-MiniLM-L-6-v2 cross-encoder",
         hub_id="cross-encoder/ms-marco-MiniLM-L-6-v2",
@@ -132,6 +143,16 @@ DEFAULT_SPECS: tuple[ModelSpec, ...] = (
         licence="Apache-2.0",
         expected_bytes=91 * MB,
         vram_bytes=120 * MB,
+    ),
+    ModelSpec(
+        "reranker",
+        "tiny-random-cross-encoder",
+        "Tiny random cross-encoder (untrained demo model)",
+        demo=True,
+        licence="Apache-2.0",
+        vram_bytes=10 * MB,
+        notes="One-layer BERT with random weights over all-MiniLM-L6-v2's vocabulary: tests the reranking path "
+        "offline; its order is noise.",
     ),
     # ---- speech --------------------------------------------------------------------------------------
     ModelSpec(

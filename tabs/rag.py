@@ -8,6 +8,7 @@ from typing import Any
 
 from studio.context import StudioContext, Tab
 from tabs._session import StopFlag, bind, on_page_load
+from tabs.rag_eval import build_eval, reranker_choices
 
 SAMPLE_NOTES = Path(__file__).resolve().parent.parent / "assets" / "notes"
 PASSAGE_COLUMNS = ["#", "source", "heading", "vector", "BM25", "fused", "rerank", "text"]
@@ -62,6 +63,8 @@ def citations_markdown(update: Any) -> str:
 
 def answer_markdown(update: Any) -> str:
     note = f"\n\n*{update.note}*" if update.note else ""
+    if update.abstained:
+        return "**No answer: the notes do not seem to hold it.**" + note
     if update.text:
         return update.text + note
     if update.done and not update.llm_used:
@@ -116,20 +119,32 @@ PASSAGE_CSS = """<style>
 </style>"""
 
 
-def ask_stream(backend: Any, kb_v: str | None, q: str, mode_v: str, k: float, llm_v: bool, tokens: float):
-    """Stream (ranking note, answer, citations, passage rows) for one question."""
+def steps_markdown(update: Any) -> str:
+    """The step log of a tool-calling answer: each call with its arguments and (the start of) its result."""
+    if not update.steps:
+        return ""
+    lines = [f"{i}. `{s.split(' -> ', 1)[0]}` → {s.split(' -> ', 1)[-1][:200]}" for i, s in enumerate(update.steps, 1)]
+    return "**Tool calls**\n\n" + "\n".join(lines)
+
+
+def ask_stream(backend: Any, kb_v: str | None, q: str, mode_v: str, k: float, llm_v: bool, tokens: float,
+               tools_v: bool = False, reranker_v: str = "auto"):  # fmt: skip
+    """Stream (ranking note, answer, citations, passage rows, step log) for one question."""
     import gradio as gr
 
     if not kb_v:
         raise gr.Error("Choose a knowledge base first (or create one and ingest a folder).")
+    reranker = None if reranker_v in ("auto", "none", None) else reranker_v
     try:
         stream = backend.answer(kb_v, q, top_k=int(k), mode=MODE_LABELS[mode_v], use_llm=bool(llm_v),
-                                max_new_tokens=int(tokens))  # fmt: skip
+                                max_new_tokens=int(tokens), use_tools=bool(tools_v), reranker=reranker,
+                                rerank=reranker_v != "none")  # fmt: skip
         first = True
         for update in stream:
             rows = passage_rows(update.search) if first or update.done else gr.skip()
             first = False
-            yield update.search.ranking_note, answer_markdown(update), citations_markdown(update), rows
+            yield (update.search.ranking_note, answer_markdown(update), citations_markdown(update), rows,
+                   steps_markdown(update))  # fmt: skip
     except (ValueError, RuntimeError) as e:  # bad input, or no embedding model / out of memory
         raise gr.Error(str(e)) from None
 
@@ -170,11 +185,11 @@ def ingest(backend: Any, kb_v: str | None, new_v: str, folder_v: str, files: lis
     yield from ingest_stream(backend, kb_v, new_v, folder_v, files)
 
 
-def ask(ctx: StudioContext, backend: Any, busy: StopFlag, kb_v, q, mode_v, k, llm_v, tokens):
+def ask(ctx: StudioContext, backend: Any, busy: StopFlag, kb_v, q, mode_v, k, llm_v, tokens, tools_v, reranker_v):
     busy.set()
     try:
         with ctx.queues.hold(ctx.queues.queue_id("RAG"), "a RAG answer (RAG)"):
-            yield from ask_stream(backend, kb_v, q, mode_v, k, llm_v, tokens)
+            yield from ask_stream(backend, kb_v, q, mode_v, k, llm_v, tokens, tools_v, reranker_v)
     finally:
         busy.clear()
 
@@ -212,7 +227,7 @@ def _build_library(backend: Any) -> dict[str, Any]:
     return locals()
 
 
-def _build_question() -> dict[str, Any]:
+def _build_question(backend: Any) -> dict[str, Any]:
     import gradio as gr
 
     question = gr.Textbox(label="Question", lines=2, placeholder="How much water goes into the sourdough?")
@@ -223,10 +238,15 @@ def _build_question() -> dict[str, Any]:
         use_llm = gr.Checkbox(True, label="Write an answer with the chat model")
         max_tokens = gr.Slider(16, 1024, value=200, step=16, label="Answer length (tokens)")
     with gr.Row():
+        use_tools = gr.Checkbox(False, label="Let the chat model call tools (search_notes, open_file, calculator)")
+        reranker = gr.Dropdown([("auto (a downloaded cross-encoder)", "auto"), *reranker_choices(backend)],
+                               value="auto", label="Reranker")  # fmt: skip
+    with gr.Row():
         ask_btn = gr.Button("Ask", variant="primary")
         stop_btn = gr.Button("Stop")
     ranking = gr.Markdown()
     answer = gr.Markdown(label="Answer")
+    steps = gr.Markdown(label="Tool calls")
     cited = gr.Markdown(elem_classes=["rag-cited"])
     return locals()
 
@@ -235,11 +255,12 @@ def build(ctx: StudioContext) -> None:
     import gradio as gr
 
     backend = ctx.backends.rag
+    chosen = backend.default_reranker()
     rerank_line = (
-        "Reranking: the **ms-marco-MiniLM-L-6-v2 cross-encoder** reorders the best 20 candidates."
-        if backend.reranker_available()
-        else "Reranking: **no reranker installed: ranking by hybrid score** (download the ms-marco cross-encoder "
-        "in the Models tab to rerank)."
+        f"Reranking: the **{chosen} cross-encoder** reorders the best 20 candidates."
+        if chosen
+        else "Reranking: **no reranker installed: ranking by hybrid score** (download bge-reranker-base or the "
+        "ms-marco cross-encoder in the Models tab to rerank; the untrained demo cross-encoder only tests the path)."
     )
     gr.Markdown(
         "## RAG: ask your notes and code\nIngest a folder (Markdown, text, code, PDF) into a knowledge base; the "
@@ -254,7 +275,7 @@ def build(ctx: StudioContext) -> None:
         with gr.Column(scale=2):
             lib = _build_library(backend)
         with gr.Column(scale=3):
-            q = _build_question()
+            q = _build_question(backend)
     passages = gr.Dataframe(
         headers=PASSAGE_COLUMNS, label="Retrieved passages (scores)", wrap=True, interactive=False,
         column_widths=["4%", "20%", "16%", "7%", "7%", "7%", "7%", "32%"],
@@ -272,8 +293,9 @@ def build(ctx: StudioContext) -> None:
     )  # fmt: skip
     lib["cancel_btn"].click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
     lib["delete_btn"].click(bind(delete, backend), kb, [kb, lib["kb_info"]])
-    inputs = [busy, kb, q["question"], q["mode"], q["top_k"], q["use_llm"], q["max_tokens"]]
-    outputs = [q["ranking"], q["answer"], q["cited"], passages]
+    inputs = [busy, kb, q["question"], q["mode"], q["top_k"], q["use_llm"], q["max_tokens"], q["use_tools"],
+              q["reranker"]]  # fmt: skip
+    outputs = [q["ranking"], q["answer"], q["cited"], passages, q["steps"]]
     events = []
     for i, trigger in enumerate((q["ask_btn"].click, q["question"].submit)):
         trigger(bind(ask_pressed, ctx), busy, q["ranking"], queue=False)
@@ -281,6 +303,7 @@ def build(ctx: StudioContext) -> None:
         events.append(trigger(bind(ask, ctx, backend), inputs, outputs, trigger_mode="always_last",
                               api_name=None if i else "rag_ask", **ctx.queues.event_kwargs("RAG")))  # fmt: skip
     q["stop_btn"].click(None, None, None, cancels=events)
+    build_eval(ctx, backend, kb)
 
 
 TAB = Tab("RAG", build)

@@ -1,4 +1,5 @@
-"""RAG tab in a real browser: ingest the sample notes, ask a question, read the cited passage (slow)."""
+"""RAG tab in a real browser: ingest the sample notes, ask a question, read the cited passage, then run an evaluation
+from an uploaded question set and read its scores (slow: a whole studio with the real embedding model)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from tests._studio_server import running_studio
 
 CHROMIUM = Path("/usr/bin/chromium")
+QUESTIONS = Path(__file__).resolve().parent.parent / "backends" / "rag" / "questions" / "sample-notes.jsonl"
 pytestmark = pytest.mark.slow
 if not CHROMIUM.exists():
     pytest.skip("Debian's chromium is not installed (/usr/bin/chromium)", allow_module_level=True)
@@ -35,5 +37,11 @@ def test_rag_tab_ingests_and_answers_with_citations(tmp_path: Path) -> None:
         panel.get_by_role("button", name="Ask", exact=True).click()
         panel.get_by_text("notes/sourdough.md:8-16").first.wait_for()
         panel.get_by_text("350 g water").first.wait_for()
+        panel.get_by_text("Evaluate: score retrieval and answers on a question set").first.click()
+        panel.locator("input[type=file]").last.set_input_files(str(QUESTIONS))
+        panel.get_by_role("button", name="Run evaluation", exact=True).click()
+        panel.get_by_text("Saved as run").first.wait_for()
+        panel.get_by_text("6 questions").first.wait_for()
+        assert panel.get_by_text("abstention on unanswerable 1.000").count() >= 1
         browser.close()
         assert errors == [], errors

@@ -61,6 +61,8 @@ class AnswerUpdate:
     cited: list[int] = field(default_factory=list)  # passage numbers cited in `text`
     done: bool = False
     llm_used: bool = False
+    abstained: bool = False  # refused: no passage is close enough to the question (or it is not about the notes)
+    steps: list[str] = field(default_factory=list)  # tool calls and their results, when the chat used tools
 
 
 def check_question(question: str, max_chars: int) -> str:
@@ -116,3 +118,60 @@ def cut_repetition(text: str, min_chars: int = 24) -> str | None:
             return text[: m.start()].rstrip()
         seen.add(key)
     return None
+
+
+_ABSTAIN = re.compile(
+    r"(do(es)? not|don't|doesn't) (contain|mention|include|say|provide|answer)|not (in|found in|mentioned in) the "
+    r"(passages|notes|text)|no (passage|information)|cannot (answer|find)|can't (answer|find)|i (do not|don't) know|"
+    r"unable to (answer|find)",
+    re.I,
+)
+
+
+def is_abstention(text: str) -> bool:
+    """Does an answer decline (the passages do not hold it)? English phrasings of the system prompt's rule."""
+    return bool(_ABSTAIN.search(text or ""))
+
+
+# ---- the question's language ---------------------------------------------------------------------------------
+_SCRIPTS = (
+    ("CJK", "Chinese or Japanese"), ("HIRAGANA", "Japanese"), ("KATAKANA", "Japanese"), ("HANGUL", "Korean"),
+    ("CYRILLIC", "Russian or another Cyrillic-script language"), ("ARABIC", "Arabic"), ("HEBREW", "Hebrew"),
+    ("DEVANAGARI", "Hindi"), ("GREEK", "Greek"), ("THAI", "Thai"),
+)  # fmt: skip
+_LATIN_WORDS = {
+    "French": {"le", "la", "les", "des", "est", "que", "qui", "pourquoi", "comment", "quelle", "quel", "dans", "une",
+               "avec", "pour", "combien", "où", "sont", "du"},
+    "German": {"der", "die", "das", "ist", "und", "wie", "warum", "welche", "wer", "nicht", "mit", "ein", "eine",
+               "dem", "den", "viel", "wo", "sind", "für"},
+    "Spanish": {"el", "la", "los", "las", "es", "que", "qué", "por", "cómo", "cuál", "dónde", "una", "con", "para",
+                "cuánta", "cuánto", "del", "quién", "son"},
+    "Italian": {"il", "la", "lo", "gli", "è", "che", "perché", "come", "quale", "dove", "una", "con", "per", "della",
+                "quanta", "quanto", "chi", "sono", "nella", "nel", "di"},
+    "Portuguese": {"o", "os", "as", "é", "que", "por", "como", "qual", "onde", "uma", "com", "para", "quanta",
+                   "quanto", "quem", "são", "da", "do"},
+    "Dutch": {"de", "het", "een", "is", "en", "hoe", "waarom", "welke", "wie", "niet", "met", "voor", "hoeveel",
+              "waar", "zijn", "van"},
+}  # fmt: skip
+_ENGLISH = {"the", "a", "is", "are", "what", "why", "how", "which", "who", "where", "does", "do", "of", "to", "in",
+            "and", "for", "with", "much", "many", "when", "that", "on"}  # fmt: skip
+
+
+def question_language(text: str) -> str | None:
+    """The language a question is clearly written in when it is not English (None: English or unsure).
+
+    Non-Latin scripts by their Unicode names (over a third of the letters); Latin-script languages by their
+    function words (at least two, and more than English ones)."""
+    import unicodedata
+
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters:
+        return None
+    for script, language in _SCRIPTS:
+        if sum(script in unicodedata.name(ch, "") for ch in letters) > len(letters) / 3:
+            return language
+    words = re.findall(r"\w+", text.lower())
+    english = sum(w in _ENGLISH for w in words)
+    best = max(_LATIN_WORDS, key=lambda lang: sum(w in _LATIN_WORDS[lang] for w in words))
+    hits = sum(w in _LATIN_WORDS[best] for w in words)
+    return best if hits >= 2 and hits > english else None

