@@ -118,7 +118,11 @@ class LabLoop:
         block = model.cfg.block_size
         self.train = Batches(train_data, block, opts.batch_size, self.device, opts.seed)
         self.val = Batches(val_data, block, opts.batch_size, self.device, opts.seed + 1)
-        self.forward = torch.compile(model) if opts.compile else model
+        self.forward = model
+        if opts.compile and self.device.type == "cuda":
+            self.forward = torch.compile(model)  # the first steps compile (tens of seconds), later ones run faster
+        elif opts.compile:
+            job.log("torch.compile is for the GPU: on the CPU its first steps take minutes, so the run goes eager")
         self.log_every = max(1, opts.eval_every // 4)
         self.tokens_per_step = opts.batch_size * block
 
