@@ -24,6 +24,7 @@ POSITION_CHOICES = {"learned table (GPT-2)": "learned", "rotary (RoPE)": "rope",
 COMPARE_METRICS = {"validation loss": "val_loss", "perplexity": "val_ppl", "train loss": "train_loss",
                    "tokens/s": "tokens_per_s", "learning rate": "lr"}  # fmt: skip
 PLOT_COLUMNS = ["step", "value", "series"]
+LOSS_COLORS = {"train": "#4c78a8", "validation": "#f58518"}  # a plot keeps the series of its first update otherwise
 
 
 def series_frame(rows: list[dict[str, Any]], keys: dict[str, str]):
@@ -55,7 +56,8 @@ def training_options(corpus_v, works_v, tok_v, bpe_v, steps_v, batch_v, lr_v, se
                     tokenizer=TOKENIZER_CHOICES.get(tok_v, tok_v), bpe_vocab=int(bpe_v))  # fmt: skip
     steps = int(steps_v)
     return TrainOptions(works=data.works, steps=steps, batch_size=int(batch_v), lr=float(lr_v), seed=int(seed_v),
-                        eval_every=max(1, steps // 20), compile=bool(compile_v), data=data)  # fmt: skip
+                        eval_every=max(1, steps // 20), warmup_steps=min(100, steps // 10), compile=bool(compile_v),
+                        data=data)  # fmt: skip
 
 
 def start(backend: Any, pos_v, size_v, corpus_v, works_v, tok_v, bpe_v, steps_v, batch_v, lr_v, seed_v, compile_v):
@@ -193,7 +195,9 @@ def _build_train() -> dict[str, Any]:
         with gr.Column():
             status = gr.Markdown("No training yet.")
             with gr.Row():
-                loss_plot = gr.LinePlot(None, x="step", y="value", color="series", title="Loss", height=220)
+                loss_plot = gr.LinePlot(
+                    None, x="step", y="value", color="series", title="Loss", height=220, color_map=LOSS_COLORS
+                )  # fixed: validation appears after the first points
                 ppl_plot = gr.LinePlot(None, x="step", y="value", color="series", title="Perplexity", height=220)
             with gr.Row():
                 speed_plot = gr.LinePlot(None, x="step", y="value", color="series", title="Tokens/s", height=200)
