@@ -118,7 +118,8 @@ def cache_speed(backend: Any, run_id, prompt_v, n):
         cached, plain = backend.cache_speed(_checked(run_id), prompt_v, int(n))
     except (ValueError, FileNotFoundError) as e:
         raise gr.Error(str(e)) from None
-    same = "the same text" if cached.text == plain.text else "different text (fp rounding flipped a draw)"
+    same = ("the same text" if cached.text == plain.text else "the texts part once the window is full (the cache "
+            "then restarts from the last half window, the uncached path rereads the whole window)")  # fmt: skip
     return (f"{cached.new_tokens} tokens, same seed: with the cache **{cached.tokens_per_s:,.0f} tokens/s**, "
             f"without **{plain.tokens_per_s:,.0f} tokens/s** ({cached.tokens_per_s / plain.tokens_per_s:.1f}x); "
             f"{same}.")  # fmt: skip
@@ -223,7 +224,7 @@ def _build_sample(backend: Any) -> dict[str, Any]:
         extra_btn = gr.Button("Perplexity at 1x / 2x / 4x the training context")
     speed = gr.Markdown()
     sample_out = gr.Textbox(label="Output", lines=10)
-    extra_table = gr.Dataframe(headers=["context", "tokens", "held-out perplexity", "tokens scored"],
+    extra_table = gr.Dataframe(headers=["context", "length (tokens)", "held-out perplexity", "tokens scored"],
                                label="Length extrapolation (saved with the run; see the comparison below)")  # fmt: skip
     return locals()
 
