@@ -64,12 +64,17 @@ def test_cached_logits_equal_uncached_logits(pos):
     model = model_for(pos)
     idx = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
     full = model(idx)[0]
-    cache = KVCache(model.cfg.n_layer)
-    pieces = [model(idx[:, :9], cache=cache)[0]]  # a prompt
-    pieces += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 20)]  # one token at a time
-    pieces.append(model(idx[:, 20:], cache=cache)[0])  # a chunk after a past: the explicit mask path
-    assert cache.length == 30
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    for capacity in (None, 32):  # growing by concatenation, and preallocated buffers filled in place
+        cache = KVCache(model.cfg.n_layer, capacity)
+        pieces = [model(idx[:, :9], cache=cache)[0]]  # a prompt
+        pieces += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 20)]  # one token at a time
+        pieces.append(model(idx[:, 20:], cache=cache)[0])  # a chunk after a past: the explicit mask path
+        assert cache.length == 30
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    full_cache, kv = KVCache(1, 2), torch.zeros(1, 1, 2, 4)
+    full_cache.extend(0, kv, kv)
+    with pytest.raises(ValueError, match="holds 2 positions; 3 asked"):
+        full_cache.extend(0, kv[:, :, :1], kv[:, :, :1])
 
 
 @pytest.mark.parametrize("pos", POSITIONS)

@@ -65,22 +65,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of every layer so far, (B, nh, T, hs) each; keys are stored already rotated (RoPE)."""
+    """Keys and values of every layer so far, (B, nh, T, hs) each; keys are stored already rotated (RoPE).
 
-    def __init__(self, n_layer: int) -> None:
+    With a `capacity` the buffers are allocated once and filled in place (a decode step copies one position, not
+    the whole past); without one, each step concatenates."""
+
+    def __init__(self, n_layer: int, capacity: int | None = None) -> None:
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.capacity, self.filled = capacity, [0] * n_layer
 
     @property
     def length(self) -> int:
-        first = self.layers[0]
-        return 0 if first is None else first[0].shape[2]
+        return self.filled[0]
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.filled[layer], self.filled[layer] + k.shape[2]
         past = self.layers[layer]
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
+        if self.capacity is None:
+            if past is not None:
+                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+            self.layers[layer], self.filled[layer] = (k, v), end
+            return k, v
+        if end > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {end} asked")
+        if past is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            past = self.layers[layer] = (k.new_empty(shape), v.new_empty(shape))
+        past[0][:, :, start:end], past[1][:, :, start:end] = k, v
+        self.filled[layer] = end
+        return past[0][:, :, :end], past[1][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -181,7 +194,7 @@ class TinyGPT(nn.Module):
         """Sample `max_new_tokens` after `idx` (B, T). The window is the last block_size tokens; with the cache,
         a full window is refilled from its last half (so a long sample recomputes every block_size / 2 tokens)."""
         block = self.cfg.block_size
-        cache = KVCache(self.cfg.n_layer) if use_cache else None
+        cache = KVCache(self.cfg.n_layer, block) if use_cache else None
         logits = self(idx[:, -block:], cache=cache)[0][:, -1]
         for i in range(max_new_tokens):
             nxt = pick_next(logits, temperature, top_k, generator)
@@ -191,7 +204,7 @@ class TinyGPT(nn.Module):
             if cache is None:
                 logits = self(idx[:, -block:])[0][:, -1]
             elif cache.length >= block:
-                cache = KVCache(self.cfg.n_layer)
+                cache = KVCache(self.cfg.n_layer, block)
                 logits = self(idx[:, -(block // 2) :], cache=cache)[0][:, -1]
             else:
                 logits = self(nxt, cache=cache)[0][:, -1]

@@ -27,7 +27,6 @@ def targets(r: dict[str, Any], args) -> list[dict[str, Any]]:
     out.append(
         Target("training tokens/s, ours / plain fp32 loop", ours["tokens_per_s"] / plain["tokens_per_s"], 1.0, "x")
     )
-    out.append(Target("sampling tokens/s, KV cache / no cache", r["sampling"]["speedup"], 1.0, "x"))
     ratios = _degradation(r["extrapolation"])
     if "alibi" in ratios and "rope" in ratios:
         out.append(Target("ALiBi degrades least: perplexity 4x / 1x context, ALiBi (goal: <= RoPE's)",
