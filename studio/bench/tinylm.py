@@ -333,6 +333,9 @@ def defaults(args):
     args.extrap_s = args.extrap_s or (2.0 if small else 15.0 if gpu else 30.0)
     args.budget_s = args.budget_s or (TARGET_TOTAL_S if gpu else 900.0 if small else 400.0)  # small: a safety net
     args.batch = args.batch or (8 if small else 64 if gpu else 12)
+    if not gpu:  # a 2-core CPU makes a few hundred steps in two minutes: a short warm-up, fewer eval batches
+        args.warmup = min(args.warmup, 20)
+        args.eval_batches, args.final_eval_batches = min(args.eval_batches, 8), min(args.final_eval_batches, 50)
     if small:
         args.eval_batches, args.final_eval_batches, args.baseline_steps = 2, 4, 2
         args.sample_tokens, args.extrap_tokens, args.sync_every = 16, 1024, 2
