@@ -330,12 +330,14 @@ def defaults(args):
     args.train_s = args.train_s or (4.0 if small else 88.0 if gpu else 120.0)
     args.max_steps = (5000 if gpu else 0) if args.max_steps is None else args.max_steps
     args.eval_every_s = args.eval_every_s or (args.train_s / 3 if small else 10.0 if gpu else 20.0)
-    args.extrap_s = args.extrap_s or (2.0 if small else 15.0 if gpu else 30.0)
-    args.budget_s = args.budget_s or (TARGET_TOTAL_S if gpu else 900.0 if small else 400.0)  # small: a safety net
+    args.extrap_s = args.extrap_s or (2.0 if small else 15.0 if gpu else 20.0)
+    args.budget_s = args.budget_s or (TARGET_TOTAL_S if gpu else 900.0)  # on a CPU: a safety net
     args.batch = args.batch or (8 if small else 64 if gpu else 12)
     if not gpu:  # a 2-core CPU makes a few hundred steps in two minutes: a short warm-up, fewer eval batches
         args.warmup = min(args.warmup, 20)
         args.eval_batches, args.final_eval_batches = min(args.eval_batches, 8), min(args.final_eval_batches, 50)
+        args.sample_tokens = min(args.sample_tokens, 64)
+        args.sync_every = 1  # CPU work is synchronous: read the clock every step, so the budget is kept exactly
     if small:
         args.eval_batches, args.final_eval_batches, args.baseline_steps = 2, 4, 2
         args.sample_tokens, args.extrap_tokens, args.sync_every = 16, 1024, 2
@@ -369,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         name = "tinylm_quick" if args.quick else "tinylm"
         paths = write_results(args.out, name, result, text)
         say(f"wrote {paths[0]} and {paths[1]}")
-    return 0 if all(t["met"] for t in result["targets"]) or args.quick or args.dry_run else 1
+    missed = [t["name"] for t in result["targets"] if not t["met"]]
+    return 1 if missed and args.device.startswith("cuda") else 0  # a GPU run that misses a target fails
 
 
 if __name__ == "__main__":
