@@ -233,7 +233,7 @@ def extrapolation_rows(args, vocab, train_data, val_data, device, deadline: floa
             continue
         model = build(args.extrap_preset, vocab, pos, device, args.seed)
         trainer = Trainer(args, model, train_data, val_data, device, False, args.batch)
-        result = trainer.run(budget, budget, args.eval_batches, f"extrap {pos}")
+        result = trainer.run(budget, budget, args.eval_batches, f"extrap {pos}", max_steps=args.extrap_steps)
         points = extrapolation(model, val_data, args.extrap_tokens, dtype=trainer.dtype)
         rows.append({"pos": pos, "train_s": result["train_s"], "steps": result["steps"], "context": model.cfg.block_size,
                      "points": [{"factor": p.factor, "context": p.context, "loss": p.loss, "perplexity": p.perplexity,
@@ -307,6 +307,12 @@ def parse(argv: list[str] | None):
     p.add_argument("--sample-tokens", type=int, default=256)
     p.add_argument("--extrap-preset", default=None, help="small on a GPU, tiny on a CPU")
     p.add_argument("--extrap-s", type=float, default=None, help="most training seconds per encoding")
+    p.add_argument(
+        "--extrap-steps",
+        type=int,
+        default=None,
+        help="steps per encoding (GPU 2000, CPU 150): equal work for each, `--extrap-s` caps the time",
+    )
     p.add_argument("--extrap-eval-s", type=float, default=2.0, help="seconds kept for each encoding's scoring")
     p.add_argument("--extrap-tokens", type=int, default=16_384)
     p.add_argument("--budget-s", type=float, default=None, help="the whole run (GPU 180)")
@@ -329,8 +335,9 @@ def defaults(args):
     args.extrap_preset = args.extrap_preset or ("small" if gpu else "tiny")
     args.train_s = args.train_s or (4.0 if small else 88.0 if gpu else 120.0)
     args.max_steps = (5000 if gpu else 0) if args.max_steps is None else args.max_steps
+    args.extrap_steps = args.extrap_steps or (4 if small else 2000 if gpu else 150)
     args.eval_every_s = args.eval_every_s or (args.train_s / 3 if small else 10.0 if gpu else 20.0)
-    args.extrap_s = args.extrap_s or (2.0 if small else 15.0 if gpu else 20.0)
+    args.extrap_s = args.extrap_s or (4.0 if small else 15.0 if gpu else 60.0)
     args.budget_s = args.budget_s or (TARGET_TOTAL_S if gpu else 900.0)  # on a CPU: a safety net
     args.batch = args.batch or (8 if small else 64 if gpu else 12)
     if not gpu:  # a 2-core CPU makes a few hundred steps in two minutes: a short warm-up, fewer eval batches
