@@ -233,7 +233,8 @@ def test_tiny_lm_run_plots_numbers_and_runs_lists_its_artifacts(page, tmp_path):
     _visible(panel.get_by_text(re.compile(r"\*?done"))).wait_for(timeout=180_000)
     plot = _visible(panel.locator("[aria-roledescription='line mark']"))
     plot.wait_for(timeout=30_000)
-    ticks = [t or "" for t in panel.locator("[aria-roledescription='axis'] text").all_text_contents()]
+    chart = _visible(panel.locator("svg:has([aria-roledescription='line mark'])"))  # the first of the live plots
+    ticks = [t or "" for t in chart.locator("[aria-roledescription='axis'] text").all_text_contents()]
     numbers = [t for t in ticks if re.fullmatch(r"-?\d+(\.\d+)?", t.strip().replace(",", ""))]
     assert len(numbers) >= 4 and len(ticks) < 30, ticks  # numeric axes, not ~40 category labels
     log_box = panel.get_by_label("Log (newest first)")
