@@ -174,6 +174,15 @@ def test_chat_plain_and_streamed_with_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_text_completion_plain_and_streamed(client):
+    plain = client.completions.create(model=CHAT, prompt="The capital of France is", max_tokens=6, temperature=0)
+    text = plain.choices[0].text
+    assert text.strip() and plain.usage.completion_tokens >= 1 and plain.choices[0].finish_reason in ("stop", "length")
+    streamed = client.completions.create(model=CHAT, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                         stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+
+
 def test_embeddings_in_both_encodings(server, client):
     texts = ["The cat sat on the mat.", "A kitten rests on a rug.", "Quarterly tax filing deadlines."]
     f = client.embeddings.create(model="all-minilm-l6-v2", input=texts, encoding_format="float")
