@@ -163,15 +163,23 @@ def speed_row(arch: str, folder: Path, args, device: str) -> dict:
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()  # this row's own peak
     ours = time_ours(folder, clips, args.batch, args.tokens, device)
+    ours_peak = _peak(device)
     print(f"  {arch}: ours {ours:.1f} s for {len(clips)} windows", flush=True)
     fp16 = torch.float16 if device != "cpu" else torch.float32
-    batched = time_pipeline(folder, clips, args.tokens, device, dtype=fp16, batch=args.batch)
-    print(f"  {arch}: pipeline fp16 batched {batched:.1f} s", flush=True)
+    batched_error = None
+    try:
+        batched = time_pipeline(folder, clips, args.tokens, device, dtype=fp16, batch=args.batch)
+        print(f"  {arch}: pipeline fp16 batched {batched:.1f} s", flush=True)
+    except torch.OutOfMemoryError as e:  # a result in itself: the baseline does not fit the 12 GiB card
+        batched, batched_error = None, f"out of memory at batch {args.batch}: {str(e).splitlines()[0][:120]}"
+        print(f"  {arch}: pipeline fp16 batched: {batched_error}", flush=True)
+        _free(device)
     base = time_pipeline(folder, base_clips, args.tokens, device, dtype=torch.float32)  # as the Hub's fp32 files load
     print(f"  {arch}: pipeline defaults {base:.1f} s for {len(base_clips)} windows", flush=True)
     return {"model": arch, "windows": len(clips), "baseline_windows": len(base_clips), "tokens_per_window": args.tokens,
             "ours_rtf": ours / (30 * len(clips)), "pipeline_default_rtf": base / (30 * len(base_clips)),
-            "pipeline_fp16_batched_rtf": batched / (30 * len(clips)), "peak_bytes": _peak(device)}  # fmt: skip
+            "pipeline_fp16_batched_rtf": None if batched is None else batched / (30 * len(clips)),
+            "pipeline_fp16_batched_error": batched_error, "peak_bytes": ours_peak}  # fmt: skip
 
 
 def _peak(device: str) -> int | None:
@@ -224,7 +232,7 @@ def markdown(result: dict) -> str:
         peak = fmt_bytes(r["peak_bytes"]) if r.get("peak_bytes") else "-"
         md.append(f"| whisper-{r['model']} | {r['windows']} (baseline {r['baseline_windows']}) | "
                   f"{r['tokens_per_window']} | {r['ours_rtf']:.4f} | {r['pipeline_default_rtf']:.4f} | "
-                  f"{r['pipeline_fp16_batched_rtf']:.4f} | {peak} |")  # fmt: skip
+                  f"{_rtf(r)} | {peak} |")  # fmt: skip
     md += ["", "Real-time factor (compute s per audio s; lower is faster).", "",
            "| tuning | method | autocast | optimizer | batch | trainable | s/step | peak | losses |",
            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -234,6 +242,11 @@ def markdown(result: dict) -> str:
                   f"{r['trainable_params'] / 1e6:.2f} M | {r['step_s']:.3f} | {peak} | {r['losses']} |")  # fmt: skip
     md += [f"- skipped: {s}" for s in result["skipped"]]
     return "\n".join([*md, "", targets_table(result["targets"])])
+
+
+def _rtf(r: dict) -> str:
+    v = r.get("pipeline_fp16_batched_rtf")
+    return f"{v:.4f}" if v is not None else (r.get("pipeline_fp16_batched_error") or "-")
 
 
 def targets(result: dict) -> list[dict]:
