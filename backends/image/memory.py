@@ -27,7 +27,6 @@ from studio.planner.formulas import decode_working_bytes, unet_working_bytes  # 
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class MemoryPlan:
     mode: str
