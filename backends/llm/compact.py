@@ -133,9 +133,8 @@ class FusedInt4Decoder(GraphStepDecoder):
         flat = ids.reshape(-1)
         keys = flat.tolist() if keys is None else list(keys)
         p = self._prefix(keys)
-        self.history, self.pos = [], 0  # until the forward has written the new slots
         logits = self._logits(self._forward(flat[p:], self.slots[p:n], prefill=True, start=p)).float()
-        self.pos, self.history, self.reused = n, keys, p
+        self._filled(n, keys, p)
         return logits
 
     def _step_body(self) -> None:

@@ -124,8 +124,9 @@ class EagerDecoder:
         self.cache: Any = None
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """`embeds` (1, n, d), when given, replaces the token embeddings of `ids` (a VLM's merged image features)."""
+    def prefill(self, ids: torch.Tensor, embeds: torch.Tensor | None = None, keys: Any = None) -> torch.Tensor:
+        """`embeds` (1, n, d), when given, replaces the token embeddings of `ids` (a VLM's merged image features).
+        `keys` is accepted like the static decoders' and unused: this one recomputes the whole prompt."""
         try:
             self.cache = DynamicCache(config=self.model.config)
         except TypeError:
@@ -174,13 +175,19 @@ class GraphStepDecoder:
         self.history, self._fed = [], []
 
     def _prefix(self, keys: Sequence[Any]) -> int:
-        """How many leading slots already hold `keys`; the last token is always recomputed (its logits are needed)."""
+        """How many leading slots already hold `keys`; the last token is always recomputed (its logits are needed).
+        The cache counts as empty from here until `_filled` (a failing forward leaves nothing to match)."""
         n = 0
         for a, b in zip(self._known(), keys, strict=False):
             if a != b:
                 break
             n += 1
+        self.history, self.pos = [], 0
         return min(n, len(keys) - 1)
+
+    def _filled(self, n: int, keys: list[Any], reused: int) -> None:
+        """A prefill wrote slots [reused, n): the cache now holds `keys`."""
+        self.pos, self.history, self.reused = n, keys, reused
 
     def _step_body(self) -> None:
         raise NotImplementedError
@@ -259,12 +266,11 @@ class StaticDecoder(GraphStepDecoder):
             raise ValueError(f"prompt of {n} tokens does not fit a static cache of {self.max_len}")
         keys = ids[0].tolist() if keys is None else list(keys)
         p = self._prefix(keys)
-        self.history, self.pos = [], 0  # until the forward has written the new slots
         positions = torch.arange(p, n, device=self.device)
         self.index.seen = p
         logits = self._forward(ids[:, p:], positions, None if embeds is None else embeds[:, p:]).float()
-        self.pos = self.index.seen = n
-        self.history, self.reused = keys, p
+        self.index.seen = n
+        self._filled(n, keys, p)
         return logits
 
     @torch.no_grad()

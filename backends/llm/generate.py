@@ -241,7 +241,7 @@ def stream_tokens(
     stats.prompt_tokens, stats.finish_reason = len(prompt_ids), "length"
     n = len(prompt_ids)
     logits = decoder.prefill(history[:, :n])
-    stats.reused_tokens = int(getattr(getattr(decoder, "decoder", decoder), "reused", 0))  # EmbedsPrefill wraps one
+    stats.reused_tokens = int(getattr(decoder, "reused", 0))  # the static decoders' prompt reuse
     t_first = None
     for i in range(opts.max_new_tokens):
         tok = pick_token(logits, history[:, :n], opts, gen)

@@ -156,9 +156,14 @@ class EmbedsPrefill:
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         embeds, self.embeds = self.embeds, None  # freed after use
-        if self.keys is not None and getattr(self.decoder, "history", None) is not None:
-            return self.decoder.prefill(ids, embeds=embeds, keys=self.keys)
-        return self.decoder.prefill(ids, embeds=embeds)
+        return self.decoder.prefill(ids, embeds=embeds, keys=self.keys)
+
+    @property
+    def reused(self) -> int:
+        return getattr(self.decoder, "reused", 0)
+
+    def forget(self) -> None:
+        getattr(self.decoder, "forget", lambda: None)()
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         return self.decoder.step(token)

@@ -122,8 +122,7 @@ def run_ours(decoder: Any, ids: torch.Tensor, new: int, *, reuse: bool = False) 
     from backends.llm.generate import GenerationOptions, GenerationStats, stream_tokens
 
     if not reuse:
-        inner = getattr(decoder, "decoder", decoder)  # through the VLM's EmbedsPrefill wrapper
-        getattr(inner, "forget", lambda: None)()
+        getattr(decoder, "forget", lambda: None)()
     stats = GenerationStats()
     tokens: list[int] = []
     opts = GenerationOptions(temperature=0.0, max_new_tokens=new)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from backends.vlm.decode import EmbedsPrefill
 from studio.bench.common import RESULTS_DIR, Target, describe_machine, machine_info, targets_table, write_results
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def ours(
     model: Any, cache: Any, inputs: dict, digests: list[str], new: int, holder: Any, *, reuse: bool = False
 ) -> tuple[list[int], dict]:
     """The VLM tab's path: cached features merged into embeddings, Chat's decoder, Chat's token loop."""
-    from backends.vlm.decode import EmbedsPrefill, get_decoder, image_token_id, merged_embeddings, position_keys
+    from backends.vlm.decode import get_decoder, image_token_id, merged_embeddings, position_keys
     from backends.vlm.types import VLMStats
     from studio.bench.llm_models import run_ours
 
@@ -119,20 +120,24 @@ def ours(
     encode_s = time.perf_counter() - t0
     keys = position_keys(inputs["input_ids"][0].tolist(), image_token_id(model), digests)
 
-    class Timed(EmbedsPrefill):  # the prefill's own time, for the TTFT breakdown
-        prefill_s = 0.0
-
-        def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-            t = time.perf_counter()
-            out = super().prefill(ids)
-            _sync(device)
-            Timed.prefill_s = time.perf_counter() - t
-            return out
-
-    tokens, timing = run_ours(Timed(decoder, embeds, keys), inputs["input_ids"].to(device), new, reuse=reuse)
-    timing.update(reused_tokens=getattr(decoder, "reused", 0), encode_s=encode_s, prefill_s=Timed.prefill_s)
-    timing.update(ttft_s=timing["ttft_s"] + encode_s, images_encoded=stats.images_encoded)
+    timed = _TimedPrefill(decoder, embeds, keys)
+    tokens, timing = run_ours(timed, inputs["input_ids"].to(device), new, reuse=reuse)
+    timing.update(reused_tokens=timed.reused, encode_s=encode_s, prefill_s=timed.prefill_s,
+                  ttft_s=timing["ttft_s"] + encode_s, images_encoded=stats.images_encoded)  # fmt: skip
     return tokens, timing
+
+
+class _TimedPrefill(EmbedsPrefill):
+    """EmbedsPrefill recording its prefill's own time (synchronised), for the TTFT breakdown."""
+
+    prefill_s = 0.0
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        out = super().prefill(ids)
+        _sync(self.device)
+        self.prefill_s = time.perf_counter() - t
+        return out
 
 
 def plain(model: Any, inputs: dict, new: int) -> tuple[list[int], dict]:

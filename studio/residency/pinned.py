@@ -201,10 +201,14 @@ def _drop_grads(tensors: list[torch.Tensor]) -> None:
             t.grad = None
 
 
+def _bnb_modules() -> Any:
+    """bitsandbytes' nn module when something imported it (only a model built with bitsandbytes can need it)."""
+    return sys.modules.get("bitsandbytes.nn.modules")
+
+
 def gpu_only(obj: Any) -> bool:
     """True for a model with bitsandbytes 4-bit weights: run on the CPU they are slow and get repacked in place."""
-    bnb = sys.modules.get("bitsandbytes.nn.modules")
-    Params4bit = getattr(bnb, "Params4bit", None)
+    Params4bit = getattr(_bnb_modules(), "Params4bit", None)
     if Params4bit is None:
         return False
     return any(isinstance(p, Params4bit) for root in model_modules(obj) for p in root.parameters())
@@ -212,7 +216,7 @@ def gpu_only(obj: Any) -> bool:
 
 def _fixup_bnb_cpu_packing(obj: Any) -> None:
     """bitsandbytes repacks 4-bit weights for its CPU kernels after a CPU forward; undo that before going to a GPU."""
-    bnb = sys.modules.get("bitsandbytes.nn.modules")  # only a model built with bitsandbytes can need this
+    bnb = _bnb_modules()
     Params4bit = getattr(bnb, "Params4bit", None)
     inverse = getattr(bnb, "_convert_weight_packed_for_cpu_inverse", None)
     if Params4bit is None or inverse is None:

@@ -129,18 +129,18 @@ def budget(
     figure (probes.ContextGauge) in place of this one reading's, where there is one."""
     if not has_gpu:
         return Budget(0, 0, 0)
-    others, gauged, context = 0, context, 0
+    others = ours = 0  # ours: the CUDA context counted for this budget
     total = reading.total_bytes if reading else card_total
     own = reading.process(os.getpid() if pid is None else pid) if reading is not None and reading.per_process else None
     if own is not None:
         others = max(0, reading.used_bytes - own.used_bytes)
-        context = max(0, own.used_bytes - reserved) if gauged is None else gauged
+        ours = max(0, own.used_bytes - reserved) if context is None else context
     elif reading is not None:  # no per-process figures: our context is counted with the others
         others = max(0, reading.used_bytes - reserved)
-    room = total - others - context
+    room = total - others - ours
     if vram_cap is not None:
-        room = min(room, vram_cap - context)
-    return Budget(max(0, room - reserve), others, context)
+        room = min(room, vram_cap - ours)
+    return Budget(max(0, room - reserve), others, ours)
 
 
 def reload_s(r: ModelRecord, to: Tier) -> float:
