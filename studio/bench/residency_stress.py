@@ -33,11 +33,10 @@ import torch
 from torch import nn
 
 from studio.bench.common import RESULTS_DIR, Target, describe_machine, machine_info, quantile, targets_table
-from studio.bench.residency import Env, raw_bandwidth
+from studio.bench.residency import Env, digest, raw_bandwidth
 from studio.bench.residency_families import prepare
 from studio.bench.residency_trace import Neighbour
 from studio.offline import OFFLINE_ENV, QUIET_ENV
-from studio.residency.pinned import tensor_slots
 
 log = logging.getLogger("studio.bench.residency_stress")
 GiB, MiB = 2**30, 2**20
@@ -99,9 +98,7 @@ def capture(fam: Any, model: Any, tape: dict) -> torch.Tensor:
     finally:
         Tape.local.tape = None
         hook.remove()
-    weights = torch.stack([t.float().sum() for t in tensor_slots(model)[:8]]).cpu()
-    final = last[0].float().flatten()[:4096].cpu() if last else torch.zeros(1)
-    return torch.cat([weights, final])
+    return digest(model, last[0] if last else None)
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
@@ -285,6 +282,9 @@ class Stress:
             "training": {"steps": train["steps"], "seconds": train.get("seconds"), "pauses": lease.pauses,
                          "paused_s": lease.paused_s},
             "counters": snap.metrics.counters, "context": self.context, "rows": self.rows,
+            # what each family's leases set aside: the caller's hint and the largest working peak measured
+            "working": {v.key: {"hint_bytes": self.families[v.key].working_hint, "peak_bytes": v.working_peak}
+                        for v in snap.models if v.key in self.families},
         }  # fmt: skip
 
 
@@ -365,6 +365,8 @@ def markdown(r: dict) -> str:
         f"CPU fallbacks: {s['counters'].get('cpu_fallbacks', 0)}; our CUDA context as gauged "
         f"{_gb(s['context']['context_bytes'])} GB (largest single reading {_gb(s['context']['raw_max_bytes'])} GB, "
         f"{s['context']['rejected_readings']} readings straddled by a move).",
+        "Working memory per request, largest measured peak (caller's hint) in GB: " + ", ".join(
+            f"{k} {_gb(w['peak_bytes'])} ({_gb(w['hint_bytes'])})" for k, w in s.get("working", {}).items()) + ".",
     ]  # fmt: skip
     if r["errors"]:
         lines += ["", f"Errors: {r['errors']}"]
