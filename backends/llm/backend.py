@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends.llm import streamed
 from backends.llm.adapters import AdapterError, AdapterState, check_adapter_folder, delete_from, find_adapters
 from backends.llm.generate import (
     GenerationOptions,
@@ -383,6 +384,7 @@ class LLMBackend:
                 yield ChatUpdate(prefix if tools is None else "", note=note)
             decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit, c.fast_decode)
             stats = GenerationStats(notes=[note] if note else [], load_s=time.perf_counter() - t0)
+            stats.notes += streamed.streaming_note(model)
             text = prefix
             if prefix and tools is None:
                 yield ChatUpdate(text, prefix)
@@ -449,8 +451,8 @@ class LLMBackend:
         from backends.llm.fastdecode import EagerDecoder, bucket_len, model_device, static_decoder
 
         int4 = fused_layers(model) is not None  # the fused decoder runs on any device the int4 kernel runs on
-        if not fast or (model_device(model).type != "cuda" and not int4):
-            return EagerDecoder(model)
+        if not fast or (model_device(model).type != "cuda" and not int4) or streamed.streamer_of(model) is not None:
+            return EagerDecoder(model)  # (a streamed model's layers come and go per step: no static cache or graph)
         version = self._adapters.get(key, AdapterState()).version
         d = self._decoder
         if d is not None and self._decoder_key == (key, version) and d.matches(model, needed):
@@ -591,8 +593,21 @@ class ChatModelLoader:
         params = check_model_folder(folder)
         return load_causal_lm(folder, device, params=params, precision=self.precision)
 
+    def can_stream(self) -> bool:
+        """Larger than the budget, it may run partly resident (layers streamed from RAM) instead of on the CPU: a
+        safetensors folder (a GGUF file converts on its first load) loading in 4 bits or by the automatic policy."""
+        return self.precision in ("auto", "nf4") and self.source.path.is_dir() and streamed.can_stream(self.source.path)
+
+    def load_partial(self, device: str, room_bytes: int, accel: Any) -> tuple[Any, Any]:
+        folder = self._backend.model_folder(self.source)
+        check_model_folder(folder)
+        return streamed.load_partial(folder, accel, room_bytes, self._backend.config.max_context_tokens)
+
     def release(self, obj: Any) -> None:
         self._backend._forget_model(self.key)
+        streamer = streamed.streamer_of(obj)
+        if streamer is not None:
+            streamer.close(free_pools=True)
 
 
 def create(ctx: Services) -> LLMBackend:
