@@ -238,6 +238,10 @@ class LLMBackend:
     def _forget_model(self, key: str) -> None:
         """Called when the residency manager releases a model: drop what points at its memory."""
         self._applied.pop(key, None)
+        self._drop_decoder(key)
+
+    def _drop_decoder(self, key: str) -> None:
+        """The fast decoder's buffers, if they are this model's (an idle model: no generation is using them)."""
         if self._decoder_key and self._decoder_key[0] == key:
             self._decoder, self._decoder_key = None, None
 
@@ -602,6 +606,11 @@ class ChatModelLoader:
         folder = self._backend.model_folder(self.source)
         check_model_folder(folder)
         return streamed.load_partial(folder, accel, room_bytes, self._backend.config.max_context_tokens)
+
+    def on_evict(self, obj: Any) -> None:
+        """Swapped to RAM: the fast decoder's static KV cache and CUDA graph (GPU memory the residency manager does
+        not count between messages) go with it; the next message rebuilds them. Adapters stay applied."""
+        self._backend._drop_decoder(self.key)
 
     def release(self, obj: Any) -> None:
         self._backend._forget_model(self.key)

@@ -67,6 +67,8 @@ class Loader(Protocol):
     every idle model off the card; the loader keeps what fits in `room_bytes` on the device and the rest in host
     pools streamed per use (`studio.residency.stream.LayerStreamer`, whose `owns(t)` names the tensors it keeps).
     Such a model is never swapped to RAM: it goes to disk and loads partly again.
+    Optional: `on_evict(obj)`, called before the idle model is swapped off the GPU, to drop device memory the
+    backend keeps beside it between leases (Chat's static KV cache and CUDA graph), which the manager does not count.
     """
 
     key: str

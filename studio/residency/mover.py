@@ -90,6 +90,12 @@ class Mover:
 
     def gpu_to_ram(self, rec: ModelRecord) -> MoveFacts:
         t0 = time.perf_counter()
+        hook = getattr(rec.loader, "on_evict", None)
+        if hook is not None:  # device buffers kept beside the idle model (a chat decoder's KV cache) go first
+            try:
+                hook(rec.obj)
+            except Exception as e:
+                log.warning("%s: on_evict() failed: %s", rec.key, e)
         if rec.custom:
             obj = rec.loader.to_device(rec.obj, "cpu") or rec.obj
             return MoveFacts(obj, None, RAM, rec.size(), rec.size(), time.perf_counter() - t0, "gpu->ram")
