@@ -198,8 +198,9 @@ class Executor:
             rec.obj, rec.pool, rec.tier, rec.bytes = facts.obj, facts.pool, facts.tier, int(facts.bytes)
             rec.streamed_host_bytes = facts.streamed
             rec.device = m._accel.device if facts.tier == GPU else "cpu"
-            if facts.tier == GPU and is_torch_model(facts.obj):
-                rec.gpu_only = gpu_only(facts.obj)
+            first_up = facts.kind != "ram->gpu" or rec.swap_in_s is None  # a later swap keeps the kind of weights
+            if facts.tier == GPU and first_up and is_torch_model(facts.obj):
+                rec.gpu_only = gpu_only(facts.obj)  # a walk over the modules: once per load, not per swap
             rec.generation += 1
             if facts.kind == "ram->gpu":
                 rec.swap_in_s = facts.seconds
