@@ -2,8 +2,9 @@
 
 Decode: a JPEG or PNG file whose end marker is intact is decoded by OpenCV (the same `imdecode` Ultralytics uses,
 EXIF rotation honoured); anything else, or a truncated file, goes through PIL's strict decoder and its messages.
-Drawing (done when a result's image is first read, see `annotate`): boxes with 'class 0.87' labels kept inside the image (above the box when there is room, else inside it,
-shifted left at the right edge), masks blended at 45 %, and a top-k banner for classification.
+Drawing (when a result's image is first read, see `annotate`): boxes with 'class 0.87' labels kept inside the image
+(above the box when there is room, else inside it, shifted left at the right edge), masks blended at 45 %, and a
+top-k banner for classification.
 """
 
 from __future__ import annotations
