@@ -95,3 +95,20 @@ def test_class_names_need_no_lease_once_loaded(det, ctx, monkeypatch):
     assert names == {0: "Normal", 1: "Fall"}
     names[0] = "changed"
     assert det.class_names("yolov8s-person")[0] == "Normal"  # a copy each time
+
+
+def test_the_benchmark_times_every_path_and_writes_its_targets(tmp_path):
+    """The end-to-end part of `python -m studio.bench.detection` (the one GPU run has no second chance)."""
+    import json
+
+    from studio.bench.detection import main
+
+    assert main(["--e2e-only", "--e2e-imgsz", "32", "--e2e-runs", "2", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("detection-e2e-*.json")
+    res = json.loads(path.read_text())
+    e = res["end_to_end"]
+    assert "error" not in e and e["imgsz"] == 32 and len(e["paths"]) == 4
+    assert all(p["p50_ms"] > 0 for p in e["paths"].values())
+    assert set(e["parts_p50_ms"]) == {"header check", "decode", "lease", "predict in lease", "boxes", "drawing"}
+    assert [t["name"] for t in res["targets"]] == ["detect() / Ultralytics predict, end to end (p50)"]
+    assert "decode, then lease (before)" in path.with_suffix(".md").read_text()
