@@ -24,6 +24,8 @@ def test_the_decode_runs_while_the_lease_is_taken(det, ctx, monkeypatch):
     """The decode waits here until the lease has begun (its card reading): run one after the other, it never would."""
     import backends.vision.detection as detection
 
+    assert det.overlap_decode is None and not ctx.residency.device.startswith("cuda")  # auto: off on a CPU
+    det.overlap_decode = True  # what a GPU does
     det.detect("yolov8s-person", BUS, SMALL)  # loaded: the lease below is the resident fast path
     began, seen = threading.Event(), {}
     real_read, real_decode = ctx.residency._probe.read, detection.decode_file
@@ -44,7 +46,9 @@ def test_the_decode_runs_while_the_lease_is_taken(det, ctx, monkeypatch):
     assert len([b for b in res.boxes if b.confidence > 0.4]) >= 2  # people found at 320 px as at 640
 
 
-def test_a_non_image_is_refused_before_any_model_moves(det, ctx, tmp_path):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_non_image_is_refused_before_any_model_moves(det, ctx, tmp_path, overlap):
+    det.overlap_decode = overlap
     fake = tmp_path / "photo.png"
     fake.write_bytes(b"PK\x03\x04" + bytes(2000))  # a zip renamed .png
     with pytest.raises(DetectionError, match=r"photo\.png is not a readable image"):
@@ -53,6 +57,7 @@ def test_a_non_image_is_refused_before_any_model_moves(det, ctx, tmp_path):
 
 
 def test_a_corrupt_middle_fails_inside_the_lease_with_the_file_name(det, tmp_path):
+    det.overlap_decode = True
     data = bytearray(BUS.read_bytes())
     data[2000:-2] = bytes(len(data) - 2002)  # header and end marker intact, the scan data zeroed
     bad = tmp_path / "broken.jpg"
@@ -103,11 +108,12 @@ def test_the_benchmark_times_every_path_and_writes_its_targets(tmp_path):
 
     from studio.bench.detection import main
 
-    assert main(["--e2e-only", "--e2e-imgsz", "32", "--e2e-runs", "2", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    args = ["--e2e-only", "--e2e-imgsz", "32", "--e2e-runs", "2", "--warmup", "0", "--overlap", "on"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("detection-e2e-*.json")
     res = json.loads(path.read_text())
     e = res["end_to_end"]
-    assert "error" not in e and e["imgsz"] == 32 and len(e["paths"]) == 4
+    assert "error" not in e and e["imgsz"] == 32 and len(e["paths"]) == 4 and e["decode_overlaps_lease"]
     assert all(p["p50_ms"] > 0 for p in e["paths"].values())
     assert set(e["parts_p50_ms"]) == {"header check", "decode", "lease", "predict in lease", "boxes", "drawing"}
     assert [t["name"] for t in res["targets"]] == ["detect() / Ultralytics predict, end to end (p50)"]
