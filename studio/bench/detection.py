@@ -166,22 +166,23 @@ def markdown(res: dict) -> str:
     e = res["end_to_end"]
     head = "| " + " | ".join(CELL_HEADERS) + " |\n|" + "---|" * len(CELL_HEADERS)
     rows = "\n".join("| " + " | ".join(str(c) for c in r["cells"]) + " |" for r in res["latency"])
+    table = [f"## Latency table (model forward only, imgsz {res['imgsz']}, bus.jpg + zidane.jpg letterboxed)", "",
+             head, rows, ""] if rows else []  # fmt: skip
     parts = ", ".join(f"{k} {v} ms" for k, v in e["parts_p50_ms"].items())
+    overlap = e.get("decode_overlaps_lease")
+    how = "the decode runs on a worker thread while the lease is taken" if overlap else "decode, then the lease"
     return "\n".join([
         f"# Detection: export latency and detect() vs predict ({res['machine']['gpu'] or 'CPU'}, {res['machine']['date']})",
         "", f"`{res['machine']['command']}` — {res['model']}; {describe_machine(res['machine'])}", "",
-        targets_table(res["targets"]), "",
-        f"## Latency table (model forward only, imgsz {res['imgsz']}, bus.jpg + zidane.jpg letterboxed)", "",
-        head, rows, "", *[f"- {n}" for n in res["latency_notes"]], "",
+        targets_table(res["targets"]), "", *table, *[f"- {n}" for n in res["latency_notes"]], "",
         f"## End to end on {e.get('image', 'bus.jpg')} at imgsz {e.get('imgsz', 640)} (file path in, same weights and device, calls alternated)", "",
         "| path | p50 ms | mean ms | / predict (p50) | runs |\n|---|---|---|---|---|",
         *[f"| {n} | {p['p50_ms']} | {p['mean_ms']} | {p['vs_predict']} | {e['runs']} |"
           for n, p in e.get("paths", {}).items()], "",
-        f"detect() / predict = {e['ratio']} on {e['device']}; decode on a worker thread during the lease: "
-        f"{'yes' if e.get('decode_overlaps_lease') else 'no'}. `detect()` returns boxes with the annotated image drawn "
-        "when it is first read (the tab reads it; Ultralytics' `predict` does not draw either); the row with the "
-        "image drawn is what the tab waits for. Parts of detect() timed alone (p50; in detect() the decode runs on "
-        f"a worker thread while the lease is taken): {parts}.", "",
+        f"detect() / predict = {e['ratio']} on {e['device']}; in detect() {how}. `detect()` returns boxes with the "
+        "annotated image drawn when it is first read (the tab reads it; Ultralytics' `predict` does not draw "
+        "either); the row with the image drawn is what the tab waits for. Parts of detect() timed one after the "
+        f"other (p50): {parts}.", "",
     ])  # fmt: skip
 
 
