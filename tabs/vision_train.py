@@ -65,7 +65,8 @@ def validate(det: Any, zp, fd, base="yolov8s-person"):
 
 
 def import_export(det: Any, zp, fd, fmt, name, val_share, mapping, keep_splits):
-    """Import a labelling tool's export; on success the folder box points at the new dataset."""
+    """Import a labelling tool's export; on success the folder box points at the new dataset and the uploaded
+    export is cleared (an upload wins over the folder: Validate and Train would otherwise read the export again)."""
     import gradio as gr
 
     from backends.vision import ImportOptions, parse_mapping
@@ -79,8 +80,9 @@ def import_export(det: Any, zp, fd, fmt, name, val_share, mapping, keep_splits):
     except USER_ERRORS as e:
         raise gr.Error(str(e)) from None
     n = sum(report.images.values())
-    folder = str(report.dest) if report.ok else gr.skip()
-    return report.markdown(), folder, n
+    if not report.ok:
+        return report.markdown(), gr.skip(), n, gr.skip()
+    return report.markdown(), str(report.dest), n, None
 
 
 def suggest_fn(det: Any, n, base_id, amp=False):
@@ -245,7 +247,7 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
     source = [d["zip_file"], d["folder"]]
     d["check"].click(bind(validate, det), [*source, o["base"]], [d["report_md"], n_images], api_name="vision_validate")
     d["import_run"].click(bind(import_export, det), [*source, *(d[f"import_{k}"] for k in ("fmt", "name", "val_share",
-                          "mapping", "keep"))], [d["report_md"], d["folder"], n_images],
+                          "mapping", "keep"))], [d["report_md"], d["folder"], n_images, d["zip_file"]],
                           api_name="vision_import")  # fmt: skip
     d["sample"].click(bind(use_sample, det), o["base"], [*source, d["report_md"], n_images, o["base"], o["epochs"],
                                                          o["imgsz"], o["batch"]])  # fmt: skip

@@ -22,10 +22,11 @@ def test_import_then_validate_through_the_ui(client, ctx, tmp_path):
     ingest = ctx.settings.data_dir / "ingest"
     label_studio_coco(ingest / "ls-export")
     roboflow_coco(ingest / "rf-export")
-    md, folder = c.predict(None, str(ingest / "ls-export"), "auto", "pets", 0.2, "dog = puppy", True,
-                              api_name="/vision_import")  # fmt: skip
+    md, folder, upload = c.predict(None, str(ingest / "ls-export"), "auto", "pets", 0.2, "dog = puppy", True,
+                                   api_name="/vision_import")  # fmt: skip
     assert "as COCO JSON: done" in md and "| dog | puppy | 4 |" in md  # (the image count is session state)
     assert Path(folder) == ingest / "pets" and (ingest / "pets" / "data.yaml").is_file()
+    assert upload is None  # the export's upload is cleared: Validate and Train now read the new dataset
     report = c.predict(None, folder, "yolov8s-person", api_name="/vision_validate")
     assert "— valid" in report and "0=cat, 1=puppy" in report
 
@@ -91,7 +92,7 @@ def test_import_train_with_early_stopping_export_and_compare(client, ctx, monkey
     c, _ = client
     ingest = ctx.settings.data_dir / "ingest"
     label_studio_coco(ingest / "ls-export")
-    _, folder = c.predict(None, str(ingest / "ls-export"), "auto", "pets", 0.3, "", True, api_name="/vision_import")
+    _, folder, _ = c.predict(None, str(ingest / "ls-export"), "auto", "pets", 0.3, "", True, api_name="/vision_import")
     status = c.predict(None, folder, "yolov8n-untrained", 3, 64, 4, 1, 0, "light", True, 0, api_name="/vision_train")
     assert status.startswith("Queued: YOLO detect training")
     (job,) = ctx.jobs.list()

@@ -2,12 +2,14 @@
 
 Decode: a JPEG or PNG file whose end marker is intact is decoded by OpenCV (the same `imdecode` Ultralytics uses,
 EXIF rotation honoured); anything else, or a truncated file, goes through PIL's strict decoder and its messages.
-Drawing: boxes with 'class 0.87' labels kept inside the image (above the box when there is room, else inside it,
-shifted left at the right edge), masks blended at 45 %, and a top-k banner for classification.
+Drawing (when a result's image is first read, see `annotate`): boxes with 'class 0.87' labels kept inside the image
+(above the box when there is room, else inside it, shifted left at the right edge), masks blended at 45 %, and a
+top-k banner for classification.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +29,32 @@ def colour(class_id: int, bgr: bool = False) -> tuple[int, int, int]:
 
 def read_bgr(path: str | Path) -> np.ndarray:
     """BGR uint8 (H, W, 3) of an image file; DetectionError with the file name when it is not a usable image."""
-    import cv2
+    return decode_file(check_file(path))
 
+
+def check_file(path: str | Path) -> Path:
+    """The path, once its header says it is an image of at most 89 megapixels (cheap: nothing is decoded)."""
     from studio.safety import check_image_file
 
     try:
-        check_image_file(path)  # header only: refuses non-images and more than 89 megapixels before decoding
+        check_image_file(path)
     except ValueError as e:
         raise DetectionError(str(e)) from None
-    data = Path(path).read_bytes()
+    return Path(path)
+
+
+def decode_file(path: Path) -> np.ndarray:
+    """BGR uint8 of a file `check_file` passed: OpenCV when the file ends with its end marker, else PIL's strict
+    decoder and its messages. OpenCV releases the GIL, so this can run on a worker thread meanwhile."""
+    import cv2
+
+    data = path.read_bytes()
     end = _END_MARKERS.get(data[:2])
     if end is not None and data.rstrip(b"\0").endswith(end):  # complete file: the fast decoder is safe to use
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if bgr is not None:
             return bgr
-    return cv2.cvtColor(_pil_rgb(Path(path)), cv2.COLOR_RGB2BGR)
+    return cv2.cvtColor(_pil_rgb(path), cv2.COLOR_RGB2BGR)
 
 
 def _pil_rgb(path: Path) -> np.ndarray:
@@ -137,31 +150,40 @@ def draw_topk(rgb: np.ndarray, top: list[tuple[str, float]], *, bgr: bool = Fals
 
 
 def result_from(res: Any, entry: DetectorModel, ms: float, top_k: int = 5) -> DetectionResult:
-    """Boxes (and masks, or the top classes) of one Ultralytics result, drawn in place on its BGR frame (the array
-    `detect` decoded for it, so nothing else sees it); the result's image is an RGB view of that frame."""
+    """Boxes (and the mask count, or the top classes) of one Ultralytics result, read now; the annotated image is
+    drawn when the result's `image` is first read, in place on the result's BGR frame (the array `detect` decoded
+    for it, so nothing else sees it)."""
     names = res.names
     boxes = []
     if res.boxes is not None and len(res.boxes):
         data = res.boxes.data.cpu().numpy().astype(float)  # (N, 6): x1 y1 x2 y2 conf cls, one device copy
         for x1, y1, x2, y2, c, k in data[:, :6]:
             boxes.append(Box(int(k), str(names[int(k)]), float(c), float(x1), float(y1), float(x2), float(y2)))
-    frame = res.orig_img
-    if not frame.flags.writeable:
-        frame = frame.copy()
     h, w = res.orig_shape
-    masks, top = 0, []
-    if getattr(res, "masks", None) is not None and len(res.masks):
-        polygons = res.masks.xy  # image coordinates, one (K, 2) array per box
-        draw_masks(frame, polygon_masks(polygons, (h, w)), [b.class_id for b in boxes], bgr=True)
-        masks = len(polygons)
+    seg = getattr(res, "masks", None)
+    seg = seg if seg is not None and len(seg) else None
+    top = []
     if getattr(res, "probs", None) is not None:
         probs = res.probs.data.float().cpu().numpy()
         order = np.argsort(-probs)[:top_k]
         top = [(str(names[int(i)]), float(probs[i])) for i in order]
+    draw = partial(annotate, res.orig_img, boxes, seg, top)
+    return DetectionResult(boxes, int(w), int(h), entry.id, ms, task=entry.task, masks=len(seg) if seg else 0,
+                           top=top, draw=draw)  # fmt: skip
+
+
+def annotate(frame: np.ndarray, boxes: list[Box], seg: Any, top: list[tuple[str, float]]) -> np.ndarray:
+    """Masks (Ultralytics' Masks, or None), the top-k banner and the boxes drawn on the BGR frame (in place when it
+    is writable); returns an RGB view of it (no copy of the full image)."""
+    if not frame.flags.writeable:
+        frame = frame.copy()
+    if seg is not None:
+        polygons = seg.xy  # image coordinates, one (K, 2) array per box
+        draw_masks(frame, polygon_masks(polygons, frame.shape[:2]), [b.class_id for b in boxes], bgr=True)
+    if top:
         draw_topk(frame, top, bgr=True)
     draw_boxes(frame, boxes, bgr=True)
-    rgb = frame[..., ::-1]  # a view: no copy of the full image on the hot path
-    return DetectionResult(boxes, rgb, int(w), int(h), entry.id, ms, task=entry.task, masks=masks, top=top)
+    return frame[..., ::-1]
 
 
 def polygon_masks(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +67,10 @@ class Box:
 
 @dataclass
 class DetectionResult:
+    """What one image gave: boxes (mask count, top classes) read at once; the annotated image is drawn on the first
+    read of `image` (once, by `draw`), so a caller that wants only boxes (the API, a benchmark) pays no drawing."""
+
     boxes: list[Box]
-    image: np.ndarray  # annotated, RGB uint8 (H, W, 3); may be a reversed-channel view of the BGR frame
     width: int
     height: int
     model_id: str
@@ -74,6 +78,20 @@ class DetectionResult:
     task: str = "detect"
     masks: int = 0  # segmentation: masks drawn (one per box)
     top: list[tuple[str, float]] = field(default_factory=list)  # classification: (class, probability), best first
+    draw: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    _image: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @property
+    def image(self) -> np.ndarray:
+        """Annotated RGB uint8 (H, W, 3), possibly a reversed-channel view of the BGR frame; drawn once, on first use
+        (the lock: two threads reading it at once must not draw the boxes twice onto the same frame)."""
+        with self._lock:
+            if self._image is None:
+                if self.draw is None:
+                    raise ValueError("this result has no image to draw")
+                self._image, self.draw = self.draw(), None  # the drawing's references to the result go with it
+            return self._image
 
     def rows(self) -> list[list[Any]]:
         if self.task == "classify":
