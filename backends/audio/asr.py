@@ -63,8 +63,8 @@ class TranscribeOptions:
     chunk_s: float = 10.0  # decode granularity; progress and cancel are at least this fine
     # Prompt carry-over (Whisper's condition_on_previous_text, across our windows): each window is decoded with the
     # previous window's text as its prompt, so names and spelling carry on. A window whose own text looks unsure
-    # (mean word log-probability below whisper_run.CARRY_MIN_LOGPROB) is not carried, so one hallucination does not feed the
-    # next. With batched decoding the windows of one batch share the text before the batch.
+    # (mean word log-probability below whisper_run.CARRY_MIN_LOGPROB) is not carried, so one hallucination does not
+    # feed the next. With batched decoding the windows of one batch share the text before the batch.
     carry_prompt: bool = False
     engine: str = "faster-whisper"  # or "torch": transformers' Whisper on any CUDA (text per window, no words)
 
