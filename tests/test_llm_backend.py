@@ -248,3 +248,20 @@ def test_chat_stepped_on_two_threads_and_closed_from_a_third_frees_the_slot(llm)
     finally:
         for pool in (a, b, c):
             pool.shutdown()
+
+
+def test_swapping_the_chat_model_to_ram_drops_only_its_decoder_buffers(llm_ctx):
+    """ChatModelLoader.on_evict: the static KV cache and CUDA graph of that model's decoder go (GPU memory the
+    residency manager does not count between messages); another model's decoder and applied adapters stay."""
+    from backends.llm.backend import ChatModelLoader
+
+    backend = LLMBackend(llm_ctx, LLMConfig(model_id="smollm2-135m"))
+    src = backend._source("smollm2-135m")
+    loader, applied = ChatModelLoader(src, backend), object()
+    backend._applied[src.key] = applied
+    backend._decoder, backend._decoder_key = object(), ("chat:another", 0)
+    loader.on_evict(None)
+    assert backend._decoder is not None  # not this model's
+    backend._decoder_key = (src.key, 0)
+    loader.on_evict(None)
+    assert (backend._decoder, backend._decoder_key) == (None, None) and backend._applied[src.key] is applied

@@ -3,12 +3,17 @@ with a tiny Llama config and the simulated card, against the same model run with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from studio.planner import Chat, from_config, layer_bytes, offload_split, parts_for
 from studio.residency.simulated import FakeProbe, SimulatedAccelerator
 from studio.residency.stream import LayerStreamer, decoder_layers
+from tests import _llm_support
+
+llm_ctx, llm, smol_folder = _llm_support.llm_ctx, _llm_support.llm, _llm_support.smol_folder  # session fixtures
 
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
             vocab_size=256, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
@@ -127,3 +132,92 @@ def test_a_checkpoint_loads_layer_by_layer_with_the_planners_split(tiny_llama, t
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert streamer.stats().uploads == 3 and accel.allocated() == 0
     streamer.close()
+
+
+class _StreamingLoader:
+    """A safetensors Llama folder registered with the residency manager; `load_partial` keeps as many layers as fit
+    in the room the manager gives (the planner's split is tested above; here the manager's side is)."""
+
+    def __init__(self, key: str, folder, per_layer: int, fixed: int) -> None:
+        self.key, self.folder, self.per, self.fixed = key, folder, per_layer, fixed
+        self.partial_loads, self.released = [], 0
+
+    def estimate_bytes(self) -> int:
+        return self.fixed + TINY["num_hidden_layers"] * self.per
+
+    def load(self, device):
+        raise AssertionError("a model larger than the budget must not be loaded whole")
+
+    def load_partial(self, device, room, accel):
+        from backends.llm.streamed import load_streamed_causal_lm
+
+        resident = max(0, min(TINY["num_hidden_layers"], (room - self.fixed - 2 * self.per) // self.per))
+        self.partial_loads.append((room, resident))
+        return load_streamed_causal_lm(self.folder, "cpu", resident=resident, accel=accel)
+
+    def release(self, obj) -> None:
+        self.released += 1
+
+
+def test_the_residency_manager_runs_a_model_larger_than_the_budget_partly_resident(tiny_llama, tmp_path):
+    """The manager loads it partly resident instead of on the CPU, counts only that part on the card and the
+    streamed layers' pools in RAM, evicts it to disk (a swap would bring it up whole), and loads it partly again."""
+    from tests.test_residency_support import NetLoader, sim_manager
+
+    tiny_llama.save_pretrained(tmp_path / "tiny")
+    per = layer_bytes(from_config(TINY, "tiny").config, "fp32")
+    fixed = 2 * TINY["vocab_size"] * TINY["hidden_size"] * 4 + TINY["hidden_size"] * 4  # embeddings, head, norm
+    m, _probe, accel = sim_manager(total_mib=(fixed + 3.5 * per) / 2**20)
+    loader = _StreamingLoader("llm:tiny", tmp_path / "tiny", per, fixed)
+    m.register(loader)
+    m.register(NetLoader("other", 0.1))
+    m.register(NetLoader("big", 0.45))
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = tiny_llama(ids).logits
+    m.run("other", lambda net: net, working_bytes=0)  # an idle model on the card: it must make room
+    with m.use("llm:tiny", working_bytes=0) as model, torch.no_grad():
+        got = model(ids).logits
+        view = next(v for v in m.snapshot().models if v.key == "llm:tiny")
+        on_card = accel.allocated()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    room, resident = loader.partial_loads[0]
+    assert resident == 1 and room <= m.capacity_bytes()
+    assert view.tier == "gpu" and view.bytes < loader.estimate_bytes() and view.streamed_bytes >= 3 * per * 0.99
+    assert on_card <= m.capacity_bytes() and next(v for v in m.snapshot().models if v.key == "other").tier != "gpu"
+    assert not any(e.kind == "cpu_fallback" for e in m.snapshot().events)
+    del model  # as the LLM backend forgets it when released: no reference outlives the lease
+    m.run("big", lambda net: net, working_bytes=0)  # it does not fit beside: the idle LLM goes to disk, not RAM
+    view = next(v for v in m.snapshot().models if v.key == "llm:tiny")
+    assert view.tier == "disk" and view.streamed_bytes == 0 and view.pool_bytes == 0 and loader.released == 1
+    with m.use("llm:tiny", working_bytes=0) as model, torch.no_grad():
+        assert torch.allclose(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert len(loader.partial_loads) == 2  # partly again, with the room there is now
+    m.close()
+
+
+def test_the_chat_loader_loads_partly_decodes_eagerly_and_gives_the_pools_back(llm_ctx, smol_folder):
+    """ChatModelLoader's side of a model larger than the budget: it says it can stream a safetensors folder (not a
+    16-bit choice), builds the planner's split in the room it is given, Chat then decodes eagerly (no static cache
+    or CUDA graph over layers that come and go) and says so, and releasing it frees the streamed layers' pools."""
+    from backends.llm.backend import ChatModelLoader, LLMBackend, LLMConfig
+    from backends.llm.fastdecode import EagerDecoder
+    from backends.llm.streamed import streaming_note
+
+    folder = _llm_support.make_tiny_llama(llm_ctx.settings.models_dir / "tiny-llama-streamed", smol_folder)
+    backend = LLMBackend(llm_ctx, LLMConfig(model_id="tiny-llama-streamed"))
+    src = backend._source("tiny-llama-streamed")
+    loader = ChatModelLoader(src, backend)
+    assert loader.can_stream() and not ChatModelLoader(src, backend, precision="16bit").can_stream()
+    cfg = json.loads((folder / "config.json").read_text())
+    info, task = from_config(cfg, "tiny"), Chat(context=backend.config.max_context_tokens, precision="fp32")
+    per = layer_bytes(cfg, "fp32")
+    room = sum(parts_for(info, task).values()) + per  # streaming sets two layer buffers aside: room for one layer
+    accel = SimulatedAccelerator(FakeProbe(2**30))
+    model, streamer = loader.load_partial("cuda", room, accel)
+    assert (streamer.resident, streamer.stats().layers_streamed) == (1, 1) and streamer.pool_bytes > 0
+    assert isinstance(backend._get_decoder(src.key, model, 32, 1024), EagerDecoder)
+    assert "1 of 2 layers stream from RAM" in streaming_note(model)[0]
+    pools = [e.pool for e in streamer._streamed]
+    loader.release(model)
+    assert all(p.views == [] for p in pools) and streamer.pool_bytes == 0  # given back, not left to the collector

@@ -102,3 +102,35 @@ def test_stress_quick_run_end_to_end(tmp_path):
     by_name = {t["name"]: t for t in result["targets"]}
     assert by_name["failed requests"]["value"] == 0 and by_name["wrong outputs"]["value"] == 0
     assert result["stress"]["training"]["pauses"] >= 1 and len(result["targets"]) == 5
+
+
+def test_output_digest_makes_no_full_size_copy_of_the_weights():
+    """The digest runs inside the request's lease: a `.float()` copy of a large embedding there was measured as the
+    8B model's working memory on the H200 (1.96 GB for a 128-token prefill) and reserved for every later lease."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from studio.bench.residency import digest
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:  # new memory
+                    Largest.biggest = max(Largest.biggest, t.untyped_storage().nbytes())
+            return out
+
+    emb = torch.nn.Embedding(4096, 256).to(torch.bfloat16)
+    packed = torch.nn.Module()
+    packed.register_buffer("q", torch.randint(0, 255, (4096, 128), dtype=torch.uint8))
+    model = torch.nn.Sequential(emb, packed)
+    logits = torch.randn(1, 1, 50_000, dtype=torch.bfloat16)
+    with Largest():
+        d = digest(model, logits)
+    assert Largest.biggest < emb.weight.numel() * emb.weight.element_size() // 8  # no copy of any weight
+    expected = [emb.weight.float().sum(), packed.q.float().sum()]
+    assert torch.allclose(d[:2], torch.stack(expected), rtol=1e-4) and d[2:].shape == (4096,)
+    assert torch.equal(d[2:], logits.flatten()[:4096].float())

@@ -232,3 +232,27 @@ def test_allocator_is_configured_against_fragmentation(monkeypatch):
     assert configure_allocator() == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert configure_allocator() == "max_split_size_mb:128"  # the user's own setting is kept
+
+
+def test_a_model_swapped_to_ram_lets_its_backend_drop_the_device_buffers_kept_beside_it():
+    """Chat keeps a static KV cache and CUDA graph beside its idle model (not counted by the manager): the loader's
+    on_evict runs before the swap down, so that memory leaves the card with the model, and only then."""
+
+    class Loader(NetLoader):
+        def __init__(self, key: str, mib: float) -> None:
+            super().__init__(key, mib)
+            self.evicted = []
+
+        def on_evict(self, obj) -> None:
+            self.evicted.append(obj)
+
+    manager, _, _ = sim_manager(100)
+    chat = Loader("chat", 60)
+    manager.register(chat)
+    manager.register(NetLoader("image", 60))
+    first = manager.run("chat", lambda m: m, working_bytes=0)
+    manager.run("chat", lambda m: m, working_bytes=0)
+    assert chat.evicted == []  # staying on the card: the buffers stay too (prompt reuse)
+    manager.run("image", lambda m: m, working_bytes=0)
+    assert tiers(manager)["chat"] == "ram" and chat.evicted == [first]
+    manager.close()

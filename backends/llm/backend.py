@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends.llm import streamed
 from backends.llm.adapters import AdapterError, AdapterState
 from backends.llm.chat_adapters import ChatAdapters
 from backends.llm.generate import (
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [  # what callers imported from this module before types, loader and chat_adapters were split off
-    "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
+    "AdapterError", "ChatModelLoader", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
     "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "check_messages", "create",
     "eos_ids", "kv_cache_bytes", "options_for_size", "parse_tool_calls",
 ]  # fmt: skip
@@ -166,6 +167,10 @@ class LLMBackend(ChatAdapters):
     def _forget_model(self, key: str) -> None:
         """Called when the residency manager releases a model: drop what points at its memory."""
         self._applied.pop(key, None)
+        self._drop_decoder(key)
+
+    def _drop_decoder(self, key: str) -> None:
+        """The fast decoder's buffers, if they are this model's (an idle model: no generation is using them)."""
         if self._decoder_key and self._decoder_key[0] == key:
             self._decoder, self._decoder_key = None, None
 
@@ -312,6 +317,7 @@ class LLMBackend(ChatAdapters):
                 yield ChatUpdate(prefix if tools is None else "", note=note)
             decoder = self._get_decoder(src.key, model, len(ids) + opts.max_new_tokens, limit, c.fast_decode)
             stats = GenerationStats(notes=[note] if note else [], load_s=time.perf_counter() - t0)
+            stats.notes += streamed.streaming_note(model)
             text = prefix
             if prefix and tools is None:
                 yield ChatUpdate(text, prefix)
@@ -378,8 +384,8 @@ class LLMBackend(ChatAdapters):
         from backends.llm.fastdecode import EagerDecoder, bucket_len, model_device, static_decoder
 
         int4 = fused_layers(model) is not None  # the fused decoder runs on any device the int4 kernel runs on
-        if not fast or (model_device(model).type != "cuda" and not int4):
-            return EagerDecoder(model)
+        if not fast or (model_device(model).type != "cuda" and not int4) or streamed.streamer_of(model) is not None:
+            return EagerDecoder(model)  # (a streamed model's layers come and go per step: no static cache or graph)
         version = self._adapters.get(key, AdapterState()).version
         d = self._decoder
         if d is not None and self._decoder_key == (key, version) and d.matches(model, needed):

@@ -8,17 +8,24 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from backends.llm import streamed
 from backends.llm.models import ModelSource, check_model_folder, choose_precision, load_causal_lm
 
 log = logging.getLogger(__name__)
 
 
 class ModelOwner(Protocol):
-    """What a loader needs of the chat backend (LLMBackend): the folder to load, and word of a release."""
+    """What a loader needs of the chat backend (LLMBackend): the folder to load, the context length (a partial
+    load sizes its KV cache by it), and word of an eviction (its decoder buffers go) or a release."""
 
     ctx: Any
 
+    @property
+    def config(self) -> Any: ...
+
     def model_folder(self, src: ModelSource) -> Path: ...
+
+    def _drop_decoder(self, key: str) -> None: ...
 
     def _forget_model(self, key: str) -> None: ...
 
@@ -80,5 +87,23 @@ class ChatModelLoader:
         params = check_model_folder(folder)
         return load_causal_lm(folder, device, params=params, precision=self.precision)
 
+    def can_stream(self) -> bool:
+        """Larger than the budget, it may run partly resident (layers streamed from RAM) instead of on the CPU: a
+        safetensors folder (a GGUF file converts on its first load) loading in 4 bits or by the automatic policy."""
+        return self.precision in ("auto", "nf4") and self.source.path.is_dir() and streamed.can_stream(self.source.path)
+
+    def load_partial(self, device: str, room_bytes: int, accel: Any) -> tuple[Any, Any]:
+        folder = self._backend.model_folder(self.source)
+        check_model_folder(folder)
+        return streamed.load_partial(folder, accel, room_bytes, self._backend.config.max_context_tokens)
+
+    def on_evict(self, obj: Any) -> None:
+        """Swapped to RAM: the fast decoder's static KV cache and CUDA graph (GPU memory the residency manager does
+        not count between messages) go with it; the next message rebuilds them. Adapters stay applied."""
+        self._backend._drop_decoder(self.key)
+
     def release(self, obj: Any) -> None:
         self._backend._forget_model(self.key)
+        streamer = streamed.streamer_of(obj)
+        if streamer is not None:
+            streamer.close(free_pools=True)

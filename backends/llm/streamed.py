@@ -7,8 +7,9 @@ into the residency manager's host pools as soon as they are built (studio/reside
 is never on the card at once. Embeddings, final norm and head load last. On the CPU the weights stay fp32 (the
 streamer still moves the layers, which is what the tests check). The planner gives `k` (`studio.planner.offload_split`).
 The returned `LayerStreamer` says how much moved and for how long; `close()` it before dropping the model.
-Not wired into Chat yet: the residency manager does not account a partly resident model, so Chat still runs a model
-larger than the budget on the CPU.
+Chat uses it through the residency manager: `ChatModelLoader.load_partial` -> `load_partial` here, called when the
+model can never fit the budget whole (studio/residency/planner.py `plan_partial`); the manager counts only the
+resident part on the card and the streamed layers' pools in RAM, and such a model goes to disk when evicted.
 """
 
 from __future__ import annotations
@@ -114,3 +115,47 @@ def resident_layers(folder: Path | str, budget_bytes: int, context: int, *, cuda
     split = offload_split(from_config(config, Path(folder).name), Chat(context=context, precision="nf4" if cuda else "fp32"),
                           budget_bytes)  # fmt: skip
     return None if split is None else split.resident
+
+
+def can_stream(folder: Path | str) -> bool:
+    """A folder that `load_streamed_causal_lm` can build: config.json and safetensors with `model.layers.N.` keys."""
+    folder = Path(folder)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        return False
+    try:
+        layers, _ = _keys_by_layer(folder)
+    except Exception as e:  # an unreadable header: the loader's own checks word it when it loads
+        log.debug("%s cannot stream: %s", folder, e)
+        return False
+    return bool(layers)
+
+
+def load_partial(folder: Path | str, accel: Any, room_bytes: int, context: int) -> tuple[Any, Any]:
+    """The residency manager's partly resident load: as many decoder layers as the planner fits in `room_bytes` at
+    `context` tokens stay on the card, the rest stream from host pools. On the simulated card (tests) the model is
+    built in fp32 on the CPU and the manager uploads what is not streamed, as it does for any load there."""
+    from studio.units import fmt_bytes
+
+    cuda = getattr(accel, "kind", "") == "cuda"
+    resident = resident_layers(folder, room_bytes, context, cuda=cuda)
+    if resident is None:
+        raise ValueError(f"{Path(folder).name}: not even its embeddings and head fit in {fmt_bytes(room_bytes)}")
+    model, streamer = load_streamed_causal_lm(folder, accel.load_device if cuda else "cpu", resident=resident,
+                                              accel=accel)  # fmt: skip
+    model.studio_streamer = streamer  # the LLM backend decodes such a model eagerly and says it streams
+    return model, streamer
+
+
+def streamer_of(model: Any) -> Any:
+    """The LayerStreamer of a partly resident model, or None."""
+    return getattr(model, "studio_streamer", None)
+
+
+def streaming_note(model: Any) -> list[str]:
+    """What Chat says of a partly resident model (its speed is in the stats line beside it)."""
+    s = streamer_of(model)
+    if s is None:
+        return []
+    streamed = s.stats().layers_streamed
+    return [f"larger than the GPU budget: {streamed} of {s.resident + streamed} layers stream from RAM at every "
+            f"token ({s.pool_bytes / 1e9:.1f} GB), so replies are slower"]  # fmt: skip

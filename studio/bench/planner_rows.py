@@ -264,13 +264,15 @@ def _image_row(r: Any, family: str, task: Any, job: Any) -> dict[str, Any]:
 
     cuda = r.device == "cuda"
     configs = {"sdxl": (SDXL_CONFIGS, TINY_SDXL_CONFIGS), "sd15": (SD15_CONFIGS, TINY_SD15_CONFIGS)}[family]
+    base = _reset(r.device)  # what earlier rows left allocated: not this job's (the peak below is absolute)
     ctx, backend, rec = _image_ctx(r, family, configs[0] if cuda else configs[1])
     try:
         info = _image_info(rec, family, f"{family} ({'random' if cuda else 'tiny'})")
         out = _prediction(r, f"{family}:bench", info, task) | {"components": info.components}
         res = job(ctx, backend, rec)
         out["result"] = {k: v for k, v in res.items() if k != "runs"}
-        out["measured_bytes"] = int(res["peak_vram_gib"] * GiB) if res.get("peak_vram_gib") else None
+        out["measured_bytes"] = int(res["peak_vram_gib"] * GiB) - base if res.get("peak_vram_gib") else None
+        out["left_allocated_by_earlier_rows"] = base
         return out
     finally:
         close_context(ctx)

@@ -244,9 +244,17 @@ def _capture(fam: Any, model: Any) -> torch.Tensor:
         fam.request(model)
     finally:
         hook.remove()
-    weights = torch.stack([t.float().sum() for t in tensor_slots(model)[:8]]).cpu()
-    final = last[0].float().flatten()[:4096].cpu() if last else torch.zeros(1)
-    return torch.cat([weights, final])
+    return digest(model, last[0] if last else None)
+
+
+def digest(model: Any, final: torch.Tensor | None) -> torch.Tensor:
+    """Sums of the model's first weights + the first 4,096 values of a request's last output, on the CPU.
+    No full-size copy on the device: the sums accumulate in fp32 (`sum(dtype=)`) and the output is sliced before
+    it is cast. It runs inside the request's lease, so a `.float()` copy of an 8B model's 128k x 4096 embedding
+    (2.1 GB) would be measured as the request's working memory and reserved for every later lease."""
+    weights = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensor_slots(model)[:8]]).cpu()
+    tail = final.detach().flatten()[:4096].float().cpu() if final is not None else torch.zeros(1)
+    return torch.cat([weights, tail])
 
 
 # ---- main -------------------------------------------------------------------------------------------------------

@@ -33,11 +33,10 @@ import torch
 from torch import nn
 
 from studio.bench.common import RESULTS_DIR, Target, describe_machine, machine_info, quantile, targets_table
-from studio.bench.residency import Env, raw_bandwidth
+from studio.bench.residency import Env, digest, raw_bandwidth
 from studio.bench.residency_families import prepare
 from studio.bench.residency_trace import Neighbour
 from studio.offline import OFFLINE_ENV, QUIET_ENV
-from studio.residency.pinned import tensor_slots
 
 log = logging.getLogger("studio.bench.residency_stress")
 GiB, MiB = 2**30, 2**20
@@ -99,9 +98,7 @@ def capture(fam: Any, model: Any, tape: dict) -> torch.Tensor:
     finally:
         Tape.local.tape = None
         hook.remove()
-    weights = torch.stack([t.float().sum() for t in tensor_slots(model)[:8]]).cpu()
-    final = last[0].float().flatten()[:4096].cpu() if last else torch.zeros(1)
-    return torch.cat([weights, final])
+    return digest(model, last[0] if last else None)
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
@@ -187,11 +184,15 @@ class Stress:
             self.tapes[name]["recording"] = False
 
     def request(self, name: str) -> None:
-        fam, t0, ready = self.families[name], time.perf_counter(), []
+        fam, t0, ready, held = self.families[name], time.perf_counter(), [], []  # held: wall times of the lease
 
         def fn(model: Any) -> torch.Tensor:
             ready.append(time.perf_counter())
-            return capture(fam, model, dict(self.tapes[name], i=0))
+            held.append(time.time())
+            try:
+                return capture(fam, model, dict(self.tapes[name], i=0))
+            finally:
+                held.append(time.time())
 
         wall0, beside = time.time(), self.neighbour_on  # another program held memory when it was asked
         try:
@@ -207,7 +208,7 @@ class Stress:
         wait = (ready[0] if ready else time.perf_counter()) - t0
         row = {"key": name, "wait_s": wait, "own_move_s": own, "excess_s": max(0.0, wait - own),
                "correct": bool(torch.equal(digest, self.reference[name])), "done_s": time.perf_counter() - t0,
-               "beside_neighbour": beside or self.neighbour_on}  # fmt: skip
+               "beside_neighbour": beside or self.neighbour_on, "held": held}  # fmt: skip
         with self.lock:
             self.rows.append(row)
             self.done += 1
@@ -273,6 +274,9 @@ class Stress:
         beside = [r["wait_s"] for r in self.rows if r["beside_neighbour"]]
         swaps = [e for e in snap.events if e.kind == "swap_in" and e.seconds > 0]
         big = [e for e in swaps if e.bytes >= (0 if self.env.quick else GiB // 2)]
+        # a swap-in while another request ran on the card (its kernels share the default stream with the copy)
+        busy = [any(r["key"] != e.key and len(r["held"]) == 2 and r["held"][0] < e.time and
+                    r["held"][1] > e.time - e.seconds for r in self.rows) for e in big]  # fmt: skip
         return {
             "wall_s": wall, "requests": len(self.rows) + len(self.failures), "failed": len(self.failures),
             "failures": self.failures[:20], "wrong_outputs": sum(not r["correct"] for r in self.rows),
@@ -282,9 +286,13 @@ class Stress:
             "beside_neighbour": {"requests": len(beside), "wait_p95_s": quantile(beside, 0.95, None),
                                  "wait_max_s": max(beside, default=None)},
             "swap_in_gbps": [e.bytes / e.seconds / 1e9 for e in big],
+            "swap_in_beside_request": busy,
             "training": {"steps": train["steps"], "seconds": train.get("seconds"), "pauses": lease.pauses,
                          "paused_s": lease.paused_s},
             "counters": snap.metrics.counters, "context": self.context, "rows": self.rows,
+            # what each family's leases set aside: the caller's hint and the largest working peak measured
+            "working": {v.key: {"hint_bytes": self.families[v.key].working_hint, "peak_bytes": v.working_peak}
+                        for v in snap.models if v.key in self.families},
         }  # fmt: skip
 
 
@@ -339,6 +347,16 @@ def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _split(s: dict) -> str:
+    """Median swap-in bandwidth with and without another request running on the card at the same time."""
+    gbps, beside = s["swap_in_gbps"], s.get("swap_in_beside_request", [])
+    parts = []
+    for label, flag in (("beside another request", True), ("card otherwise idle", False)):
+        xs = [g for g, b in zip(gbps, beside, strict=False) if b == flag]
+        parts.append(f"{label}: {len(xs)}, median {_s(quantile(xs, 0.5, None))} GB/s")
+    return "; ".join(parts)
+
+
 def _gb(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f}"
 
@@ -361,10 +379,12 @@ def markdown(r: dict) -> str:
         f"{s['training']['pauses']}x for {s['training']['paused_s']:.2f} s; steps/s plain "
         f"{r['training_steps_per_s']['plain']:.2f}, on its lease alone {r['training_steps_per_s']['leased_alone']:.2f}.",
         f"Raw pinned host->device {r['bandwidth']['pinned_h2d_gbps']:.1f} GB/s (pinned buffer: "
-        f"{r['bandwidth']['pinned']}); swap-ins measured: {len(s['swap_in_gbps'])}. "
+        f"{r['bandwidth']['pinned']}); swap-ins measured: {len(s['swap_in_gbps'])} ({_split(s)}). "
         f"CPU fallbacks: {s['counters'].get('cpu_fallbacks', 0)}; our CUDA context as gauged "
         f"{_gb(s['context']['context_bytes'])} GB (largest single reading {_gb(s['context']['raw_max_bytes'])} GB, "
         f"{s['context']['rejected_readings']} readings straddled by a move).",
+        "Working memory per request, largest measured peak (caller's hint) in GB: " + ", ".join(
+            f"{k} {_gb(w['peak_bytes'])} ({_gb(w['hint_bytes'])})" for k, w in s.get("working", {}).items()) + ".",
     ]  # fmt: skip
     if r["errors"]:
         lines += ["", f"Errors: {r['errors']}"]

@@ -45,7 +45,11 @@ UNET_WORK_PER_LATENT_PX = 30_000  # bytes per latent pixel, per sample, per byte
 DECODE_WORK_PER_PX = 900  # bytes per image pixel decoded at once, per byte of dtype (with margin)
 DECODE_EXPECTED = 800 / 900  # SDXL 1024 on the H200 peaked at 9.52 and 10.26 GiB (two runs): fitted to 10.0 GiB
 UNET_EXPECTED = {"sd15": 2.41, "sdxl": 1.6}  # SD1.5 512: 2.65 GiB peak less weights and overhead (SDXL: decode rules)
-SD_LORA_ACT_PER_LATENT_PX = 445_000  # checkpointed, fp16 autocast, per latent pixel per sample
+# checkpointed, fp16 autocast, per latent pixel per sample. Was 445,000, fitted to the diffusion bench's 3.56 GiB,
+# an absolute peak taken after that bench's generation sections had loaded SD1.5 (their models were still on the
+# card); the planner bench's own run of the same job in a fresh context peaked at 2.42 GiB (2026-12-01 13:04, H200),
+# which this figure reproduces. Calibrated on that one run: an independent size or batch is not measured yet.
+SD_LORA_ACT_PER_LATENT_PX = 155_000
 # YOLO (AMP training, activations per image pixel at width multiple 1.0)
 YOLO_ACT_PER_PX = 1_040
 WHISPER_FRAMES = 1500

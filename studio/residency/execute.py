@@ -126,6 +126,8 @@ class Executor:
                 m._policy.on_evict(candidate(r, GPU), time.monotonic())
             obj, pool = r.obj, r.pool
             r.obj, r.pool, r.tier, r.device = None, None, DISK, None
+            if r.streamed_host_bytes:  # a partly resident model: its full size counts again until its next load
+                r.streamed_host_bytes, r.bytes = 0, 0
             r.generation += 1
         seconds = self.mover.release(r, obj, pool)
         del obj, pool
@@ -187,16 +189,18 @@ class Executor:
             with m._cond:
                 rec.pool = pool
 
-        facts = self.mover.bring(rec, plan.action, keep_pool)
+        facts = self.mover.bring(rec, plan.action, keep_pool, plan.partial_room)
         self._commit_up(rec, facts)
 
     def _commit_up(self, rec: ModelRecord, facts: MoveFacts) -> None:
         m = self.m
         with m._cond:
             rec.obj, rec.pool, rec.tier, rec.bytes = facts.obj, facts.pool, facts.tier, int(facts.bytes)
+            rec.streamed_host_bytes = facts.streamed
             rec.device = m._accel.device if facts.tier == GPU else "cpu"
-            if facts.tier == GPU and is_torch_model(facts.obj):
-                rec.gpu_only = gpu_only(facts.obj)
+            first_up = facts.kind != "ram->gpu" or rec.swap_in_s is None  # a later swap keeps the kind of weights
+            if facts.tier == GPU and first_up and is_torch_model(facts.obj):
+                rec.gpu_only = gpu_only(facts.obj)  # a walk over the modules: once per load, not per swap
             rec.generation += 1
             if facts.kind == "ram->gpu":
                 rec.swap_in_s = facts.seconds
@@ -205,7 +209,8 @@ class Executor:
                 m.metrics.add("loads")
             m.metrics.add("bytes_up", facts.copied)
             m.metrics.switch(facts.kind, facts.seconds)
-            m._event("swap_in" if facts.kind == "ram->gpu" else "load", rec.key, facts.bytes, facts.seconds, facts.kind)
+            detail = f"{facts.kind}, {fmt_bytes(facts.streamed)} streamed from RAM" if facts.streamed else facts.kind
+            m._event("swap_in" if facts.kind == "ram->gpu" else "load", rec.key, facts.bytes, facts.seconds, detail)
         rate = f", {facts.copied / facts.seconds / 1e9:.1f} GB/s" if facts.copied and facts.seconds > 0 else ""
         verb = "swapped in" if facts.kind == "ram->gpu" else "loaded"
         log.info("%s %s: %s in %.3f s%s", verb, rec.key, fmt_bytes(facts.bytes), facts.seconds, rate)

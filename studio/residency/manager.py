@@ -62,6 +62,13 @@ class Loader(Protocol):
 
     Optional: `to_device(obj, device) -> obj` for objects that are not torch modules (CTranslate2:
     `unload_model(to_cpu=True)` / `load_model()`); torch objects are moved by the manager itself.
+    Optional: `load_partial(device, room_bytes, accel) -> (model, streamer)` (and `can_stream() -> bool`) for a
+    model that may run larger than the budget: the manager calls it when the whole model can never fit, after moving
+    every idle model off the card; the loader keeps what fits in `room_bytes` on the device and the rest in host
+    pools streamed per use (`studio.residency.stream.LayerStreamer`, whose `owns(t)` names the tensors it keeps).
+    Such a model is never swapped to RAM: it goes to disk and loads partly again.
+    Optional: `on_evict(obj)`, called before the idle model is swapped off the GPU, to drop device memory the
+    backend keeps beside it between leases (Chat's static KV cache and CUDA graph), which the manager does not count.
     """
 
     key: str
@@ -69,6 +76,18 @@ class Loader(Protocol):
     def estimate_bytes(self) -> int: ...
     def load(self, device: str) -> Any: ...
     def release(self, obj: Any) -> None: ...
+
+
+def _asks(loader: Any, name: str) -> bool:
+    """An optional yes/no of a loader (absent: yes); a loader that fails to answer says no."""
+    fn = getattr(loader, name, None)
+    if fn is None:
+        return True
+    try:
+        return bool(fn())
+    except Exception as e:
+        log.warning("%s: %s() failed (%s); taking it as no", loader.key, name, e)
+        return False
 
 
 class ResidencyManager:
@@ -178,7 +197,9 @@ class ResidencyManager:
                 log.warning("%s: estimate_bytes() failed (%s); assuming 1 GB until measured", loader.key, e)
                 estimate = GiB
             custom = callable(getattr(loader, "to_device", None))
-            self._records[loader.key] = ModelRecord(loader.key, loader, max(0, estimate), custom)
+            rec = ModelRecord(loader.key, loader, max(0, estimate), custom)
+            rec.streamable = callable(getattr(loader, "load_partial", None)) and _asks(loader, "can_stream")
+            self._records[loader.key] = rec
         if old is not None and old.obj is not None:
             self._drop(old)
 

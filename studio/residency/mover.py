@@ -30,6 +30,7 @@ class MoveFacts:
     copied: int  # bytes actually copied
     seconds: float
     kind: str  # "disk->gpu", "ram->gpu", "disk->ram", "gpu->ram", "gpu->disk", ...
+    streamed: int = 0  # a partly resident load: bytes of the layers left in host pools, streamed per use
 
 
 class Mover:
@@ -37,10 +38,14 @@ class Mover:
         self.accel = accel
         self._used_now = used_now  # card-wide used bytes (for frameworks with their own mover)
 
-    def bring(self, rec: ModelRecord, action: Action, keep_pool: Callable[[PinnedPool], None]) -> MoveFacts:
+    def bring(self, rec: ModelRecord, action: Action, keep_pool: Callable[[PinnedPool], None],
+              partial_room: int | None = None) -> MoveFacts:  # fmt: skip
         """Disk/RAM -> GPU, or disk/GPU -> CPU. `keep_pool(pool)` is called as soon as host tensors sit in a pool,
-        so a failed device allocation after that leaves the pool with its record (never orphaned)."""
+        so a failed device allocation after that leaves the pool with its record (never orphaned).
+        `partial_room`: load it partly resident within that many bytes (Loader.load_partial)."""
         t0 = time.perf_counter()
+        if partial_room is not None:
+            return self._bring_partial(rec, partial_room, keep_pool, t0)
         if action == Action.LOAD_CPU:
             if rec.tier == GPU:
                 facts = self.gpu_to_ram(rec)
@@ -68,8 +73,29 @@ class Mover:
             nbytes, copied = res.bytes, res.copied
         return MoveFacts(obj, pool, GPU, int(nbytes), copied, time.perf_counter() - t0, kind)
 
+    def _bring_partial(self, rec: ModelRecord, room: int, keep_pool: Callable[[PinnedPool], None],
+                       t0: float) -> MoveFacts:  # fmt: skip
+        """`load_partial(device, room, accel)` -> (model, streamer): the streamer owns the layers it keeps in host
+        pools; whatever else the loader left in host memory goes up in one copy, as any load does."""
+        obj, streamer = rec.loader.load_partial(self.accel.load_device, room, self.accel)
+        tensors = [t for t in host_tensors(obj, self.accel) if not streamer.owns(t)]
+        pool = copied = None
+        if tensors:
+            pool = adopt(tensors, None, self.accel.host_buffer)
+            keep_pool(pool)
+            copied = upload(tensors, pool, self.accel).copied
+        nbytes = device_bytes(obj, self.accel)
+        return MoveFacts(obj, pool, GPU, int(nbytes), copied or nbytes, time.perf_counter() - t0, "disk->gpu",
+                         streamed=streamer.pool_bytes)  # fmt: skip
+
     def gpu_to_ram(self, rec: ModelRecord) -> MoveFacts:
         t0 = time.perf_counter()
+        hook = getattr(rec.loader, "on_evict", None)
+        if hook is not None:  # device buffers kept beside the idle model (a chat decoder's KV cache) go first
+            try:
+                hook(rec.obj)
+            except Exception as e:
+                log.warning("%s: on_evict() failed: %s", rec.key, e)
         if rec.custom:
             obj = rec.loader.to_device(rec.obj, "cpu") or rec.obj
             return MoveFacts(obj, None, RAM, rec.size(), rec.size(), time.perf_counter() - t0, "gpu->ram")
@@ -91,7 +117,8 @@ class Mover:
 
     def can_swap(self, rec: ModelRecord) -> bool:
         """Can this GPU model move to pinned RAM (rather than be released to disk)?"""
-        return self.accel.has_gpu_tier and (rec.custom or is_torch_model(rec.obj))
+        streamed = rec.streamed_host_bytes > 0  # partly resident: it goes to disk, and loads partly again
+        return self.accel.has_gpu_tier and not streamed and (rec.custom or is_torch_model(rec.obj))
 
     def _host_bytes(self, obj: Any, rec: ModelRecord) -> int:
         if is_torch_model(obj):

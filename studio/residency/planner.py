@@ -45,6 +45,7 @@ class Plan:
     to_disk: set[str] = field(default_factory=set)  # GPU victims whose pool would not fit in RAM
     ram_victims: list[ModelRecord] = field(default_factory=list)
     pool_drops: list[ModelRecord] = field(default_factory=list)
+    partial_room: int | None = None  # load the target partly resident in this many bytes, streaming the rest
 
     def records(self) -> list[ModelRecord]:
         return [*self.gpu_victims, *self.ram_victims, *([self.target] if self.target else [])]
@@ -186,6 +187,10 @@ def decide(
         plan_ram(w, plan, rec.size(), {rec.key})
         return Place(plan)
     if rec.tier != GPU and rec.size() + work > w.capacity:  # can never fit, even alone: run it on the CPU
+        if rec.streamable and rec.tier == DISK:  # ...or partly resident, its other layers streamed from RAM
+            partial = plan_partial(w, rec, work, yieldable)
+            if partial is not None:
+                return partial
         if rec.gpu_only:  # ...unless its weights are GPU-only: then wait for other programs to free the card
             return Wait(rec.size() + work - w.capacity)
         if rec.tier == RAM:
@@ -209,6 +214,26 @@ def decide(
     if not blockers and rec.tier == GPU:
         return Hit(work)  # nothing else to free; the OOM retry in run() is the last resort
     return Wait(need, blockers)
+
+
+PARTIAL_MIN_SHARE = 8  # a partly resident load needs at least 1/8 of the model's size on the card
+
+
+def plan_partial(w: World, rec: ModelRecord, work: int, yieldable: Sequence[Any] = ()) -> Decision | None:
+    """A model larger than the budget, partly resident: every idle model leaves the card (the more layers stay, the
+    faster it runs) and it gets the room that is left. Waits while leases hold what it needs; None where even the
+    whole card would leave too little (it then runs on the CPU, or waits if its weights are GPU-only)."""
+    least = rec.size() // PARTIAL_MIN_SHARE
+    if w.capacity - work < least:
+        return None
+    chosen = w.idle(GPU, {rec.key})
+    room = w.capacity - (w.gpu_in_use() - sum(r.size() for r in chosen)) - work
+    if room < least:
+        blockers = tuple(r for r in w.records if r.key != rec.key and r.tier == GPU and (r.leases or r.moving))
+        return Wait(least - room, blockers, tuple(yieldable))
+    plan = Plan(rec, Action.LOAD_GPU, work, gpu_victims=chosen, partial_room=room)
+    plan_ram_for_victims(w, plan)
+    return Place(plan)
 
 
 def plan_ram_for_victims(w: World, plan: Plan) -> None:

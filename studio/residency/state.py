@@ -88,6 +88,8 @@ class ModelRecord:
     cpu_fallback: bool = False
     gpu_only: bool = False  # 4-bit bitsandbytes weights: the CPU path is minutes per answer and repacks them in place
     parked_by: Any = None  # the training lease that parked these weights with its own state (see preempt.py)
+    streamable: bool = False  # its loader can run it partly resident, the rest streamed (Loader.load_partial)
+    streamed_host_bytes: int = 0  # when partly resident: its streamed layers' host pools (0: wholly on one tier)
 
     def size(self) -> int:
         return self.bytes or self.estimate
@@ -114,8 +116,8 @@ class ModelRecord:
 
     def ram_bytes(self) -> int:
         if self.pool is not None:
-            return self.pool.nbytes
-        return self.size() if self.tier == RAM else 0
+            return self.pool.nbytes + self.streamed_host_bytes
+        return self.size() if self.tier == RAM else self.streamed_host_bytes
 
     def touch(self, inflation: float) -> None:
         now = time.monotonic()
@@ -223,6 +225,7 @@ class ModelView:
     pinned_bytes: int  # host pool, when page-locked
     pool_bytes: int  # host pool (pinned or not) kept for this model's swaps
     pool_reuses: int
+    streamed_bytes: int  # layers kept in host memory and streamed to the GPU per use (a model larger than the card)
     leases: int
     state: str  # "idle", "in use", "moving up", "moving down", "on disk"
     uses: int
@@ -313,6 +316,7 @@ def model_view(r: ModelRecord) -> ModelView:
         pinned_bytes=pool.nbytes if pool is not None and pool.pinned else 0,
         pool_bytes=pool.nbytes if pool is not None else 0,
         pool_reuses=pool.reuses if pool is not None else 0,
+        streamed_bytes=r.streamed_host_bytes,
         leases=r.leases,
         state=state,
         uses=r.uses,

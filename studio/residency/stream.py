@@ -55,6 +55,7 @@ class LayerStreamer:
         self.accel = accel
         self.resident = resident
         self._streamed: list[_Streamed] = []
+        self._owned: set[int] | None = None
         self._hooks: list[Any] = []
         for layer in layers[resident:]:
             self.stream(layer)
@@ -78,8 +79,15 @@ class LayerStreamer:
             raise ValueError(f"{type(layer).__name__} has tensors both on and off the device: place it first")
         entry = _Streamed(layer, pool, tensors)
         self._streamed.append(entry)
+        self._owned = None
         self._hooks.append(layer.register_forward_pre_hook(lambda m, a, e=entry: self._bring(e)))
         self._hooks.append(layer.register_forward_hook(lambda m, a, o, e=entry: self._drop(e)))
+
+    def owns(self, t: Any) -> bool:
+        """Is `t` one of the tensors this streamer keeps in a host pool (the residency manager leaves those)?"""
+        if self._owned is None:
+            self._owned = {id(x) for e in self._streamed for x in e.tensors}
+        return id(t) in self._owned
 
     @property
     def pool_bytes(self) -> int:
@@ -109,10 +117,16 @@ class LayerStreamer:
         return StreamStats(len(self._streamed), self._uploads, self._bytes, self._moving_s,
                            time.perf_counter() - self._t0)  # fmt: skip
 
-    def close(self) -> None:
+    def close(self, *, free_pools: bool = False) -> None:
+        """Detach (the streamed layers then run from their pools); `free_pools`: the model is being dropped, so its
+        host pools are given back now (pinned memory is not left to the garbage collector)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if free_pools:
+            for e in self._streamed:
+                e.pool.close()
+            self._streamed, self._owned = [], None
 
 
 def decoder_layers(model: Any) -> nn.ModuleList:
