@@ -67,9 +67,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [  # what callers imported from this module before types, loader and chat_adapters were split off
-    "AdapterError", "ChatModelLoader", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "check_messages", "create",
-    "eos_ids", "kv_cache_bytes", "options_for_size", "parse_tool_calls",
+    "AdapterError", "ChatModelLoader", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats",
+    "LLMBackend", "LLMConfig", "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError",
+    "check_messages", "create", "eos_ids", "kv_cache_bytes", "options_for_size", "parse_tool_calls",
 ]  # fmt: skip
 
 
