@@ -38,10 +38,6 @@ def current_job() -> Job | None:
     return getattr(_current, "job", None)
 
 
-class JobBusy(ValueError):
-    """A job of the same kind is already queued or running."""
-
-
 class Job:
     """One unit of background work; its fields are read by the UI while the worker thread updates them."""
 
@@ -170,14 +166,17 @@ class JobRunner:
         atexit.register(lambda: (r := ref()) is not None and r.shutdown(r._exit_timeout))
 
     def submit(self, name: str, fn: Callable[[Job], Any], *, gpu: bool = True, unique: str | None = None) -> Job:
-        """Queue `fn` to run in the background; returns its Job at once. With `unique`, a second job of that key is
-        refused while one is queued or running (a double-clicked Train makes one run, not two)."""
+        """Queue `fn` to run in the background; returns its Job at once. With `unique`, while a job of that key is
+        queued or running, submitting again returns that job and queues nothing: a double-clicked Train (or a second
+        session asking for the same run) follows the run already started, as one run. Once it ended, the key is free.
+        """
         with self._cond:
             if self._closed:
                 raise RuntimeError("The job runner is shut down; no new jobs are accepted.")
             busy = next((j for j in self._jobs.values() if unique and j.unique == unique and not j.is_finished), None)
             if busy is not None:
-                raise JobBusy(f"{busy.name} is already {busy.status} ({busy.id}): wait for it or stop it first.")
+                log.info("submit %r: %s is already %s with the same key; returning it", name, busy.id, busy.status)
+                return busy
             job = Job(f"job-{next(self._ids):04d}", name, fn, gpu)
             job.unique = unique
             self._jobs[job.id] = job

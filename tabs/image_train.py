@@ -75,7 +75,7 @@ def start_job(ctx, files_v, base_v, instance_v, name_v, rank_v, steps_v, lr_v, r
         job = ctx.backends.sd_lora.submit(cfg)
     except Exception as e:
         raise gr.Error(str(e)[:400]) from None
-    return job.id, f"Queued **{job.name}** ({job.id}).", "", [], gr.Timer(active=True)
+    return job.id, f"{job.status.capitalize()}: **{job.name}** ({job.id}).", "", [], gr.Timer(active=True)
 
 
 def poll(ctx, jid):

@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from studio.context import StudioContext, Tab
+from studio.runs import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ JOB_HEADERS = ["id", "name", "device", "status", "progress", "message", "elapsed
 ARTIFACT_HEADERS = ["name", "path", "size"]
 WEIGHT_SUFFIXES = (".pt", ".safetensors", ".onnx", ".bin", ".gguf", ".json", ".yaml", ".csv", ".png", ".jsonl")
 LR_KEYS = ("lr", "learning_rate")
+MAX_PLOTS = 6  # plot slots built once; a run fills as many as it has metric groups (see metric_plots)
 JOBS_REFRESH_S = 2.0
 
 
@@ -77,18 +79,14 @@ def runs_rows(ctx: StudioContext) -> list[list[str]]:
 
 def metrics_frame(rows: list[dict[str, Any]], keys: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()):
     """Long format (step, value, metric) for gr.LinePlot; non-numeric and missing values are dropped.
-
-    `keys` keeps only those metrics, `exclude` drops some: the learning rate (1e-4) gets its own plot instead of
-    flattening the losses on a shared axis.
-    """
+    `keys` keeps only those metrics, `exclude` drops some."""
     import pandas as pd
 
     long = [
         {"step": r["step"], "value": float(v), "metric": k}
         for r in rows
         for k, v in r.items()
-        if k not in {"step", "time", *exclude} and (keys is None or k in keys)
-        and isinstance(v, int | float) and not isinstance(v, bool)
+        if k not in {"step", "time", *exclude} and (keys is None or k in keys) and _numeric(v)
     ]  # fmt: skip
     frame = pd.DataFrame(long, columns=["step", "value", "metric"])
     # typed even when empty: the plot fixes its axis types from the first value it gets
@@ -102,25 +100,57 @@ def artifact_files(run: Any, limit: int = 200) -> list[Any]:
     return sorted(files, key=lambda p: (p.suffix not in (".pt", ".safetensors", ".onnx"), str(p)))[:limit]
 
 
-def run_details(ctx: StudioContext, run_id: str | None):
-    """(record without artifacts, metrics frame or None, lr frame or None, artifact rows, headline) for one run.
+def metric_plots(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(plots, left out): one (title, frame) per plot, each on its own axis as in the Tiny LM tab's live plots.
 
-    No metrics gives None, not an empty frame: a plot that once showed an empty frame draws no lines later.
+    Policy: metrics of one unit share a plot (every loss in "Loss", every learning rate in "Learning rate"); any
+    other metric (tokens/s, perplexity, mAP, bytes, latency) gets a plot of its own. Order: loss, the others as
+    first logged, learning rate last. At most MAX_PLOTS plots: the other metrics beyond them are left out by name.
     """
+    order = list(dict.fromkeys(k for r in rows for k, v in r.items() if k not in {"step", "time"} and _numeric(v)))
+    losses = tuple(k for k in order if "loss" in k.lower())
+    rates = tuple(k for k in order if k in LR_KEYS or k.lower().startswith(("lr/", "lr_", "lr-")))
+    others = [k for k in order if k not in losses and k not in rates]
+    room = MAX_PLOTS - bool(losses) - bool(rates)
+    groups = [("Loss", losses)] if losses else []
+    groups += [(k, (k,)) for k in others[:room]]
+    groups += [("Learning rate", rates)] if rates else []
+    return [(title, metrics_frame(rows, keys=keys)) for title, keys in groups], others[room:]
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def run_details(ctx: StudioContext, run_id: str | None):
+    """(record without artifacts, plots as metric_plots gives them, artifact rows, headline) for one run."""
     if not run_id:
-        return {}, None, None, [], "Select a run in the table above."
+        return {}, [], [], "Select a run in the table above."
     try:
         run = ctx.runs.get(run_id)
     except KeyError as e:
-        return {}, None, None, [], f"**{e.args[0]}**"
+        return {}, [], [], f"**{e.args[0]}**"
     rec = {k: v for k, v in run.record.items() if k != "artifacts"}
     root = Path(run.dir).resolve()
     artifacts = [[p.name, str(p.relative_to(root)) if p.is_relative_to(root) else str(p), _size(p.stat().st_size)]
                  for p in artifact_files(run)]  # fmt: skip
     headline = f"**{run.id}** — {run.kind}, {run.status}; folder `{run.dir}`"
-    metrics = run.metrics()
-    frame, lr = metrics_frame(metrics, exclude=LR_KEYS), metrics_frame(metrics, keys=LR_KEYS)
-    return rec, (None if frame.empty else frame), (None if lr.empty else lr), artifacts, headline
+    plots, left_out = metric_plots(run.metrics())
+    if left_out:
+        headline += f". Not plotted (only {MAX_PLOTS} plots): {', '.join(left_out)}; they are in `{METRICS}`."
+    return rec, plots, artifacts, headline
+
+
+def detail_outputs(ctx: StudioContext, run_id: str | None) -> list[Any]:
+    """run_details for the UI: the record, one update per plot slot (the unused ones hidden), artifacts, headline.
+
+    A slot without a plot gets None, not an empty frame: a plot that once showed an empty frame draws no lines later.
+    """
+    rec, plots, artifacts, headline = run_details(ctx, run_id)
+    slots = [gr.update(value=frame, label=title, y_title=title, visible=True) for title, frame in plots]
+    empty = gr.update(value=None, label="Metrics", y_title="value", visible=True)  # slot 0 says there are none
+    slots += [empty if i == 0 else gr.update(value=None, visible=False) for i in range(len(plots), MAX_PLOTS)]
+    return [rec, *slots, artifacts, headline]
 
 
 def prepare_downloads(ctx: StudioContext, run_id: str | None) -> list[str]:
@@ -206,8 +236,12 @@ def build(ctx: StudioContext) -> None:
     headline = gr.Markdown("Select a run in the table above.")
     with gr.Row():
         with gr.Column(scale=2):
-            plot = gr.LinePlot(None, x="step", y="value", color="metric", label="Metrics", height=300)
-            lr_plot = gr.LinePlot(None, x="step", y="value", color="metric", label="Learning rate", height=160)
+            plots = []
+            for first in range(0, MAX_PLOTS, 2):  # two plots a row, each metric group on its own axis
+                with gr.Row():
+                    plots += [gr.LinePlot(None, x="step", y="value", color="metric", label="Metrics" if i == 0 else
+                                          f"Metric {i + 1}", height=260, visible=i == 0)
+                              for i in (first, first + 1)]  # fmt: skip
         with gr.Column(scale=1):
             config = gr.JSON(label="Record (config, seed, versions, dataset hash, summary)")
     artifacts = gr.Dataframe(headers=ARTIFACT_HEADERS, interactive=False, label="Artifacts (files in the run folder)")
@@ -220,9 +254,11 @@ def build(ctx: StudioContext) -> None:
         return row[0] if row else ""
 
     runs_table.select(on_select, None, selected, show_progress="hidden")
-    details = [config, plot, lr_plot, artifacts, headline]
-    selected.change(lambda rid: run_details(ctx, rid), selected, details, show_progress="hidden")
-    refresh.click(lambda: runs_rows(ctx), None, runs_table).then(lambda rid: run_details(ctx, rid), selected, details)
+    details = [config, *plots, artifacts, headline]
+    selected.change(lambda rid: detail_outputs(ctx, rid), selected, details, show_progress="hidden")
+    refresh.click(lambda: runs_rows(ctx), None, runs_table).then(
+        lambda rid: detail_outputs(ctx, rid), selected, details
+    )
     download.click(lambda rid: prepare_downloads(ctx, rid), selected, files)
 
     _build_jobs_panel(ctx)

@@ -71,7 +71,7 @@ def start(backend: Any, pos_v, size_v, corpus_v, works_v, tok_v, bpe_v, steps_v,
         job = backend.start_training(model, opts)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         raise gr.Error(str(e).strip("'\"")) from None
-    return job.id, f"Queued: {job.name}"
+    return job.id, f"{job.status.capitalize()}: {job.name}"  # a double click gets the running job: "Running: ..."
 
 
 def poll(ctx: StudioContext, backend: Any, jid, seen):

@@ -89,14 +89,14 @@ def test_each_window_is_conditioned_on_the_previous_windows_text(actx, two_windo
 
 
 def test_an_unsure_window_is_not_carried(actx):
-    from backends.audio.asr import _Run
+    from backends.audio.whisper_run import WindowRun
 
-    run = _Run(actx.backends.asr, TranscribeOptions(language="en", carry_prompt=True), None, lambda: False)
+    run = WindowRun(actx.backends.asr, TranscribeOptions(language="en", carry_prompt=True), None, lambda: False)
     run._emit([Segment(0, 1, "Hello there.", avg_logprob=-0.2)], 0)
     assert run.prompt == "Hello there."
     run._emit([Segment(1, 2, "Fine.", avg_logprob=-0.1), Segment(2, 3, "um um um um", avg_logprob=-2.5)], 0)
     assert run.prompt == ""  # one unsure segment: the next window starts fresh, as after a temperature fallback
-    off = _Run(actx.backends.asr, TranscribeOptions(language="en"), None, lambda: False)
+    off = WindowRun(actx.backends.asr, TranscribeOptions(language="en"), None, lambda: False)
     off._emit([Segment(0, 1, "Hello there.", avg_logprob=-0.2)], 0)
     assert off.prompt == ""
 

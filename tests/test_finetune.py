@@ -143,7 +143,7 @@ def test_bad_data_is_refused_before_any_job(llm_ctx, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "completion": "y"}\n{"prompt": "x"\n')
     before = len(llm_ctx.jobs.list())
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
         llm_ctx.backends.finetune.submit(config(bad))
     assert len(llm_ctx.jobs.list()) == before
 

@@ -69,7 +69,7 @@ def test_problems_are_reported_with_file_and_line(tmp_path):
         load_conversations(path)
     text = str(e.value)
     assert "5 of 6 records in bad.jsonl" in text
-    for where, what in [("bad.jsonl:2", "malformed JSON"), ("bad.jsonl:3", "unknown keys"),
+    for where, what in [("bad.jsonl:2", "not valid JSON"), ("bad.jsonl:3", "unknown keys"),
                         ("bad.jsonl:4", "empty assistant answer"), ("bad.jsonl:5", "unknown role 'wizard'"),
                         ("bad.jsonl:6", "before any user turn")]:  # fmt: skip
         assert f"{where}: " in text and what in text, (where, text)

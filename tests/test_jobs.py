@@ -250,17 +250,44 @@ def test_process_exit_lets_a_running_job_save(tmp_path):
 
 
 def test_a_double_clicked_start_makes_one_job():
+    """The second click gets the job already running (and its id, so the page follows it); nothing is queued."""
     import threading
 
-    from studio.jobs import JobBusy, JobRunner
+    from studio.jobs import JobRunner
 
-    runner, release = JobRunner(), threading.Event()
-    first = runner.submit("train", lambda job: release.wait(5), gpu=False, unique="tinylm:cfg")
-    with pytest.raises(JobBusy, match="already"):
-        runner.submit("train", lambda job: None, gpu=False, unique="tinylm:cfg")
+    runner, release, calls = JobRunner(), threading.Event(), []
+    first = runner.submit("train", lambda job: (calls.append(1), release.wait(5)), gpu=False, unique="tinylm:cfg")
+    second = runner.submit("train", lambda job: calls.append(2), gpu=False, unique="tinylm:cfg")
+    assert second is first and [j.id for j in runner.list()] == [first.id]
     other = runner.submit("train other", lambda job: None, gpu=False, unique="tinylm:other")
+    assert other is not first
     release.set()
-    assert first.wait(5) and other.wait(5)
-    again = runner.submit("train", lambda job: None, gpu=False, unique="tinylm:cfg")  # allowed once it ended
-    assert again.wait(5)
+    assert first.wait(5) and other.wait(5) and calls == [1]
+    again = runner.submit("train", lambda job: None, gpu=False, unique="tinylm:cfg")  # a new run once it ended
+    assert again is not first and again.wait(5)
+    runner.shutdown(5)
+
+
+def test_clicks_from_two_sessions_at_once_share_one_queued_gpu_job():
+    """Eight threads submit the same unique GPU job behind a busy one: one job is queued, all get it."""
+    import threading
+
+    from studio.jobs import JobRunner
+
+    runner, release, ran = JobRunner(), threading.Event(), []
+    blocker = runner.submit("holds the GPU", lambda job: release.wait(5), gpu=True)
+    got, start = [], threading.Barrier(8)
+
+    def click() -> None:
+        start.wait()
+        got.append(runner.submit("LoRA x", lambda job: ran.append(job.id), gpu=True, unique="sd-lora:x"))
+
+    threads = [threading.Thread(target=click) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert len(got) == 8 and len({j.id for j in got}) == 1 and got[0].status == "queued"
+    release.set()
+    assert blocker.wait(5) and got[0].wait(5) and ran == [got[0].id]
     runner.shutdown(5)

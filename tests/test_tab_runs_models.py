@@ -52,9 +52,11 @@ def test_runs_rows_and_details(ctx):
     (run.dir / "weights" / "best.pt").write_bytes(b"1" * 4096)  # written by the trainer, never registered
     (run.dir / "model.safetensors").write_bytes(b"2" * 1024)
 
-    rec, frame, lr, artifacts, headline = runs_tab.run_details(ctx, run.id)
+    rec, plots, artifacts, headline = runs_tab.run_details(ctx, run.id)
     assert rec["config"] == {"lr": 1e-4} and rec["seed"] == 3 and "versions" in rec
-    assert set(frame["metric"]) == {"loss"} and len(frame) == 4  # the learning rate is not on the loss axis
+    assert [title for title, _ in plots] == ["Loss", "Learning rate"]  # the learning rate is not on the loss axis
+    (_, frame), (_, lr) = plots
+    assert set(frame["metric"]) == {"loss"} and len(frame) == 4
     assert set(lr["metric"]) == {"lr"} and len(lr) == 4
     assert frame[frame.metric == "loss"]["value"].tolist() == pytest.approx([1, 0.5, 1 / 3, 0.25])
     names = [a[0] for a in artifacts]
@@ -66,8 +68,42 @@ def test_runs_rows_and_details(ctx):
     assert all(Path(f).resolve().is_relative_to(outputs) for f in files)  # served from the outputs folder only
     assert {Path(f).name for f in files} >= {"best.pt", "model.safetensors"}
 
-    rec, frame, lr, artifacts, headline = runs_tab.run_details(ctx, "../../etc")
-    assert rec == {} and frame is None and artifacts == [] and "invalid run id" in headline
+    rec, plots, artifacts, headline = runs_tab.run_details(ctx, "../../etc")
+    assert rec == {} and plots == [] and artifacts == [] and "invalid run id" in headline
+
+
+def test_each_metric_gets_its_own_axis_and_losses_share_one(ctx):
+    """A fine-tune run logs loss, lr, tokens/s and peak bytes: tokens/s (thousands) once shared the loss axis."""
+    run = ctx.runs.create("finetune", {})
+    for step in range(1, 4):
+        run.log_metrics(step, loss=2.0 / step, lr=1e-4 * step, tokens_per_s=1500.0 + step, peak_bytes=2**30)
+        run.log_metrics(step, val_loss=2.5 / step, flag=True, note="x")  # bools and text are never plotted
+    _, plots, _, headline = runs_tab.run_details(ctx, run.id)
+    frames = dict(plots)
+    assert list(frames) == ["Loss", "tokens_per_s", "peak_bytes", "Learning rate"]
+    assert set(frames["Loss"]["metric"]) == {"loss", "val_loss"} and len(frames["Loss"]) == 6
+    assert frames["tokens_per_s"]["value"].tolist() == [1501.0, 1502.0, 1503.0]
+    assert all(set(f["metric"]) == {name} for name, f in frames.items() if name not in ("Loss", "Learning rate"))
+    assert "Not plotted" not in headline
+
+    outputs = runs_tab.detail_outputs(ctx, run.id)  # record, MAX_PLOTS slot updates, artifacts, headline
+    slots = outputs[1 : 1 + runs_tab.MAX_PLOTS]
+    assert len(outputs) == runs_tab.MAX_PLOTS + 3
+    assert [u["label"] for u in slots[:4]] == list(frames) and all(u["visible"] for u in slots[:4])
+    assert all(u["visible"] is False and u["value"] is None for u in slots[4:])
+    empty = runs_tab.detail_outputs(ctx, None)[1 : 1 + runs_tab.MAX_PLOTS]
+    assert empty[0]["visible"] and empty[0]["value"] is None and not any(u["visible"] for u in empty[1:])
+
+
+def test_metrics_beyond_the_plot_slots_are_named_not_dropped_silently(ctx):
+    run = ctx.runs.create("detect", {})
+    names = [f"m{i}" for i in range(runs_tab.MAX_PLOTS + 1)]
+    run.log_metrics(1, box_loss=1.0, **{n: float(i) for i, n in enumerate(names)})
+    _, plots, _, headline = runs_tab.run_details(ctx, run.id)
+    assert len(plots) == runs_tab.MAX_PLOTS and plots[0][0] == "Loss"
+    left = names[runs_tab.MAX_PLOTS - 1 :]
+    assert [t for t, _ in plots[1:]] == names[: runs_tab.MAX_PLOTS - 1]
+    assert f"Not plotted (only {runs_tab.MAX_PLOTS} plots): {', '.join(left)}" in headline
 
 
 def test_jobs_panel_lists_progress_and_cancels(ctx):

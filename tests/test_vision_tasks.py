@@ -183,8 +183,7 @@ def test_a_stopped_training_resumes_where_it_stopped(det, ctx, tmp_path):
     assert (ctx.runs.get(run_id).dir / "ultralytics" / "weights" / "resume.pt").is_file()
     assert [r for _, r in det.resumable_runs()] == [run_id]
     again = det.resume_training(run_id)
-    with pytest.raises(ValueError, match="is already running"):  # a double click queues one continuation
-        det.resume_training(run_id)
+    assert det.resume_training(run_id) is again  # a double click queues one continuation and follows it
     assert again.wait(timeout=600) and again.status == "done", (again.error, again.logs[-10:])
     resumed = ctx.runs.get(again.result.run_id)
     assert resumed.config["resumed_from"].endswith("resume.pt")

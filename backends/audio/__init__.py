@@ -1,11 +1,12 @@
 """Speech: transcription (faster-whisper with VAD windows), speaker labels (offline or pyannote), subtitles and an
 LLM post-editor.
 
-Modules: asr (AsrBackend: the transcription stream), types (Segment, Word, Transcript, SpeakerTurn, DiarizeOptions),
-pcm (decoding any audio to 16 kHz PCM), vad (speech windows), diarize / diarize_pyannote (who spoke when),
-models (Whisper and VAD weights), subtitles (SRT/VTT/JSON/TXT), postedit (punctuation and names by the LLM),
-whisper_convert (CTranslate2 <-> transformers Whisper), whisper_torch (a torch Whisper engine, any CUDA),
-tune_data (fine-tuning folders and manifests, checked), tune / tune_loop (the Whisper fine-tuning job), wer.
+Modules: asr (AsrBackend: the transcription stream), whisper_run (decoding its speech windows), types (Segment,
+Word, Transcript, SpeakerTurn, DiarizeOptions, AsrUpdate), pcm (decoding any audio to 16 kHz PCM), vad (speech
+windows), diarize / diarize_pyannote (who spoke when), models (Whisper and VAD weights), subtitles (SRT/VTT/JSON/TXT),
+postedit (punctuation and names by the LLM), whisper_convert (CTranslate2 <-> transformers Whisper), whisper_torch (a
+torch Whisper engine, any CUDA), tune_data (fine-tuning folders and manifests, checked), tune / tune_loop (the Whisper
+fine-tuning job), wer.
 """
 
 from backends.audio.asr import AsrBackend, AsrUpdate, TranscribeOptions, create, whisper_languages

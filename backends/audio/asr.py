@@ -6,20 +6,18 @@ transcribed under a residency lease (`residency.run`, so a CUDA OOM is retried o
 window finishes; memory stays bounded by one window whatever the file's length. Cancel is cooperative: the
 `should_stop` callable is polled between chunks, windows and segments, and the last update carries everything
 transcribed so far. With diarization on, speaker embeddings are taken per window while transcribing and the
-speakers are assigned to segments and words at the end (backends.audio.diarize).
+speakers are assigned to segments and words at the end (backends.audio.diarize). Decoding the windows (batches,
+language, the carried prompt, segments in file time) is whisper_run.py's WindowRun.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from backends.audio.models import (
     TUNED_PREFIX,
@@ -29,9 +27,10 @@ from backends.audio.models import (
     register_vad,
     tuned_models,
 )
-from backends.audio.pcm import SAMPLE_RATE, DecodeStats, iter_pcm, mark_last, probe
-from backends.audio.types import DiarizeOptions, Segment, Transcript, Word
-from backends.audio.vad import FixedWindows, SpeechWindow, SpeechWindows, VadConfig
+from backends.audio.pcm import DecodeStats, iter_pcm, mark_last, probe
+from backends.audio.types import AsrUpdate, DiarizeOptions, Segment, Transcript, Word
+from backends.audio.vad import FixedWindows, SpeechWindows, VadConfig
+from backends.audio.whisper_run import WindowRun
 
 if TYPE_CHECKING:
     from studio.services import Services
@@ -44,9 +43,7 @@ __all__ = ["AsrBackend", "AsrUpdate", "ModelMissing", "Segment", "TranscribeOpti
 # with 0.2 s the pipeline lost word edges and scored WER 0.155 vs plain faster-whisper's 0.150 on tiny.en
 # (studio/bench/asr.py, 40 espeak-ng clips); with 0.4 s both score the same, for tiny.en and base.
 WHISPER_PAD_S = 0.4
-SILENCE_PEAK = 1e-3  # a window whose loudest sample is below -60 dBFS is silence: Whisper never sees it
 ENGINES = ("faster-whisper", "torch")
-CARRY_MIN_LOGPROB = -1.0  # Whisper's own log_prob_threshold: below it a window's text is not used as a prompt
 
 
 def whisper_languages() -> tuple[str, ...]:
@@ -66,8 +63,8 @@ class TranscribeOptions:
     chunk_s: float = 10.0  # decode granularity; progress and cancel are at least this fine
     # Prompt carry-over (Whisper's condition_on_previous_text, across our windows): each window is decoded with the
     # previous window's text as its prompt, so names and spelling carry on. A window whose own text looks unsure
-    # (mean word log-probability below CARRY_MIN_LOGPROB) is not carried, so one hallucination does not feed the
-    # next. With batched decoding the windows of one batch share the text before the batch.
+    # (mean word log-probability below whisper_run.CARRY_MIN_LOGPROB) is not carried, so one hallucination does not
+    # feed the next. With batched decoding the windows of one batch share the text before the batch.
     carry_prompt: bool = False
     engine: str = "faster-whisper"  # or "torch": transformers' Whisper on any CUDA (text per window, no words)
 
@@ -86,22 +83,6 @@ class TranscribeOptions:
             raise ValueError(f"batch_size must be 1..64, got {self.batch_size}")
         if not 1.0 <= self.chunk_s <= 60.0:
             raise ValueError(f"chunk_s must be 1..60 seconds, got {self.chunk_s}")
-
-
-@dataclass(frozen=True)
-class AsrUpdate:
-    new_segments: tuple[Segment, ...]
-    position_s: float  # audio decoded so far
-    duration_s: float | None
-    language: str | None
-    message: str = ""
-    transcript: Transcript | None = None  # only on the last update
-
-    @property
-    def fraction(self) -> float:
-        if self.transcript is not None:
-            return 1.0
-        return min(0.99, self.position_s / self.duration_s) if self.duration_s else 0.0
 
 
 class AsrBackend:
@@ -182,7 +163,7 @@ class AsrBackend:
         should_stop = should_stop or (lambda: False)
         info = probe(path)  # bad files fail here, before the model loads
         self.check(opts)
-        run = _Run(self, opts, info.duration_s, should_stop)
+        run = WindowRun(self, opts, info.duration_s, should_stop)
         tracker = self._tracker(diarize)
         stats = DecodeStats()
         windows = SpeechWindows(VadConfig(pad_s=WHISPER_PAD_S)) if opts.vad else FixedWindows()
@@ -234,158 +215,6 @@ class AsrBackend:
         transcript.segments, transcript.speakers = number_speakers(assign_speakers(transcript.segments, turns), turns)
         n = len({t.speaker for t in turns})
         transcript.notes.append(f"diarization ({diarize.engine}): {n} speaker(s)")
-
-
-class _Run:
-    """State of one streamed transcription: language, pending batch, segments so far."""
-
-    def __init__(self, backend: AsrBackend, opts: TranscribeOptions, duration: float | None, should_stop) -> None:
-        self.backend, self.opts, self.duration, self.should_stop = backend, opts, duration, should_stop
-        self.key = backend._key(opts.model_id, opts.engine)
-        self.language = None if opts.language == "auto" else opts.language
-        self.prompt = ""  # the previous window's text, when carried (opts.carry_prompt)
-        self.segments: list[Segment] = []
-        self.batch: list[SpeechWindow] = []
-        self.cancelled = False
-
-    def update(self, new: tuple[Segment, ...], position: float, message: str = "") -> AsrUpdate:
-        return AsrUpdate(new, position, self.duration, self.language, message)
-
-    def add_window(self, window: SpeechWindow, position: float) -> Iterator[AsrUpdate]:
-        if window.audio.size == 0 or float(np.abs(window.audio).max()) < SILENCE_PEAK:
-            return
-        self.batch.append(window)
-        if len(self.batch) >= self.opts.batch_size:
-            yield from self.flush(position)
-
-    def flush(self, position: float) -> Iterator[AsrUpdate]:
-        batch, self.batch = self.batch, []
-        if not batch or self.cancelled:
-            return
-        if len(batch) == 1 or self.language is None:  # the first window also fixes the language
-            first, batch = batch[:1], batch[1:]
-            yield self._emit(self.backend.ctx.residency.run(self.key, lambda m: self._single(m, first[0])), position)
-        if batch and not self.cancelled:
-            yield self._emit(self.backend.ctx.residency.run(self.key, lambda m: self._batched(m, batch)), position)
-
-    def _emit(self, segs: list[Segment], position: float) -> AsrUpdate:
-        self.segments.extend(segs)
-        if self.opts.carry_prompt and segs:
-            sure = [s for s in segs if s.avg_logprob >= CARRY_MIN_LOGPROB and s.text]
-            self.prompt = " ".join(s.text for s in sure) if len(sure) == len(segs) else ""
-        return self.update(tuple(segs), position)
-
-    def _kwargs(self) -> dict[str, Any]:
-        return dict(
-            language=self.language,
-            beam_size=self.opts.beam_size,
-            # Word alignment always runs: without VAD a window can open on long silence and Whisper's segment
-            # times are then coarse (the first one snaps to 0), and the words' probabilities give each segment its
-            # own confidence (Whisper's avg_logprob / no_speech_prob are per 30-s decoding window, so every
-            # segment of one window had the same values). Words are kept only when asked for.
-            word_timestamps=True,
-            # Inside one window (<= 28 s, one decoding window) there is nothing to condition on; across windows the
-            # prompt is carried by us (carry_prompt), so a bad window is not carried.
-            condition_on_previous_text=False,
-            initial_prompt=self.prompt or None,
-            vad_filter=False,  # the windows are already VAD-cut (or deliberately not)
-        )
-
-    def _single(self, model: Any, window: SpeechWindow) -> list[Segment]:
-        if self.opts.engine == "torch":
-            return self._torch(model, [window])
-        segments, info = model.transcribe(window.audio, **self._kwargs())
-        out = []
-        for seg in segments:  # lazy: decoding happens while we iterate
-            out.append(_segment(seg, window, self.opts.word_timestamps))
-            if self.should_stop():
-                self.cancelled = True
-                break
-        if self.language is None:
-            self.language = info.language
-            log.info("detected language %s (p=%.2f)", info.language, info.language_probability)
-        return out
-
-    def _torch(self, model: Any, windows: list[SpeechWindow]) -> list[Segment]:
-        """The torch engine: one segment per window (the window's span), its text decoded in one batch."""
-        if self.language is None:
-            self.language = model.detect_language(windows[0].audio)
-            log.info("detected language %s (torch engine)", self.language)
-        texts = model.transcribe([w.audio for w in windows], prompt=self.prompt, language=self.language,
-                                 beam_size=self.opts.beam_size, batch_size=len(windows))  # fmt: skip
-        out = []
-        for w, text in zip(windows, texts, strict=True):
-            if text:
-                speech = w.speech_prob(w.start_s, w.end_s)
-                out.append(Segment(round(w.start_s, 3), round(w.end_s, 3), text,
-                                   no_speech_prob=round(1 - speech, 4) if speech is not None else 0.0))  # fmt: skip
-        return out
-
-    def _batched(self, model: Any, windows: list[SpeechWindow]) -> list[Segment]:
-        """Several windows in one batched call: concatenated, each one a clip (offsets mapped back after)."""
-        if self.opts.engine == "torch":
-            return self._torch(model, windows)
-        from faster_whisper import BatchedInferencePipeline
-
-        audio = np.concatenate([w.audio for w in windows])
-        bounds = np.cumsum([0] + [w.audio.size for w in windows])
-        clips = [{"start": a / SAMPLE_RATE, "end": b / SAMPLE_RATE} for a, b in itertools.pairwise(bounds)]  # seconds
-        kwargs = {k: v for k, v in self._kwargs().items() if k not in ("condition_on_previous_text", "vad_filter")}
-        pipe = BatchedInferencePipeline(model)
-        segments, _ = pipe.transcribe(audio, clip_timestamps=clips, batch_size=len(windows), **kwargs)
-        out = []
-        for seg in segments:
-            i = max(0, int(np.searchsorted(bounds, seg.start * SAMPLE_RATE, side="right")) - 1)
-            out.append(
-                _segment(seg, windows[i], self.opts.word_timestamps, windows[i].start_s - bounds[i] / SAMPLE_RATE)
-            )
-            if self.should_stop():
-                self.cancelled = True
-                break
-        return out
-
-    def transcript(self, stats: DecodeStats) -> Transcript:
-        return Transcript(
-            segments=sorted(self.segments, key=lambda s: s.start),
-            language=self.language,
-            duration_s=stats.seconds,
-            model_id=self.opts.model_id,
-            notes=list(stats.notes),
-            cancelled=self.cancelled,
-        )
-
-
-def _segment(seg: Any, window: SpeechWindow, keep_words: bool, offset: float | None = None) -> Segment:
-    """A faster-whisper segment in file time. Its no-speech probability is its own: 1 - the VAD's mean speech
-    probability over the segment's span (Whisper's `no_speech_prob` is one value per decoding window, i.e. the same
-    for every segment of a window); without VAD, Whisper's window value."""
-    offset = window.start_s if offset is None else offset
-    speech = window.speech_prob(seg.start + offset, seg.end + offset)
-    words = tuple(
-        Word(round(w.start + offset, 3), round(w.end + offset, 3), w.word, round(float(w.probability), 4))
-        for w in (seg.words or ())
-        if keep_words
-    )
-    return Segment(
-        start=round(seg.start + offset, 3),
-        end=round(seg.end + offset, 3),
-        text=seg.text.strip(),
-        words=words,
-        avg_logprob=segment_logprob(seg),
-        no_speech_prob=round(1.0 - speech, 4) if speech is not None else round(float(seg.no_speech_prob), 4),
-    )
-
-
-def segment_logprob(seg: Any) -> float:
-    """Mean log-probability of this segment's own words; the window's avg_logprob when there are no words.
-
-    faster-whisper reports `avg_logprob` once per 30-s decoding window (the sum over all its tokens), so every
-    segment of that window shares it; the aligned words' probabilities are per segment.
-    """
-    probs = [float(w.probability) for w in (seg.words or ()) if w.probability is not None]
-    if not probs:
-        return round(float(seg.avg_logprob), 4)
-    return round(float(np.mean(np.log(np.clip(probs, 1e-6, 1.0)))), 4)
 
 
 class _lease:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.datafiles import TextFileError, jsonl_lines, read_text
 from studio.safety import UnsafePathError, contained_path
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".webm", ".aac")
@@ -122,25 +122,19 @@ def _row(folder: Path, values: dict, where: str, errors: list[str]) -> Example |
 
 def _jsonl_rows(folder: Path, manifest: Path, errors: list[str]) -> list[Example]:
     rows = []
-    for n, line in enumerate(_read_text(manifest, errors).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{manifest.name}:{n}"
-        try:
-            values = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{where}: not valid JSON ({e.msg})")
-            continue
-        if not isinstance(values, dict):
-            errors.append(f'{where}: each line must be a JSON object like {{"audio": ..., "text": ...}}')
-            continue
-        if (ex := _row(folder, values, where, errors)) is not None:
-            rows.append(ex)
+    try:
+        for line in jsonl_lines(manifest, example='{"audio": "clips/a.wav", "text": "..."}'):
+            if line.problem:
+                errors.append(f"{line.where}: {line.problem}")
+            elif (ex := _row(folder, line.value, line.where, errors)) is not None:
+                rows.append(ex)
+    except TextFileError as e:
+        errors.append(str(e))
     return rows
 
 
 def _csv_rows(folder: Path, manifest: Path, errors: list[str]) -> list[Example]:
-    text = _read_text(manifest, errors)
+    text = _read_text(manifest, errors) or ""
     dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else ",", delimiters=",;\t|")
     reader = csv.DictReader(io.StringIO(text), dialect=dialect)
     rows = []
@@ -160,17 +154,18 @@ def _sidecar_rows(folder: Path, errors: list[str]) -> list[Example]:
     for audio in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()):
         txt, srt = audio.with_suffix(".txt"), audio.with_suffix(".srt")
         rel = audio.relative_to(folder).as_posix()
-        if txt.is_file():
-            text, where = _read_text(txt, errors).strip(), txt.relative_to(folder).as_posix()
-        elif srt.is_file():
-            text, where = srt_text(_read_text(srt, errors)), srt.relative_to(folder).as_posix()
-        else:
+        if not txt.is_file() and not srt.is_file():
             errors.append(f"{rel}: no transcript (add {audio.with_suffix('.txt').name} or a manifest)")
             continue
-        if not text:
+        source = txt if txt.is_file() else srt
+        where = source.relative_to(folder).as_posix()
+        if (text := _read_text(source, errors, where)) is None:  # not text: reported by _read_text
+            continue
+        text = text if source is txt else srt_text(text)
+        if not text.strip():
             errors.append(f"{where}:1: empty transcript")
             continue
-        rows.append(Example(audio, text, where))
+        rows.append(Example(audio, text.strip(), where))
     return rows
 
 
@@ -182,15 +177,13 @@ def srt_text(srt: str) -> str:
     return " ".join(keep)
 
 
-def _read_text(path: Path, errors: list[str]) -> str:
-    raw = path.read_bytes()
-    for enc in ("utf-8-sig", "utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
-        try:
-            return raw.decode(enc)
-        except UnicodeDecodeError:
-            continue
-    errors.append(f"{path.name}:1: not UTF-8 text (save it as UTF-8)")
-    return ""
+def _read_text(path: Path, errors: list[str], name: str | None = None) -> str | None:
+    """The file's text, or None after adding why it is not text to `errors`."""
+    try:
+        return read_text(path, name)
+    except TextFileError as e:
+        errors.append(str(e))
+        return None
 
 
 def extract_zip(archive: Path, target: Path, max_bytes: int = MAX_ZIP_BYTES) -> Path:

@@ -66,3 +66,19 @@ class SpeakerTurn:
     start: float
     end: float
     speaker: str
+
+
+@dataclass(frozen=True)
+class AsrUpdate:
+    new_segments: tuple[Segment, ...]
+    position_s: float  # audio decoded so far
+    duration_s: float | None
+    language: str | None
+    message: str = ""
+    transcript: Transcript | None = None  # only on the last update
+
+    @property
+    def fraction(self) -> float:
+        if self.transcript is not None:
+            return 1.0
+        return min(0.99, self.position_s / self.duration_s) if self.duration_s else 0.0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.finetune.types import DataError, DataOptions, DatasetReport, Problem
+from studio.datafiles import TextFileError, jsonl_lines, read_text
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ MAX_PROBLEMS_SHOWN = 20
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                 "model": "assistant", "system": "system"}  # fmt: skip
 Conversation = list[dict[str, str]]
+_EXAMPLE_LINE = '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}'
 
 
 def read_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -56,19 +58,17 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path.name}: not UTF-8 text (byte {e.start}); save the file as UTF-8.") from None
+        return read_text(path)
+    except TextFileError as e:
+        raise DataError(str(e)) from None
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path.name}:{n}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path.name}:{n}", Problem(f"{path.name}:{n}", f"malformed JSON ({e.msg} at column {e.colno})")
+    try:
+        for line in jsonl_lines(path, example=_EXAMPLE_LINE):
+            yield line.where, (Problem(line.where, line.problem) if line.problem else line.value)
+    except TextFileError as e:
+        raise DataError(str(e)) from None
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:

@@ -1,12 +1,14 @@
 """Chat LLMs: the in-process transformers engine (4-bit, CUDA-graph decode, LoRA adapters) or an OpenAI-compatible
 server, behind one `LLMBackend`.
 
-Modules: backend (LLMBackend: chat streaming, engine choice, adapters), generate (prompt building, sampling, the
-token stream), fastdecode (static KV cache + CUDA-graph decode step), models (finding, converting and loading
-weights), int4 (int4 weights on torch's tinygemm kernel, quantised while loading), int4_prefill (prompts through
-bf16 cuBLAS), compact + kernels (the fused int4 decode step: own Llama forward, Triton glue, one CUDA graph),
-adapters (PEFT adapters in place), remote (the OpenAI-compatible client), tools (tool calling: OpenAI tool schemas
-in, parsed `ToolCall`s out, Hermes/Qwen, Llama 3 and Mistral formats).
+Modules: backend (LLMBackend: chat streaming, engine choice, the generation slot, decoders), types (LLMConfig,
+ChatUpdate, check_messages), loader (the residency Loader, KV-cache bytes), chat_adapters (the backend's adapter
+API), generate (prompt building, sampling, the token stream), fastdecode (static KV cache + CUDA-graph decode step),
+models (finding, converting and loading weights), int4 (int4 weights on torch's tinygemm kernel, quantised while
+loading), int4_prefill (prompts through bf16 cuBLAS), compact + kernels (the fused int4 decode step: own Llama
+forward, Triton glue, one CUDA graph), adapters (PEFT adapters in place), remote (the OpenAI-compatible client and
+the hosts it may reach), tools (tool calling: OpenAI tool schemas in, parsed `ToolCall`s out, Hermes/Qwen, Llama 3
+and Mistral formats).
 """
 
 from typing import Any
@@ -20,8 +22,9 @@ from backends.llm.adapters import (
     load_into,
     loaded_adapters,
 )
-from backends.llm.backend import ChatUpdate, LLMBackend, LLMConfig, check_messages, create, eos_ids, kv_cache_bytes
+from backends.llm.backend import LLMBackend, create
 from backends.llm.generate import GenerationOptions, GenerationStats, PromptTooLong, StopTextTracker, stream_tokens
+from backends.llm.loader import eos_ids, kv_cache_bytes
 from backends.llm.models import (
     ModelNotAvailable,
     ModelSource,
@@ -33,6 +36,7 @@ from backends.llm.models import (
 )
 from backends.llm.remote import EngineError
 from backends.llm.tools import ToolCall, ToolError, ToolsNotSupported, ToolStream, parse_tool_calls
+from backends.llm.types import ChatUpdate, LLMConfig, check_messages
 
 __all__ = [  # the last group: building blocks the VLM package reuses (decoders, token stream, adapters in place)
     "AdapterError",

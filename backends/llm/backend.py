@@ -6,22 +6,26 @@ KV cache (backends/llm/fastdecode.py); models above ~3B parameters load as int4 
 Llama architecture: the fused int4 decoder of backends/llm/compact.py) and as nf4 elsewhere; on CPU a plain
 dynamic-cache loop runs in fp32. The weight format is shown in the reply's stats line (`stats.weights`). Prompts
 longer than the context are trimmed from the oldest turns with a note (generate.py).
+
+Split: this module is the engine (configuration, chat and completion streams, the generation slot, decoders);
+types.py the configuration and updates, loader.py the residency Loader, chat_adapters.py the adapter API,
+remote.py the OpenAI-compatible client and the policy on which hosts it may reach.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.llm import streamed
-from backends.llm.adapters import AdapterError, AdapterState, check_adapter_folder, delete_from, find_adapters
+from backends.llm.adapters import AdapterError, AdapterState
+from backends.llm.chat_adapters import ChatAdapters
 from backends.llm.generate import (
     GenerationOptions,
     GenerationStats,
@@ -30,18 +34,16 @@ from backends.llm.generate import (
     params_from_name,
     stream_tokens,
 )
+from backends.llm.loader import ChatModelLoader, eos_ids, kv_cache_bytes
 from backends.llm.models import (
     ModelNotAvailable,
     ModelSource,
-    check_model_folder,
-    choose_precision,
     converted_dir,
     ensure_converted,
-    load_causal_lm,
     load_tokenizer,
     resolve_source,
 )
-from backends.llm.remote import EngineError, OpenAIChatClient, OpenAIEngineConfig
+from backends.llm.remote import EngineError, OpenAIChatClient, OpenAIEngineConfig, check_remote_host
 from backends.llm.tools import (
     ToolCall,
     ToolError,
@@ -55,82 +57,26 @@ from backends.llm.tools import (
     template_messages,
     tool_format,
 )
+from backends.llm.types import ChatUpdate, LLMConfig, check_messages
 from studio.concurrency import OwnedSlot, SafeStream
-from studio.safety import WeightsError, contained_path, safe_filename
+from studio.safety import WeightsError
 
 if TYPE_CHECKING:
     from studio.services import Services
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("transformers", "openai")
-ROLES = ("system", "user", "assistant", "tool")
-PRECISIONS = ("auto", "int4", "nf4", "16bit")
-__all__ = [
-    "AdapterError", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats", "LLMBackend", "LLMConfig",
-    "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError", "check_messages", "create",
-    "options_for_size", "parse_tool_calls",
+__all__ = [  # what callers imported from this module before types, loader and chat_adapters were split off
+    "AdapterError", "ChatModelLoader", "ChatUpdate", "EngineError", "GenerationOptions", "GenerationStats",
+    "LLMBackend", "LLMConfig", "ModelNotAvailable", "ToolCall", "ToolError", "ToolsNotSupported", "WeightsError",
+    "check_messages", "create", "eos_ids", "kv_cache_bytes", "options_for_size", "parse_tool_calls",
 ]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class LLMConfig:
-    engine: str = "transformers"  # or "openai": any OpenAI-compatible server
-    model_id: str = "smollm2-135m"  # catalog id or a folder name under models_dir
-    base_url: str = ""  # engine "openai": e.g. http://127.0.0.1:11434/v1
-    api_model: str = ""  # engine "openai": the server's model name
-    api_key: str = field(default="", repr=False)
-    max_context_tokens: int = 4096  # also bounds the KV cache, so a long chat can never run out of memory
-    fast_decode: bool = True  # CUDA-graph decoding on GPU (falls back by itself when capture fails)
-    precision: str = "auto"  # "auto": int4 (sm80+, Llama) or nf4 above ~3B params on CUDA; or force one of PRECISIONS
+class LLMBackend(ChatAdapters):
+    """One chat engine for the studio: configuration, model resolution, the generation slot and the decoders; the
+    adapter API comes from ChatAdapters (chat_adapters.py), the residency Loader from loader.py."""
 
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine={self.engine!r}: choose one of {ENGINES}.")
-        if self.engine == "openai":
-            OpenAIEngineConfig(self.base_url, self.api_model, self.api_key)  # validates, with a clear message
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}: choose one of {PRECISIONS}.")
-        if not 256 <= self.max_context_tokens <= 131072:
-            raise ValueError(f"max_context_tokens={self.max_context_tokens}: use 256 to 131072.")
-
-
-@dataclass
-class ChatUpdate:
-    text: str  # the whole reply so far
-    delta: str = ""
-    note: str = ""  # e.g. what was trimmed; shown by the UI
-    done: bool = False
-    stats: GenerationStats | None = None
-    tool_calls: tuple[ToolCall, ...] = ()  # on the last update, when the model called tools
-
-
-def check_messages(messages: list[dict[str, Any]], *, continuing: bool = False) -> None:
-    """Refuse malformed conversations with a message that names the bad value.
-
-    Besides system/user/assistant text turns, an assistant turn may carry `tool_calls` (content then may be None)
-    and a `tool` turn gives a call's result; the conversation ends with the user or a tool result, or with
-    `continuing`, with the assistant's unfinished reply, to be continued."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("No messages: type a message first.")
-    for i, m in enumerate(messages):
-        calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
-        content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str) or (calls and m["content"] is None))
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not content_ok:
-            raise ValueError(f"Message {i} is malformed ({m!r}): expected {{'role': one of {ROLES}, 'content': str}}.")
-        if "\x00" in (m["content"] or ""):
-            raise ValueError(f"Message {i} contains a null byte (\\x00); remove it and send again.")
-    if continuing:
-        if messages[-1]["role"] != "assistant" or not isinstance(messages[-1]["content"], str) or len(messages) < 2:
-            raise ValueError("Nothing to continue: the last message is not a reply from the assistant.")
-        return
-    if messages[-1]["role"] not in ("user", "tool"):
-        raise ValueError("The last message must be from the user (or a tool result).")
-    if messages[-1]["role"] == "user" and not messages[-1]["content"].strip():
-        raise ValueError("The message is empty: type something to send.")
-
-
-class LLMBackend:
     def __init__(self, ctx: Services, config: LLMConfig | None = None) -> None:
         self.ctx = ctx
         self._config = config or LLMConfig()
@@ -159,24 +105,7 @@ class LLMBackend:
 
     def check_remote(self, config: LLMConfig) -> None:
         """The owner decides where chat requests may go: `remote_engine_hosts`, and with offline only loopback."""
-        from urllib.parse import urlparse
-
-        from studio.settings import is_loopback_host
-
-        s = self.ctx.settings
-        host = (urlparse(config.base_url).hostname or "").lower()
-        offline = s.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
-        if offline and not is_loopback_host(host):
-            raise EngineError(f"{host!r} is not this machine and the studio runs offline: no request leaves it.")
-        if (
-            "*" not in s.remote_engine_hosts
-            and host not in s.remote_engine_hosts
-            and not (is_loopback_host(host) and any(is_loopback_host(h) for h in s.remote_engine_hosts))
-        ):
-            raise EngineError(
-                f"The engine host {host!r} is not allowed; the studio's owner can add it to remote_engine_hosts "
-                f"(allowed now: {', '.join(s.remote_engine_hosts) or 'none'})."
-            )
+        check_remote_host(self.ctx.settings, config.base_url)
 
     def recommended_options(self, model_id: str | None = None, **overrides: Any) -> GenerationOptions:
         """Sampling defaults for the model's size (small models: low temperature, repetition penalty, short max)."""
@@ -467,156 +396,6 @@ class LLMBackend:
         previous = None  # its cache is freed here (its prefix, if any, was copied)
         self._decoder_key = (key, version)
         return self._decoder
-
-    # ---- adapters -------------------------------------------------------------------------------------------
-    def _apply_adapters(self, key: str, model: Any) -> None:
-        state = self._adapters.get(key)
-        if state is None or self._applied.get(key) == (id(model), state.version):
-            return
-        state.apply(model)
-        self._applied[key] = (id(model), state.version)
-
-    def adapter_roots(self) -> list[Path]:
-        s = self.ctx.settings
-        return [Path(s.data_dir), Path(s.models_dir)]
-
-    def available_adapters(self) -> list[Path]:
-        return find_adapters(self.adapter_roots())
-
-    def _adapter_path(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        for root in self.adapter_roots():
-            try:
-                rel = folder.resolve().relative_to(root.resolve()) if folder.is_absolute() else folder
-                return contained_path(root, str(rel))
-            except ValueError:
-                continue
-        raise AdapterError(f"Adapter {str(folder)!r} must be inside {self.adapter_roots()[0]} or the models folder.")
-
-    def attach_adapter(self, folder: str | Path, name: str | None = None, *, model_id: str | None = None) -> str:
-        """Load a PEFT adapter onto a base model (default: the configured one) and make it active; returns its name."""
-        path = self._adapter_path(folder)
-        check_adapter_folder(path)
-        name = safe_filename(name or path.name, default="adapter")
-        src = self._source(model_id or self._config.model_id)
-        with self._lock:
-            state = self._adapters.setdefault(src.key, AdapterState())
-            with self.ctx.residency.use(src.key) as model:
-                from backends.llm.int4 import weight_format
-
-                if weight_format(model) == "int4":
-                    raise AdapterError("LoRA adapters need the nf4 or 16-bit weights: set the chat precision to nf4.")
-                self._apply_adapters(src.key, model)
-                delete_from(model, name)  # re-attaching a name replaces it
-                previous = state.active
-                state.paths[name], state.active, state.version = path, name, state.version + 1
-                try:
-                    state.apply(model)
-                except AdapterError:
-                    state.paths.pop(name)
-                    state.active = previous if previous in state.paths else None
-                    state.apply(model)
-                    raise
-                self._applied[src.key] = (id(model), state.version)
-        return name
-
-    def switch_adapter(self, name: str | None, *, model_id: str | None = None) -> None:
-        """Activate another attached adapter, or the base model with `None` (detach)."""
-        key = self._source(model_id or self._config.model_id).key
-        with self._lock:
-            state = self._adapters.setdefault(key, AdapterState())
-            if name is not None and name not in state.paths:
-                raise AdapterError(f"No adapter named {name!r} is attached; attached: {sorted(state.paths)}.")
-            state.active, state.version = name, state.version + 1
-
-    def detach_adapter(self) -> None:
-        self.switch_adapter(None)
-
-    def adapter_status(self, model_id: str | None = None) -> tuple[list[str], str | None]:
-        key = self._source(model_id or self._config.model_id).key
-        state = self._adapters.get(key, AdapterState())
-        return sorted(state.paths), state.active
-
-
-def kv_cache_bytes(folder: Path, tokens: int) -> int | None:
-    """Working memory of one chat turn: the 16-bit KV cache for `tokens` plus two float32 logits rows."""
-    import json
-
-    try:
-        from studio.planner import kv_bytes
-
-        c = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        c = c.get("text_config", c)
-        return kv_bytes(c, tokens) + 8 * c["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def eos_ids(tokenizer: Any, model: Any) -> set[int]:
-    ids: set[int] = set()
-    for v in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, list | tuple):
-            ids.update(int(x) for x in v)
-    return ids
-
-
-class ChatModelLoader:
-    """Residency Loader for one chat model: checks the files, converts a GGUF once, loads with the precision policy."""
-
-    def __init__(self, source: ModelSource, backend: LLMBackend, precision: str = "auto") -> None:
-        self.key = source.key
-        self.source = source
-        self.precision = precision
-        self._backend = backend
-
-    def estimate_bytes(self) -> int:
-        """Before the first load: the size it will have on the card. A 16-bit folder that loads in 4 bits is a
-        third of its files (counting the files would send an 8B model that fits to the CPU, as 'never fits')."""
-        if self.source.expected_vram_bytes:
-            return self.source.expected_vram_bytes
-        p = self.source.path
-        on_disk = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*.safetensors"))
-        if p.is_file():
-            return on_disk
-        try:
-            from studio.planner import read_model
-            from studio.planner.formulas import llm_weights
-
-            info = read_model(p)
-            precision = choose_precision(p, str(self._backend.ctx.residency.device), info.params, self.precision)
-            if precision in ("int4", "nf4"):
-                return min(on_disk, llm_weights(info.config, precision))
-        except Exception as e:  # an unreadable config: the files' size, as before
-            log.debug("no 4-bit estimate for %s: %s", p, e)
-        return on_disk
-
-    def load(self, device: str) -> Any:
-        folder = self._backend.model_folder(self.source)
-        params = check_model_folder(folder)
-        return load_causal_lm(folder, device, params=params, precision=self.precision)
-
-    def can_stream(self) -> bool:
-        """Larger than the budget, it may run partly resident (layers streamed from RAM) instead of on the CPU: a
-        safetensors folder (a GGUF file converts on its first load) loading in 4 bits or by the automatic policy."""
-        return self.precision in ("auto", "nf4") and self.source.path.is_dir() and streamed.can_stream(self.source.path)
-
-    def load_partial(self, device: str, room_bytes: int, accel: Any) -> tuple[Any, Any]:
-        folder = self._backend.model_folder(self.source)
-        check_model_folder(folder)
-        return streamed.load_partial(folder, accel, room_bytes, self._backend.config.max_context_tokens)
-
-    def on_evict(self, obj: Any) -> None:
-        """Swapped to RAM: the fast decoder's static KV cache and CUDA graph (GPU memory the residency manager does
-        not count between messages) go with it; the next message rebuilds them. Adapters stay applied."""
-        self._backend._drop_decoder(self.key)
-
-    def release(self, obj: Any) -> None:
-        self._backend._forget_model(self.key)
-        streamer = streamed.streamer_of(obj)
-        if streamer is not None:
-            streamer.close(free_pools=True)
 
 
 def create(ctx: Services) -> LLMBackend:

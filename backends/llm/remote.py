@@ -9,6 +9,7 @@ generating".
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +44,26 @@ class OpenAIEngineConfig:
 
     def __repr__(self) -> str:  # never print the key
         return f"OpenAIEngineConfig(base_url={self.base_url!r}, model={self.model!r})"
+
+
+def check_remote_host(s: Any, base_url: str) -> None:
+    """The owner decides where chat requests may go (`s` the Settings): `remote_engine_hosts`, and with offline
+    only loopback. Raises EngineError naming the host and the setting."""
+    from studio.settings import is_loopback_host
+
+    host = (urlparse(base_url).hostname or "").lower()
+    offline = s.offline or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline and not is_loopback_host(host):
+        raise EngineError(f"{host!r} is not this machine and the studio runs offline: no request leaves it.")
+    if (
+        "*" not in s.remote_engine_hosts
+        and host not in s.remote_engine_hosts
+        and not (is_loopback_host(host) and any(is_loopback_host(h) for h in s.remote_engine_hosts))
+    ):
+        raise EngineError(
+            f"The engine host {host!r} is not allowed; the studio's owner can add it to remote_engine_hosts "
+            f"(allowed now: {', '.join(s.remote_engine_hosts) or 'none'})."
+        )
 
 
 @dataclass(frozen=True)

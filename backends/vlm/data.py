@@ -18,10 +18,12 @@ from pathlib import Path
 
 from backends.vlm.images import prepare_image
 from backends.vlm.types import ImageOptions, PreparedImage, VLMError
+from studio.datafiles import TextFileError, jsonl_lines
 from studio.safety import UnsafePathError, contained_path
 
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MAX_ERRORS_SHOWN = 20
+_EXAMPLE_LINE = '{"images": ["a.png"], "conversations": [{"role": "user", "content": ...}, ...]}'
 
 
 class VLMDataError(VLMError):
@@ -99,20 +101,13 @@ def load_examples(path: Path, opts: ImageOptions, *, max_images: int = 4) -> lis
     examples: list[Example] = []
     seen: dict[str, str] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise VLMError(f"{path.name} is not UTF-8 text: save it as UTF-8 JSONL.") from None
-    for n, line in enumerate(lines, 1):
-        where = f"{path.name}:{n}"
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{where}: not valid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(obj, dict):
-            errors.append(f"{where}: each line must be a JSON object")
+        lines = list(jsonl_lines(path, example=_EXAMPLE_LINE))
+    except TextFileError as e:
+        raise VLMError(str(e)) from None
+    for line in lines:
+        where, obj = line.where, line.value
+        if obj is None:
+            errors.append(f"{where}: {line.problem}")
             continue
         turns = _turns(obj, where, errors)
         images = _images(obj, path.parent, where, opts, max_images, errors) if turns else None
