@@ -68,16 +68,24 @@ def rename_speakers(tr, table: Any):
     return tr, _lines(tr.segments), segment_rows(tr.segments), speaker_rows(tr.segments)
 
 
-# Runs in the browser after seek_segment: press the main player's Play button unless it is already playing (its
-# icon is then the pause bars). When the click has just loaded the audio, the button appears once it is decoded.
+# The browser side of a click on a segment (seek_segment, then these two): wait until the main player has decoded
+# its audio (its duration shows; right after a load, a little longer: the player rewinds once when ready), then the
+# seek (apply_seek), then press Play unless it is already playing (its icon is then the pause bars).
+WAIT_FOR_PLAYER_JS = """async (t) => {
+  if (typeof t !== "number" || t < 0) return [t];
+  const decoded = () => {
+    const d = document.querySelector("#audio-main #duration");
+    return d && d.textContent.trim() !== "0:00";
+  };
+  if (decoded()) return [t];
+  for (let i = 0; i < 100 && !decoded(); i++) await new Promise((r) => setTimeout(r, 100));
+  await new Promise((r) => setTimeout(r, 300));
+  return [t];
+}"""
 PLAY_FROM_SEEK_JS = """(t) => {
   if (typeof t !== "number" || t < 0) return;
-  const press = (tries) => {
-    const b = document.querySelector("#audio-main button.play-pause-button");
-    if (b) { if (b.querySelector("polygon")) b.click(); return; }
-    if (tries > 0) setTimeout(() => press(tries - 1), 100);
-  };
-  press(100);
+  const b = document.querySelector("#audio-main button.play-pause-button");
+  if (b && b.querySelector("polygon")) b.click();
 }"""
 
 
@@ -96,14 +104,16 @@ def _clicked_segment(tr, evt: gr.SelectData) -> int | None:
 def seek_segment(tr, source: str | None, audio_v: str | None, evt: gr.SelectData):
     """Click a row: the main player jumps to that segment's start and plays from there (PLAY_FROM_SEEK_JS).
 
-    Returns (main player update, note, seek time or -1). The player must hold the transcribed recording: an empty
-    player (the file came through the file box) gets it loaded; a different recording is left alone, with a note.
+    Returns (main player update, note, seek time or -1); apply_seek then moves the player once it is ready. The
+    player must hold the transcribed recording: an empty player (the file came through the file box) gets it
+    loaded; a different recording is left alone, with a note.
     """
     row = _clicked_segment(tr, evt)
     if row is None or not source:
         return gr.skip(), gr.skip(), -1.0
     seg = tr.segments[row]
-    note = f"▶ segment {row} from {_clock(seg.start)}{' · ' + seg.speaker if seg.speaker else ''}: {seg.text[:80]}"
+    at = f"{int(seg.start // 60)}:{seg.start % 60:04.1f}"  # tenths: the test reads the player against it
+    note = f"▶ segment {row} from {at}{' · ' + seg.speaker if seg.speaker else ''}: {seg.text[:80]}"
     if audio_v and str(audio_v) != str(source):
         return (
             gr.skip(),
@@ -113,9 +123,12 @@ def seek_segment(tr, source: str | None, audio_v: str | None, evt: gr.SelectData
             ),
             -1.0,
         )
-    if not audio_v:
-        return gr.update(value=source, playback_position=seg.start), note, seg.start
-    return gr.update(playback_position=seg.start), note, seg.start
+    return (gr.skip() if audio_v else source), note, seg.start
+
+
+def apply_seek(t: float | None):
+    """Move the main player to `t` seconds (the Audio component's playback_position); -1: leave it."""
+    return gr.skip() if t is None or t < 0 else gr.update(playback_position=float(t))
 
 
 def _model_choices(asr) -> list[tuple[str, str]]:
@@ -277,6 +290,7 @@ def build(ctx: StudioContext) -> None:
     r["edit_btn"].click(bind(post_edit, ctx), [transcript_state, r["glossary"], flag], edit_out, **queue)
     seek_out = [i["audio"], r["playing"], r["seek_to"]]
     seek = r["seg_table"].select(seek_segment, [transcript_state, source, i["audio"]], seek_out, queue=False)
+    seek = seek.then(apply_seek, r["seek_to"], i["audio"], js=WAIT_FOR_PLAYER_JS, queue=False)
     seek.then(None, r["seek_to"], None, js=PLAY_FROM_SEEK_JS, queue=False)
     rename_out = [transcript_state, r["text"], r["seg_table"], r["speakers"]]
     r["rename_btn"].click(rename_speakers, [transcript_state, r["speakers"]], rename_out)

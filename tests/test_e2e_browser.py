@@ -69,8 +69,10 @@ def browser():
         b.close()
 
 
-def _new_page(browser, url: str):
+def _new_page(browser, url: str, init_script: str | None = None):
     pg = browser.new_page(viewport={"width": 1280, "height": 800})
+    if init_script:
+        pg.add_init_script(init_script)
     pg.errors = []
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
     pg.set_default_timeout(20_000)
@@ -335,3 +337,83 @@ def test_audio_sample_transcribed_with_two_speakers(page, tmp_path):
     assert "SPEAKER_1:" in text and "SPEAKER_2:" in text, text
     _tab_shot(page, "audio", tmp_path, panel.get_by_label("Transcript"))
     assert page.errors == [], page.errors
+
+
+# The players' media elements (wavesurfer keeps them out of the DOM): recorded as they are made, so the test reads
+# the main player's real currentTime.
+MEDIA_SPY = """
+window.__media = [];
+const makeElement = document.createElement.bind(document);
+document.createElement = (tag, ...rest) => {
+  const el = makeElement(tag, ...rest);
+  if (String(tag).toLowerCase() === "audio") window.__media.push(el);
+  return el;
+};
+"""
+PLAYER = "() => window.__media.filter(m => m.duration > 0).at(-1)"
+SEEK_EARLY_S, SEEK_LATE_S = 0.15, 1.0  # the note's tenths round by 0.05; the player plays on after the seek
+
+
+def _player_time(page) -> tuple[float, bool]:
+    t, paused = page.evaluate(f"() => {{ const m = ({PLAYER})(); return m ? [m.currentTime, m.paused] : [-1, true]; }}")
+    return t, paused
+
+
+def _click_segment(page, panel, row: int) -> float:
+    """Click segment `row`'s text cell; wait until the main player is playing from its start; return the start."""
+    panel.get_by_role("gridcell", name=str(row), exact=True).first.click()  # its "#" cell
+    note = _visible(panel.get_by_text(re.compile(rf"▶ segment {row} from \d+:\d+\.\d")))
+    m, sec = re.search(r"from (\d+):(\d+\.\d)", note.inner_text()).groups()
+    start = int(m) * 60 + float(sec)
+    cond = f"() => {{ const m = ({PLAYER})(); return m && !m.paused && m.currentTime >= {start - SEEK_EARLY_S} && m.currentTime <= {start + SEEK_LATE_S}; }}"
+    try:
+        page.wait_for_function(cond, timeout=10_000)
+    except sync_api.TimeoutError:
+        raise AssertionError(f"segment {row} starts at {start} s, the main player is at {_player_time(page)}") from None
+    return start
+
+
+def _long_sample(tmp_path, repeats: int) -> Path:
+    import numpy as np
+
+    from backends.audio import load_pcm, write_wav
+
+    pcm = load_pcm(REPO / "assets" / "audio" / "two-speakers.ogg")
+    return write_wav(tmp_path / "long-talk.wav", np.concatenate([pcm] * repeats))
+
+
+@pytest.mark.slow
+def test_audio_click_seeks_the_main_player(browser, studio, tmp_path):
+    """A click on a segment seeks the main (uploaded) player to its start and plays; a second click moves it, also
+    while the transcription still runs; an empty table, and a second session with its own player, are unaffected."""
+    page = _new_page(browser, studio.url, MEDIA_SPY)
+    panel = _open(page, "Audio")
+    panel.locator(".table-wrap, table").first.click()  # no audio, no transcript yet: the click does nothing
+    page.wait_for_timeout(500)
+    assert _player_time(page)[0] == -1 and not panel.get_by_text("▶ segment").count()
+    _upload(panel, _long_sample(tmp_path, repeats=10))  # ~3 min of speech: still transcribing at the clicks
+    page.wait_for_function(f"() => !!({PLAYER})()", timeout=30_000)
+    panel.get_by_role("button", name="Transcribe", exact=True).click()
+    panel.get_by_role("gridcell", name="3", exact=True).first.wait_for(timeout=MODEL_WAIT_MS)
+    late = _click_segment(page, panel, 3)
+    early = _click_segment(page, panel, 1)  # a second click moves it (backwards: a seek, not the playback)
+    assert early < late
+    status = panel.get_by_text(re.compile(r"▓|Done|Stopped")).first.inner_text()
+    assert "Done" not in status, f"the transcription ended before the clicks, so they did not test that: {status}"
+    _visible(panel.get_by_text(re.compile(r"\*?Done"))).wait_for(timeout=MODEL_WAIT_MS)
+    later = _click_segment(page, panel, 5)  # the finished table seeks too
+    page.locator("#audio-main button.play-pause-button").click()  # pause, to check the other session leaves it
+    page.wait_for_function(f"() => ({PLAYER})().paused")
+    held = _player_time(page)[0]
+
+    other = _new_page(browser, studio.url, MEDIA_SPY)  # a second session: the sample through the file box
+    other_panel = _open(other, "Audio")
+    _upload(other_panel, REPO / "assets" / "audio" / "two-speakers.ogg", index=1)
+    other_panel.get_by_role("button", name="Transcribe", exact=True).click()
+    _visible(other_panel.get_by_text(re.compile(r"\*?Done"))).wait_for(timeout=MODEL_WAIT_MS)
+    assert _player_time(other)[0] == -1  # its player is empty: the file went through the file box
+    _click_segment(other, other_panel, 2)  # the click loads the transcribed file into the player and seeks
+    assert _player_time(page) == (held, True), "the other session's click moved this session's player"
+    assert later > 0 and page.errors == [] and other.errors == [], (page.errors, other.errors)
+    other.close()
+    page.close()
