@@ -201,7 +201,7 @@ def _png_small(png: bytes, limit: int) -> bytes:
 
     img = Image.open(io.BytesIO(png)).convert("RGB")
     img = img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.LANCZOS)  # README thumbnails
-    for colors in (128, 64, 32):
+    for colors in (128, 64, 32, 16):  # 16: a noisy image (an untrained model's masks)
         buf = io.BytesIO()
         img.quantize(colors=colors).save(buf, format="PNG", optimize=True)
         if len(buf.getvalue()) < limit:
@@ -417,3 +417,68 @@ def test_audio_click_seeks_the_main_player(browser, studio, tmp_path):
     assert later > 0 and page.errors == [] and other.errors == [], (page.errors, other.errors)
     other.close()
     page.close()
+
+
+# ---- README screenshots of the sections without one: Vision's segment, classify and export, and the GPU tab -----
+def _vision_section(page, name: str):
+    """The Vision tab's inner tab `name`, and the outer tab's panel (the inner panels are inside it)."""
+    panel = _open(page, "Vision")
+    panel.get_by_role("tab", name=name, exact=True).click()
+    return panel, _visible(panel.get_by_role("tabpanel").filter(has=page.get_by_role("button", name=re.compile(name))))
+
+
+def _bus() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("section", "button"), [("Segment", "Segment"), ("Classify", "Classify")])
+def test_vision_segment_and_classify_screenshots(page, tmp_path, section, button):
+    _, panel = _vision_section(page, section)
+    _upload(panel, _bus())
+    if section == "Segment":  # random weights: every mask is near zero confidence
+        conf = panel.get_by_label("Confidence").first
+        conf.fill("0")
+        conf.press("Enter")
+    panel.get_by_role("button", name=button, exact=True).click()
+    _visible(panel.get_by_text(re.compile(r"\d+ masks|Top classes:"))).wait_for(timeout=MODEL_WAIT_MS)
+    _visible(panel.get_by_text("Untrained demo model")).wait_for()  # said with the result
+    _visible(panel.get_by_role("gridcell")).wait_for()  # the result table has rows
+    if section == "Segment":  # the masks drawn on the image; for classes, the text and table under the images
+        result = _visible(panel.locator(".block:has([data-testid='block-label']:has-text('Masks')) img"))
+    else:
+        result = _visible(panel.get_by_text(re.compile("^Top classes:")))
+    _tab_shot(page, f"vision-{section.lower()}", tmp_path, result)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow
+def test_vision_export_and_latency_screenshot(page, tmp_path):
+    _, panel = _vision_section(page, "Export")
+    size = panel.get_by_label("Image size")
+    size.click()
+    page.get_by_role("option", name="320", exact=True).click()
+    panel.get_by_label("8", exact=True).uncheck()  # batch 1 only: quick on this CPU
+    panel.get_by_role("button", name="Export and compare latency").click()
+    onnx = _visible(panel.get_by_role("gridcell", name="ONNX Runtime", exact=True))
+    onnx.wait_for(timeout=MODEL_WAIT_MS)
+    _visible(panel.get_by_role("gridcell", name="PyTorch", exact=True)).wait_for()
+    _visible(panel.locator("a[href*='.onnx'], a[download]")).wait_for()  # the exported model to download
+    _tab_shot(page, "vision-export", tmp_path, onnx)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow  # after the jobs above: the models table and the RAM timeline have something to show
+def test_gpu_tab_screenshot_without_a_gpu(page, tmp_path):
+    panel = _open(page, "GPU")
+    _visible(panel.get_by_text("No GPU here")).wait_for()
+    ram = _visible(panel.get_by_text(re.compile(r"RAM [\d.]+ GB used")))
+    ram.wait_for()
+    _visible(panel.get_by_text(re.compile(r"RAM \(last 5 minutes\)"))).wait_for()
+    _visible(panel.locator("[aria-roledescription='line mark']")).wait_for(timeout=30_000)  # the RAM timeline
+    assert not _visible(panel.get_by_label("VRAM cap (GB)")).count()  # no slider for a card that is not there
+    page.wait_for_timeout(12_000)  # a few readings on the timeline
+    _tab_shot(page, "gpu", tmp_path, ram)  # the models table above, the RAM timeline below
+    assert page.errors == [], page.errors
