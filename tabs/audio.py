@@ -1,7 +1,8 @@
 """Audio tab: transcribe a recording (upload or microphone), label speakers, post-edit with the chat model, export.
 
 UI only: the work is in backends.audio (asr, diarize, postedit, subtitles). Segments stream in
-as each speech window is transcribed; Stop ends the run at the next window and keeps what is done.
+as each speech window is transcribed; Stop ends the run at the next window and keeps what is done. A click on a
+segment seeks the main player to its start and plays from there (also while the transcription runs).
 """
 
 from __future__ import annotations

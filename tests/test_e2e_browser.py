@@ -6,7 +6,9 @@ the Runs tab (its record and metrics line appear), and saves the README screensh
 Then each tab's main job, done the way a new user does it, checking what that user looks at: a chat answer with
 "Paris" on the default settings; a RAG answer citing the right file and line; an image whose PNG carries its
 parameters; people found in bus.jpg; the sample audio transcribed with two speakers; a Tiny LM run whose live plot
-has numeric points, listed in Runs with its artifacts. The jobs that load real models are `slow`; with
+has numeric points, listed in Runs with its artifacts; a click on a transcript segment seeks the main audio player
+to the segment's start (its real currentTime, read from the media element). Vision's segment, classify and export
+sections and the GPU tab get their screenshots too. The jobs that load real models are `slow`; with
 STUDIO_UPDATE_SCREENSHOT=1 each writes its tab's screenshot to assets/tab-<name>.png (listed in the README).
 """
 
