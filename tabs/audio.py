@@ -90,6 +90,10 @@ PLAY_FROM_SEEK_JS = """(t) => {
 }"""
 
 
+# What the player may load for a click when the transcript came through the file box (the browser decodes these).
+BROWSER_PLAYABLE = {".wav", ".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".mp4", ".aac", ".webm"}
+
+
 def _clicked_segment(tr, evt: gr.SelectData) -> int | None:
     """The segment a click on the table means: its '#' cell (right after a sort too), else the row index."""
     if tr is None or not tr.segments:
@@ -121,6 +125,15 @@ def seek_segment(tr, source: str | None, audio_v: str | None, evt: gr.SelectData
             (
                 f"The player holds another recording than this transcript ({Path(source).name}): press Transcribe "
                 "for it, or clear the player to play the transcribed file."
+            ),
+            -1.0,
+        )
+    if not audio_v and Path(source).suffix.lower() not in BROWSER_PLAYABLE:
+        return (
+            gr.skip(),
+            (
+                f"{Path(source).name} does not play in the browser, so there is nothing to seek: put an audio copy "
+                "(wav, mp3, ogg, m4a) in the player to play the segments."
             ),
             -1.0,
         )

@@ -104,6 +104,8 @@ def test_click_seeks_the_main_player_to_the_segment_start(tmp_path):
     assert audio_tab.seek_segment(tr, path, path, _click(0, rows_sorted))[2] == 3.4
     update, note, t = audio_tab.seek_segment(tr, path, None, _click(0))  # file box input: the player was empty
     assert update == path and t == 0.5
+    update, note, t = audio_tab.seek_segment(tr, str(tmp_path / "talk.mkv"), None, _click(0))
+    assert update == gr.skip() and t == -1.0 and "talk.mkv does not play in the browser" in note
     update, note, t = audio_tab.seek_segment(tr, path, str(tmp_path / "other.ogg"), _click(0))
     assert update == gr.skip()
     assert t == -1.0 and "another recording" in note and "talk.wav" in note
