@@ -378,6 +378,8 @@ def _click_segment(page, panel, row: int) -> float:
         page.wait_for_function(cond, timeout=10_000)
     except sync_api.TimeoutError:
         raise AssertionError(f"segment {row} starts at {start} s, the main player is at {_player_time(page)}") from None
+    page.locator("#audio-main button.play-pause-button").click()  # pause: headless chromium draws the waveform
+    page.wait_for_function(f"() => ({PLAYER})().paused")  # on the CPU, which the transcription needs
     return start
 
 
@@ -410,9 +412,7 @@ def test_audio_click_seeks_the_main_player(browser, studio, tmp_path):
     assert "Done" not in status, f"the transcription ended before the clicks, so they did not test that: {status}"
     _visible(panel.get_by_text(re.compile(r"\*?Done"))).wait_for(timeout=MODEL_WAIT_MS)
     later = _click_segment(page, panel, 5)  # the finished table seeks too
-    page.locator("#audio-main button.play-pause-button").click()  # pause, to check the other session leaves it
-    page.wait_for_function(f"() => ({PLAYER})().paused")
-    held = _player_time(page)[0]
+    held = _player_time(page)[0]  # paused: the other session must leave it there
 
     other = _new_page(browser, studio.url, MEDIA_SPY)  # a second session: the sample through the file box
     other_panel = _open(other, "Audio")
@@ -484,9 +484,10 @@ def test_gpu_tab_screenshot_without_a_gpu(page, tmp_path):
     _visible(panel.get_by_text("No GPU here")).wait_for()
     ram = _visible(panel.get_by_text(re.compile(r"RAM [\d.]+ GB used")))
     ram.wait_for()
-    _visible(panel.get_by_text(re.compile(r"RAM \(last 5 minutes\)"))).wait_for()
+    timeline = _visible(panel.get_by_text(re.compile(r"RAM \(last 5 minutes\)")))
+    timeline.wait_for()
     _visible(panel.locator("[aria-roledescription='line mark']")).wait_for(timeout=30_000)  # the RAM timeline
     assert not _visible(panel.get_by_label("VRAM cap (GB)")).count()  # no slider for a card that is not there
-    page.wait_for_timeout(12_000)  # a few readings on the timeline
-    _tab_shot(page, "gpu", tmp_path, ram)  # the models table above, the RAM timeline below
+    page.wait_for_timeout(6_000)  # a few readings on the timeline
+    _tab_shot(page, "gpu", tmp_path, timeline)  # the RAM/CPU line and the models table above, the timeline below
     assert page.errors == [], page.errors
