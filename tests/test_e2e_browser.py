@@ -251,7 +251,7 @@ def test_tiny_lm_run_plots_numbers_and_runs_lists_its_artifacts(page, tmp_path):
     panel.get_by_role("button", name="Refresh runs").click()
     _visible(panel.get_by_text("tinylm", exact=True)).click()
     _visible(panel.get_by_text("model.safetensors")).wait_for()
-    lr_plot = _visible(panel.locator(".block:has([data-testid='block-label']:has-text('Learning rate'))"))
+    lr_plot = _visible(panel.locator(".block:has([data-testid='block-info']:has-text('Learning rate'))"))
     _visible(lr_plot.locator("[aria-roledescription='line mark']")).wait_for()  # its own plot, not the loss axis
     import torch
 
