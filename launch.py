@@ -82,8 +82,14 @@ def child_env(offline: bool) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
+    wants_help = argv[:1] != ["test"] and bool({"-h", "--help"} & set(argv))
+    if wants_help and not Path(venv_python()).exists():  # usage now; the setup (minutes, network) waits for a real run
+        print(__doc__)
+        say("the first run without --help sets up .venv; after that --help lists every option")
+        return 0
     try:
-        ensure_venv()
+        if not wants_help:  # --help with a venv: its usage, without reinstalling (pip reaches the network)
+            ensure_venv()
     except subprocess.CalledProcessError as e:
         say(f"setting up the environment failed ({e}); fix the error above and run launch.py again")
         return 1

@@ -1,7 +1,8 @@
 """Audio tab: transcribe a recording (upload or microphone), label speakers, post-edit with the chat model, export.
 
 UI only: the work is in backends.audio (asr, diarize, postedit, subtitles). Segments stream in
-as each speech window is transcribed; Stop ends the run at the next window and keeps what is done.
+as each speech window is transcribed; Stop ends the run at the next window and keeps what is done. A click on a
+segment seeks the main player to its start and plays from there (also while the transcription runs).
 """
 
 from __future__ import annotations
@@ -68,19 +69,80 @@ def rename_speakers(tr, table: Any):
     return tr, _lines(tr.segments), segment_rows(tr.segments), speaker_rows(tr.segments)
 
 
-def play_segment(tr, path: str | None, evt: gr.SelectData):
-    """Click a row: the player plays that segment (from its start, with half a second of context around it)."""
-    from backends.audio import SAMPLE_RATE, load_pcm
+# The browser side of a click on a segment (seek_segment, then these two): wait until the main player has decoded
+# its audio (its duration shows; right after a load, a little longer: the player rewinds once when ready), then the
+# seek (apply_seek), then press Play unless it is already playing (its icon is then the pause bars).
+WAIT_FOR_PLAYER_JS = """async (t) => {
+  if (typeof t !== "number" || t < 0) return [t];
+  const decoded = () => {
+    const d = document.querySelector("#audio-main #duration");
+    return d && d.textContent.trim() !== "0:00";
+  };
+  if (decoded()) return [t];
+  for (let i = 0; i < 100 && !decoded(); i++) await new Promise((r) => setTimeout(r, 100));
+  await new Promise((r) => setTimeout(r, 300));
+  return [t];
+}"""
+PLAY_FROM_SEEK_JS = """(t) => {
+  if (typeof t !== "number" || t < 0) return;
+  const b = document.querySelector("#audio-main button.play-pause-button");
+  if (b && b.querySelector("polygon")) b.click();
+}"""
 
-    row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
-    if tr is None or not path or row is None or not 0 <= row < len(tr.segments):
-        return gr.skip(), gr.skip()
+
+# What the player may load for a click when the transcript came through the file box (the browser decodes these).
+BROWSER_PLAYABLE = {".wav", ".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".mp4", ".aac", ".webm"}
+
+
+def _clicked_segment(tr, evt: gr.SelectData) -> int | None:
+    """The segment a click on the table means: its '#' cell (right after a sort too), else the row index."""
+    if tr is None or not tr.segments:
+        return None
+    value = getattr(evt, "row_value", None)
+    try:
+        row = int(value[0]) if value else int(evt.index[0] if isinstance(evt.index, list | tuple) else evt.index)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return row if 0 <= row < len(tr.segments) else None
+
+
+def seek_segment(tr, source: str | None, audio_v: str | None, evt: gr.SelectData):
+    """Click a row: the main player jumps to that segment's start and plays from there (PLAY_FROM_SEEK_JS).
+
+    Returns (main player update, note, seek time or -1); apply_seek then moves the player once it is ready. The
+    player must hold the transcribed recording: an empty player (the file came through the file box) gets it
+    loaded; a different recording is left alone, with a note.
+    """
+    row = _clicked_segment(tr, evt)
+    if row is None or not source:
+        return gr.skip(), gr.skip(), -1.0
     seg = tr.segments[row]
-    start = max(0.0, seg.start - 0.25)
-    pcm = load_pcm(path, max_s=seg.end + 0.5)
-    clip = pcm[int(start * SAMPLE_RATE) :]
-    head = f"▶ segment {row} from {_clock(seg.start)}{' · ' + seg.speaker if seg.speaker else ''}: {seg.text[:80]}"
-    return (SAMPLE_RATE, clip), head
+    at = f"{int(seg.start // 60)}:{seg.start % 60:04.1f}"  # tenths: the test reads the player against it
+    note = f"▶ segment {row} from {at}{' · ' + seg.speaker if seg.speaker else ''}: {seg.text[:80]}"
+    if audio_v and str(audio_v) != str(source):
+        return (
+            gr.skip(),
+            (
+                f"The player holds another recording than this transcript ({Path(source).name}): press Transcribe "
+                "for it, or clear the player to play the transcribed file."
+            ),
+            -1.0,
+        )
+    if not audio_v and Path(source).suffix.lower() not in BROWSER_PLAYABLE:
+        return (
+            gr.skip(),
+            (
+                f"{Path(source).name} does not play in the browser, so there is nothing to seek: put an audio copy "
+                "(wav, mp3, ogg, m4a) in the player to play the segments."
+            ),
+            -1.0,
+        )
+    return (gr.skip() if audio_v else source), note, seg.start
+
+
+def apply_seek(t: float | None):
+    """Move the main player to `t` seconds (the Audio component's playback_position); -1: leave it."""
+    return gr.skip() if t is None or t < 0 else gr.update(playback_position=float(t))
 
 
 def _model_choices(asr) -> list[tuple[str, str]]:
@@ -96,7 +158,7 @@ def transcribe(ctx, audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v
                            carry_v)  # fmt: skip
     stop_flag.clear()
     started, segments = time.time(), []
-    yield "Loading the model…", "", None, str(path), gr.skip(), gr.skip()
+    yield "Loading the model…", "", None, str(path), [], []
     try:
         with ctx.queues.hold(ctx.queues.queue_id("Audio"), "transcription (Audio)"):
             for update in ctx.backends.asr.stream(path, opts, should_stop=stop_flag.is_set, diarize=dopts):
@@ -109,7 +171,8 @@ def transcribe(ctx, audio_v, video_v, model_v, lang_v, vad_v, words_v, batched_v
                     rows, spk = segment_rows(tr.segments), speaker_rows(tr.segments)
                     yield head, _lines(partial.segments), partial, gr.skip(), rows, spk
                 else:
-                    yield head, _lines(partial.segments), partial, gr.skip(), gr.skip(), gr.skip()
+                    rows = segment_rows(partial.segments) if update.new_segments else gr.skip()  # clickable already
+                    yield head, _lines(partial.segments), partial, gr.skip(), rows, gr.skip()
     except Exception as e:
         raise gr.Error(_message(e)) from None
 
@@ -154,7 +217,9 @@ def _build_inputs(ctx: StudioContext) -> dict[str, Any]:
     from backends.audio import whisper_languages
 
     asr = ctx.backends.asr
-    audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio (upload or record)")
+    audio = gr.Audio(
+        sources=["upload", "microphone"], type="filepath", label="Audio (upload or record)", elem_id="audio-main"
+    )  # PLAY_FROM_SEEK_JS finds its Play button by this id
     video = gr.File(label="…or any audio/video file (mp4, mkv, webm, m4a, …)", file_count="single")
     model = gr.Dropdown(_model_choices(asr), value="whisper-tiny.en", label="Whisper model")
     language = gr.Dropdown(["auto", *whisper_languages()], value="auto", label="Language")
@@ -187,11 +252,11 @@ def _build_inputs(ctx: StudioContext) -> dict[str, Any]:
 def _build_results() -> dict[str, Any]:
     status = gr.Markdown("Choose a file or record, then press Transcribe.")
     text = gr.Textbox(label="Transcript", lines=14, max_lines=30, autoscroll=True)
-    with gr.Accordion("Segments: click a row to play it · rename speakers", open=True):
+    with gr.Accordion("Segments: click a row to play the recording from there · rename speakers", open=True):
         seg_table = gr.Dataframe(headers=SEGMENT_HEADERS, interactive=False, wrap=True, max_height=260,
                                  column_widths=["6%", "10%", "10%", "14%", "60%"])  # fmt: skip
         playing = gr.Markdown("")
-        player = gr.Audio(label="Segment player", autoplay=True, interactive=False, type="numpy")
+        seek_to = gr.Number(-1.0, visible=False)  # seconds the last click seeked to, -1: none
         with gr.Row():
             speakers = gr.Dataframe(headers=["speaker", "name"], interactive=True, column_count=(2, "fixed"),
                                     label="Speakers (type a name in the second column)", scale=3)  # fmt: skip
@@ -237,7 +302,10 @@ def build(ctx: StudioContext) -> None:
     i["stop"].click(request_stop, flag, r["status"], queue=False)
     edit_out = [transcript_state, r["text"], r["diff"]]
     r["edit_btn"].click(bind(post_edit, ctx), [transcript_state, r["glossary"], flag], edit_out, **queue)
-    r["seg_table"].select(play_segment, [transcript_state, source], [r["player"], r["playing"]], queue=False)
+    seek_out = [i["audio"], r["playing"], r["seek_to"]]
+    seek = r["seg_table"].select(seek_segment, [transcript_state, source, i["audio"]], seek_out, queue=False)
+    seek = seek.then(apply_seek, r["seek_to"], i["audio"], js=WAIT_FOR_PLAYER_JS, queue=False)
+    seek.then(None, r["seek_to"], None, js=PLAY_FROM_SEEK_JS, queue=False)
     rename_out = [transcript_state, r["text"], r["seg_table"], r["speakers"]]
     r["rename_btn"].click(rename_speakers, [transcript_state, r["speakers"]], rename_out)
     r["export_btn"].click(bind(export, ctx), [transcript_state, r["formats"]], r["files"])

@@ -19,7 +19,7 @@ def section(ctx):
     with gr.Blocks():
         audio_tab.TAB.build(ctx)
         blocks = gr.context.Context.root_block
-    fns = {f.fn.__name__: f.fn for f in blocks.fns.values()}
+    fns = {f.fn.__name__: f.fn for f in blocks.fns.values() if f.fn}  # js-only events have no fn
     assert {"start_job", "poll", "cancel_job"} <= set(fns)
     return fns
 

@@ -6,7 +6,9 @@ the Runs tab (its record and metrics line appear), and saves the README screensh
 Then each tab's main job, done the way a new user does it, checking what that user looks at: a chat answer with
 "Paris" on the default settings; a RAG answer citing the right file and line; an image whose PNG carries its
 parameters; people found in bus.jpg; the sample audio transcribed with two speakers; a Tiny LM run whose live plot
-has numeric points, listed in Runs with its artifacts. The jobs that load real models are `slow`; with
+has numeric points, listed in Runs with its artifacts; a click on a transcript segment seeks the main audio player
+to the segment's start (its real currentTime, read from the media element). Vision's segment, classify and export
+sections and the GPU tab get their screenshots too. The jobs that load real models are `slow`; with
 STUDIO_UPDATE_SCREENSHOT=1 each writes its tab's screenshot to assets/tab-<name>.png (listed in the README).
 """
 
@@ -69,8 +71,10 @@ def browser():
         b.close()
 
 
-def _new_page(browser, url: str):
+def _new_page(browser, url: str, init_script: str | None = None):
     pg = browser.new_page(viewport={"width": 1280, "height": 800})
+    if init_script:
+        pg.add_init_script(init_script)
     pg.errors = []
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
     pg.set_default_timeout(20_000)
@@ -199,7 +203,7 @@ def _png_small(png: bytes, limit: int) -> bytes:
 
     img = Image.open(io.BytesIO(png)).convert("RGB")
     img = img.resize((img.width * 3 // 4, img.height * 3 // 4), Image.LANCZOS)  # README thumbnails
-    for colors in (128, 64, 32):
+    for colors in (128, 64, 32, 16):  # 16: a noisy image (an untrained model's masks)
         buf = io.BytesIO()
         img.quantize(colors=colors).save(buf, format="PNG", optimize=True)
         if len(buf.getvalue()) < limit:
@@ -247,6 +251,12 @@ def test_tiny_lm_run_plots_numbers_and_runs_lists_its_artifacts(page, tmp_path):
     panel.get_by_role("button", name="Refresh runs").click()
     _visible(panel.get_by_text("tinylm", exact=True)).click()
     _visible(panel.get_by_text("model.safetensors")).wait_for()
+    lr_plot = _visible(panel.locator(".block:has([data-testid='block-info']:has-text('Learning rate'))"))
+    _visible(lr_plot.locator("[aria-roledescription='line mark']")).wait_for()  # its own plot, not the loss axis
+    import torch
+
+    if not torch.cuda.is_available():  # no GPU here: the jobs table says the job ran on the CPU, not "GPU"
+        _visible(panel.get_by_role("gridcell", name="CPU", exact=True)).wait_for()
     panel.get_by_role("button", name="Prepare downloads").click()
     _visible(panel.locator("a[download], a[href*='model.safetensors']")).wait_for()
     _tab_shot(page, "runs", tmp_path)
@@ -334,4 +344,150 @@ def test_audio_sample_transcribed_with_two_speakers(page, tmp_path):
     text = panel.get_by_label("Transcript").input_value()
     assert "SPEAKER_1:" in text and "SPEAKER_2:" in text, text
     _tab_shot(page, "audio", tmp_path, panel.get_by_label("Transcript"))
+    assert page.errors == [], page.errors
+
+
+# The players' media elements (wavesurfer keeps them out of the DOM): recorded as they are made, so the test reads
+# the main player's real currentTime.
+MEDIA_SPY = """
+window.__media = [];
+const makeElement = document.createElement.bind(document);
+document.createElement = (tag, ...rest) => {
+  const el = makeElement(tag, ...rest);
+  if (String(tag).toLowerCase() === "audio") window.__media.push(el);
+  return el;
+};
+"""
+PLAYER = "() => window.__media.filter(m => m.duration > 0).at(-1)"
+SEEK_EARLY_S, SEEK_LATE_S = 0.15, 1.0  # the note's tenths round by 0.05; the player plays on after the seek
+
+
+def _player_time(page) -> tuple[float, bool]:
+    t, paused = page.evaluate(f"() => {{ const m = ({PLAYER})(); return m ? [m.currentTime, m.paused] : [-1, true]; }}")
+    return t, paused
+
+
+def _click_segment(page, panel, row: int) -> float:
+    """Click segment `row`'s text cell; wait until the main player is playing from its start; return the start."""
+    panel.get_by_role("gridcell", name=str(row), exact=True).first.click()  # its "#" cell
+    note = _visible(panel.get_by_text(re.compile(rf"▶ segment {row} from \d+:\d+\.\d")))
+    m, sec = re.search(r"from (\d+):(\d+\.\d)", note.inner_text()).groups()
+    start = int(m) * 60 + float(sec)
+    cond = f"() => {{ const m = ({PLAYER})(); return m && !m.paused && m.currentTime >= {start - SEEK_EARLY_S} && m.currentTime <= {start + SEEK_LATE_S}; }}"
+    try:
+        page.wait_for_function(cond, timeout=10_000)
+    except sync_api.TimeoutError:
+        raise AssertionError(f"segment {row} starts at {start} s, the main player is at {_player_time(page)}") from None
+    page.locator("#audio-main button.play-pause-button").click()  # pause: headless chromium draws the waveform
+    page.wait_for_function(f"() => ({PLAYER})().paused")  # on the CPU, which the transcription needs
+    return start
+
+
+def _long_sample(tmp_path, repeats: int) -> Path:
+    import numpy as np
+
+    from backends.audio import load_pcm, write_wav
+
+    pcm = load_pcm(REPO / "assets" / "audio" / "two-speakers.ogg")
+    return write_wav(tmp_path / "long-talk.wav", np.concatenate([pcm] * repeats))
+
+
+@pytest.mark.slow
+def test_audio_click_seeks_the_main_player(browser, studio, tmp_path):
+    """A click on a segment seeks the main (uploaded) player to its start and plays; a second click moves it, also
+    while the transcription still runs; an empty table, and a second session with its own player, are unaffected."""
+    page = _new_page(browser, studio.url, MEDIA_SPY)
+    panel = _open(page, "Audio")
+    panel.locator(".table-wrap, table").first.click()  # no audio, no transcript yet: the click does nothing
+    page.wait_for_timeout(500)
+    assert _player_time(page)[0] == -1 and not panel.get_by_text("▶ segment").count()
+    _upload(panel, _long_sample(tmp_path, repeats=10))  # ~3 min of speech: still transcribing at the clicks
+    page.wait_for_function(f"() => !!({PLAYER})()", timeout=30_000)
+    panel.get_by_role("button", name="Transcribe", exact=True).click()
+    panel.get_by_role("gridcell", name="3", exact=True).first.wait_for(timeout=MODEL_WAIT_MS)
+    late = _click_segment(page, panel, 3)
+    early = _click_segment(page, panel, 1)  # a second click moves it (backwards: a seek, not the playback)
+    assert early < late
+    status = panel.get_by_text(re.compile(r"▓|Done|Stopped")).first.inner_text()
+    assert "Done" not in status, f"the transcription ended before the clicks, so they did not test that: {status}"
+    _visible(panel.get_by_text(re.compile(r"\*?Done"))).wait_for(timeout=MODEL_WAIT_MS)
+    later = _click_segment(page, panel, 5)  # the finished table seeks too
+    held = _player_time(page)[0]  # paused: the other session must leave it there
+
+    other = _new_page(browser, studio.url, MEDIA_SPY)  # a second session: the sample through the file box
+    other_panel = _open(other, "Audio")
+    _upload(other_panel, REPO / "assets" / "audio" / "two-speakers.ogg", index=1)
+    other_panel.get_by_role("button", name="Transcribe", exact=True).click()
+    _visible(other_panel.get_by_text(re.compile(r"\*?Done"))).wait_for(timeout=MODEL_WAIT_MS)
+    assert _player_time(other)[0] == -1  # its player is empty: the file went through the file box
+    _click_segment(other, other_panel, 2)  # the click loads the transcribed file into the player and seeks
+    assert _player_time(page) == (held, True), "the other session's click moved this session's player"
+    assert later > 0 and page.errors == [] and other.errors == [], (page.errors, other.errors)
+    other.close()
+    page.close()
+
+
+# ---- README screenshots of the sections without one: Vision's segment, classify and export, and the GPU tab -----
+def _vision_section(page, name: str):
+    """The Vision tab's inner tab `name`, and the outer tab's panel (the inner panels are inside it)."""
+    panel = _open(page, "Vision")
+    panel.get_by_role("tab", name=name, exact=True).click()
+    return panel, _visible(panel.get_by_role("tabpanel").filter(has=page.get_by_role("button", name=re.compile(name))))
+
+
+def _bus() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("ultralytics").origin).parent / "assets" / "bus.jpg"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("section", "button"), [("Segment", "Segment"), ("Classify", "Classify")])
+def test_vision_segment_and_classify_screenshots(page, tmp_path, section, button):
+    _, panel = _vision_section(page, section)
+    _upload(panel, _bus())
+    if section == "Segment":  # random weights: every mask is near zero confidence
+        conf = panel.get_by_label("Confidence").first
+        conf.fill("0")
+        conf.press("Enter")
+    panel.get_by_role("button", name=button, exact=True).click()
+    _visible(panel.get_by_text(re.compile(r"\d+ masks|Top classes:"))).wait_for(timeout=MODEL_WAIT_MS)
+    _visible(panel.get_by_text("Untrained demo model")).wait_for()  # said with the result
+    _visible(panel.get_by_role("gridcell")).wait_for()  # the result table has rows
+    if section == "Segment":  # the masks drawn on the image; for classes, the text and table under the images
+        result = _visible(panel.locator(".block:has([data-testid='block-label']:has-text('Masks')) img"))
+    else:
+        result = _visible(panel.get_by_text(re.compile("^Top classes:")))
+    _tab_shot(page, f"vision-{section.lower()}", tmp_path, result)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow
+def test_vision_export_and_latency_screenshot(page, tmp_path):
+    _, panel = _vision_section(page, "Export")
+    size = panel.get_by_label("Image size")
+    size.click()
+    page.get_by_role("option", name="320", exact=True).click()
+    panel.get_by_label("8", exact=True).uncheck()  # batch 1 only: quick on this CPU
+    panel.get_by_role("button", name="Export and compare latency").click()
+    onnx = _visible(panel.get_by_role("gridcell", name="ONNX Runtime", exact=True))
+    onnx.wait_for(timeout=MODEL_WAIT_MS)
+    _visible(panel.get_by_role("gridcell", name="PyTorch", exact=True)).wait_for()
+    _visible(panel.locator("a[href*='.onnx'], a[download]")).wait_for()  # the exported model to download
+    _tab_shot(page, "vision-export", tmp_path, onnx)
+    assert page.errors == [], page.errors
+
+
+@pytest.mark.slow  # after the jobs above: the models table and the RAM timeline have something to show
+def test_gpu_tab_screenshot_without_a_gpu(page, tmp_path):
+    panel = _open(page, "GPU")
+    _visible(panel.get_by_text("No GPU here")).wait_for()
+    ram = _visible(panel.get_by_text(re.compile(r"RAM [\d.]+ GB used")))
+    ram.wait_for()
+    timeline = _visible(panel.get_by_text(re.compile(r"RAM \(last 5 minutes\)")))
+    timeline.wait_for()
+    _visible(panel.locator("[aria-roledescription='line mark']")).wait_for(timeout=30_000)  # the RAM timeline
+    assert not _visible(panel.get_by_label("VRAM cap (GB)")).count()  # no slider for a card that is not there
+    page.wait_for_timeout(6_000)  # a few readings on the timeline
+    _tab_shot(page, "gpu", tmp_path, timeline)  # the RAM/CPU line and the models table above, the timeline below
     assert page.errors == [], page.errors

@@ -46,10 +46,23 @@ def test_launch_help_prints_usage_without_probing_the_network():
         "import runpy, sys\n"
         f"g = runpy.run_path({str(ROOT / 'launch.py')!r}, run_name='launch')\n"
         "def boom(*a, **k): raise SystemExit('network probed')\n"
-        "g['main'].__globals__.update(hub_reachable=boom, ensure_venv=lambda: None,\n"
+        "g['main'].__globals__.update(hub_reachable=boom, ensure_venv=boom,\n"
         "                             venv_python=lambda: sys.executable)\n"
         "sys.exit(g['main'](['--help']))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert "network probed" not in out.stderr
     assert "usage: launch.py" in out.stdout and "--vram-cap-gb" in out.stdout and "launch.py test" in out.stdout
+
+
+def test_launch_help_without_a_venv_prints_usage_without_setting_one_up(tmp_path):
+    code = (  # no .venv yet: the usage at once, no venv creation or pip run (both reach the network)
+        "import runpy, sys\n"
+        f"g = runpy.run_path({str(ROOT / 'launch.py')!r}, run_name='launch')\n"
+        "def boom(*a, **k): raise SystemExit('set up a venv')\n"
+        f"g['main'].__globals__.update(ensure_venv=boom, hub_reachable=boom, venv_python=lambda: g['Path']({str(tmp_path / 'none')!r}))\n"
+        "sys.exit(g['main'](['--help']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and "set up a venv" not in out.stderr, out.stderr
+    assert "python launch.py test" in out.stdout and "first run without --help sets up .venv" in out.stderr
