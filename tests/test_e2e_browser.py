@@ -77,7 +77,7 @@ def _new_page(browser, url: str, init_script: str | None = None):
         pg.add_init_script(init_script)
     pg.errors = []
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-    pg.set_default_timeout(20_000)
+    pg.set_default_timeout(60_000)  # a tab click on a loaded 2-core machine has taken over 20 s
     pg.goto(url)
     pg.get_by_text("OneCard Studio").first.wait_for()
     return pg
