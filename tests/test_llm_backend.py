@@ -265,3 +265,18 @@ def test_swapping_the_chat_model_to_ram_drops_only_its_decoder_buffers(llm_ctx):
     backend._decoder_key = (src.key, 0)
     loader.on_evict(None)
     assert (backend._decoder, backend._decoder_key) == (None, None) and backend._applied[src.key] is applied
+
+
+def test_a_held_generation_slot_runs_out_as_an_expected_wait_not_a_failure(llm):
+    """The chat tab logs a TimeoutError (an OSError) in one line with the message; the API answers 503 busy."""
+    from backends.llm.types import GenerationBusy
+    from studio.api.jobs import as_api_error
+
+    busy = pytest.raises(TimeoutError, match="Another reply has been generating")
+    with llm._generation_slot(), busy as e, llm._generation_slot(timeout_s=0.1):
+        pass
+    assert isinstance(e.value, GenerationBusy) and isinstance(e.value, OSError)
+    err = as_api_error(e.value)
+    assert err.status == 503 and err.headers.get("Retry-After")
+    with llm._generation_slot(timeout_s=1):
+        pass  # the slot was given back

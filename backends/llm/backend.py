@@ -57,7 +57,7 @@ from backends.llm.tools import (
     template_messages,
     tool_format,
 )
-from backends.llm.types import ChatUpdate, LLMConfig, check_messages
+from backends.llm.types import ChatUpdate, GenerationBusy, LLMConfig, check_messages
 from studio.concurrency import OwnedSlot, SafeStream
 from studio.safety import WeightsError
 
@@ -373,7 +373,7 @@ class LLMBackend(ChatAdapters):
         """One in-process generation at a time; a stuck one yields a clear error instead of a silent hang."""
         token = self._lock.acquire(timeout=timeout_s)
         if token is None:
-            raise RuntimeError(f"Another reply has been generating for over {timeout_s:.0f} s; press Stop and retry.")
+            raise GenerationBusy(f"Another reply has been generating for over {timeout_s:.0f} s; press Stop and retry.")
         try:
             yield
         finally:

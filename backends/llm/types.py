@@ -15,6 +15,11 @@ ROLES = ("system", "user", "assistant", "tool")
 PRECISIONS = ("auto", "int4", "nf4", "16bit")
 
 
+class GenerationBusy(TimeoutError):
+    """Another reply held the one in-process generation slot for too long: an expected wait that ran out (the chat
+    tab shows it in one log line; the API answers 503), not a failure of the studio."""
+
+
 @dataclass(frozen=True)
 class LLMConfig:
     engine: str = "transformers"  # or "openai": any OpenAI-compatible server

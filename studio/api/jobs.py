@@ -63,6 +63,8 @@ def as_api_error(e: BaseException) -> ApiError:
         return ApiError(404, str(e), code="model_not_found")
     if name == "ToolsNotSupported":
         return ApiError(400, str(e), code="tools_not_supported", param="tools")
+    if name == "GenerationBusy":  # another reply held the generation slot for minutes
+        return ApiError(503, str(e), code="busy", headers={"Retry-After": "30"})
     if name == "EngineError":
         return ApiError(502, str(e), code="engine_error")
     if isinstance(e, ValueError):
