@@ -206,7 +206,8 @@ def _answers(rag: RAGBackend, questions: list, n: int, retrieval_report: Any) ->
         return out | {"chat_answers": "not run (pass --answers N)"}
     picked = [q for q in questions if q.answerable][:n] + [q for q in questions if not q.answerable][:2]
     rep = _evaluate(rag, "bench", picked, EvalOptions(modes=("hybrid",), answer=True, max_new_tokens=64))
-    return out | {"chat_answers": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.answers.items()}}
+    chat = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.answers.items()}
+    return out | {"chat_answers": chat | {"questions": len(picked)}}
 
 
 def _demo_reranker_check(rag: RAGBackend, questions: list) -> dict[str, Any]:
