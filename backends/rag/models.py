@@ -80,7 +80,9 @@ class SentenceModelLoader:
 
         folder = self._folder() if callable(self._folder) else self._folder
         self.dtype_used = resolve_precision(self.precision, device)
-        if self.dtype_used in KINDS and self.cls_name == "SentenceTransformer" and not device.startswith("cuda"):
+        # OpenVINO only on a machine without CUDA: a model the manager parks in RAM there must be able to move up
+        on_cpu_only = not device.startswith("cuda") and not torch.cuda.is_available()
+        if self.dtype_used in KINDS and self.cls_name == "SentenceTransformer" and on_cpu_only:
             if openvino_available(self.dtype_used):
                 return self._load_openvino(folder)
             if self.dtype_used == "int8":
