@@ -24,11 +24,19 @@ import numpy as np
 
 from backends.rag.answer import AnswerUpdate, Passage, SearchResult, check_question
 from backends.rag.chunk import ChunkOptions
+from backends.rag.gpu_embed import encode_pipelined
 from backends.rag.indexer import Indexer, IngestReport
 from backends.rag.ingest import resolve_folder
-from backends.rag.models import DEMO_RERANKER, PRECISIONS, REAL_RERANKERS, SentenceModelLoader, ensure_demo_reranker
+from backends.rag.models import (
+    DEMO_RERANKER,
+    PRECISIONS,
+    REAL_RERANKERS,
+    SentenceModelLoader,
+    calibration_passages,
+    ensure_demo_reranker,
+)
 from backends.rag.respond import respond
-from backends.rag.search import FUSION_NAME, BM25Index, fuse
+from backends.rag.search import FUSION_NAME, BM25Index, Candidates, fuse
 from backends.rag.store import KBInfo, KnowledgeBaseError, Store, check_kb_name, fetch_records, vector_scores
 from studio.safety import UnsafePathError, allowed_path, check_upload_size, contained_path, safe_filename, within
 
@@ -125,11 +133,13 @@ class RAGBackend:
         spec = self.ctx.catalog.get(key)
         estimate = spec.vram_bytes or 200 * 2**20
         source: Any = folder
+        cache = Path(self.ctx.settings.cache_dir)
         if spec.demo:
-            cache, vocab = Path(self.ctx.settings.cache_dir), self._model_folder(self.embedding_key)
+            vocab = self._model_folder(self.embedding_key)
             source = lambda: ensure_demo_reranker(cache, vocab)  # noqa: E731
         precision = self.config.embed_precision if cls_name == "SentenceTransformer" else "auto"
-        self.ctx.residency.register(SentenceModelLoader(resident_key, source, cls_name, estimate, precision))
+        self.ctx.residency.register(SentenceModelLoader(resident_key, source, cls_name, estimate, precision,
+                                                        cache_dir=cache, calibration=lambda: calibration_passages(SAMPLE_NOTES)))  # fmt: skip
         return True
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -142,6 +152,8 @@ class RAGBackend:
         bs = self.config.embed_batch_size
 
         def encode(model: Any) -> np.ndarray:
+            if str(getattr(model, "device", "cpu")).startswith("cuda"):
+                return encode_pipelined(model, texts)  # token-budget batches, tokenising beside the GPU
             return model.encode(texts, batch_size=bs, normalize_embeddings=True, show_progress_bar=False)
 
         return np.asarray(self.ctx.residency.run(key, encode), dtype=np.float32)
@@ -317,6 +329,20 @@ class RAGBackend:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}.")
         if not 1 <= top_k <= 50:
             raise ValueError(f"top_k={top_k}: use 1 to 50.")
+        c = self._candidates(kb, q, mode)
+        fused = fuse(c.vec, c.bm, c.vec_ref, c.bm_ref)
+        head = sorted(fused, key=lambda d: -fused[d])[: max(top_k, self.config.rerank_top)]
+        fetch_records(c.col, head, c.records)
+        passages = [self._passage(i + 1, d, c.records[d], c.vec, c.bm, fused) for i, d in enumerate(head)]
+        passages, note, reranked = self._maybe_rerank(q, passages, mode, rerank, reranker, c.timings)
+        return SearchResult(q, mode, passages[:top_k], note, reranked, c.total, c.timings)
+
+    def fusion_inputs(self, kb: str, question: str) -> Candidates:
+        """Both retrievers' candidates and exact scores for `question`, before fusion (the bench tunes fusion
+        on these without searching again)."""
+        return self._candidates(check_kb_name(kb), check_question(question, self.config.max_question_chars), "hybrid")
+
+    def _candidates(self, kb: str, q: str, mode: str) -> Candidates:
         manifest = self.store.load_manifest(kb)
         col = self.store.collection(kb)
         n = col.count()
@@ -345,12 +371,7 @@ class RAGBackend:
         if mode == "hybrid":  # both retrievers' exact scores for every candidate (see search.fuse)
             bm.update({d: float(all_scores[index.row[d]]) for d in vec if d not in bm and d in index.row})
             vector_scores(col, qvec, [d for d in bm if d not in vec], vec, records)
-        fused = fuse(vec, bm, vec_ref, bm_ref)
-        head = sorted(fused, key=lambda d: -fused[d])[: max(top_k, self.config.rerank_top)]
-        fetch_records(col, head, records)
-        passages = [self._passage(i + 1, d, records[d], vec, bm, fused) for i, d in enumerate(head)]
-        passages, note, reranked = self._maybe_rerank(q, passages, mode, rerank, reranker, timings)
-        return SearchResult(q, mode, passages[:top_k], note, reranked, n, timings)
+        return Candidates(vec, bm, vec_ref, bm_ref, records, n, timings, col)
 
     @staticmethod
     def _passage(number: int, doc_id: str, record: tuple, vec: dict, bm: dict, fused: dict) -> Passage:

@@ -14,6 +14,8 @@ import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -229,3 +231,18 @@ def fuse(
         a, b = weight * zv.get(d, 0.0), (1.0 - weight) * zb.get(d, 0.0)
         out[d] = max(a, b) + agreement * min(a, b)
     return out
+
+
+@dataclass
+class Candidates:
+    """One question's retrieval candidates before fusion: doc id -> score per retriever, each retriever's own
+    top-N scores (the standardisation reference), (document, metadata) records, the base's chunk count."""
+
+    vec: dict[str, float]
+    bm: dict[str, float]
+    vec_ref: list[float]
+    bm_ref: list[float]
+    records: dict[str, tuple]
+    total: int
+    timings: dict[str, float]
+    col: Any = None

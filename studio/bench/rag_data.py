@@ -67,6 +67,31 @@ QUESTIONS: tuple[Question, ...] = (
         "pound of flesh",
     ),
 )
+# Reference answers for QUESTIONS, in order (ROUGE-L / BLEU of the chat model's answers).
+REFERENCES: tuple[str, ...] = (
+    "Hamlet says it, in his soliloquy: to be, or not to be, that is the question.",
+    "Marcellus says that something is rotten in the state of Denmark.",
+    "In the graveyard Hamlet holds Yorick's skull: alas, poor Yorick, I knew him, Horatio.",
+    "Neither a borrower nor a lender be, for loan oft loses both itself and friend.",
+    "Hamlet tells Ophelia: get thee to a nunnery.",
+    "Hamlet says frailty, thy name is woman, because his mother married again within a month.",
+    "Lady Macbeth, sleepwalking, says: out, damned spot! out, I say!",
+    "The witches chant: double, double toil and trouble; fire burn and cauldron bubble.",
+    "Macbeth asks: is this a dagger which I see before me, the handle toward my hand?",
+    "The apparition tells Macbeth that none of woman born shall harm Macbeth.",
+    "Macbeth shall never vanquish'd be until Great Birnam wood to high Dunsinane hill shall come against him.",
+    "Juliet says: O Romeo, Romeo! wherefore art thou Romeo? Deny thy father and refuse thy name.",
+    "Juliet says: what's in a name? That which we call a rose by any other name would smell as sweet.",
+    "Mercutio curses both families: a plague o' both your houses!",
+    "The soothsayer warns Caesar: beware the Ides of March.",
+    "Antony says: friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
+    "Caesar says: Et tu, Brute? Then fall, Caesar!",
+    "Ariel sings: full fathom five thy father lies; of his bones are coral made.",
+    "Miranda says: O brave new world, that has such people in't!",
+    "Prospero says: we are such stuff as dreams are made on, and our little life is rounded with a sleep.",
+    "Portia says the quality of mercy is not strain'd; it droppeth as the gentle rain from heaven.",
+    "Shylock's bond says that if Antonio does not repay, the penalty is an equal pound of his fair flesh.",
+)
 
 # The quick run's subset: windows (first line, last line) of four plays, ~62 KB, with 7 quotes answers inside.
 SUBSET_WINDOWS: dict[str, tuple[int, int]] = {
@@ -133,7 +158,7 @@ def quotes_set(offsets: dict[str, int], windows: dict[str, tuple[int, int]] | No
         if q.work not in offsets:
             continue
         lines = tuple((n - 1, n + 2) for n in answer_lines(q.work, q.anchors))
-        item = _shift(EvalQuestion(f"q{i:02d}", q.text, f"{q.work}_gut.txt", lines), offsets[q.work],
+        item = _shift(EvalQuestion(f"q{i:02d}", q.text, f"{q.work}_gut.txt", lines, REFERENCES[i - 1]), offsets[q.work],
                       windows.get(q.work) if windows else None)  # fmt: skip
         if item is not None:
             out.append(item)
