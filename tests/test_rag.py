@@ -275,8 +275,13 @@ def test_reranker_runs_when_present(rag, rag_ctx, notes_kb) -> None:
         assert not rag.reranker_available() and not rag_ctx.residency.is_registered(key)
 
 
-def test_shakespeare_hybrid_retrieval_beats_threshold_and_random(rag, tmp_path: Path) -> None:
-    """Real retrieval quality on a small subset (7 + 8 questions, ~85 chunks); the full run is studio/bench/rag.py."""
+def test_shakespeare_hybrid_retrieval_beats_threshold_and_random(rag, rag_ctx, tmp_path: Path) -> None:
+    """Real retrieval quality on a small subset (7 + 8 questions, ~85 chunks); the full run is studio/bench/rag.py,
+    where hybrid >= max(vector, BM25) is measured on 22 + 61 questions. On 7 questions one rank flip is 0.14 of
+    recall: hybrid held that bound exactly with PyTorch bf16 vectors and loses one question to BM25 with fp32 or
+    OpenVINO bf16 ones, so here fusion must be within one question of the better retriever, at fp32 (the reference)
+    and at the default precision, and the default must agree with fp32 within one question (the stated tolerance)."""
+    from backends.rag.backend import RAGBackend, RAGConfig
     from backends.rag.harness import EvalOptions, evaluate
     from studio.bench.rag import random_baseline
     from studio.bench.rag_data import SUBSET_WINDOWS, paraphrased_set, prepare_corpus, quotes_set
@@ -284,17 +289,23 @@ def test_shakespeare_hybrid_retrieval_beats_threshold_and_random(rag, tmp_path: 
     offsets = prepare_corpus(tmp_path / "plays", SUBSET_WINDOWS)
     quotes, para = quotes_set(offsets, SUBSET_WINDOWS), paraphrased_set(offsets, SUBSET_WINDOWS)
     assert len(quotes) == 7 and sum(q.answerable for q in para) == 8
-    rag.create_kb("shakespeare")
-    rag.ingest("shakespeare", tmp_path / "plays")
-    chance = random_baseline(rag, "shakespeare", quotes)
-    for questions in (quotes, para):
-        report = list(evaluate(rag, "shakespeare", questions, EvalOptions()))[-1].report
-        r = report.retrieval
-        # Measured on this subset: hybrid >= max(vector, BM25) on recall@5 and MRR@10 for both sets (bench --quick).
+    fp32 = RAGBackend(rag_ctx, RAGConfig(embed_precision="fp32"))
+    results = {}
+    for name, backend in (("fp32", fp32), ("default", rag)):
+        backend.create_kb(f"shakespeare-{name}")
+        backend.ingest(f"shakespeare-{name}", tmp_path / "plays")
+        results[name] = [list(evaluate(backend, f"shakespeare-{name}", q, EvalOptions()))[-1].report.retrieval
+                         for q in (quotes, para)]  # fmt: skip
+    for name, runs in results.items():
+        for r, n in zip(runs, (len(quotes), 8), strict=True):
+            for metric in ("recall@5", "mrr@10"):
+                best = max(r["vector"][metric], r["keyword"][metric])
+                assert r["hybrid"][metric] >= best - 1 / n - 1e-9, (name, metric, r)
+            assert r["hybrid"]["recall@5"] >= 0.70 and r["hybrid"]["mrr@10"] >= 0.55, (name, r)
+    for got, want, n in zip(results["default"], results["fp32"], (len(quotes), 8), strict=True):
         for metric in ("recall@5", "mrr@10"):
-            assert r["hybrid"][metric] >= max(r["vector"][metric], r["keyword"][metric]) - 1e-9, r
-        assert r["hybrid"]["recall@5"] >= 0.70 and r["hybrid"]["mrr@10"] >= 0.55, r
-    assert chance < 0.15
+            assert abs(got["hybrid"][metric] - want["hybrid"][metric]) <= 1 / n + 1e-9, (metric, got, want)
+    assert random_baseline(rag, "shakespeare-default", quotes) < 0.15
 
 
 def test_tab_streams_ingest_and_answer_and_refuses_bad_input(rag, tmp_path: Path) -> None:
