@@ -256,3 +256,25 @@ def test_a_model_swapped_to_ram_lets_its_backend_drop_the_device_buffers_kept_be
     manager.run("image", lambda m: m, working_bytes=0)
     assert tiers(manager)["chat"] == "ram" and chat.evicted == [first]
     manager.close()
+
+
+def test_a_lease_on_a_resident_model_reuses_a_reading_of_the_last_moment(monkeypatch):
+    """detect() on a video or the next image: the NVML read (~0.8 ms on the H200) is skipped when the card was read
+    under RECENT_READ_S ago and the model is already on the card; a stale reading or a model to place reads afresh."""
+    import studio.residency.leasing as leasing
+
+    manager, probe, _ = sim_manager(100)
+    manager.register(NetLoader("yolo", 10))
+    manager.register(NetLoader("other", 10))
+    manager.run("yolo", lambda m: m, working_bytes=0)  # placed: reads the card
+    before = probe.reads
+    for _ in range(5):
+        manager.run("yolo", lambda m: m, working_bytes=0)
+    assert probe.reads == before  # back to back on a resident model: the last reading serves
+    manager.run("other", lambda m: m, working_bytes=0)
+    assert probe.reads > before  # a model to place reads the card
+    monkeypatch.setattr(leasing, "RECENT_READ_S", 0.0)
+    before = probe.reads
+    manager.run("yolo", lambda m: m, working_bytes=0)
+    assert probe.reads == before + 1  # too old: read again
+    manager.close()

@@ -21,6 +21,7 @@ from studio.residency.state import Lease, ModelRecord, WaitingView, held_tokens,
 from studio.units import fmt_bytes
 
 log = logging.getLogger("studio.residency")
+RECENT_READ_S = 0.1  # how old a card reading a lease on a resident model may reuse
 
 
 @dataclass
@@ -36,9 +37,13 @@ class Leasing:
     def acquire(self, key: str, hint: int | None) -> Lease:
         m = self.m
         deadline, waiter, after_oom = time.monotonic() + m.wait_timeout_s, None, None
+        first = True
         try:
             while True:
-                reading = m._read()
+                # first try on a model already on the card: a reading of the last RECENT_READ_S will do (a frame of
+                # a video, the next image); anything that waits or moves reads the card afresh
+                reading = m._recent_reading(RECENT_READ_S) if first and self._resident(key) else m._read()
+                first = False
                 with m._cond:
                     rec = m._records.get(key)
                     if rec is None:
@@ -68,6 +73,11 @@ class Leasing:
             if waiter is not None:
                 with m._cond:
                     m._waiting.remove(waiter)
+
+    def _resident(self, key: str) -> bool:
+        """On the card and not moving: a hint read without the lock (the decision is taken under it)."""
+        rec = self.m._records.get(key)
+        return rec is not None and rec.tier == GPU and rec.moving is None
 
     def _next(self, rec: ModelRecord, hint: int | None, reading: Any, after_oom: int | None) -> Any:
         """The decision for this turn of the loop (lock held); None while the model is being moved."""
