@@ -231,3 +231,17 @@ def test_a_call_marker_split_over_tokens_is_never_shown():
         assert (shown + rest).strip() in ("", "Sure.")
     stream = ToolStream()
     assert "".join(stream.feed(p) for p in ["a <", "b"]) == "a <b"  # a '<' that is no marker is shown in the end
+
+
+def test_a_key_file_saved_by_notepad_gives_the_same_keys(tmp_path):
+    """A UTF-8 BOM (Notepad's default) used to become part of the first key, which then never matched."""
+    from studio.api.state import ApiConfigError, read_keys
+
+    key, path = "sk-notepad-0123456789abcdef", tmp_path / "keys.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + key.encode() + b"\r\n# a comment\r\n")
+    assert read_keys(path) == (key,)
+    path.write_text(key + "\n", encoding="utf-16")  # "Unicode" in Notepad: UTF-16 with its BOM
+    assert read_keys(path) == (key,)
+    path.write_bytes(b"sk-caf\xe9-0123456789abcdef\n")  # latin-1: refused with the line, not mangled
+    with pytest.raises(ApiConfigError, match=r"keys\.txt:1: not UTF-8"):
+        read_keys(path)

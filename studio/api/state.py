@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.datafiles import TextFileError, read_text
+
 log = logging.getLogger(__name__)
 
 LANES = ("chat", "embeddings", "audio", "images")
@@ -45,8 +47,12 @@ def read_keys(path: Path) -> tuple[str, ...]:
     """API keys from a file, one per line; blank lines and '#' comments ignored."""
     if not path.is_file():
         raise ApiConfigError(f"API key file {path} does not exist. Create it with one key per line.")
+    try:
+        text = read_text(path, str(path))  # a key file saved by Notepad starts with a BOM: it is not part of a key
+    except TextFileError as e:
+        raise ApiConfigError(str(e)) from None
     keys = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         key = line.strip()
         if not key or key.startswith("#"):
             continue
