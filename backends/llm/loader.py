@@ -90,7 +90,7 @@ class ChatModelLoader:
     def can_stream(self) -> bool:
         """Larger than the budget, it may run partly resident (layers streamed from RAM) instead of on the CPU: a
         safetensors folder (a GGUF file converts on its first load) loading in 4 bits or by the automatic policy."""
-        return self.precision in ("auto", "nf4") and self.source.path.is_dir() and streamed.can_stream(self.source.path)
+        return self.precision in ("auto", "nf4") and streamed.can_stream(self.source.path)
 
     def load_partial(self, device: str, room_bytes: int, accel: Any) -> tuple[Any, Any]:
         folder = self._backend.model_folder(self.source)

@@ -206,7 +206,7 @@ def decide(
         plan = Plan(rec, action, work, gpu_victims=chosen)
         plan_ram_for_victims(w, plan)
         return Place(plan)
-    blockers = tuple(r for r in w.records if r.key != rec.key and r.tier == GPU and (r.leases or r.moving))
+    blockers = _blockers(w, rec)
     if yieldable:
         return Wait(need, blockers, tuple(yieldable))
     if (blockers or own_trainers) and all(r.leases and not r.moving and set(r.owners) <= held for r in blockers):
@@ -214,6 +214,11 @@ def decide(
     if not blockers and rec.tier == GPU:
         return Hit(work)  # nothing else to free; the OOM retry in run() is the last resort
     return Wait(need, blockers)
+
+
+def _blockers(w: World, rec: ModelRecord) -> tuple[ModelRecord, ...]:
+    """Other models on the card that cannot leave now: leased or being moved."""
+    return tuple(r for r in w.records if r.key != rec.key and r.tier == GPU and (r.leases or r.moving))
 
 
 PARTIAL_MIN_SHARE = 8  # a partly resident load needs at least 1/8 of the model's size on the card
@@ -229,7 +234,7 @@ def plan_partial(w: World, rec: ModelRecord, work: int, yieldable: Sequence[Any]
     chosen = w.idle(GPU, {rec.key})
     room = w.capacity - (w.gpu_in_use() - sum(r.size() for r in chosen)) - work
     if room < least:
-        blockers = tuple(r for r in w.records if r.key != rec.key and r.tier == GPU and (r.leases or r.moving))
+        blockers = _blockers(w, rec)
         return Wait(least - room, blockers, tuple(yieldable))
     plan = Plan(rec, Action.LOAD_GPU, work, gpu_victims=chosen, partial_room=room)
     plan_ram_for_victims(w, plan)
