@@ -54,6 +54,30 @@ def test_accelerator_pins_host_buffers_and_moves_at_pinned_speed():
     host.close()
 
 
+def test_swap_in_copy_runs_beside_other_streams_kernels_and_is_complete_on_return():
+    """`copy_in` (the mover's host -> device copy) waits for its own copy only: a long kernel queued on another
+    stream after it is still running when it returns, and the bytes are all there."""
+    from studio.residency.accel import CudaAccelerator
+
+    accel = CudaAccelerator(0)
+    host = accel.host_buffer(256 * MiB)
+    host.tensor.random_(0, 255)
+    dev = accel.alloc(256 * MiB)
+    busy, a = torch.cuda.Stream(), torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(busy):
+        for _ in range(200):  # ~0.1 s of matmuls
+            a = a @ a / 64
+        done = torch.cuda.Event()
+        done.record(busy)
+    accel.copy_in(dev, host.tensor, host.pinned)
+    still_running = not done.query()
+    assert torch.equal(dev.cpu(), host.tensor)
+    assert still_running, "copy_in waited for another stream's kernels (a device-wide synchronize)"
+    torch.cuda.synchronize()
+    host.close()
+
+
 def test_cuda_graph_decoder_matches_generate_token_for_token():
     from transformers import LlamaConfig, LlamaForCausalLM
 

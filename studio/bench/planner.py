@@ -72,13 +72,20 @@ class Run:
         self.extra: dict[str, Any] = {}
         self.work = Path(tempfile.mkdtemp(prefix="bench-planner-"))
         self.out = args.out
+        self.only = [w.strip().lower() for w in (args.only or "").split(",") if w.strip()]
+        self.prior = _prior_rows(args.merge) if args.merge else []
         self.machine = machine_info("torch", "transformers", "bitsandbytes", "diffusers", "ultralytics")
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
+    def wanted(self, name: str) -> bool:
+        return not self.only or any(w in name.lower() for w in self.only)
+
     def row(self, name: str, need_s: float, fn: Any, *args: Any) -> dict[str, Any] | None:
         """Run one measurement if `need_s` seconds are left; errors and skips become rows that say so."""
+        if not self.wanted(name):
+            return None
         if self.left() < need_s:
             print(f"[{name}] skipped: {self.left():.0f} s left, needs ~{need_s:.0f} s", flush=True)
             self.rows.append({"name": name, "status": "not measured: out of time"})
@@ -101,8 +108,9 @@ class Run:
         return row
 
     def report(self) -> dict[str, Any]:
+        rows = _merged(self.rows, self.prior)
         return {"machine": self.machine, "device": self.device, "cap_gib": CAP_GIB if self.device == "cuda" else None,
-                "rows": self.rows, **self.extra, "targets": targets(self.rows)}  # fmt: skip
+                "rows": rows, **self.extra, "targets": targets(rows)}  # fmt: skip
 
     def save(self) -> None:
         """Results after every row: a run cut short by its time limit still leaves what it measured."""
@@ -110,6 +118,26 @@ class Run:
             write_results(
                 self.out, "planner" + ("-quick" if self.quick else ""), self.report(), markdown(self.report())
             )
+
+
+def _prior_rows(path: Path) -> list[dict[str, Any]]:
+    """The measured rows of an earlier run's JSON, each marked with the run it came from."""
+    import json
+
+    old = json.loads(path.read_text(encoding="utf-8"))
+    when = f"{old['machine']['date']}, `{old['machine']['command']}`"
+    return [{**r, "from_run": r.get("from_run", when)} for r in old["rows"] if r.get("status") == "measured"]
+
+
+def _merged(rows: list[dict[str, Any]], prior: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's rows, where it measured nothing an earlier run's measured row of the same job (`--merge`), in the
+    earlier run's order; its extras (the 13B split) come with its row."""
+    if not prior:
+        return rows
+    mine = {r["name"]: r for r in rows if r.get("status") == "measured"}
+    out = [mine.pop(p["name"], p) for p in prior]
+    out += [r for r in rows if r["name"] in mine or r["name"] not in {o["name"] for o in out}]
+    return out
 
 
 def _gb(n: Any) -> str:
@@ -145,6 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def llm_section(r: Run) -> None:
     from studio.bench.planner_rows import build_llm
 
+    if not any(r.wanted(n) for n in ("8B nf4 chat", "13B nf4", "8B QLoRA")):
+        return
     if r.left() < 40:
         for name in ("8B nf4 chat, 2k", "8B nf4 chat, 8k", "13B nf4 decode with offload", "8B QLoRA, 2k"):
             r.rows.append({"name": name, "status": "not measured: out of time"})
@@ -190,8 +220,9 @@ def markdown(report: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["rows"]:
         err = f"{r['error_pct']:+.1f}%" if "error_pct" in r else "-"
+        status = r.get("status", "") + (f" (in the run of {r['from_run']})" if r.get("from_run") else "")
         lines.append(f"| {r['name']} | {_gb(r.get('predicted_bytes'))} | {_gb(r.get('learned_bytes'))} | "
-                     f"{_gb(r.get('measured_bytes'))} | {err} | {r.get('seconds', '-')} | {r.get('status', '')} |")  # fmt: skip
+                     f"{_gb(r.get('measured_bytes'))} | {err} | {r.get('seconds', '-')} | {status} |")  # fmt: skip
     off = next((r for r in report["rows"] if r["name"].startswith("13B") and "decode_tok_s" in r), None)
     if off:
         lines += ["", f"13B offload: {off['resident']} of {off['layers']} layers on the GPU (planner's split, "
@@ -209,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny configs on the CPU (checks the script)")
     p.add_argument("--budget-s", type=float, default=260.0, help="rows that would start after this are not measured")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--only", default=None, help="run only the jobs whose names contain one of these (comma list)")
+    p.add_argument("--merge", type=Path, default=None,
+                   help="an earlier run's JSON: its measured rows stand where this run measures nothing (marked)")
     args = p.parse_args(argv)
     report = run(args)
     print(markdown(report), flush=True)

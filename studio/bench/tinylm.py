@@ -87,7 +87,7 @@ def plain_baseline(args, vocab, train_data, device) -> dict[str, Any]:
 
     from backends.tinylm.train import Batches
 
-    model = build(args.preset, vocab, "learned", device, args.seed)
+    model = build(args.preset, vocab, args.pos, device, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
     batches = Batches(train_data, model.cfg.block_size, args.batch, device, args.seed)
     warm, times = 2, []
@@ -255,7 +255,7 @@ def run(args) -> dict[str, Any]:
         f"TinyShakespeare (rebuilt): {len(train_data):,} train / {len(val_data):,} val characters, vocab {len(tok.chars)}"
     )
     baseline = plain_baseline(args, len(tok.chars), train_data, device)
-    model = build(args.preset, len(tok.chars), "learned", device, args.seed)
+    model = build(args.preset, len(tok.chars), args.pos, device, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{args.preset} preset: {n_params / 1e6:.2f} M parameters; training for {args.train_s:.0f} s")
     trainer = Trainer(args, model, train_data, val_data, device, args.compile, args.batch)
@@ -267,7 +267,7 @@ def run(args) -> dict[str, Any]:
     say(f"best state re-scored on {args.final_eval_batches} batches: val loss {final:.4f}")
     if device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    ours = {"recipe": _recipe(trainer, device), "val_loss": final, "best_val_seen": best_seen, "params": n_params,
+    ours = {"recipe": _recipe(trainer, device), "pos": args.pos, "val_loss": final, "best_val_seen": best_seen, "params": n_params,
             "compile_s": trainer.compile_s, "history": trainer.history, **result}  # fmt: skip
     sampling = sampling_speed(model, tok, device, args.sample_tokens)
     del model, trainer
@@ -295,6 +295,8 @@ def parse(argv: list[str] | None):
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--pos", default="learned", choices=("learned", "rope", "alibi"),
+                   help="the preset's position encoding (nanoGPT's: learned); results named tinylm-<pos> otherwise")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--max-steps", type=int, default=None, help="GPU 5000 (nanoGPT's max_iters); 0: time only")
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     print(text, flush=True)
     if args.out and not args.dry_run:
-        name = "tinylm_quick" if args.quick else "tinylm"
+        name = ("tinylm_quick" if args.quick else "tinylm") + ("" if args.pos == "learned" else f"-{args.pos}")
         paths = write_results(args.out, name, result, text)
         say(f"wrote {paths[0]} and {paths[1]}")
     missed = [t["name"] for t in result["targets"] if not t["met"]]

@@ -14,15 +14,16 @@ def targets(r: dict[str, Any], args) -> list[dict[str, Any]]:
     ours, plain = r["ours"], r["plain"]
     gpu = r["device"].startswith("cuda")
     out = []
+    pos = "" if ours.get("pos", "learned") == "learned" else f" ({ours['pos']} positions)"
     if gpu:
-        out.append(Target(f"{args.preset} preset val loss after <= {TARGET_TRAIN_S:.0f} s of training",
+        out.append(Target(f"{args.preset} preset{pos} val loss after <= {TARGET_TRAIN_S:.0f} s of training",
                           ours["val_loss"], TARGET_VAL_LOSS, "nats/char", higher_is_better=False))  # fmt: skip
         out.append(Target("training time of that run (compile apart)", ours["train_s"], TARGET_TRAIN_S, "s",
                           higher_is_better=False))  # fmt: skip
         out.append(Target("whole GPU run, compile included", r["total_s"], TARGET_TOTAL_S, "s", higher_is_better=False))
     else:
         chance = math.log(r["vocab"])
-        out.append(Target(f"{args.preset} preset val loss after {ours['train_s']:.0f} s on this CPU (goal: below "
+        out.append(Target(f"{args.preset} preset{pos} val loss after {ours['train_s']:.0f} s on this CPU (goal: below "
                           "chance, ln V)", ours["val_loss"], round(chance, 3), "nats/char", higher_is_better=False))  # fmt: skip
     if gpu:  # on a CPU both loops are fp32 eager: the ratio is noise there, a reported figure only
         ratio = ours["tokens_per_s"] / plain["tokens_per_s"]
@@ -54,7 +55,7 @@ def markdown(r: dict[str, Any]) -> str:
              "characters; not byte-identical to nanoGPT's file, so its 1.4697 is a reference, not the same test).", "",
              "| recipe | tokens/s | ms/step | steps | train s | val loss |", "|---|---|---|---|---|---|",
              f"| {plain['recipe']} | {plain['tokens_per_s']:,.0f} | {plain['step_s'] * 1e3:.1f} | {plain['steps']} | - | - |",
-             f"| ours: {ours['recipe']} | {ours['tokens_per_s']:,.0f} | {ours['train_s'] / max(1, ours['steps']) * 1e3:.1f} "
+             f"| ours ({ours.get('pos', 'learned')} positions): {ours['recipe']} | {ours['tokens_per_s']:,.0f} | {ours['train_s'] / max(1, ours['steps']) * 1e3:.1f} "
              f"| {ours['steps']} | {ours['train_s']:.1f} | **{ours['val_loss']:.4f}** |", "",
              f"Compile and the first two steps: {ours['compile_s']:.1f} s. {ours['params'] / 1e6:.2f} M parameters.",
              f"Sampling {s['tokens']} tokens, batch 1: KV cache {s['cached']:,.0f} tokens/s, no cache "

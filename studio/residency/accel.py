@@ -83,6 +83,7 @@ class Accelerator(Protocol):
     def on_device(self, t: torch.Tensor) -> bool: ...
     def host_buffer(self, nbytes: int) -> HostBuffer: ...
     def synchronize(self) -> None: ...
+    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> None: ...
     def empty_cache(self) -> None: ...
     def allocated(self) -> int: ...
     def reserved(self) -> int: ...
@@ -106,6 +107,9 @@ class CpuAccelerator:
     def synchronize(self) -> None:
         pass
 
+    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> None:
+        dst.copy_(src)
+
     def empty_cache(self) -> None:
         pass
 
@@ -127,6 +131,7 @@ class CudaAccelerator:
         self.index = index
         self.device = self.load_device = "cuda" if index == 0 else f"cuda:{index}"
         self._warned_pageable = False
+        self._copy_stream: torch.cuda.Stream | None = None
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -155,6 +160,20 @@ class CudaAccelerator:
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.index)
+
+    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> None:
+        """Host -> device on a side stream, and wait for that copy alone. On the shared default stream with a
+        device-wide synchronize, a swap-in also waited for every kernel that other threads queued meanwhile (a
+        neighbour's forward pass); a non-blocking side stream lets the copy run beside them. The side stream first
+        waits for the work queued so far on the current stream: `dst` was just allocated there, and its block may
+        have been freed by tensors that queued kernels still read."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.index)
+        side, current = self._copy_stream, torch.cuda.current_stream(self.index)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            dst.copy_(src, non_blocking=pinned)
+        side.synchronize()
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()

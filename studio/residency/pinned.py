@@ -14,7 +14,8 @@ bitsandbytes 4-bit model):
   gradient) is not copied: the pool still holds exactly its bytes. Tensors made under `torch.inference_mode()`
   have no version counter: they are replaced by normal copies first (and so always count as changed).
 - Up (host -> GPU): ONE allocation of the pool's size on the device and ONE copy of the whole pool, then every
-  tensor becomes a view of its slice. That runs at the card's pinned host-to-device bandwidth.
+  tensor becomes a view of its slice. That runs at the card's pinned host-to-device bandwidth, on the accelerator's
+  side copy stream (`copy_in`), so it neither waits for nor blocks the kernels other threads queue meanwhile.
 Assumptions: tensors that are distinct objects do not alias each other's memory (tied weights are the same
 Parameter object, as in transformers); in-place edits made through `.data` (legacy style) are invisible to the
 version counters, so code that edits weights that way must not rely on the skipped copy (trainable models keep
@@ -279,8 +280,7 @@ def upload(tensors: list[torch.Tensor], pool: PinnedPool, accel: Accelerator) ->
     """Pool -> device: ONE allocation of the pool's size and ONE copy, then every tensor becomes a view of its slice.
     On an allocation failure the tensors stay in the pool (the caller still owns it: nothing is orphaned)."""
     flat = accel.alloc(pool.total)
-    flat.copy_(pool.host.tensor[: pool.total], non_blocking=pool.pinned)
-    accel.synchronize()
+    accel.copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
     for t, slot in zip(tensors, pool.layout, strict=True):
         t.data = _view(flat, slot)
     pool.synced = [(id(t), t.data_ptr(), _version(t)) for t in tensors]

@@ -106,6 +106,10 @@ class SimulatedAccelerator:
     def synchronize(self) -> None:
         self.syncs += 1
 
+    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> None:
+        dst.copy_(src)
+        self.syncs += 1
+
     def empty_cache(self) -> None:
         self.empty_cache_calls += 1
         self.cached_bytes = 0
