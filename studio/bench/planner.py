@@ -241,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=260.0, help="rows that would start after this are not measured")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--only", default=None, help="run only the jobs whose names contain one of these (comma list)")
-    p.add_argument("--merge", type=Path, default=None,
-                   help="an earlier run's JSON: its measured rows stand where this run measures nothing (marked)")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="an earlier run's JSON: its measured rows stand where this run measures nothing (marked)",
+    )
     args = p.parse_args(argv)
     report = run(args)
     print(markdown(report), flush=True)

@@ -295,8 +295,12 @@ def parse(argv: list[str] | None):
     p.add_argument("--min-lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--pos", default="learned", choices=("learned", "rope", "alibi"),
-                   help="the preset's position encoding (nanoGPT's: learned); results named tinylm-<pos> otherwise")
+    p.add_argument(
+        "--pos",
+        default="learned",
+        choices=("learned", "rope", "alibi"),
+        help="the preset's position encoding (nanoGPT's: learned); results named tinylm-<pos> otherwise",
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--max-steps", type=int, default=None, help="GPU 5000 (nanoGPT's max_iters); 0: time only")
