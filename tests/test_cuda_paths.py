@@ -55,7 +55,7 @@ def test_accelerator_pins_host_buffers_and_moves_at_pinned_speed():
 
 
 def test_swap_in_copy_runs_beside_other_streams_kernels_and_is_complete_on_return():
-    """`copy_in` (the mover's host -> device copy) waits for its own copy only: a long kernel queued on another
+    """`start_copy_in` (the mover's host -> device copy) waits for its own copy only: a long kernel queued on another
     stream after it is still running when it returns, and the bytes are all there."""
     from studio.residency.accel import CudaAccelerator
 
@@ -70,10 +70,10 @@ def test_swap_in_copy_runs_beside_other_streams_kernels_and_is_complete_on_retur
             a = a @ a / 64
         done = torch.cuda.Event()
         done.record(busy)
-    accel.copy_in(dev, host.tensor, host.pinned)
+    accel.start_copy_in(dev, host.tensor, host.pinned)()
     still_running = not done.query()
     assert torch.equal(dev.cpu(), host.tensor)
-    assert still_running, "copy_in waited for another stream's kernels (a device-wide synchronize)"
+    assert still_running, "start_copy_in's wait waited for another stream's kernels (a device-wide synchronize)"
     torch.cuda.synchronize()
     host.close()
 

@@ -53,6 +53,20 @@ def test_token_batches_respect_the_budget_and_cover_every_text() -> None:
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat, reverse=True)
     assert token_batches([]) == []
+    many = token_batches([200 - i % 60 for i in range(600)], max_tokens=4096, max_batch=512)  # lengths 141..200
+    assert {len(b) for b in many[:-1]} <= {4096 // 160, 4096 // 192, 4096 // 224}  # one size per 32-token bucket
+
+
+def test_inputs_are_padded_to_a_multiple_of_32_with_the_mask_off() -> None:
+    import torch
+
+    from backends.rag.gpu_embed import _pad_to_multiple
+
+    feats = {"input_ids": torch.ones(2, 33, dtype=torch.long), "attention_mask": torch.ones(2, 33, dtype=torch.long)}
+    out = _pad_to_multiple(feats, pad_id=7)
+    assert out["input_ids"].shape == (2, 64) and int(out["input_ids"][0, -1]) == 7
+    assert int(out["attention_mask"][:, 33:].sum()) == 0 and int(out["attention_mask"][:, :33].sum()) == 66
+    assert _pad_to_multiple({"input_ids": torch.ones(1, 64, dtype=torch.long)}, 0)["input_ids"].shape == (1, 64)
 
 
 def test_pipelined_encoder_matches_sentence_transformers_in_order(st_fp32, texts, reference) -> None:

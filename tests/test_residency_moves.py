@@ -195,3 +195,48 @@ def test_loader_with_its_own_mover_is_measured_through_the_probe():
     assert asr.calls[-1] == "cpu" and tiers(manager)["asr:fake"] == "ram"
     with manager.use("asr:fake", working_bytes=0) as again:
         assert again is asr and asr.calls[-1] == "cuda"
+
+
+def test_a_swap_in_starts_the_copy_before_walking_the_model_and_falls_back_when_it_left_its_pool():
+    from studio.residency.pinned import host_tensors, upload_pool
+
+    accel, events = _sim(), []
+    start = accel.start_copy_in
+
+    def recording_start(dst, src, pinned):
+        events.append("copy started")
+        wait = start(dst, src, pinned)
+        return lambda: (events.append("copy waited"), wait())
+
+    accel.start_copy_in = recording_start
+    model = Net(1)
+    up = move_up(model, None, accel, accel.host_buffer)
+    expected = model(X)
+    down = move_down(model, up.pool, accel, accel.host_buffer)
+    events.clear()
+
+    def walk():
+        events.append("walked")
+        return host_tensors(model, accel)
+
+    assert upload_pool(down.pool, accel, walk) is not None
+    assert events == ["copy started", "walked", "copy waited"] and on_device(accel, model)
+    assert torch.equal(model(X), expected)
+    down = move_down(model, down.pool, accel, accel.host_buffer)
+    model.fc.weight.data = model.fc.weight.data.clone() * 2  # replaced while parked: no longer a view of the pool
+    assert upload_pool(down.pool, accel, walk) is None and not on_device(accel, model)  # nothing changed
+
+
+def test_the_manager_swaps_in_a_model_whose_tensor_was_replaced_while_parked():
+    manager, _, _ = sim_manager(100)
+    for key in ("m:a", "m:b"):
+        manager.register(NetLoader(key, 60))
+    with manager.use("m:a", working_bytes=0):
+        pass
+    with manager.use("m:b", working_bytes=0):  # a -> RAM
+        pass
+    parked = manager._records["m:a"].obj
+    with torch.no_grad():
+        parked.fc.weight.data = torch.full_like(parked.fc.weight, 0.5)  # a new host tensor, outside the pool
+    with manager.use("m:a", working_bytes=0) as a:
+        assert on_device(manager._accel, a) and float(a.fc.weight[0, 0]) == 0.5

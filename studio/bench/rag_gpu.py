@@ -104,8 +104,9 @@ ROWS = (  # label, precision, batch (None: token budget), path
 
 
 def embed_through_manager(manager: Any, key: str, texts: list[str], batch: int | None,
-                          path: str) -> tuple[np.ndarray, float]:  # fmt: skip
-    """Embed in ingest-sized flushes under residency leases; returns the vectors and the seconds."""
+                          path: str) -> tuple[np.ndarray, float, float]:  # fmt: skip
+    """Embed the corpus twice in ingest-sized flushes under residency leases; returns the vectors and the seconds of
+    the first and the second pass."""
     import torch
 
     from backends.rag.gpu_embed import encode_pipelined
@@ -118,13 +119,16 @@ def embed_through_manager(manager: Any, key: str, texts: list[str], batch: int |
 
     encode(texts[:FLUSH])  # warm-up: load, first kernels
     encode(texts[-FLUSH:])
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    parts = [np.asarray(encode(texts[lo : lo + FLUSH]), dtype=np.float32) for lo in range(0, len(texts), FLUSH)]
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return np.concatenate(parts), time.perf_counter() - t0
+    passes = []
+    for _ in range(2):  # the first pass meets most batch shapes for the first time (kernel choice); the second is warm
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        parts = [np.asarray(encode(texts[lo : lo + FLUSH]), dtype=np.float32) for lo in range(0, len(texts), FLUSH)]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        passes.append(time.perf_counter() - t0)
+    return np.concatenate(parts), passes[0], passes[1]
 
 
 def run(device: str, work: Path) -> dict[str, Any]:
@@ -150,10 +154,12 @@ def run(device: str, work: Path) -> dict[str, Any]:
         key = f"embeddings:bench-minilm@{precision}"
         if not manager.is_registered(key):
             manager.register(SentenceModelLoader(key, folder, "SentenceTransformer", 100 * 2**20, precision))
-        vectors[label], seconds = embed_through_manager(manager, key, texts, batch, path)
+        vectors[label], first, seconds = embed_through_manager(manager, key, texts, batch, path)
         runs[label] = {"precision": resolve_precision(precision, manager.device), "batch": batch or "token budget",
-                       "path": path, "seconds": round(seconds, 3), "chunks_per_s": round(len(texts) / seconds, 1)}  # fmt: skip
-        _say(f"{label}: {runs[label]['chunks_per_s']} chunks/s ({runs[label]['precision']}, {path})")
+                       "path": path, "seconds": round(seconds, 3), "chunks_per_s": round(len(texts) / seconds, 1),
+                       "first_pass_s": round(first, 3), "first_pass_chunks_per_s": round(len(texts) / first, 1)}  # fmt: skip
+        _say(f"{label}: {runs[label]['chunks_per_s']} chunks/s warm, {runs[label]['first_pass_chunks_per_s']} on "
+             f"the first pass ({runs[label]['precision']}, {path})")
     for key in {f"embeddings:bench-minilm@{p}" for _, p, _, _ in ROWS}:
         manager.offload(key)
     cos = (vectors["baseline"] * vectors["ours"]).sum(1)
@@ -175,8 +181,14 @@ def main(args: Any) -> int:
     res["targets"] = [
         Target("GPU ingest embedding, ours (chunks/s)", r["ours"]["chunks_per_s"], 0.0, "chunks/s").as_dict(),
         Target(
-            "GPU ours / fp32 batch-16 baseline",
+            "GPU ours / fp32 batch-16 baseline, second pass (warm)",
             round(r["ours"]["chunks_per_s"] / r["baseline"]["chunks_per_s"], 2),
+            1.0,
+            "x",
+        ).as_dict(),
+        Target(
+            "GPU ours / fp32 batch-16 baseline, first pass",
+            round(r["ours"]["first_pass_chunks_per_s"] / r["baseline"]["first_pass_chunks_per_s"], 2),
             1.0,
             "x",
         ).as_dict(),
@@ -185,8 +197,12 @@ def main(args: Any) -> int:
     md = (f"# RAG ingest embedding through the residency manager ({res['device']}{', dry run' if res['dry_run'] else ''})\n\n"
           f"Machine: {describe_machine(res['machine'])}.  \nCommand: `{res['command']}`.  \nCorpus: {res['corpus']}, "
           f"{res['chunks']} chunks; architecture-true all-MiniLM-L6-v2, random weights; 12 GiB cap.\n\n"
-          "| settings | precision | batch | path | chunks/s | seconds |\n|---|---|---|---|---|---|\n"
-          + "\n".join(f"| {k} | {v['precision']} | {v['batch']} | {v['path']} | {v['chunks_per_s']} | {v['seconds']} |" for k, v in r.items())
+          "Each row embeds the corpus twice (after a two-flush warm-up): the first pass meets most batch shapes for the "
+          "first time, the second is warm.\n\n"
+          "| settings | precision | batch | path | chunks/s, 1st pass | chunks/s, 2nd pass | seconds, 2nd |\n"
+          "|---|---|---|---|---|---|---|\n"
+          + "\n".join(f"| {k} | {v['precision']} | {v['batch']} | {v['path']} | {v['first_pass_chunks_per_s']} | "
+                      f"{v['chunks_per_s']} | {v['seconds']} |" for k, v in r.items())
           + f"\n\nCosine between the two runs' vectors: min {res['cosine_min']}, mean {res['cosine_mean']}.\n\n"
           + targets_table(res["targets"]) + "\n")  # fmt: skip
     print(md)

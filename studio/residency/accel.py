@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -41,6 +42,10 @@ class HostBuffer:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _done() -> None:
+    """The wait of a copy that already finished (synchronous devices)."""
 
 
 ALLOC_CONF = "expandable_segments:True"
@@ -83,7 +88,7 @@ class Accelerator(Protocol):
     def on_device(self, t: torch.Tensor) -> bool: ...
     def host_buffer(self, nbytes: int) -> HostBuffer: ...
     def synchronize(self) -> None: ...
-    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> None: ...
+    def start_copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> Callable[[], None]: ...
     def empty_cache(self) -> None: ...
     def allocated(self) -> int: ...
     def reserved(self) -> int: ...
@@ -107,8 +112,9 @@ class CpuAccelerator:
     def synchronize(self) -> None:
         pass
 
-    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> None:
+    def start_copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> Callable[[], None]:
         dst.copy_(src)
+        return _done
 
     def empty_cache(self) -> None:
         pass
@@ -161,19 +167,21 @@ class CudaAccelerator:
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.index)
 
-    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> None:
-        """Host -> device on a side stream, and wait for that copy alone. On the shared default stream with a
-        device-wide synchronize, a swap-in also waited for every kernel that other threads queued meanwhile (a
-        neighbour's forward pass); a non-blocking side stream lets the copy run beside them. The side stream first
-        waits for the work queued so far on the current stream: `dst` was just allocated there, and its block may
-        have been freed by tensors that queued kernels still read."""
+    def start_copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> Callable[[], None]:
+        """Start a host -> device copy on a side stream; the returned function waits for that copy alone. On the
+        shared default stream with a device-wide synchronize, a swap-in also waited for every kernel that other
+        threads queued meanwhile (a neighbour's forward pass); a non-blocking side stream lets the copy run beside
+        them. The side stream first waits for the work queued so far on the current stream: `dst` was just
+        allocated there, and its block may have been freed by tensors that queued kernels still read."""
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.index)
         side, current = self._copy_stream, torch.cuda.current_stream(self.index)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             dst.copy_(src, non_blocking=pinned)
-        side.synchronize()
+            done = torch.cuda.Event()
+            done.record(side)
+        return done.synchronize
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()

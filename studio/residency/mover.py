@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.residency.accel import Accelerator
-from studio.residency.pinned import PinnedPool, adopt, device_bytes, host_tensors, is_torch_model, move_down, upload
+from studio.residency.pinned import PinnedPool, adopt, device_bytes, host_tensors, is_torch_model, move_down, upload, upload_pool
 from studio.residency.pinned import tensor_slots as _slots
 from studio.residency.planner import Action
 from studio.residency.state import GPU, RAM, ModelRecord, Tier
@@ -64,6 +64,10 @@ class Mover:
         obj, pool, copied = rec.obj, rec.pool, 0
         if action == Action.LOAD_GPU:
             obj = rec.loader.load(self.accel.load_device)
+        elif pool is not None and is_torch_model(obj):  # a swap-in: the copy starts before the tensor walk
+            res = upload_pool(pool, self.accel, lambda: host_tensors(obj, self.accel))
+            if res is not None:
+                return MoveFacts(obj, pool, GPU, res.bytes, res.copied, time.perf_counter() - t0, kind)
         nbytes = device_bytes(obj, self.accel) if is_torch_model(obj) else rec.estimate
         if is_torch_model(obj) and (action == Action.UP or nbytes == 0):
             tensors = host_tensors(obj, self.accel)

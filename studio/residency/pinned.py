@@ -15,7 +15,8 @@ bitsandbytes 4-bit model):
   have no version counter: they are replaced by normal copies first (and so always count as changed).
 - Up (host -> GPU): ONE allocation of the pool's size on the device and ONE copy of the whole pool, then every
   tensor becomes a view of its slice. That runs at the card's pinned host-to-device bandwidth, on the accelerator's
-  side copy stream (`copy_in`), so it neither waits for nor blocks the kernels other threads queue meanwhile.
+  side copy stream (`start_copy_in`), so it neither waits for nor blocks the kernels other threads queue meanwhile;
+  on a swap-in from RAM the tensors are listed and re-pointed while the copy runs (`upload_pool`).
 Assumptions: tensors that are distinct objects do not alias each other's memory (tied weights are the same
 Parameter object, as in transformers); in-place edits made through `.data` (legacy style) are invisible to the
 version counters, so code that edits weights that way must not rely on the skipped copy (trainable models keep
@@ -280,11 +281,33 @@ def upload(tensors: list[torch.Tensor], pool: PinnedPool, accel: Accelerator) ->
     """Pool -> device: ONE allocation of the pool's size and ONE copy, then every tensor becomes a view of its slice.
     On an allocation failure the tensors stay in the pool (the caller still owns it: nothing is orphaned)."""
     flat = accel.alloc(pool.total)
-    accel.copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
+    wait = accel.start_copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
+    _point_at(tensors, flat, pool)
+    wait()
+    return MoveResult(pool.total, pool.total, pool)
+
+
+def upload_pool(pool: PinnedPool, accel: Accelerator, tensors_of: Callable[[], list[torch.Tensor]]) -> MoveResult | None:
+    """`upload` for a model that already sits in `pool` (a swap-in from RAM): the copy starts first, and the model's
+    tensors are listed (`tensors_of`) and pointed at their slices while it runs; that walk is Python over every
+    tensor (milliseconds on a large model) and would otherwise come on top of the copy. Nobody reads the model
+    before the move returns. None, with nothing changed, when the tensors turn out not to be this pool's views (the
+    caller then adopts and uploads them)."""
+    flat = accel.alloc(pool.total)
+    wait = accel.start_copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
+    tensors = tensors_of()
+    if not pool.holds(tensors):
+        wait()
+        return None
+    _point_at(tensors, flat, pool)
+    wait()
+    return MoveResult(pool.total, pool.total, pool)
+
+
+def _point_at(tensors: list[torch.Tensor], flat: torch.Tensor, pool: PinnedPool) -> None:
     for t, slot in zip(tensors, pool.layout, strict=True):
         t.data = _view(flat, slot)
     pool.synced = [(id(t), t.data_ptr(), _version(t)) for t in tensors]
-    return MoveResult(pool.total, pool.total, pool)
 
 
 def move_down(

@@ -106,9 +106,13 @@ class SimulatedAccelerator:
     def synchronize(self) -> None:
         self.syncs += 1
 
-    def copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> None:
+    def start_copy_in(self, dst: torch.Tensor, src: torch.Tensor, pinned: bool) -> Callable[[], None]:
         dst.copy_(src)
-        self.syncs += 1
+
+        def wait() -> None:
+            self.syncs += 1
+
+        return wait
 
     def empty_cache(self) -> None:
         self.empty_cache_calls += 1
