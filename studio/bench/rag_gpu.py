@@ -158,8 +158,10 @@ def run(device: str, work: Path) -> dict[str, Any]:
         runs[label] = {"precision": resolve_precision(precision, manager.device), "batch": batch or "token budget",
                        "path": path, "seconds": round(seconds, 3), "chunks_per_s": round(len(texts) / seconds, 1),
                        "first_pass_s": round(first, 3), "first_pass_chunks_per_s": round(len(texts) / first, 1)}  # fmt: skip
-        _say(f"{label}: {runs[label]['chunks_per_s']} chunks/s warm, {runs[label]['first_pass_chunks_per_s']} on "
-             f"the first pass ({runs[label]['precision']}, {path})")
+        _say(
+            f"{label}: {runs[label]['chunks_per_s']} chunks/s warm, {runs[label]['first_pass_chunks_per_s']} on "
+            f"the first pass ({runs[label]['precision']}, {path})"
+        )
     for key in {f"embeddings:bench-minilm@{p}" for _, p, _, _ in ROWS}:
         manager.offload(key)
     cos = (vectors["baseline"] * vectors["ours"]).sum(1)

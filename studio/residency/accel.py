@@ -10,8 +10,8 @@ The simulated card for tests (a pretend GPU on the CPU) is in studio/residency/s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch

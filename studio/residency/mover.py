@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.residency.accel import Accelerator
-from studio.residency.pinned import PinnedPool, adopt, device_bytes, host_tensors, is_torch_model, move_down, upload, upload_pool
+from studio.residency.pinned import (
+    PinnedPool,
+    adopt,
+    device_bytes,
+    host_tensors,
+    is_torch_model,
+    move_down,
+    upload,
+    upload_pool,
+)
 from studio.residency.pinned import tensor_slots as _slots
 from studio.residency.planner import Action
 from studio.residency.state import GPU, RAM, ModelRecord, Tier

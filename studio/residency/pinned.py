@@ -287,7 +287,9 @@ def upload(tensors: list[torch.Tensor], pool: PinnedPool, accel: Accelerator) ->
     return MoveResult(pool.total, pool.total, pool)
 
 
-def upload_pool(pool: PinnedPool, accel: Accelerator, tensors_of: Callable[[], list[torch.Tensor]]) -> MoveResult | None:
+def upload_pool(
+    pool: PinnedPool, accel: Accelerator, tensors_of: Callable[[], list[torch.Tensor]]
+) -> MoveResult | None:
     """`upload` for a model that already sits in `pool` (a swap-in from RAM): the copy starts first, and the model's
     tensors are listed (`tensors_of`) and pointed at their slices while it runs; that walk is Python over every
     tensor (milliseconds on a large model) and would otherwise come on top of the copy. Nobody reads the model
