@@ -278,3 +278,43 @@ def test_a_lease_on_a_resident_model_reuses_a_reading_of_the_last_moment(monkeyp
     manager.run("yolo", lambda m: m, working_bytes=0)
     assert probe.reads == before + 1  # too old: read again
     manager.close()
+
+
+def test_a_cpu_fallback_is_read_again_and_a_transient_reading_does_not_send_a_model_to_the_cpu(caplog):
+    """One reading counts 90 MiB of "other programs" (memory the studio had just freed, as NVML can report for a
+    moment): the 60 MiB model looks larger than the whole budget. The second reading is normal: it goes on the GPU."""
+    import logging
+
+    from tests.test_residency_support import on_device
+
+    manager, probe, accel = sim_manager(100)
+    manager.register(NetLoader("m:a", 60))
+    read = probe.read
+    calls = {"n": 0}
+
+    def transient_read():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            probe.set_process(4242, "freed a moment ago", 90 * MiB)
+        else:
+            probe.remove_process(4242)
+        return read()
+
+    probe.read = transient_read
+    manager._reading = None  # no recent reading to reuse
+    with caplog.at_level(logging.WARNING, logger="studio.residency"), manager.use("m:a", working_bytes=0) as m:
+        assert on_device(accel, m)
+    assert "running it on the CPU" not in caplog.text and calls["n"] >= 2
+    assert manager.snapshot().metrics.counters.get("cpu_fallbacks", 0) == 0
+
+
+def test_a_model_that_stays_larger_than_the_budget_still_runs_on_the_cpu_after_the_second_reading():
+    from tests.test_residency_support import on_device
+
+    manager, probe, accel = sim_manager(100)
+    manager.register(NetLoader("m:a", 60))
+    probe.set_process(4242, "a game", 90 * MiB)
+    t0 = time.monotonic()
+    with manager.use("m:a", working_bytes=0) as m:
+        assert not on_device(accel, m)
+    assert time.monotonic() - t0 >= 0.2  # the verdict was read twice, FALLBACK_CONFIRM_S apart

@@ -319,7 +319,8 @@ def yolo_row(r: Any) -> dict[str, Any]:
     info = preset(arch)
     info = ModelInfo("yolo", info.name, params, info.config)
     out = _prediction(r, "train:yolo:bench", info, DetectTrain(imgsz, batch)) | {"params": params}
-    kwargs = _train_kwargs(TrainOptions(base=f"{arch}-untrained", epochs=1, imgsz=imgsz, batch=batch), r.device)
+    opts = TrainOptions(base=f"{arch}-untrained", epochs=1, imgsz=imgsz, batch=batch)
+    kwargs = _train_kwargs(opts, r.device, "detect", batch)
     base = _reset(r.device)
     model.train(data=str(data), project=str(r.work / "yolo" / "runs"), name="bench", **kwargs)
     out["measured_bytes"] = _peak(r.device, base)

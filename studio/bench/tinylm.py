@@ -62,14 +62,15 @@ def load_data(corpus_file: Path | None):
     return tok, data[:cut], data[cut:]
 
 
-def build(preset: str, vocab: int, pos: str, device, seed: int):
+def build(preset: str, vocab: int, pos: str, device, seed: int, dropout: float | None = None):
     import torch
 
     from backends.tinylm.model import TinyGPT
     from backends.tinylm.types import PRESETS, TinyLMConfig
 
     torch.manual_seed(seed)
-    cfg = TinyLMConfig(vocab_size=vocab, pos=pos, **PRESETS[preset])
+    shape = dict(PRESETS[preset]) | ({} if dropout is None else {"dropout": dropout})
+    cfg = TinyLMConfig(vocab_size=vocab, pos=pos, **shape)
     with torch.device(device):
         return TinyGPT(cfg)
 
@@ -87,7 +88,7 @@ def plain_baseline(args, vocab, train_data, device) -> dict[str, Any]:
 
     from backends.tinylm.train import Batches
 
-    model = build(args.preset, vocab, args.pos, device, args.seed)
+    model = build(args.preset, vocab, args.pos, device, args.seed, args.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.1)
     batches = Batches(train_data, model.cfg.block_size, args.batch, device, args.seed)
     warm, times = 2, []
@@ -255,7 +256,7 @@ def run(args) -> dict[str, Any]:
         f"TinyShakespeare (rebuilt): {len(train_data):,} train / {len(val_data):,} val characters, vocab {len(tok.chars)}"
     )
     baseline = plain_baseline(args, len(tok.chars), train_data, device)
-    model = build(args.preset, len(tok.chars), args.pos, device, args.seed)
+    model = build(args.preset, len(tok.chars), args.pos, device, args.seed, args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{args.preset} preset: {n_params / 1e6:.2f} M parameters; training for {args.train_s:.0f} s")
     trainer = Trainer(args, model, train_data, val_data, device, args.compile, args.batch)
@@ -267,7 +268,7 @@ def run(args) -> dict[str, Any]:
     say(f"best state re-scored on {args.final_eval_batches} batches: val loss {final:.4f}")
     if device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    ours = {"recipe": _recipe(trainer, device), "pos": args.pos, "val_loss": final, "best_val_seen": best_seen, "params": n_params,
+    ours = {"recipe": _recipe(trainer, device), "pos": args.pos, "dropout": model.cfg.dropout, "val_loss": final, "best_val_seen": best_seen, "params": n_params,
             "compile_s": trainer.compile_s, "history": trainer.history, **result}  # fmt: skip
     sampling = sampling_speed(model, tok, device, args.sample_tokens)
     del model, trainer
@@ -301,6 +302,7 @@ def parse(argv: list[str] | None):
         choices=("learned", "rope", "alibi"),
         help="the preset's position encoding (nanoGPT's: learned); results named tinylm-<pos> otherwise",
     )
+    p.add_argument("--dropout", type=float, default=None, help="the preset's dropout (nanogpt: 0.2)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--no-amp", dest="amp", action="store_false")
     p.add_argument("--max-steps", type=int, default=None, help="GPU 5000 (nanoGPT's max_iters); 0: time only")

@@ -44,6 +44,13 @@ def _degradation(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _schedule(r: dict[str, Any]) -> str:
+    st, ours = r.get("settings", {}), r["ours"]
+    span = f"{st['max_steps']} steps" if st.get("max_steps") else "the time budget"
+    return (f"lr {st.get('lr', '-')} with {st.get('warmup', '-')} warm-up steps, cosine to {st.get('min_lr', '-')} over "
+            f"{span}, batch {st.get('batch', '-')}, dropout {ours.get('dropout', '-')}")  # fmt: skip
+
+
 def markdown(r: dict[str, Any]) -> str:
     from studio.bench.common import describe_machine, targets_table
 
@@ -57,7 +64,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"| {plain['recipe']} | {plain['tokens_per_s']:,.0f} | {plain['step_s'] * 1e3:.1f} | {plain['steps']} | - | - |",
              f"| ours ({ours.get('pos', 'learned')} positions): {ours['recipe']} | {ours['tokens_per_s']:,.0f} | {ours['train_s'] / max(1, ours['steps']) * 1e3:.1f} "
              f"| {ours['steps']} | {ours['train_s']:.1f} | **{ours['val_loss']:.4f}** |", "",
-             f"Compile and the first two steps: {ours['compile_s']:.1f} s. {ours['params'] / 1e6:.2f} M parameters.",
+             f"Schedule: {_schedule(r)}. Compile and the first two steps: {ours['compile_s']:.1f} s. "
+             f"{ours['params'] / 1e6:.2f} M parameters.",
              f"Sampling {s['tokens']} tokens, batch 1: KV cache {s['cached']:,.0f} tokens/s, no cache "
              f"{s['uncached']:,.0f} tokens/s ({s['speedup']:.1f}x).", "",
              "Length extrapolation (held-out perplexity; each model trained at its context, scored on the same "

@@ -22,6 +22,11 @@ from studio.units import fmt_bytes
 
 log = logging.getLogger("studio.residency")
 RECENT_READ_S = 0.1  # how old a card reading a lease on a resident model may reuse
+# A model "larger than the whole budget" runs on the CPU, many times slower: that verdict is read again after this
+# pause before it is taken. One NVML reading can count memory the studio has just freed as other programs' (on the
+# H200, 2026-12-01 17:11: 8.95 GB "other programs" beside a 2.5 GB neighbour, right after a 5.3 GB eviction and a
+# paused trainer's 3 GB), and a request then ran on the CPU although it fitted.
+FALLBACK_CONFIRM_S = 0.25
 
 
 @dataclass
@@ -37,9 +42,11 @@ class Leasing:
     def acquire(self, key: str, hint: int | None) -> Lease:
         m = self.m
         deadline, waiter, after_oom = time.monotonic() + m.wait_timeout_s, None, None
-        first = True
+        first, confirm_at = True, None
         try:
             while True:
+                if confirm_at is not None:  # a CPU fallback is taken only if a second reading agrees (see below)
+                    time.sleep(max(0.0, confirm_at - time.monotonic()))
                 # first try on a model already on the card: a reading of the last RECENT_READ_S will do (a frame of
                 # a video, the next image); anything that waits or moves reads the card afresh
                 reading = m._recent_reading(RECENT_READ_S) if first and self._resident(key) else m._read()
@@ -49,6 +56,12 @@ class Leasing:
                     if rec is None:
                         raise ResidencyError(f"{key} is not registered; its backend must register a loader first")
                     decision = self._next(rec, hint, reading, after_oom)
+                    falls_back = isinstance(decision, CpuFallback) or (
+                        isinstance(decision, Place) and decision.plan.cpu_fallback
+                    )
+                    if falls_back and confirm_at is None and m._accel.has_gpu_tier:
+                        confirm_at = time.monotonic() + FALLBACK_CONFIRM_S
+                        continue
                     if isinstance(decision, Hit | CpuFallback):
                         return self.grant(rec, decision.work, hit=True, cpu=isinstance(decision, CpuFallback))
                     if isinstance(decision, Refuse):
