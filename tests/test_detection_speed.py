@@ -56,6 +56,25 @@ def test_a_non_image_is_refused_before_any_model_moves(det, ctx, tmp_path, overl
     assert not ctx.residency.is_registered("detection:yolov8n-untrained")  # nothing was registered, let alone loaded
 
 
+def test_with_the_model_on_the_card_the_header_check_runs_on_the_decoder_thread(det, ctx, tmp_path, monkeypatch):
+    import backends.vision.detection as detection
+
+    det.overlap_decode = True
+    det.detect("yolov8s-person", BUS, SMALL)
+    checked, real_check = [], detection.check_file
+    monkeypatch.setattr(
+        detection, "check_file", lambda p: (checked.append(threading.current_thread().name), real_check(p))[1]
+    )
+    monkeypatch.setattr(ctx.residency, "is_resident", lambda key: True)  # the simulated CPU tier has no card
+    det.detect("yolov8s-person", BUS, SMALL)
+    assert len(checked) == 1 and checked[0].startswith("vision-decode")
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"PK\x03\x04" + bytes(2000))
+    with pytest.raises(DetectionError, match=r"photo\.png is not a readable image"):
+        det.detect("yolov8s-person", fake, SMALL)
+    assert len(det.detect("yolov8s-person", BUS, SMALL).boxes) >= 2
+
+
 def test_a_corrupt_middle_fails_inside_the_lease_with_the_file_name(det, tmp_path):
     det.overlap_decode = True
     data = bytearray(BUS.read_bytes())

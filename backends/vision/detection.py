@@ -261,12 +261,14 @@ class DetectionBackend:
         """Detect objects (or segment, or classify: the model's task decides) in one image (RGB array or file);
         returns boxes (masks, top-k classes) and the annotated RGB image (drawn when first read).
 
-        On a GPU a file's header is checked first (a non-image or an oversized one is refused before any model
-        moves); the decode then runs on a worker thread while this thread takes the residency lease (which reads
-        the card), and the lease waits for it before predicting: the two overlap instead of adding up."""
+        On a GPU a file's header is checked first when the model is not on the card yet (a non-image or an
+        oversized one is refused before any model moves; with the model resident the check runs with the decode);
+        the decode runs on a worker thread while this thread takes the residency lease (which reads the card), and
+        the lease waits for it before predicting: the two overlap instead of adding up."""
         opts = opts or DetectOptions()
         entry = self.get_model(model_id)
-        frame = self._decode_soon(image)
+        frame = self._decode_soon(image, entry.key)
+        key = self._register(entry)
 
         def run(model: Any) -> tuple[Any, float]:
             bgr = frame.result()  # a decode error (a corrupt middle) is raised here, inside the lease
@@ -274,12 +276,13 @@ class DetectionBackend:
             res = self._predict(model, [bgr], opts)[0]
             return res, (time.perf_counter() - t) * 1000
 
-        res, ms = self.ctx.residency.run(self._register(entry), run)
+        res, ms = self.ctx.residency.run(key, run)
         return result_from(res, entry, ms, top_k)
 
-    def _decode_soon(self, image: Any) -> Future:
+    def _decode_soon(self, image: Any, key: str) -> Future:
         """The BGR frame of `image` as a future: a file decodes on the decoder thread (see `overlap_decode`), an
-        array converts now."""
+        array converts now. The header check runs here when the model `key` would have to move for this image (a
+        bad file then costs no move), on the decoder thread with the rest when it is already on the card."""
         overlap = self.overlap_decode
         if overlap is None:
             overlap = str(self.ctx.residency.device).startswith("cuda")
@@ -287,11 +290,12 @@ class DetectionBackend:
             done: Future = Future()
             done.set_result(load_bgr(image))
             return done
-        path = check_file(image)
+        resident = self.ctx.residency.is_resident(key)
+        path = Path(image) if resident else check_file(image)
         with self._lock:
             if self._decoder is None:
                 self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vision-decode")
-            return self._decoder.submit(decode_file, path)
+            return self._decoder.submit(lambda: decode_file(check_file(path) if resident else path))
 
     def detect_video(
         self, model_id: str, path: str | Path, opts: DetectOptions | None = None, *, stride: int = 1, chunk: int = 16

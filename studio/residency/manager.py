@@ -204,6 +204,10 @@ class ResidencyManager:
         if old is not None and old.obj is not None:
             self._drop(old)
 
+    def is_resident(self, key: str) -> bool:
+        """On the GPU and not moving now: a hint read without the lock (a lease decides under it)."""
+        return self._desk._resident(key)
+
     def is_registered(self, key: str) -> bool:
         with self._cond:
             return key in self._records
