@@ -126,7 +126,7 @@ def test_memory_plan_degrades_in_order():
     common = {"width": 1024, "height": 1024, "batch": 1, "cfg": True, "dtype_bytes": 2, "vae_dtype_bytes": 4}
     roomy = plan_memory(sdxl, budget_bytes=40 * 2**30, **common)
     assert roomy.mode == "all on GPU" and not (roomy.vae_tiling or roomy.attention_slicing)
-    parked = plan_memory(sdxl, budget_bytes=int(9.5 * 2**30), **common)
+    parked = plan_memory(sdxl, budget_bytes=int(10.5 * 2**30), **common)  # the untiled decode takes 5.45 GB
     assert parked.mode == "text encoders parked in RAM" and not (parked.vae_tiling or parked.attention_slicing)
     card = plan_memory(sdxl, budget_bytes=8 * 2**30, **common)
     assert card.vae_tiling and not card.attention_slicing and card.decode_working_bytes < parked.decode_working_bytes

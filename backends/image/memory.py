@@ -12,8 +12,9 @@ VAE slicing (decode one image of a batch at a time) is always used for batches: 
 An out-of-memory error during decode falls back to tiles anyway (`decode_latents`), because estimates are estimates.
 
 Working-memory figures are per latent pixel (UNet) or image pixel (VAE) and per byte of the compute dtype. On an
-H200 (studio/bench/results/diffusion-h200.md) SDXL 1024x1024 peaked at 9.52 GiB with 6.6 GiB of weights, i.e. at most
-~740 bytes of decoder activations per pixel per dtype byte; the constant below keeps a margin above that.
+H200 (studio/bench/results/planner-h200.md) SDXL 1024x1024 with an untiled fp32 decode peaked at 11.42 GiB beside
+6.6 GiB of weights, ~1,160 bytes of decoder activations per pixel per dtype byte; the planner's constant keeps a
+margin above that (it was 900, below what the decode takes: such a request then ran over the studio's budget).
 """
 
 from __future__ import annotations
