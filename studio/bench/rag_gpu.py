@@ -197,7 +197,7 @@ def main(args: Any) -> int:
         Target("cosine(ours, baseline) min", res["cosine_min"], 0.99, "cos").as_dict(),
     ]
     md = (f"# RAG ingest embedding through the residency manager ({res['device']}{', dry run' if res['dry_run'] else ''})\n\n"
-          f"Machine: {describe_machine(res['machine'])}.  \nCommand: `{res['command']}`.  \nCorpus: {res['corpus']}, "
+          f"Machine: {describe_machine(res['machine'])}.  \n{res['machine'].get('date')}; command: `{res['command']}`.  \nCorpus: {res['corpus']}, "
           f"{res['chunks']} chunks; architecture-true all-MiniLM-L6-v2, random weights; 12 GiB cap.\n\n"
           "Each row embeds the corpus twice (after a two-flush warm-up): the first pass meets most batch shapes for the "
           "first time, the second is warm.\n\n"

@@ -366,7 +366,7 @@ def markdown(r: dict) -> str:
     over = sum(fam.values()) + r["trainer_state_bytes"]
     lines = [
         "# Residency stress benchmark", "", describe_machine(r["machine"]), "",
-        f"Command: `{r['machine']['command']}`", "",
+        f"{r['machine'].get('date')}; command: `{r['machine']['command']}`", "",
         f"Families {', '.join(f'{k} {v / GiB:.2f} GB' for k, v in fam.items())} + trainer state "
         f"{r['trainer_state_bytes'] / GiB:.2f} GB = {over / GiB:.2f} GB against a budget of "
         f"{r['budget_bytes'] / GiB:.2f} GB; neighbour {r['neighbour_bytes'] / GiB:.2f} GB mid-run.", "",
