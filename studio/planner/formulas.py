@@ -43,10 +43,12 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # Diffusion (backends/image/memory.py keeps the margin-high versions it plans modes with)
 UNET_WORK_PER_LATENT_PX = 30_000  # bytes per latent pixel, per sample, per byte of dtype (with margin)
 DECODE_WORK_PER_PX = 1_300  # bytes per image pixel decoded at once, per byte of dtype (with margin)
-# SDXL 1024, untiled fp32 decode, in a fresh process on the H200: 12,262,131,630 bytes peak in three runs out of three
-# (2026-12-01 17:40; 11.38 GiB inside the full planner run): 1,164 bytes per pixel per byte beside the weights and
-# overhead. The earlier fit (800, to 9.52 and 10.26 GiB) came from the diffusion bench, whose other resident models
-# had shrunk the budget until the decode ran tiled. Calibrated on that one job: agrees by construction.
+# SDXL 1024 with every component on the GPU, in a fresh process on the H200: 12,262,131,630 bytes peak in three runs
+# of three (2026-12-01 17:28), i.e. 1,164 bytes per pixel per byte if the peak is the decode. It may not be: with
+# the text encoders parked the same job peaked at 7.11 GB, ~1.6 GB beside the UNet and VAE (planner-h200.md), so
+# ~3.5 GB of the all-on peak is unexplained (docs/planner.md). The earlier 800 was fitted to 9.52 / 10.26 GiB from
+# the diffusion bench, whose other resident models shrank the budget. Calibrated on that one job: agrees by
+# construction, and only for the all-on mode.
 DECODE_EXPECTED = 1_164 / DECODE_WORK_PER_PX
 UNET_EXPECTED = {"sd15": 2.41, "sdxl": 1.6}  # SD1.5 512: 2.65 GiB peak less weights and overhead (SDXL: decode rules)
 # checkpointed, fp16 autocast, per latent pixel per sample. Was 445,000, fitted to the diffusion bench's 3.56 GiB,
