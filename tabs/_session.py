@@ -59,6 +59,17 @@ def job_status(job: Any) -> str:
     return text + (f"\n\n**Error:** {job.error}" if job.error else "")
 
 
+def started_note(job: Any) -> str:
+    """What Train said: queued, started, or (a double click, a second tab: `submit(unique=...)` hands back the run
+    already under way) running for a while and followed rather than started twice."""
+    if job.status == "queued":
+        return f"Queued **{job.name}** ({job.id})."
+    ran = job.elapsed()
+    if job.status == "running" and ran < 2.0:
+        return f"Started **{job.name}** ({job.id})."
+    return f"**{job.name}** ({job.id}) is already {job.status} ({_clock(ran)}): following it (one run, not two)."
+
+
 def newest_first(lines: list[str], n: int = 50) -> str:
     """Log lines for a Textbox, newest on top (the box shows its beginning)."""
     return "\n".join(reversed(lines[-n:]))

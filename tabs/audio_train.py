@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from studio.context import StudioContext
+from tabs._session import started_note
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def build_training(ctx: StudioContext, model_dropdown: Any = None, model_choices
             job = ctx.backends.whisper_tuner.submit(cfg)
         except Exception as e:
             raise gr.Error(str(e)[:1500]) from None
-        return job.id, f"Queued **{job.name}** ({job.id}).", "", None, gr.Timer(active=True)
+        return job.id, started_note(job), "", None, gr.Timer(active=True)
 
     def poll(jid):
         job = ctx.jobs.get(jid) if jid else None

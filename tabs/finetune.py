@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.context import StudioContext, Tab
+from tabs._session import started_note
 
 log = logging.getLogger(__name__)
 FORMATS = ["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]
@@ -214,7 +215,7 @@ def build(ctx: StudioContext) -> None:
             job = ft.submit(cfg)
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise gr.Error(str(e)[:1500]) from None
-        return job.id, f"Queued **{job.name}** ({job.id}).", gr.Timer(active=True)
+        return job.id, started_note(job), gr.Timer(active=True)
 
     def poll(jid):
         job = ctx.jobs.get(jid) if jid else None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.context import StudioContext
-from tabs._session import bind, job_status, newest_first
+from tabs._session import bind, job_status, newest_first, started_note
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
 METRICS = ("map50", "map50_95", "mask_map50", "mask_map50_95", "top1", "top5")
@@ -103,7 +103,7 @@ def start(det: Any, zp, fd, *vals):
         job = det.start_training(_source(det, zp, fd), opts)
     except USER_ERRORS as e:
         raise gr.Error(str(e)) from None
-    return job.id, f"Queued: {job.name}"
+    return job.id, started_note(job)
 
 
 def resume(det: Any, run_id: str | None):
@@ -115,7 +115,7 @@ def resume(det: Any, run_id: str | None):
         job = det.resume_training(run_id)
     except USER_ERRORS as e:
         raise gr.Error(str(e)) from None
-    return job.id, f"Queued: {job.name}"
+    return job.id, started_note(job)
 
 
 def poll(ctx: StudioContext, det: Any, jid):

@@ -54,7 +54,7 @@ def test_fine_tune_in_the_browser_then_transcribe_with_the_result(tmp_path, tiny
         panel.get_by_label("Freeze the encoder (names and vocabulary only)").check()
         panel.get_by_label("Gradient checkpointing").uncheck()
         panel.get_by_role("button", name="Start fine-tuning").click()
-        _visible(panel.get_by_text(re.compile(r"Queued|running"))).wait_for(timeout=60_000)
+        _visible(panel.get_by_text(re.compile(r"Queued|Started|running"))).wait_for(timeout=60_000)
         done = _visible(panel.get_by_text(re.compile(r"Model \*?\*?tuned:zorvex")))
         done.wait_for(timeout=WAIT_MS)
         assert "Dev WER" in done.inner_text() or "steps" in done.inner_text(), done.inner_text()

@@ -291,3 +291,17 @@ def test_clicks_from_two_sessions_at_once_share_one_queued_gpu_job():
     release.set()
     assert blocker.wait(5) and got[0].wait(5) and ran == [got[0].id]
     runner.shutdown(5)
+
+
+def test_the_train_button_says_queued_started_or_that_it_follows_the_run_already_under_way():
+    from types import SimpleNamespace
+
+    from tabs._session import started_note
+
+    def job(status, ran):
+        return SimpleNamespace(status=status, name="YOLO detect training", id="job-0001", elapsed=lambda: ran)
+
+    assert started_note(job("queued", 0.0)) == "Queued **YOLO detect training** (job-0001)."
+    assert started_note(job("running", 0.3)) == "Started **YOLO detect training** (job-0001)."
+    note = started_note(job("running", 75.0))
+    assert "already running (1 min 15 s)" in note and "following it" in note

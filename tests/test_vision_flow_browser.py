@@ -89,7 +89,7 @@ def test_import_train_export_and_compare_latency_in_the_browser(tmp_path, browse
         train.get_by_label("Augmentation", exact=True).click()
         page.get_by_role("option", name="light", exact=True).click()
         train.get_by_role("button", name="Train", exact=True).click()
-        _visible(train.get_by_text(re.compile(r"Queued|running"))).wait_for(timeout=60_000)
+        _visible(train.get_by_text(re.compile(r"Queued|Started|running"))).wait_for(timeout=60_000)
         done = _visible(train.get_by_text(re.compile(r"done: \d+ epochs")))
         done.wait_for(timeout=WAIT_MS)
         args = [yaml.safe_load(p.read_text()) for p in (studio.data_dir / "runs").glob("*/ultralytics/args.yaml")]

@@ -94,7 +94,7 @@ def test_import_train_with_early_stopping_export_and_compare(client, ctx, monkey
     label_studio_coco(ingest / "ls-export")
     _, folder, _ = c.predict(None, str(ingest / "ls-export"), "auto", "pets", 0.3, "", True, api_name="/vision_import")
     status = c.predict(None, folder, "yolov8n-untrained", 3, 64, 4, 1, 0, "light", True, 0, api_name="/vision_train")
-    assert status.startswith("Queued: YOLO detect training")
+    assert status.startswith(("Queued **YOLO detect training", "Started **YOLO detect training")), status
     (job,) = ctx.jobs.list()
     assert job.wait(timeout=600) and job.status == "done", (job.error, job.logs[-5:])
     run = ctx.runs.get(job.result.run_id)
