@@ -178,6 +178,10 @@ def test_question_sets_refuse_bad_lines_with_their_number(tmp_path: Path) -> Non
     latin.write_bytes('{"question": "Où?"}'.encode("latin-1"))
     with pytest.raises(QuestionSetError, match="not UTF-8"):
         load_question_set(latin)
+    pasted = '{"question": "Who speaks\u2028first?", "source": "a.md", "lines": [1, 2]}\r\n'  # U+2028 raw, CRLF
+    (tmp_path / "word.jsonl").write_text(pasted, encoding="utf-16")  # Notepad's "Unicode": UTF-16 with a BOM
+    (q,) = load_question_set(tmp_path / "word.jsonl")
+    assert q.question == "Who speaks\u2028first?" and q.lines == ((1, 2),)
 
 
 def test_shipped_paraphrased_set_points_at_its_anchor_lines() -> None:

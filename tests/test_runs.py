@@ -164,3 +164,10 @@ def test_hash_dataset_depends_on_names_and_contents_not_location(tmp_path):
     assert hash_dataset(big, chunk=1000) == hash_dataset(big)
     with pytest.raises(FileNotFoundError):
         hash_dataset(tmp_path / "nope")
+
+
+def test_metrics_with_a_line_separator_inside_a_string_read_as_one_row(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "note": "pasted\u2028text"}\n{"step": 2}\n{"step": 3, "lo', encoding="utf-8")
+    rows = read_metrics(path)  # the torn last line is skipped
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["note"] == "pasted\u2028text"

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.datafiles import TextFileError, read_text
+
 KEYS = {"question", "source", "lines", "answer", "id", "anchors"}
 MAX_BYTES = 5 * 2**20
 MAX_QUESTIONS = 5000
@@ -62,18 +64,18 @@ def load_question_set(path: str | Path) -> list[EvalQuestion]:
     size = path.stat().st_size
     if size > MAX_BYTES:
         raise QuestionSetError(f"Question set {path.name!r} is {size / 2**20:.1f} MB; the limit is 5 MB.")
-    data = path.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise QuestionSetError(f"{path.name}: not UTF-8 text (byte {e.start}); save the file as UTF-8.") from None
+        text = read_text(path)  # UTF-8 with or without a BOM, UTF-16 with one (Notepad's "Unicode")
+    except TextFileError as e:
+        raise QuestionSetError(str(e)) from None
     return parse_question_set(text, path.name)
 
 
 def parse_question_set(text: str, name: str = "question set") -> list[EvalQuestion]:
     out: list[EvalQuestion] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a string
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         q = _parse_line(raw, number, name)
