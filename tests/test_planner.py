@@ -48,7 +48,7 @@ def total(model, task) -> int:
     [  # studio/bench/results/*-h200.md (12 GiB cap); the formulas' factors were fitted to these points
         ("llama-3.1-8b-instruct", Chat(context=768, new_tokens=256), 6.11 * GB),  # llm-int4-h200: nf4 ours
         ("llama-3.1-8b-instruct", LoraTrain(seq=2048), 7.44 * GB),  # finetune-h200: ours at 2048
-        ("sdxl-base-1.0", ImageGen(1024, 1024), 12_262_131_630),  # planner-h200: untiled decode, fresh process
+        ("sdxl-base-1.0", ImageGen(1024, 1024, parked=True), 7_111_147_806),  # planner-h200: the backend's mode
         ("sd-1.5", ImageGen(512, 512), 2.65 * GiB),
         ("sd-1.5", ImageLora(512), 2.42 * GiB),  # planner-h200 (fresh context; diffusion-h200's 3.56 had SD1.5 loaded)
     ],
@@ -272,3 +272,24 @@ def test_footprints_added_from_many_threads_are_all_saved(tmp_path):
     for t in threads:
         t.join()
     assert sorted(e.key for e in FootprintStore(path).entries()) == sorted(f"k{i}" for i in range(8))
+
+
+def test_image_estimates_follow_the_memory_mode_the_image_backend_picks():
+    from backends.image.memory import plan_memory
+    from studio.planner.formulas import image_component_bytes
+
+    sdxl = preset("sdxl-base-1.0")
+    comps = image_component_bytes(sdxl)
+    for budget_gib, parked, tiled in ((40, False, False), (10.7, True, False), (6.5, True, True)):
+        est = plan(sdxl, ImageGen(1024, 1024), budget=int(budget_gib * GiB))
+        assert (est.task.parked, est.task.tiled) == (parked, tiled), budget_gib
+        backend = plan_memory(comps, width=1024, height=1024, batch=1, cfg=True, dtype_bytes=2, vae_dtype_bytes=4,
+                              budget_bytes=int(budget_gib * GiB))  # fmt: skip
+        assert (backend.mode != "all on GPU", backend.vae_tiling) == (parked, tiled), budget_gib
+    roomy, card = (
+        plan(sdxl, ImageGen(1024, 1024), budget=40 * GiB),
+        plan(sdxl, ImageGen(1024, 1024), budget=int(10.7 * GiB)),
+    )
+    text = comps["text_encoder"] + comps["text_encoder_2"]
+    assert roomy.parts["weights"] - card.parts["weights"] == text and "text encoders parked" in card.task.label()
+    assert plan(sdxl, ImageGen(1024, 1024)).task == ImageGen(1024, 1024)  # no budget: the request as asked

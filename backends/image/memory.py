@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from studio.planner.formulas import decode_working_bytes, unet_working_bytes  # per-pixel factors: the planner's
+from studio.planner.formulas import decode_working_bytes, image_modes, unet_working_bytes  # the planner's
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,13 @@ def plan_memory(
     unet, vae = components.get("unet", 0), components.get("vae", 0)
     text = sum(v for k, v in components.items() if k.startswith("text_encoder"))
     notes: list[str] = []
-    if text + unet + vae + max(unet_work, decode_full) <= budget_bytes:
-        mode = "all on GPU"
-    else:
-        mode = "text encoders parked in RAM"
+    parked, tiled, attention_slicing = image_modes(text, unet, vae, unet_work, decode_full, budget_bytes)
+    mode = "text encoders parked in RAM" if parked else "all on GPU"
+    if parked:
         notes.append("text encoders run first, then wait in pinned RAM while the UNet works")
-    attention_slicing = unet + vae + unet_work > budget_bytes
     if attention_slicing:
         unet_work //= 4
         notes.append("UNet activations do not fit beside its weights: attention computed in slices")
-    tiled = unet + vae + decode_full > budget_bytes
     decode = decode_working_bytes(width, height, at_once, vae_dtype_bytes, tiled=tiled)
     if tiled:
         notes.append("decoder activations do not fit beside the UNet: VAE decodes in tiles")

@@ -258,7 +258,8 @@ def _image_info(rec: Any, family: str, name: str) -> ModelInfo:
 
 def _image_row(r: Any, family: str, task: Any, job: Any) -> dict[str, Any]:
     """A random SD/SDXL model registered with a fresh studio context; `job(ctx, backend, rec)` returns the
-    diffusion bench's result with its `peak_vram_gib`."""
+    diffusion bench's result with its `peak_vram_gib`; `task` may be `task(backend, rec)` (a mode read off the
+    backend)."""
     from backends.image.tiny import SD15_CONFIGS, SDXL_CONFIGS, TINY_SD15_CONFIGS, TINY_SDXL_CONFIGS
     from studio.bench.diffusion import close_context
 
@@ -268,6 +269,7 @@ def _image_row(r: Any, family: str, task: Any, job: Any) -> dict[str, Any]:
     ctx, backend, rec = _image_ctx(r, family, configs[0] if cuda else configs[1])
     try:
         info = _image_info(rec, family, f"{family} ({'random' if cuda else 'tiny'})")
+        task = task(backend, rec) if callable(task) else task
         out = _prediction(r, f"{family}:bench", info, task) | {"components": info.components}
         res = job(ctx, backend, rec)
         out["result"] = {k: v for k, v in res.items() if k != "runs"}
@@ -279,10 +281,16 @@ def _image_row(r: Any, family: str, task: Any, job: Any) -> dict[str, Any]:
 
 
 def sdxl_row(r: Any) -> dict[str, Any]:
+    from backends.image.diffusion import GenerateRequest
     from studio.bench.diffusion import bench_ours
 
     size = 1024 if r.device == "cuda" else 128
-    return _image_row(r, "sdxl", ImageGen(size, size), lambda ctx, backend, rec: bench_ours(backend, rec, size, 4, 1))
+
+    def task(backend: Any, rec: Any) -> ImageGen:  # the memory mode the backend will pick for this request now
+        mode = backend.plan(rec, GenerateRequest("x", model=str(rec.source.root), width=size, height=size))
+        return ImageGen(size, size, parked=mode.mode != "all on GPU", tiled=mode.vae_tiling)
+
+    return _image_row(r, "sdxl", task, lambda ctx, backend, rec: bench_ours(backend, rec, size, 4, 1))
 
 
 def sd_lora_row(r: Any) -> dict[str, Any]:

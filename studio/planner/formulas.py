@@ -43,13 +43,15 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # Diffusion (backends/image/memory.py keeps the margin-high versions it plans modes with)
 UNET_WORK_PER_LATENT_PX = 30_000  # bytes per latent pixel, per sample, per byte of dtype (with margin)
 DECODE_WORK_PER_PX = 1_300  # bytes per image pixel decoded at once, per byte of dtype (with margin)
-# SDXL 1024 with every component on the GPU, in a fresh process on the H200: 12,262,131,630 bytes peak in three runs
-# of three (2026-12-01 17:28), i.e. 1,164 bytes per pixel per byte if the peak is the decode. It may not be: with
-# the text encoders parked the same job peaked at 7.11 GB, ~1.6 GB beside the UNet and VAE (planner-h200.md), so
-# ~3.5 GB of the all-on peak is unexplained (docs/planner.md). The earlier 800 was fitted to 9.52 / 10.26 GiB from
-# the diffusion bench, whose other resident models shrank the budget. Calibrated on that one job: agrees by
-# construction, and only for the all-on mode.
-DECODE_EXPECTED = 1_164 / DECODE_WORK_PER_PX
+# What the decoder is expected to take, as a share of that margin-high figure: fitted to SDXL 1024 with the text
+# encoders parked (the mode the backend picks on a 12 GiB card), 7,111,147,806 bytes peak on the H200 (2026-12-01
+# 17:35, planner-h200.md): ~1.44 GB beside the UNet and VAE, i.e. at most ~340 bytes per pixel per byte, below the
+# UNet term (so that row is the UNet's). NOT fitted: the same job with every component on the GPU peaked at
+# 12,262,131,630 bytes in a fresh process (three runs of three), ~3.5 GB more than the text encoders explain;
+# the formula predicts ~27 % less there (docs/planner.md). The backend picks that mode only when the budget has the
+# margin-high decode beside everything, which covers the excess on the cards where it happens. The earlier 800 was
+# fitted to diffusion-bench runs whose other resident models had shrunk the budget.
+DECODE_EXPECTED = 340 / DECODE_WORK_PER_PX
 UNET_EXPECTED = {"sd15": 2.41, "sdxl": 1.6}  # SD1.5 512: 2.65 GiB peak less weights and overhead (SDXL: decode rules)
 # checkpointed, fp16 autocast, per latent pixel per sample. Was 445,000, fitted to the diffusion bench's 3.56 GiB,
 # an absolute peak taken after that bench's generation sections had loaded SD1.5 (their models were still on the
@@ -158,11 +160,29 @@ def decode_working_bytes(width: int, height: int, images_at_once: int, dtype_byt
     return px * images_at_once * DECODE_WORK_PER_PX * dtype_bytes
 
 
-def image_parts(m: ModelInfo, t: ImageGen) -> dict[str, int]:
+def image_modes(
+    text: int, unet: int, vae: int, unet_work: int, decode_full: int, budget: int
+) -> tuple[bool, bool, bool]:
+    """(text encoders parked, VAE tiled, attention sliced): the image backend's choice for component weight bytes
+    and margin-high working bytes against `budget` (backends/image/memory.plan_memory applies it; the planner
+    predicts with it)."""
+    parked = text + unet + vae + max(unet_work, decode_full) > budget
+    return parked, unet + vae + decode_full > budget, unet + vae + unet_work > budget
+
+
+def image_component_bytes(m: ModelInfo) -> dict[str, int]:
+    """Weight bytes per component as the image backend holds them: fp16, the SDXL VAE in fp32 (it overflows in fp16)."""
     vae_bytes = 4 if m.family == "sdxl" else 2
-    weights = sum(n * (vae_bytes if k == "vae" else 2) for k, n in m.components.items())
+    return {k: n * (vae_bytes if k == "vae" else 2) for k, n in m.components.items()}
+
+
+def image_parts(m: ModelInfo, t: ImageGen) -> dict[str, int]:
+    """Weights on the GPU at the peak (the text encoders not, when parked) and the larger of the UNet's and the
+    decoder's working memory (VAE slicing: one image decodes at a time; tiled: one tile's worth)."""
+    vae_bytes = 4 if m.family == "sdxl" else 2
+    weights = sum(n for k, n in image_component_bytes(m).items() if not (t.parked and k.startswith("text_encoder")))
     unet = unet_working_bytes(t.width, t.height, t.batch, True, 2) * UNET_EXPECTED[m.family]
-    decode = decode_working_bytes(t.width, t.height, 1, vae_bytes, False) * DECODE_EXPECTED  # VAE slicing: 1 at once
+    decode = decode_working_bytes(t.width, t.height, 1, vae_bytes, t.tiled) * DECODE_EXPECTED
     return {"weights": int(weights), "activations": int(max(unet, decode))}
 
 

@@ -16,7 +16,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from studio.planner.formulas import layer_bytes, parts_for
+from studio.planner.formulas import (
+    decode_working_bytes,
+    image_component_bytes,
+    image_modes,
+    layer_bytes,
+    parts_for,
+    unet_working_bytes,
+)
 from studio.planner.models import ModelInfo
 from studio.planner.tasks import Chat, DetectTrain, ImageGen, ImageLora, LoraTrain, Task, Transcribe
 from studio.units import fmt_bytes
@@ -100,6 +107,8 @@ def plan(model: ModelInfo, task: Task, budget: int | None = None, *,
          correction: Callable[[ModelInfo, Task], tuple[float, float, int] | None] | None = None) -> Estimate:  # fmt: skip
     """Size `task` on `model` against `budget` bytes (None: no verdict); `correction(model, task)` gives learned
     factors (weights, working, n measurements) from the footprint store."""
+    if isinstance(task, ImageGen) and budget is not None:
+        task = image_task_at(model, task, budget)
     corr = correction(model, task) if correction else None
     parts = estimate_parts(model, task, corr)
     total = sum(parts.values())
@@ -115,6 +124,18 @@ def plan(model: ModelInfo, task: Task, budget: int | None = None, *,
     if budget is not None and total > budget and task.kind == "chat" and not any(a.fits for a in advice):
         split = offload_split(model, task, budget, corr)
     return Estimate(model, task, parts, budget, corr, tuple(advice), split)
+
+
+def image_task_at(model: ModelInfo, task: ImageGen, budget: int) -> ImageGen:
+    """`task` in the memory mode the image backend would pick at `budget` (it parks the text encoders and tiles
+    the decode by itself when the budget is short): what will actually sit on the card."""
+    b = image_component_bytes(model)
+    text = sum(v for k, v in b.items() if k.startswith("text_encoder"))
+    vae_bytes = 4 if model.family == "sdxl" else 2
+    unet_work = unet_working_bytes(task.width, task.height, task.batch, True, 2)
+    decode = decode_working_bytes(task.width, task.height, 1, vae_bytes, False)
+    parked, tiled, _ = image_modes(text, b.get("unet", 0), b.get("vae", 0), unet_work, decode, budget)
+    return replace(task, parked=task.parked or parked, tiled=task.tiled or tiled)
 
 
 def _halvings(value: int, floor: int, step: int = 1) -> Iterator[int]:
@@ -140,6 +161,8 @@ def alternatives(model: ModelInfo, task: Task) -> list[tuple[str, Task]]:
         out += [("chunked loss", replace(task, chunked_loss=True))] if not task.chunked_loss else []
         out += [("rank 8", replace(task, rank=8))] if task.rank > 8 else []
     elif isinstance(task, ImageGen):
+        if not task.tiled:  # with a budget `plan` has already applied the modes the backend picks by itself
+            out.append(("tiled VAE decode", replace(task, parked=True, tiled=True)))
         for side in (768, 512):
             if side < max(task.width, task.height):
                 out.append((f"{side}x{side} px", replace(task, width=side, height=side)))

@@ -57,9 +57,15 @@ class LoraTrain:
 
 @dataclass(frozen=True)
 class ImageGen:
+    """An image request. `parked`/`tiled`: the image backend's memory modes (backends/image/memory.py), which it
+    picks by itself from the live budget: text encoders waiting in pinned RAM while the UNet and VAE work, and the
+    VAE decoding in tiles."""
+
     width: int = 1024
     height: int = 1024
     batch: int = 1
+    parked: bool = False
+    tiled: bool = False
     kind = "image"
 
     def __post_init__(self) -> None:
@@ -68,7 +74,8 @@ class ImageGen:
         _check(1 <= self.batch <= 16, f"batch {self.batch}: use 1 to 16 images")
 
     def label(self) -> str:
-        return f"image {self.width}x{self.height}, batch {self.batch}"
+        modes = [m for on, m in ((self.parked, "text encoders parked"), (self.tiled, "tiled VAE")) if on]
+        return f"image {self.width}x{self.height}, batch {self.batch}" + (f" ({', '.join(modes)})" if modes else "")
 
 
 @dataclass(frozen=True)
