@@ -240,3 +240,29 @@ def test_the_manager_swaps_in_a_model_whose_tensor_was_replaced_while_parked():
         parked.fc.weight.data = torch.full_like(parked.fc.weight, 0.5)  # a new host tensor, outside the pool
     with manager.use("m:a", working_bytes=0) as a:
         assert on_device(manager._accel, a) and float(a.fc.weight[0, 0]) == 0.5
+
+
+def test_a_swap_in_whose_walk_fails_still_waits_for_its_copy_before_the_buffer_can_be_freed():
+    import pytest
+
+    from studio.residency.pinned import upload_pool
+
+    accel, events = _sim(), []
+    start = accel.start_copy_in
+
+    def recording_start(dst, src, pinned):
+        events.append("started")
+        wait = start(dst, src, pinned)
+        return lambda: (events.append("waited"), wait())
+
+    accel.start_copy_in = recording_start
+    model = Net(1)
+    up = move_up(model, None, accel, accel.host_buffer)
+    down = move_down(model, up.pool, accel, accel.host_buffer)
+
+    def broken_walk():
+        raise RuntimeError("a module changed under us")
+
+    with pytest.raises(RuntimeError, match="changed under us"):
+        upload_pool(down.pool, accel, broken_walk)
+    assert events[-2:] == ["started", "waited"]

@@ -282,8 +282,10 @@ def upload(tensors: list[torch.Tensor], pool: PinnedPool, accel: Accelerator) ->
     On an allocation failure the tensors stay in the pool (the caller still owns it: nothing is orphaned)."""
     flat = accel.alloc(pool.total)
     wait = accel.start_copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
-    _point_at(tensors, flat, pool)
-    wait()
+    try:
+        _point_at(tensors, flat, pool)
+    finally:  # never let `flat` go back to the allocator while the copy may still write into it
+        wait()
     return MoveResult(pool.total, pool.total, pool)
 
 
@@ -297,12 +299,13 @@ def upload_pool(
     caller then adopts and uploads them)."""
     flat = accel.alloc(pool.total)
     wait = accel.start_copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
-    tensors = tensors_of()
-    if not pool.holds(tensors):
+    try:
+        tensors = tensors_of()
+        if not pool.holds(tensors):
+            return None
+        _point_at(tensors, flat, pool)
+    finally:  # never let `flat` go back to the allocator while the copy may still write into it
         wait()
-        return None
-    _point_at(tensors, flat, pool)
-    wait()
     return MoveResult(pool.total, pool.total, pool)
 
 
