@@ -197,9 +197,8 @@ def test_loader_with_its_own_mover_is_measured_through_the_probe():
         assert again is asr and asr.calls[-1] == "cuda"
 
 
-def test_a_swap_in_starts_the_copy_before_walking_the_model_and_falls_back_when_it_left_its_pool():
-    from studio.residency.pinned import host_tensors, upload_pool
-
+def _sim_recording_copies() -> tuple[SimulatedAccelerator, list[str]]:
+    """A simulated card whose host -> device copies log "copy started" and "copy waited" into the returned list."""
     accel, events = _sim(), []
     start = accel.start_copy_in
 
@@ -209,6 +208,13 @@ def test_a_swap_in_starts_the_copy_before_walking_the_model_and_falls_back_when_
         return lambda: (events.append("copy waited"), wait())
 
     accel.start_copy_in = recording_start
+    return accel, events
+
+
+def test_a_swap_in_starts_the_copy_before_walking_the_model_and_falls_back_when_it_left_its_pool():
+    from studio.residency.pinned import host_tensors, upload_pool
+
+    accel, events = _sim_recording_copies()
     model = Net(1)
     up = move_up(model, None, accel, accel.host_buffer)
     expected = model(X)
@@ -247,15 +253,7 @@ def test_a_swap_in_whose_walk_fails_still_waits_for_its_copy_before_the_buffer_c
 
     from studio.residency.pinned import upload_pool
 
-    accel, events = _sim(), []
-    start = accel.start_copy_in
-
-    def recording_start(dst, src, pinned):
-        events.append("started")
-        wait = start(dst, src, pinned)
-        return lambda: (events.append("waited"), wait())
-
-    accel.start_copy_in = recording_start
+    accel, events = _sim_recording_copies()
     model = Net(1)
     up = move_up(model, None, accel, accel.host_buffer)
     down = move_down(model, up.pool, accel, accel.host_buffer)
@@ -265,4 +263,4 @@ def test_a_swap_in_whose_walk_fails_still_waits_for_its_copy_before_the_buffer_c
 
     with pytest.raises(RuntimeError, match="changed under us"):
         upload_pool(down.pool, accel, broken_walk)
-    assert events[-2:] == ["started", "waited"]
+    assert events[-2:] == ["copy started", "copy waited"]

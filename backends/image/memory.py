@@ -11,10 +11,11 @@ Policy, cheapest first (ComfyUI's order: degrade before failing):
 VAE slicing (decode one image of a batch at a time) is always used for batches: it costs nothing measurable.
 An out-of-memory error during decode falls back to tiles anyway (`decode_latents`), because estimates are estimates.
 
-Working-memory figures are per latent pixel (UNet) or image pixel (VAE) and per byte of the compute dtype. On an
-H200 (studio/bench/results/planner-h200.md) SDXL 1024x1024 with an untiled fp32 decode peaked at 11.42 GiB beside
-6.6 GiB of weights, ~1,160 bytes of decoder activations per pixel per dtype byte; the planner's constant keeps a
-margin above that (it was 900, below what the decode takes: such a request then ran over the studio's budget).
+Working-memory figures are per latent pixel (UNet) or image pixel (VAE) and per byte of the compute dtype; the mode
+rule is the planner's (`studio.planner.formulas.image_modes`). On an H200 SDXL 1024x1024 with every component on the
+GPU peaked at 11.42 GiB beside 6.6 GiB of weights, over the 10.7 GiB budget planned with the old 900; the margin-high
+decode figure is now 1,300, which parks the text encoders there (6.62 GiB peak). Where the all-on excess comes from
+is not known: not the decode alone (docs/planner.md, studio/bench/results/planner-h200*.md).
 """
 
 from __future__ import annotations

@@ -78,6 +78,10 @@ def check_trusted(path: Path, settings: Any) -> Path:
 
 
 # ---- loader ----------------------------------------------------------------------------------------------
+def _check_and_decode(path: str | Path) -> np.ndarray:
+    return decode_file(check_file(path))
+
+
 class YoloLoader:
     """Residency loader for one YOLO model; the manager itself moves the (nn.Module) YOLO object."""
 
@@ -291,11 +295,11 @@ class DetectionBackend:
             done.set_result(load_bgr(image))
             return done
         resident = self.ctx.residency.is_resident(key)
-        path = Path(image) if resident else check_file(image)
+        path = image if resident else check_file(image)
         with self._lock:
             if self._decoder is None:
                 self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vision-decode")
-            return self._decoder.submit(lambda: decode_file(check_file(path) if resident else path))
+            return self._decoder.submit(_check_and_decode if resident else decode_file, path)
 
     def detect_video(
         self, model_id: str, path: str | Path, opts: DetectOptions | None = None, *, stride: int = 1, chunk: int = 16

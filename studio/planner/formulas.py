@@ -170,19 +170,22 @@ def image_modes(
     return parked, unet + vae + decode_full > budget, unet + vae + unet_work > budget
 
 
+def vae_dtype_bytes(m: ModelInfo) -> int:
+    """The image backend runs the SDXL VAE in fp32 (it overflows in fp16), everything else in fp16."""
+    return 4 if m.family == "sdxl" else 2
+
+
 def image_component_bytes(m: ModelInfo) -> dict[str, int]:
-    """Weight bytes per component as the image backend holds them: fp16, the SDXL VAE in fp32 (it overflows in fp16)."""
-    vae_bytes = 4 if m.family == "sdxl" else 2
-    return {k: n * (vae_bytes if k == "vae" else 2) for k, n in m.components.items()}
+    """Weight bytes per component as the image backend holds them."""
+    return {k: n * (vae_dtype_bytes(m) if k == "vae" else 2) for k, n in m.components.items()}
 
 
 def image_parts(m: ModelInfo, t: ImageGen) -> dict[str, int]:
     """Weights on the GPU at the peak (the text encoders not, when parked) and the larger of the UNet's and the
     decoder's working memory (VAE slicing: one image decodes at a time; tiled: one tile's worth)."""
-    vae_bytes = 4 if m.family == "sdxl" else 2
     weights = sum(n for k, n in image_component_bytes(m).items() if not (t.parked and k.startswith("text_encoder")))
     unet = unet_working_bytes(t.width, t.height, t.batch, True, 2) * UNET_EXPECTED[m.family]
-    decode = decode_working_bytes(t.width, t.height, 1, vae_bytes, t.tiled) * DECODE_EXPECTED
+    decode = decode_working_bytes(t.width, t.height, 1, vae_dtype_bytes(m), t.tiled) * DECODE_EXPECTED
     return {"weights": int(weights), "activations": int(max(unet, decode))}
 
 

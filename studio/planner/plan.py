@@ -23,6 +23,7 @@ from studio.planner.formulas import (
     layer_bytes,
     parts_for,
     unet_working_bytes,
+    vae_dtype_bytes,
 )
 from studio.planner.models import ModelInfo
 from studio.planner.tasks import Chat, DetectTrain, ImageGen, ImageLora, LoraTrain, Task, Transcribe
@@ -131,9 +132,8 @@ def image_task_at(model: ModelInfo, task: ImageGen, budget: int) -> ImageGen:
     the decode by itself when the budget is short): what will actually sit on the card."""
     b = image_component_bytes(model)
     text = sum(v for k, v in b.items() if k.startswith("text_encoder"))
-    vae_bytes = 4 if model.family == "sdxl" else 2
     unet_work = unet_working_bytes(task.width, task.height, task.batch, True, 2)
-    decode = decode_working_bytes(task.width, task.height, 1, vae_bytes, False)
+    decode = decode_working_bytes(task.width, task.height, 1, vae_dtype_bytes(model), False)
     parked, tiled, _ = image_modes(text, b.get("unet", 0), b.get("vae", 0), unet_work, decode, budget)
     return replace(task, parked=task.parked or parked, tiled=task.tiled or tiled)
 

@@ -25,6 +25,7 @@ gradients and are always copied). Gradients are dropped when a model leaves the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -280,12 +281,8 @@ def adopt(tensors: list[torch.Tensor], pool: PinnedPool | None, new_host: Callab
 def upload(tensors: list[torch.Tensor], pool: PinnedPool, accel: Accelerator) -> MoveResult:
     """Pool -> device: ONE allocation of the pool's size and ONE copy, then every tensor becomes a view of its slice.
     On an allocation failure the tensors stay in the pool (the caller still owns it: nothing is orphaned)."""
-    flat = accel.alloc(pool.total)
-    wait = accel.start_copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
-    try:
+    with _copying_in(pool, accel) as flat:
         _point_at(tensors, flat, pool)
-    finally:  # never let `flat` go back to the allocator while the copy may still write into it
-        wait()
     return MoveResult(pool.total, pool.total, pool)
 
 
@@ -297,16 +294,25 @@ def upload_pool(
     tensor (milliseconds on a large model) and would otherwise come on top of the copy. Nobody reads the model
     before the move returns. None, with nothing changed, when the tensors turn out not to be this pool's views (the
     caller then adopts and uploads them)."""
-    flat = accel.alloc(pool.total)
-    wait = accel.start_copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
-    try:
+    with _copying_in(pool, accel) as flat:
         tensors = tensors_of()
         if not pool.holds(tensors):
             return None
         _point_at(tensors, flat, pool)
-    finally:  # never let `flat` go back to the allocator while the copy may still write into it
-        wait()
     return MoveResult(pool.total, pool.total, pool)
+
+
+@contextlib.contextmanager
+def _copying_in(pool: PinnedPool, accel: Accelerator) -> Iterator[torch.Tensor]:
+    """The device buffer of `pool`'s size with the pool's bytes on their way into it; on leaving, the copy has
+    finished, also when the body raised: the buffer never goes back to the allocator while the copy may still
+    write into it."""
+    flat = accel.alloc(pool.total)
+    wait = accel.start_copy_in(flat, pool.host.tensor[: pool.total], pool.pinned)
+    try:
+        yield flat
+    finally:
+        wait()
 
 
 def _point_at(tensors: list[torch.Tensor], flat: torch.Tensor, pool: PinnedPool) -> None:
