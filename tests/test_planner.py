@@ -48,7 +48,7 @@ def total(model, task) -> int:
     [  # studio/bench/results/*-h200.md (12 GiB cap); the formulas' factors were fitted to these points
         ("llama-3.1-8b-instruct", Chat(context=768, new_tokens=256), 6.11 * GB),  # llm-int4-h200: nf4 ours
         ("llama-3.1-8b-instruct", LoraTrain(seq=2048), 7.44 * GB),  # finetune-h200: ours at 2048
-        ("sdxl-base-1.0", ImageGen(1024, 1024, parked=True), 7_111_147_806),  # planner-h200: the backend's mode
+        ("sdxl-base-1.0", ImageGen(1024, 1024), 12_262_131_630),  # planner-h200-sdxl-alone: all on the GPU
         ("sd-1.5", ImageGen(512, 512), 2.65 * GiB),
         ("sd-1.5", ImageLora(512), 2.42 * GiB),  # planner-h200 (fresh context; diffusion-h200's 3.56 had SD1.5 loaded)
     ],

@@ -247,6 +247,8 @@ class DiffusionBackend:
         )
         report(0.0, "encoding the prompt")
         embeds = self._encode_text(rec, req, loras)
+        if plan.text_encoders_parked:
+            self._park_text_encoders(rec)
         t_denoise = time.perf_counter()
         latents, steps_done = self._denoise(
             rec, req, embeds, init, mask, loras, extra_adapters, seeds, plan, report, should_stop
@@ -271,6 +273,12 @@ class DiffusionBackend:
     def _encode_text(self, rec: LoadedModel, req: GenerateRequest, loras: list) -> dict[str, Any]:
         with self._text_encoder(rec, loras) as encode:
             return encode(req.prompt, req.negative_prompt or None, req.batch, req.cfg)
+
+    def _park_text_encoders(self, rec: LoadedModel) -> None:
+        """Make the decode's room now, with the encoders (used once per image), before the manager makes it by
+        evicting the UNet. A session still encoding keeps its lease: that encoder stays."""
+        for comp in TEXT_COMPONENTS[rec.arch]:
+            self._ctx.residency.offload(rec.key(comp), to="ram")
 
     def encode_texts(self, rec: LoadedModel, texts: list[str]) -> list[dict[str, Any]]:
         """Conditioning for each text (no negative), on the CPU: what LoRA training feeds the UNet."""

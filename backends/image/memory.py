@@ -2,9 +2,10 @@
 
 Policy, cheapest first (ComfyUI's order: degrade before failing):
 1. Everything on the GPU: text encoders, UNet, VAE and the working memory of both stages fit in the budget.
-2. Text encoders parked: generation always leases its components stage by stage (text encoders, then UNet + VAE),
-   so when the budget is short the residency manager parks the idle text encoders in pinned RAM and keeps the
-   UNet resident. Nothing in this module has to do anything for that; it is named in the plan for the UI.
+2. Text encoders parked: generation leases its components stage by stage (text encoders, then UNet, then VAE);
+   in this mode the backend moves the text encoders to pinned RAM once the prompt is encoded (`generate_with`).
+   Left to the residency manager, the decode's room was made by evicting the UNet instead (a little cheaper per
+   byte to bring back, 3x the bytes): 9.6 GB moved per image where the encoders move 3.
 3. Tiled VAE decode: when UNet + VAE + the decoder's full-size activations do not fit, decode in overlapping
    tiles (a few percent slower, a fraction of the memory) rather than evicting the UNet.
 4. Attention slicing: when even the UNet's own working memory does not fit beside its weights.
@@ -12,10 +13,10 @@ VAE slicing (decode one image of a batch at a time) is always used for batches: 
 An out-of-memory error during decode falls back to tiles anyway (`decode_latents`), because estimates are estimates.
 
 Working-memory figures are per latent pixel (UNet) or image pixel (VAE) and per byte of the compute dtype; the mode
-rule is the planner's (`studio.planner.formulas.image_modes`). On an H200 SDXL 1024x1024 with every component on the
-GPU peaked at 11.42 GiB beside 6.6 GiB of weights, over the 10.7 GiB budget planned with the old 900; the margin-high
-decode figure is now 1,300, which parks the text encoders there (6.62 GiB peak). Where the all-on excess comes from
-is not known: not the decode alone (docs/planner.md, studio/bench/results/planner-h200*.md).
+rule is the planner's (`studio.planner.formulas.image_modes`). Measured on an H200 with torch's memory history
+(docs/planner.md): SDXL 1024 peaks in the fp32 VAE decode, 4.77 GiB of working memory (2.0 GiB of it a cuDNN
+workspace) beside the weights: 11.42 GiB with every component on the GPU, 9.86-10.12 GiB with the text encoders
+parked, against a 10.4-10.6 GiB budget under the 12 GiB cap.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class MemoryPlan:
     mode: str
+    text_encoders_parked: bool = False
     vae_tiling: bool = False
     vae_slicing: bool = False
     attention_slicing: bool = False
@@ -93,6 +95,7 @@ def plan_memory(
         )
     return MemoryPlan(
         mode,
+        text_encoders_parked=parked,
         vae_tiling=tiled,
         vae_slicing=slicing,
         attention_slicing=attention_slicing,

