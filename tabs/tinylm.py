@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from studio.context import StudioContext, Tab
-from tabs._session import bind, job_status, newest_first, on_page_load
+from tabs._session import bind, job_status, newest_first, on_page_load, started_note
 
 SIZES = {  # label -> preset name in backends.tinylm.PRESETS
     "tiny (0.1 M params, CPU-friendly)": "tiny",
@@ -71,7 +71,7 @@ def start(backend: Any, pos_v, size_v, corpus_v, works_v, tok_v, bpe_v, steps_v,
         job = backend.start_training(model, opts)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         raise gr.Error(str(e).strip("'\"")) from None
-    return job.id, f"{job.status.capitalize()}: {job.name}"  # a double click gets the running job: "Running: ..."
+    return job.id, started_note(job)  # a double click gets the run under way: followed, not started twice
 
 
 def poll(ctx: StudioContext, backend: Any, jid, seen):
