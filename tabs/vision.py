@@ -10,6 +10,7 @@ from typing import Any
 
 from studio.context import StudioContext, Tab
 from tabs._inputs import guard_image
+from tabs._session import on_page_load
 
 IMG_SIZES = [320, 416, 480, 640, 800, 960, 1280]
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
@@ -17,6 +18,17 @@ USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyEr
 
 def _model_choices(det: Any, *, with_weights: bool = False) -> list[tuple[str, str]]:
     return [(m.title, m.id) for m in det.models() if not (with_weights and m.path is None)]
+
+
+def model_list_update(det: Any, current: str | None, task: str = "detect", default: str | None = None) -> Any:
+    """A task's model list as it is now (trainings and added weights since the page was built), keeping the pick;
+    else `default`, else the first."""
+    import gradio as gr
+
+    choices = [(m.title, m.id) for m in det.models(task)]
+    ids = [i for _, i in choices]
+    value = next((v for v in (current, default) if v in ids), ids[0] if ids else None)
+    return gr.update(choices=choices, value=value)
 
 
 def _options(conf: float, iou: float, classes: list[str] | None, imgsz: int, names: dict[int, str]) -> Any:
@@ -54,8 +66,13 @@ def _build_models(ctx: StudioContext, det: Any) -> Any:
         return gr.update(choices=_model_choices(det), value=entry.id)
 
     find.click(lambda: gr.update(choices=[str(f) for f in det.trusted_files()], value=None), None, path)
-    refresh.click(lambda: gr.update(choices=_model_choices(det)), None, model)
+
+    def listing(v: str | None) -> Any:
+        return model_list_update(det, v, default="yolov8s-person")
+
+    refresh.click(listing, model, model)
     add.click(add_file, path, model, api_name="vision_add_weights")
+    on_page_load(listing, model, model, queue=False)  # a reload lists the trainings made since the page was built
     return model
 
 

@@ -118,14 +118,21 @@ def resume(det: Any, run_id: str | None):
     return job.id, started_note(job)
 
 
-def poll(ctx: StudioContext, det: Any, jid):
+def poll(ctx: StudioContext, det: Any, jid, seen, current):
+    """(status, 2 plots, logs, the Model list, seen) every 2 s; the Model list takes the new model once the run
+    ends (the one picked stays picked)."""
     import gradio as gr
+
+    from tabs.vision import model_list_update
 
     job = ctx.jobs.get(jid) if jid else None
     if job is None:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (gr.skip(),) * 5 + (seen,)
     loss, maps = _plots(ctx, det, jid)
-    return job_status(job), loss, maps, newest_first(job.logs)
+    models = gr.skip()
+    if job.is_finished and seen != job.id:
+        models, seen = model_list_update(det, current), job.id
+    return job_status(job), loss, maps, newest_first(job.logs), models, seen
 
 
 def use_sample(det: Any, base: str):
@@ -243,7 +250,7 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
     import gradio as gr
 
     d, o, p = _build_dataset(), _build_options(det), _build_progress()
-    n_images, job_id = gr.State(0), gr.State(None)
+    n_images, job_id, seen = gr.State(0), gr.State(None), gr.State(None)
     source = [d["zip_file"], d["folder"]]
     d["check"].click(bind(validate, det), [*source, o["base"]], [d["report_md"], n_images], api_name="vision_validate")
     d["import_run"].click(bind(import_export, det), [*source, *(d[f"import_{k}"] for k in ("fmt", "name", "val_share",
@@ -258,5 +265,6 @@ def build_train(ctx: StudioContext, det: Any, model: Any) -> None:
     o["stop"].click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
     o["refresh"].click(lambda: gr.update(choices=det.resumable_runs(), value=None), None, o["resumable"])
     o["resume_btn"].click(bind(resume, det), o["resumable"], [job_id, p["status"]], api_name="vision_resume")
-    gr.Timer(2.0).tick(bind(poll, ctx, det), job_id, [p["status"], p["loss_plot"], p["map_plot"], p["logs"]],
+    gr.Timer(2.0).tick(bind(poll, ctx, det), [job_id, seen, model],
+                       [p["status"], p["loss_plot"], p["map_plot"], p["logs"], model, seen],
                        show_progress="hidden")  # fmt: skip
