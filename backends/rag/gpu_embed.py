@@ -8,7 +8,8 @@ tokenising, launching and copying never overlap; its length sort is per call, an
 every batch to its longest member (code chunks range from a few tokens to the 256-token cap).
 
 Here, per call (one residency lease per ingest flush):
-- texts sorted by (estimated) length once, cut into batches by a token budget (`max_tokens` padded tokens per batch), so
+- texts sorted by (estimated) length once, cut into batches by a token budget (`max_tokens` padded tokens per batch:
+  32,768 ran 1.05x `encode`'s fp16 batch-128 fast path on the H200, 16,384 0.95x, 65,536 1.03x), so
   short texts travel in big batches and long ones in small ones, with little padding; lengths are padded up to a
   multiple of 32 and each length bucket has one batch size, so an ingest meets a handful of shapes rather than one
   per batch (each new shape costs the card a kernel choice: the H200 run of 2026-12-01 17:02 ran this path at 0.71x
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-MAX_TOKENS = 16_384  # padded tokens per batch: 64 texts at the 256-token cap, more when they are short
+MAX_TOKENS = 32_768  # padded tokens per batch: 128 texts at the 256-token cap, more when they are short
 MAX_BATCH = 512
 PAD_MULTIPLE = 32  # padded lengths 32, 64, ... 256: at most eight length buckets
 
