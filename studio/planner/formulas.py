@@ -45,7 +45,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 UNET_WORK_PER_LATENT_PX = 30_000  # bytes per latent pixel, per sample, per byte of dtype (with margin)
 DECODE_WORK_PER_PX = 1_300  # bytes per image pixel decoded at once, per byte of dtype (with margin)
 # What the decoder is expected to take, as a share of that margin-high figure. Measured with torch's memory history
-# (.dev script, H200, 2026-12-01 19:2x; docs/planner.md): SDXL 1024 with every component on the GPU peaks in the
+# (H200, 2026-12-01 19:17 UTC, results/sdxl-memory-1024-all-on-16gib-h200.txt; docs/planner.md): SDXL 1024 with every component on the GPU peaks in the
 # fp32 VAE decode, 4.77 GiB live in it beside 6.6 GiB of weights (a 2.0 GiB cuDNN workspace, 1 GiB upsample
 # output, 1 GiB conv output, ...): 1,220 bytes per pixel per byte. The earlier 340 was fitted to a "parked" run
 # that decoded with the UNet evicted instead of the text encoders (the manager's cost-per-byte order; the image
@@ -60,7 +60,7 @@ UNET_EXPECTED = {"sd15": 2.41, "sdxl": 1.6}  # SD1.5 512: 2.65 GiB peak less wei
 SD_LORA_ACT_PER_LATENT_PX = 155_000
 # YOLO (AMP training, activations per image pixel at width multiple 1.0). Was 1,040 (half of the fp32 count of
 # saved tensors, taken on the CPU with hooks): +10.0 % at 640/16 and +20 % at batch 4 on the H200, with the gradients
-# counted too; 950 fits 640/16 without them (2026-12-01 19:4x, planner-h200-yolo-shapes.md)
+# counted too; 950 fits 640/16 without them (2026-12-01 19:39 UTC, planner-h200-yolo-shapes.md)
 YOLO_ACT_PER_PX = 950
 WHISPER_FRAMES = 1500
 WHISPER_PROMPT_TOKENS = 4
