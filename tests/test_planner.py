@@ -49,6 +49,11 @@ def total(model, task) -> int:
         ("llama-3.1-8b-instruct", Chat(context=768, new_tokens=256), 6.11 * GB),  # llm-int4-h200: nf4 ours
         ("llama-3.1-8b-instruct", LoraTrain(seq=2048), 7.44 * GB),  # finetune-h200: ours at 2048
         ("sdxl-base-1.0", ImageGen(1024, 1024), 12_262_131_630),  # planner-h200-sdxl-alone: all on the GPU
+        ("sdxl-base-1.0", ImageGen(1024, 1024, parked=True), 10_619_306_639),  # planner-h200: encoders parked
+        ("sdxl-base-1.0", ImageGen(768, 768), 9.324 * GiB),  # sdxl-memory-768-all-on-h200
+        ("yolov8s", DetectTrain(640, 16), 3_428_323_328),  # planner-h200 (fitted here)
+        ("yolov8s", DetectTrain(640, 4), 968_126_976),  # planner-h200-yolo-shapes (a check)
+        ("yolov8s", DetectTrain(512, 16), 2_211_848_704),
         ("sd-1.5", ImageGen(512, 512), 2.65 * GiB),
         ("sd-1.5", ImageLora(512), 2.42 * GiB),  # planner-h200 (fresh context; diffusion-h200's 3.56 had SD1.5 loaded)
     ],
