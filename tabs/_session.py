@@ -70,6 +70,15 @@ def started_note(job: Any) -> str:
     return f"**{job.name}** ({job.id}) is already {job.status} ({_clock(ran)}): following it (one run, not two)."
 
 
+def choices_update(choices: list[tuple[str, str]], current: str | None, default: str | None = None) -> Any:
+    """A Dropdown's list as it is now, keeping the pick; else `default`, else the first (None when empty)."""
+    import gradio as gr
+
+    ids = [i for _, i in choices]
+    value = next((v for v in (current, default) if v in ids), ids[0] if ids else None)
+    return gr.update(choices=choices, value=value)
+
+
 def newest_first(lines: list[str], n: int = 50) -> str:
     """Log lines for a Textbox, newest on top (the box shows its beginning)."""
     return "\n".join(reversed(lines[-n:]))

@@ -10,7 +10,7 @@ from typing import Any
 
 from studio.context import StudioContext, Tab
 from tabs._inputs import guard_image
-from tabs._session import on_page_load
+from tabs._session import choices_update, on_page_load
 
 IMG_SIZES = [320, 416, 480, 640, 800, 960, 1280]
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
@@ -21,14 +21,8 @@ def _model_choices(det: Any, *, with_weights: bool = False) -> list[tuple[str, s
 
 
 def model_list_update(det: Any, current: str | None, task: str = "detect", default: str | None = None) -> Any:
-    """A task's model list as it is now (trainings and added weights since the page was built), keeping the pick;
-    else `default`, else the first."""
-    import gradio as gr
-
-    choices = [(m.title, m.id) for m in det.models(task)]
-    ids = [i for _, i in choices]
-    value = next((v for v in (current, default) if v in ids), ids[0] if ids else None)
-    return gr.update(choices=choices, value=value)
+    """A task's model list as it is now (trainings and added weights since the page was built), keeping the pick."""
+    return choices_update([(m.title, m.id) for m in det.models(task)], current, default)
 
 
 def _options(conf: float, iou: float, classes: list[str] | None, imgsz: int, names: dict[int, str]) -> Any:

@@ -11,8 +11,7 @@ from typing import Any
 
 from studio.context import StudioContext
 from tabs._inputs import guard_image
-from tabs._session import on_page_load
-from tabs.vision import model_list_update
+from tabs._session import choices_update, on_page_load
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
 TITLES = {"segment": "Segment", "classify": "Classify"}
@@ -95,7 +94,7 @@ def build_task(ctx: StudioContext, det: Any, task: str) -> None:
     json_file = gr.File(label="Result as JSON", interactive=False)
     go.click(lambda *a: run_task(det, task, *a), [model, image, conf, size, k], [annotated, text, table, json_file],
              api_name=f"vision_{task}", **queue)  # fmt: skip
-    refresh.click(lambda v: model_list_update(det, v, task), model, model)
-    on_page_load(lambda v: model_list_update(det, v, task), model, model, queue=False)
+    refresh.click(lambda v: choices_update(_choices(det, task), v), model, model)
+    on_page_load(lambda v: choices_update(_choices(det, task), v), model, model, queue=False)
     find.click(lambda: gr.update(choices=[str(f) for f in det.trusted_files()], value=None), None, path)
     add.click(lambda p: add_weights(det, task, p), path, model)

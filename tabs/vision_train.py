@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.context import StudioContext
-from tabs._session import bind, job_status, newest_first, started_note
+from tabs._session import bind, choices_update, job_status, newest_first, started_note
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
 METRICS = ("map50", "map50_95", "mask_map50", "mask_map50_95", "top1", "top5")
@@ -123,15 +123,13 @@ def poll(ctx: StudioContext, det: Any, jid, seen, current):
     ends (the one picked stays picked)."""
     import gradio as gr
 
-    from tabs.vision import model_list_update
-
     job = ctx.jobs.get(jid) if jid else None
     if job is None:
         return (gr.skip(),) * 5 + (seen,)
     loss, maps = _plots(ctx, det, jid)
     models = gr.skip()
     if job.is_finished and seen != job.id:
-        models, seen = model_list_update(det, current), job.id
+        models, seen = choices_update([(m.title, m.id) for m in det.models()], current), job.id
     return job_status(job), loss, maps, newest_first(job.logs), models, seen
 
 
