@@ -18,7 +18,9 @@ CORPUS_CHOICES = {
     "Shakespeare: the texts chosen below": "shakespeare",
     "TinyShakespeare (nanoGPT's plays, rebuilt offline)": "tinyshakespeare",
     "Python source (the standard library on this machine)": "python",
+    "Your text file (upload below)": "text",
 }
+TEXT_CHOICE = next(k for k, v in CORPUS_CHOICES.items() if v == "text")
 TOKENIZER_CHOICES = {"characters": "char", "BPE (trained on the corpus with `tokenizers`)": "bpe"}
 POSITION_CHOICES = {"learned table (GPT-2)": "learned", "rotary (RoPE)": "rope", "ALiBi (linear biases)": "alibi"}
 COMPARE_METRICS = {"validation loss": "val_loss", "perplexity": "val_ppl", "train loss": "train_loss",
@@ -49,29 +51,44 @@ def live_frames(metrics: list[dict[str, Any]]) -> list[Any]:
     return [None if f.empty else f for f in frames]
 
 
-def training_options(corpus_v, works_v, tok_v, bpe_v, steps_v, batch_v, lr_v, seed_v, compile_v):
+def training_options(corpus_v, works_v, tok_v, bpe_v, steps_v, batch_v, lr_v, seed_v, compile_v, text_id=""):
     from backends.tinylm import DataSpec, TrainOptions
 
-    data = DataSpec(corpus=CORPUS_CHOICES.get(corpus_v, corpus_v), works=tuple(works_v or ()),
-                    tokenizer=TOKENIZER_CHOICES.get(tok_v, tok_v), bpe_vocab=int(bpe_v))  # fmt: skip
+    corpus = CORPUS_CHOICES.get(corpus_v, corpus_v)
+    data = DataSpec(corpus=corpus, works=tuple(works_v or ()), tokenizer=TOKENIZER_CHOICES.get(tok_v, tok_v),
+                    bpe_vocab=int(bpe_v), text_id=(text_id or "") if corpus == "text" else "")  # fmt: skip
     steps = int(steps_v)
     return TrainOptions(works=data.works, steps=steps, batch_size=int(batch_v), lr=float(lr_v), seed=int(seed_v),
                         eval_every=max(1, steps // 20), warmup_steps=min(100, steps // 10), compile=bool(compile_v),
                         data=data)  # fmt: skip
 
 
-def start(backend: Any, pos_v, size_v, corpus_v, works_v, tok_v, bpe_v, steps_v, batch_v, lr_v, seed_v, compile_v):
+def start(backend: Any, pos_v, size_v, corpus_v, works_v, tok_v, bpe_v, steps_v, batch_v, lr_v, seed_v, compile_v,
+          text_id=""):  # fmt: skip
     import gradio as gr
 
     from backends.tinylm import PRESETS
 
     try:
-        opts = training_options(corpus_v, works_v, tok_v, bpe_v, steps_v, batch_v, lr_v, seed_v, compile_v)
+        opts = training_options(corpus_v, works_v, tok_v, bpe_v, steps_v, batch_v, lr_v, seed_v, compile_v, text_id)
         model = dict(PRESETS[SIZES.get(size_v, size_v)]) | {"pos": POSITION_CHOICES.get(pos_v, pos_v)}
         job = backend.start_training(model, opts)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         raise gr.Error(str(e).strip("'\"")) from None
     return job.id, started_note(job)  # a double click gets the run under way: followed, not started twice
+
+
+def add_text(backend: Any, upload):
+    """An uploaded text file becomes the corpus: (its id for the Train button, a summary, the corpus choice)."""
+    import gradio as gr
+
+    if not upload:
+        return "", "No text file yet.", gr.skip()
+    try:
+        text_id, summary = backend.add_text(upload)
+    except (ValueError, OSError) as e:
+        raise gr.Error(str(e)) from None
+    return text_id, f"Corpus: {summary}", TEXT_CHOICE
 
 
 def poll(ctx: StudioContext, backend: Any, jid, seen):
@@ -181,6 +198,11 @@ def _build_train() -> dict[str, Any]:
             size = gr.Radio(list(SIZES), value=next(iter(SIZES)), label="Model size")
             corpus = gr.Radio(list(CORPUS_CHOICES), value=next(iter(CORPUS_CHOICES)), label="Corpus")
             works = gr.Dropdown(available_works(), value=["hamlet", "macbeth"], multiselect=True, label="Texts")
+            with gr.Accordion("Your own text file (nanoGPT's input.txt, notes, code...)", open=False):
+                text_file = gr.File(label="Text file (UTF-8, or UTF-16 with a BOM; 10,000 characters to 64 MiB)",
+                                    file_types=[".txt", ".md", ".py", ".csv", ".json", ".jsonl", ".log"],
+                                    type="filepath")  # fmt: skip
+                text_note = gr.Markdown("No text file yet.")
             with gr.Row():
                 tok = gr.Radio(list(TOKENIZER_CHOICES), value="characters", label="Tokens")
                 bpe = gr.Number(512, label="BPE vocabulary", precision=0, minimum=260, maximum=32768)
@@ -249,15 +271,16 @@ def build(ctx: StudioContext) -> None:
 
     backend = ctx.backends.tinylm
     gr.Markdown(
-        "## Tiny LM lab\nTrain a small GPT (nanoGPT-style) **from scratch** on Shakespeare or Python source, shipped "
-        "offline, with a learned, rotary or ALiBi position encoding. Loss starts near ln(vocabulary) and falls as it "
-        "learns spelling, then words, then verse. Every run is recorded in the Runs tab and can be compared below."
+        "## Tiny LM lab\nTrain a small GPT (nanoGPT-style) **from scratch** on Shakespeare or Python source (shipped "
+        "offline) or a text file of yours, with a learned, rotary or ALiBi position encoding. Loss starts near "
+        "ln(vocabulary) and falls as it learns spelling, then words, then verse. Every run is recorded in the Runs tab and can be compared below."
     )
-    job_id, seen = gr.State(None), gr.State(None)
+    job_id, seen, text_id = gr.State(None), gr.State(None), gr.State("")
     t, s, c = _build_train(), _build_sample(backend), _build_compare()
     model, gpu = s["model"], ctx.queues.event_kwargs("Tiny LM lab")
     inputs = [t[k] for k in ("pos", "size", "corpus", "works", "tok", "bpe", "steps", "batch", "lr", "seed",
-                             "use_compile")]  # fmt: skip
+                             "use_compile")] + [text_id]  # fmt: skip
+    t["text_file"].upload(bind(add_text, backend), t["text_file"], [text_id, t["text_note"], t["corpus"]])
     t["train_btn"].click(bind(start, backend), inputs, [job_id, t["status"]])
     t["cancel_btn"].click(lambda jid: ctx.jobs.cancel(jid) if jid else None, job_id, None)
     plots = [t["loss_plot"], t["ppl_plot"], t["speed_plot"], t["lr_plot"]]

@@ -228,6 +228,25 @@ def _upload(panel, path: Path, index: int = 0) -> None:
     panel.locator("input[type=file]").nth(index).set_input_files(str(path))
 
 
+def test_tiny_lm_trains_on_an_uploaded_text_file(page, tmp_path):
+    """Bring your own corpus: the upload is summarised, the corpus choice follows it, Train runs on it."""
+    text = tmp_path / "notes.txt"
+    text.write_text("".join(f"note {i}: the kettle hums at dawn.\n" for i in range(500)), encoding="utf-8")
+    panel = _open(page, "Tiny LM lab")
+    panel.get_by_text("Your own text file (nanoGPT's input.txt, notes, code...)").click()  # the accordion
+    panel.locator("input[type=file]").first.set_input_files(str(text))
+    _visible(panel.get_by_text(re.compile(r"Corpus: notes\.txt: [\d,]+ characters"))).wait_for(timeout=30_000)
+    sync_api.expect(panel.get_by_label("Your text file (upload below)")).to_be_checked()
+    panel.get_by_label("Steps").first.fill("20")
+    panel.get_by_label("Batch size").first.fill("8")
+    panel.get_by_role("button", name="Train", exact=True).click()
+    box = panel.get_by_label("Log (newest first)")  # this run's log (an earlier run's may still be shown at first)
+    sync_api.expect(box).to_have_value(re.compile(r"corpus text, char tokens"), timeout=120_000)
+    sync_api.expect(box).to_have_value(re.compile(r"^\S+ step 20:"), timeout=180_000)  # newest first: the last step
+    assert re.search(r"vocabulary \d+;", box.input_value()), box.input_value()
+    assert page.errors == [], page.errors
+
+
 def test_tiny_lm_run_plots_numbers_and_runs_lists_its_artifacts(page, tmp_path):
     panel = _open(page, "Tiny LM lab")
     panel.get_by_label("Steps").first.fill("40")

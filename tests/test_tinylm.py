@@ -77,3 +77,52 @@ def test_cancel_keeps_a_checkpoint(ctx):
     assert job.status == "cancelled" or job.result.stopped == "cancelled"
     run_id = backend.trained_models()[0]
     assert backend.sample(run_id, "O", max_new_tokens=5, seed=0).startswith("O")
+
+
+def _text(tmp_path, name: str, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_an_uploaded_text_trains_samples_and_scores_from_the_kept_copy(ctx, tmp_path):
+    """A user's own file (nanoGPT's input.txt in real use): kept under its hash, trained on, sampled from with its
+    own characters, and re-read for the extrapolation curve after the upload is gone."""
+    backend = ctx.backends.tinylm
+    verse = "".join(f"ZEPHYR {i}:\r\nqx-wind over the kjell, {i * 7 % 13} times.\r\n\r\n" for i in range(600))
+    upload = _text(tmp_path, "mine.txt", verse.encode("utf-16"))  # UTF-16 with a BOM, CRLF line ends
+    text_id, summary = backend.add_text(upload)
+    assert summary.startswith("mine.txt: ") and "\r" not in (backend.corpora_dir / f"{text_id}.txt").read_text()
+    assert backend.add_text(_text(tmp_path, "same.txt", verse.encode("utf-8")))[0] == text_id  # one copy per text
+    upload.unlink()
+    spec = DataSpec(corpus="text", text_id=text_id)
+    opts = TrainOptions(steps=60, batch_size=8, lr=5e-3, eval_every=30, eval_batches=2, data=spec)
+    job = backend.start_training(SMALL, opts)
+    assert job.wait(timeout=240) and job.status == "done", (job.error, job.logs[-5:])
+    assert "text " + text_id[:8] in job.name
+    run_id = job.result.run_id
+    assert job.result.best_val_loss < math.log(len(set(verse.replace("\r", "")))) - 0.5, job.result.history
+    assert backend.sample(run_id, "ZEPHYR", max_new_tokens=20, seed=1).startswith("ZEPHYR")
+    with pytest.raises(ValueError, match="not in the training vocabulary"):
+        backend.sample(run_id, "MACBETH", max_new_tokens=5)  # M, A, C... are not in this text
+    assert [p.factor for p in backend.extrapolation(run_id, max_tokens=2048)] == [1, 2, 4]
+
+
+def test_bad_text_files_are_refused_with_what_to_do(ctx, tmp_path):
+    backend = ctx.backends.tinylm
+    kept = set(backend.corpora_dir.glob("*")) if backend.corpora_dir.exists() else set()
+    with pytest.raises(ValueError, match=r"a\.bin:1: holds null bytes"):
+        backend.add_text(_text(tmp_path, "a.bin", b"ab\x00cd" * 5000))
+    with pytest.raises(ValueError, match="looks binary"):  # NULs that decode (UTF-16 with a BOM)
+        backend.add_text(_text(tmp_path, "b.txt", ("ab\x00cd" * 5000).encode("utf-16")))
+    with pytest.raises(ValueError, match="needs at least 10,000"):
+        backend.add_text(_text(tmp_path, "short.txt", b"to be or not to be\n" * 10))
+    with pytest.raises(ValueError, match=r"latin\.txt"):
+        backend.add_text(_text(tmp_path, "latin.txt", "caf\xe9 ".encode("latin-1") * 5000))  # not UTF-8
+    with pytest.raises(ValueError, match="Upload a text file first"):
+        DataSpec(corpus="text")
+    with pytest.raises(ValueError, match="Upload a text file first"):
+        DataSpec(corpus="text", text_id="../../etc/passwd")  # an id, never a path
+    with pytest.raises(FileNotFoundError, match="upload it again"):
+        backend.start_training(SMALL, TrainOptions(data=DataSpec(corpus="text", text_id="0123456789abcdef")))
+    assert (set(backend.corpora_dir.glob("*")) if backend.corpora_dir.exists() else set()) == kept  # nothing kept

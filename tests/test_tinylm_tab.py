@@ -74,3 +74,23 @@ def test_bad_settings_give_short_errors_and_a_double_click_makes_one_job(ctx):
     assert [j.id for j in ctx.jobs.list() if j.name.startswith("Tiny LM")] == [first]
     ctx.jobs.cancel(first)
     assert ctx.jobs.get(first).wait(60)
+
+
+def test_a_text_file_upload_becomes_the_corpus_and_train_needs_one(ctx, tmp_path):
+    backend = ctx.backends.tinylm
+    text_args = (*ARGS[:2], tab.TEXT_CHOICE, *ARGS[3:])
+    with pytest.raises(gr.Error, match="Upload a text file first"):
+        tab.start(backend, *text_args, "")
+    assert tab.add_text(backend, None)[1] == "No text file yet."
+    bad = tmp_path / "notes.txt"
+    bad.write_bytes(b"\xff\xfe\x00")  # a UTF-16 BOM and half a character
+    with pytest.raises(gr.Error, match=r"notes\.txt"):
+        tab.add_text(backend, str(bad))
+    good = tmp_path / "notes.md"
+    good.write_text("the quick brown fox jumps over the lazy dog. " * 400, encoding="utf-8")
+    text_id, note, corpus = tab.add_text(backend, str(good))
+    assert corpus == tab.TEXT_CHOICE and text_id in note and "notes.md" in note
+    jid, status = tab.start(backend, *text_args, text_id)
+    assert "Tiny LM" in status and f"text {text_id[:8]}" in ctx.jobs.get(jid).name
+    ctx.jobs.cancel(jid)
+    assert ctx.jobs.get(jid).wait(60)

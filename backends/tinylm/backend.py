@@ -81,6 +81,17 @@ class TinyLMBackend:
         return key
 
     # ---- training ----------------------------------------------------------------------------------------------
+    @property
+    def corpora_dir(self) -> Path:
+        """Where uploaded training texts are kept, each under its content hash."""
+        return self.ctx.settings.data_dir / "tinylm" / "corpora"
+
+    def add_text(self, upload: str | Path) -> tuple[str, str]:
+        """Keep an uploaded text file as a corpus: (text id for DataSpec(corpus="text"), a summary line)."""
+        from backends.tinylm.data import store_text
+
+        return store_text(Path(upload), self.corpora_dir)
+
     def start_training(self, cfg_overrides: dict[str, Any], opts: TrainOptions):
         """Validate everything up front (bad values raise here, not in the job), then queue the job."""
         spec = opts.dataset
@@ -88,15 +99,18 @@ class TinyLMBackend:
             from backends.tinylm.data import load_corpus
 
             load_corpus(list(spec.works))  # unknown works, or the corpus missing, fail now
+        if spec.corpus == "text":
+            corpus_text(spec, self.corpora_dir)  # an upload that is gone fails now
         TinyLMConfig(vocab_size=1, **cfg_overrides)  # the shape is checked before anything is built
         unique = f"tinylm:{sorted(cfg_overrides.items())!r}:{opts!r}"  # the same settings twice make one run
-        title = f"Tiny LM ({cfg_overrides.get('pos', 'learned')}): {spec.corpus}, {spec.tokenizer}"
+        corpus = f"text {spec.text_id[:8]}" if spec.corpus == "text" else spec.corpus
+        title = f"Tiny LM ({cfg_overrides.get('pos', 'learned')}): {corpus}, {spec.tokenizer}"
         return self.ctx.jobs.submit(title, lambda job: self.train(job, cfg_overrides, opts), unique=unique)
 
     def train(self, job, cfg_overrides: dict[str, Any], opts: TrainOptions) -> TrainResult:
         spec = opts.dataset
         job.log(f"corpus {spec.corpus}, {spec.tokenizer} tokens")
-        text = corpus_text(spec)
+        text = corpus_text(spec, self.corpora_dir)
         tok = build_tokenizer(spec, text)
         train_data, val_data = split_tokens(tok.encode(text))
         cfg = TinyLMConfig(vocab_size=tok.vocab_size, **cfg_overrides)
@@ -179,7 +193,7 @@ class TinyLMBackend:
         from backends.tinylm.generate import extrapolation
 
         cfg, tok, spec = self._open(run_id)
-        _, val_data = split_tokens(tok.encode(corpus_text(spec)))
+        _, val_data = split_tokens(tok.encode(corpus_text(spec, self.corpora_dir)))
         with self.ctx.residency.use(self._register(run_id, cfg, 0)) as model:
             points = extrapolation(model, val_data, max_tokens)
         out = [asdict(p) | {"perplexity": p.perplexity} for p in points]

@@ -102,7 +102,47 @@ def python_source(max_chars: int) -> str:
     return "".join(parts)
 
 
-def corpus_text(spec: DataSpec) -> str:
+TEXT_MIN_CHARS = 10_000  # a smaller text has no held-out split worth a curve
+TEXT_MAX_BYTES = 64 * 2**20  # the whole text is tokenised in memory (nanoGPT's input.txt: 1.1 MB)
+
+
+def store_text(upload: Path, corpora_dir: Path) -> tuple[str, str]:
+    """Keep a user's text file for training: decoded (UTF-8 or UTF-16 with a BOM), line ends made "\n", stored under
+    16 hex digits of its sha256 in `corpora_dir`. Returns (text id, a one-line summary); ValueError says what is
+    wrong with the file (binary, empty, too small or too large)."""
+    from studio.datafiles import read_text
+    from studio.safety import atomic_write_text
+
+    name = upload.name
+    size = upload.stat().st_size
+    if size > TEXT_MAX_BYTES:
+        raise ValueError(
+            f"{name} is {size / 2**20:.0f} MiB; the lab takes text files up to {TEXT_MAX_BYTES >> 20} MiB."
+        )
+    text = read_text(upload, name).replace("\r\n", "\n").replace("\r", "\n")
+    if "\x00" in text:
+        raise ValueError(f"{name} holds NUL bytes: it looks binary, not text. Save it as plain text (UTF-8).")
+    if len(text.strip()) < TEXT_MIN_CHARS:
+        raise ValueError(f"{name} has {len(text.strip()):,} characters of text; the lab needs at least "
+                         f"{TEXT_MIN_CHARS:,} to hold some back for validation.")  # fmt: skip
+    text_id = text_hash(text)[:16]
+    path = corpora_dir / f"{text_id}.txt"
+    if not path.exists():
+        corpora_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return text_id, f"{name}: {len(text):,} characters, {len(set(text))} distinct (id {text_id})"
+
+
+def corpus_text(spec: DataSpec, corpora_dir: Path | None = None) -> str:
+    if spec.corpus == "text":
+        from studio.safety import contained_path
+
+        if corpora_dir is None:
+            raise ValueError("an uploaded text needs the backend's corpora folder")
+        path = contained_path(corpora_dir, f"{spec.text_id}.txt")
+        if not path.exists():
+            raise FileNotFoundError(f"The uploaded text {spec.text_id} is no longer in {corpora_dir}: upload it again.")
+        return path.read_text(encoding="utf-8")
     if spec.corpus == "tinyshakespeare":
         return tiny_shakespeare()
     if spec.corpus == "python":

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 POSITIONS = ("learned", "rope", "alibi")  # learned absolute table (GPT-2), rotary (RoFormer), linear biases (ALiBi)
 TOKENIZERS = ("char", "bpe")
-CORPORA = ("shakespeare", "tinyshakespeare", "python")  # chosen works / the nanoGPT-style play set / stdlib source
+CORPORA = ("shakespeare", "tinyshakespeare", "python", "text")  # chosen works / nanoGPT-style plays / stdlib / yours
 AMP_MODES = ("auto", "off", "bf16")
 
 
@@ -56,10 +57,12 @@ PRESETS: dict[str, dict[str, object]] = {  # name -> model config without the vo
 
 @dataclass(frozen=True)
 class DataSpec:
-    """What to train on: a corpus (and, for "shakespeare", which works) and how to cut it into tokens."""
+    """What to train on: a corpus (for "shakespeare", which works; for "text", the id of a text file the user
+    uploaded, kept by the backend under its content hash) and how to cut it into tokens."""
 
     corpus: str = "shakespeare"
     works: tuple[str, ...] = ("hamlet", "macbeth", "romeo_and_juliet")
+    text_id: str = ""  # corpus "text": 16 hex digits of the text's sha256 (never a path)
     tokenizer: str = "char"
     bpe_vocab: int = 512  # small: a 5 MB corpus cannot fill a large vocabulary with useful merges
     max_chars: int = 2_000_000  # the Python corpus takes stdlib files in name order up to this many characters
@@ -73,6 +76,8 @@ class DataSpec:
             raise ValueError(f"BPE vocabulary must be between 260 and 32768 tokens, got {self.bpe_vocab}")
         if self.max_chars < 10_000:
             raise ValueError(f"max_chars must be at least 10000, got {self.max_chars}")
+        if self.corpus == "text" and not re.fullmatch(r"[0-9a-f]{16}", self.text_id):
+            raise ValueError("Upload a text file first (the corpus 'your text file' trains on the file you upload).")
 
 
 @dataclass(frozen=True)
