@@ -443,6 +443,29 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def targets(report: dict[str, Any], cap_gib: float) -> list[dict[str, Any]]:
+    """The Image issue's targets for the sections that ran: generation and LoRA training fit under the cap, and
+    generation is at least as fast as diffusers' defaults (same run)."""
+    from studio.bench.common import Target
+
+    out = []
+    for name, arch in (("sd15", "SD1.5"), ("sdxl", "SDXL")):
+        section = report.get(name)
+        if not section or "studio" not in section:  # the section did not run (an error in it still counts)
+            continue
+        ours, theirs = section.get("studio") or {}, section.get("diffusers_default") or {}
+        title = f"{arch} {section.get('size')}x{section.get('size')}"
+        ratio = round(ours["it_s"] / theirs["it_s"], 3) if ours.get("it_s") and theirs.get("it_s") else None
+        out.append(Target(f"{title} generation peak VRAM, studio", ours.get("peak_vram_gib"), cap_gib, "GiB",
+                          higher_is_better=False))  # fmt: skip
+        out.append(Target(f"{title} it/s, studio / diffusers default", ratio, 1.0, "x"))
+    lora = report.get("lora_train")
+    if lora:
+        out.append(Target("SD1.5 LoRA training (rank 16) peak VRAM", lora.get("peak_vram_gib"), cap_gib, "GiB",
+                          higher_is_better=False))  # fmt: skip
+    return [t.as_dict() for t in out]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studio.bench.diffusion", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny pipelines on the CPU (checks the script)")
@@ -459,9 +482,9 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version()}  # fmt: skip
 
     def save(report: dict[str, Any]) -> None:
-        report.update(meta, seconds=round(time.time() - t0, 1))
+        report.update(meta, seconds=round(time.time() - t0, 1), targets=targets(report, args.vram_cap_gb))
         if args.out:  # named after the device it ran on, written atomically (a killed run leaves the old file)
-            from studio.bench.common import device_tag
+            from studio.bench.common import device_tag, targets_table
             from studio.safety import atomic_write_json, atomic_write_text
 
             args.out.mkdir(parents=True, exist_ok=True)
@@ -469,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(args.out / f"{stem}.json", report)
             atomic_write_text(args.out / f"{stem}.md",
                               f"# Diffusion benchmark ({report['device']}, {report['date']})\n\n`{report['command']}`"
-                              f"\n\n{markdown(report)}\n")  # fmt: skip
+                              f"\n\n{markdown(report)}\n\n{targets_table(report['targets'])}\n")  # fmt: skip
 
     report = run(args, save)
     save(report)
