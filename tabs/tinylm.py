@@ -273,7 +273,8 @@ def build(ctx: StudioContext) -> None:
     gr.Markdown(
         "## Tiny LM lab\nTrain a small GPT (nanoGPT-style) **from scratch** on Shakespeare or Python source (shipped "
         "offline) or a text file of yours, with a learned, rotary or ALiBi position encoding. Loss starts near "
-        "ln(vocabulary) and falls as it learns spelling, then words, then verse. Every run is recorded in the Runs tab and can be compared below."
+        "ln(vocabulary) and falls as it learns spelling, then words, then verse. Every run is recorded in the Runs "
+        "tab and can be compared below."
     )
     job_id, seen, text_id = gr.State(None), gr.State(None), gr.State("")
     t, s, c = _build_train(), _build_sample(backend), _build_compare()

@@ -11,6 +11,7 @@ from typing import Any
 from studio.context import StudioContext, Tab
 from tabs._inputs import guard_image
 from tabs._session import choices_update, on_page_load
+from tabs.vision_tasks import model_choices
 
 IMG_SIZES = [320, 416, 480, 640, 800, 960, 1280]
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
@@ -22,7 +23,7 @@ def _model_choices(det: Any, *, with_weights: bool = False) -> list[tuple[str, s
 
 def model_list_update(det: Any, current: str | None, task: str = "detect", default: str | None = None) -> Any:
     """A task's model list as it is now (trainings and added weights since the page was built), keeping the pick."""
-    return choices_update([(m.title, m.id) for m in det.models(task)], current, default)
+    return choices_update(model_choices(det, task), current, default)
 
 
 def _options(conf: float, iou: float, classes: list[str] | None, imgsz: int, names: dict[int, str]) -> Any:

@@ -17,7 +17,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyEr
 TITLES = {"segment": "Segment", "classify": "Classify"}
 
 
-def _choices(det: Any, task: str) -> list[tuple[str, str]]:
+def model_choices(det: Any, task: str = "detect") -> list[tuple[str, str]]:
+    """(title, id) of every model of `task` usable now: a Dropdown's choices."""
     return [(m.title, m.id) for m in det.models(task)]
 
 
@@ -65,14 +66,14 @@ def add_weights(det: Any, task: str, path: str | None):
         entry = det.add_trusted_weights(path, task=task)
     except USER_ERRORS as e:
         raise gr.Error(str(e)) from None
-    return gr.update(choices=_choices(det, task), value=entry.id)
+    return gr.update(choices=model_choices(det, task), value=entry.id)
 
 
 def build_task(ctx: StudioContext, det: Any, task: str) -> None:
     import gradio as gr
 
     queue = ctx.queues.event_kwargs("Vision")
-    choices = _choices(det, task)
+    choices = model_choices(det, task)
     with gr.Row():
         model = gr.Dropdown(choices, value=choices[0][1] if choices else None, label=f"{TITLES[task]} model", scale=4)
         refresh = gr.Button("Refresh list", size="sm", scale=1)
@@ -94,7 +95,11 @@ def build_task(ctx: StudioContext, det: Any, task: str) -> None:
     json_file = gr.File(label="Result as JSON", interactive=False)
     go.click(lambda *a: run_task(det, task, *a), [model, image, conf, size, k], [annotated, text, table, json_file],
              api_name=f"vision_{task}", **queue)  # fmt: skip
-    refresh.click(lambda v: choices_update(_choices(det, task), v), model, model)
-    on_page_load(lambda v: choices_update(_choices(det, task), v), model, model, queue=False)
+
+    def listing(v: str | None) -> Any:  # the list as it is now: trainings and added weights since the page was built
+        return choices_update(model_choices(det, task), v)
+
+    refresh.click(listing, model, model)
+    on_page_load(listing, model, model, queue=False)
     find.click(lambda: gr.update(choices=[str(f) for f in det.trusted_files()], value=None), None, path)
     add.click(lambda p: add_weights(det, task, p), path, model)

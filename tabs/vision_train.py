@@ -12,6 +12,7 @@ from typing import Any
 
 from studio.context import StudioContext
 from tabs._session import bind, choices_update, job_status, newest_first, started_note
+from tabs.vision_tasks import model_choices
 
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, KeyError)
 METRICS = ("map50", "map50_95", "mask_map50", "mask_map50_95", "top1", "top5")
@@ -129,7 +130,7 @@ def poll(ctx: StudioContext, det: Any, jid, seen, current):
     loss, maps = _plots(ctx, det, jid)
     models = gr.skip()
     if job.is_finished and seen != job.id:
-        models, seen = choices_update([(m.title, m.id) for m in det.models()], current), job.id
+        models, seen = choices_update(model_choices(det), current), job.id
     return job_status(job), loss, maps, newest_first(job.logs), models, seen
 
 

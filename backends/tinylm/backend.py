@@ -100,7 +100,9 @@ class TinyLMBackend:
 
             load_corpus(list(spec.works))  # unknown works, or the corpus missing, fail now
         if spec.corpus == "text":
-            corpus_text(spec, self.corpora_dir)  # an upload that is gone fails now
+            from backends.tinylm.data import text_path
+
+            text_path(spec, self.corpora_dir)  # an upload that is gone fails now (the job reads it)
         TinyLMConfig(vocab_size=1, **cfg_overrides)  # the shape is checked before anything is built
         unique = f"tinylm:{sorted(cfg_overrides.items())!r}:{opts!r}"  # the same settings twice make one run
         corpus = f"text {spec.text_id[:8]}" if spec.corpus == "text" else spec.corpus

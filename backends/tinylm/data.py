@@ -107,7 +107,7 @@ TEXT_MAX_BYTES = 64 * 2**20  # the whole text is tokenised in memory (nanoGPT's 
 
 
 def store_text(upload: Path, corpora_dir: Path) -> tuple[str, str]:
-    """Keep a user's text file for training: decoded (UTF-8 or UTF-16 with a BOM), line ends made "\n", stored under
+    """Keep a user's text file for training: decoded (UTF-8 or UTF-16 with a BOM), line ends made LF, stored under
     16 hex digits of its sha256 in `corpora_dir`. Returns (text id, a one-line summary); ValueError says what is
     wrong with the file (binary, empty, too small or too large)."""
     from studio.datafiles import read_text
@@ -133,16 +133,21 @@ def store_text(upload: Path, corpora_dir: Path) -> tuple[str, str]:
     return text_id, f"{name}: {len(text):,} characters, {len(set(text))} distinct (id {text_id})"
 
 
+def text_path(spec: DataSpec, corpora_dir: Path | None) -> Path:
+    """The kept copy of an uploaded text (corpus "text"); FileNotFoundError when it is gone."""
+    from studio.safety import contained_path
+
+    if corpora_dir is None:
+        raise ValueError("an uploaded text needs the backend's corpora folder")
+    path = contained_path(corpora_dir, f"{spec.text_id}.txt")
+    if not path.exists():
+        raise FileNotFoundError(f"The uploaded text {spec.text_id} is no longer in {corpora_dir}: upload it again.")
+    return path
+
+
 def corpus_text(spec: DataSpec, corpora_dir: Path | None = None) -> str:
     if spec.corpus == "text":
-        from studio.safety import contained_path
-
-        if corpora_dir is None:
-            raise ValueError("an uploaded text needs the backend's corpora folder")
-        path = contained_path(corpora_dir, f"{spec.text_id}.txt")
-        if not path.exists():
-            raise FileNotFoundError(f"The uploaded text {spec.text_id} is no longer in {corpora_dir}: upload it again.")
-        return path.read_text(encoding="utf-8")
+        return text_path(spec, corpora_dir).read_text(encoding="utf-8")
     if spec.corpus == "tinyshakespeare":
         return tiny_shakespeare()
     if spec.corpus == "python":
